@@ -1,0 +1,133 @@
+//! PCI enumeration through ECAM (from the MCFG), with `pci_types`.
+
+use crate::mm::{self, Cache};
+use abi::ev::Bdf;
+use alloc::vec::Vec;
+use pci_types::{Bar, ConfigRegionAccess, EndpointHeader, HeaderType, PciAddress, PciHeader, PciPciBridgeHeader};
+
+/// One ECAM window, mapped uncached.
+pub struct Ecam {
+    base: *mut u8,
+    segment: u16,
+    first_bus: u8,
+    last_bus: u8,
+}
+
+impl Ecam {
+    /// Maps the window of buses `first..=last` at physical `pa`.
+    pub fn map(pa: u64, segment: u16, first_bus: u8, last_bus: u8) -> Ecam {
+        let len = (u64::from(last_bus - first_bus) + 1) << 20;
+        let base = mm::map_device(pa + (u64::from(first_bus) << 20), len, Cache::Uncached);
+        Ecam { base, segment, first_bus, last_bus }
+    }
+
+    fn addr(&self, a: PciAddress, offset: u16) -> Option<*mut u32> {
+        let ok = a.segment() == self.segment
+            && (self.first_bus..=self.last_bus).contains(&a.bus())
+            && a.device() < 32
+            && a.function() < 8
+            && offset < 4096
+            && offset % 4 == 0;
+        let off = (usize::from(a.bus() - self.first_bus) << 20)
+            | usize::from(a.device()) << 15
+            | usize::from(a.function()) << 12
+            | usize::from(offset);
+        // SAFETY: with the checks above, `off` lies inside the mapped window.
+        ok.then(|| unsafe { self.base.add(off) }.cast())
+    }
+}
+
+impl ConfigRegionAccess for &Ecam {
+    unsafe fn read(&self, a: PciAddress, offset: u16) -> u32 {
+        match self.addr(a, offset) {
+            // SAFETY: an aligned register inside the uncached ECAM window.
+            Some(p) => unsafe { p.read_volatile() },
+            None => u32::MAX,
+        }
+    }
+
+    unsafe fn write(&self, a: PciAddress, offset: u16, value: u32) {
+        if let Some(p) = self.addr(a, offset) {
+            // SAFETY: as for `read`; config writes change only the device.
+            unsafe { p.write_volatile(value) }
+        }
+    }
+}
+
+/// What enumeration found about one function.
+pub struct Function {
+    pub bdf: Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    /// Base class, subclass, programming interface (24 bits).
+    pub class: u32,
+    pub header_type: u8,
+    pub bars: Vec<(u8, Bar)>,
+}
+
+/// Walks the buses reachable from the first bus of `ecam`, following
+/// PCI-PCI bridges.
+pub fn enumerate(ecam: &Ecam) -> Vec<Function> {
+    let mut found = Vec::new();
+    let mut buses = alloc::vec![ecam.first_bus];
+    let mut seen = [false; 256];
+    while let Some(bus) = buses.pop() {
+        if core::mem::replace(&mut seen[usize::from(bus)], true) {
+            continue;
+        }
+        for dev in 0..32 {
+            for func in 0..8 {
+                let addr = PciAddress::new(ecam.segment, bus, dev, func);
+                let header = PciHeader::new(addr);
+                let (vendor, device) = header.id(ecam);
+                if vendor == 0xffff {
+                    if func == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let (_, class, subclass, interface) = header.revision_and_class(ecam);
+                let multi = func == 0 && header.has_multiple_functions(ecam);
+                let raw_type = (header.header_type(ecam), {
+                    // SAFETY: offset 0x0c is the header-type register of a present function.
+                    (unsafe { ecam.read(addr, 0x0c) } >> 16) as u8
+                });
+                let mut f = Function {
+                    bdf: Bdf::new(bus, dev, func),
+                    vendor,
+                    device,
+                    class: u32::from(class) << 16 | u32::from(subclass) << 8 | u32::from(interface),
+                    header_type: raw_type.1 & 0x7f,
+                    bars: Vec::new(),
+                };
+                match raw_type.0 {
+                    HeaderType::Endpoint => {
+                        if let Some(ep) = EndpointHeader::from_header(header, ecam) {
+                            let mut slot = 0;
+                            while slot < 6 {
+                                let bar = ep.bar(slot, ecam);
+                                let wide = matches!(bar, Some(Bar::Memory64 { .. }));
+                                if let Some(b) = bar {
+                                    f.bars.push((slot, b));
+                                }
+                                slot += if wide { 2 } else { 1 };
+                            }
+                        }
+                    }
+                    HeaderType::PciPciBridge => {
+                        if let Some(br) = PciPciBridgeHeader::from_header(header, ecam) {
+                            buses.push(br.secondary_bus_number(ecam));
+                        }
+                    }
+                    _ => {}
+                }
+                found.push(f);
+                if func == 0 && !multi {
+                    break;
+                }
+            }
+        }
+    }
+    found.sort_by_key(|f| f.bdf);
+    found
+}
