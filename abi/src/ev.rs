@@ -455,7 +455,13 @@ mod tests {
 
     #[test]
     fn pci_line_has_the_fixed_names() {
-        let bars = [Bar { index: 1, kind: "mem32", addr: Hex(0xfebd1000), size: Hex(0x1000), prefetchable: false }];
+        let bars = [Bar {
+            index: 1,
+            kind: "mem32",
+            addr: Hex(0xfebd1000),
+            size: Hex(0x1000),
+            prefetchable: false,
+        }];
         let e = Pci {
             bdf: Bdf::new(0, 3, 0),
             vendor: Hex(0x1af4),
@@ -474,7 +480,15 @@ mod tests {
 
     #[test]
     fn codes_carry_name_and_raw_value() {
-        let e = Exception { vector: Code { raw: 14, name: "page-fault" }, error_code: Hex(2), rip: Hex(0xffff_ffff_8000_1234), cr2: Hex(0) };
+        let e = Exception {
+            vector: Code {
+                raw: 14,
+                name: "page-fault",
+            },
+            error_code: Hex(2),
+            rip: Hex(0xffff_ffff_8000_1234),
+            cr2: Hex(0),
+        };
         assert_eq!(
             line(&e, None),
             r#"EV {"ev":"exception","vector":"page-fault","vector_raw":"0xe","error_code":"0x2","rip":"0xffffffff80001234","cr2":"0x0000000000000000"}"#
@@ -483,20 +497,42 @@ mod tests {
 
     #[test]
     fn strings_are_escaped_and_from_is_stamped() {
-        let e = Panic { msg: "a \"quoted\"\nline\u{1}" };
-        assert_eq!(line(&e, Some("blk")), r#"EV {"ev":"panic","msg":"a \"quoted\"\nline\u0001","from":"blk"}"#);
+        let e = Panic {
+            msg: "a \"quoted\"\nline\u{1}",
+        };
+        assert_eq!(
+            line(&e, Some("blk")),
+            r#"EV {"ev":"panic","msg":"a \"quoted\"\nline\u0001","from":"blk"}"#
+        );
     }
 
     #[test]
     fn schema_lists_every_event_once() {
         for (i, a) in ALL.iter().enumerate() {
-            assert!(ALL[i + 1..].iter().all(|b| b.name != a.name), "{} twice", a.name);
-            assert!(a.fields.iter().all(|f| f.name != "ev" && f.name != "from"), "{} shadows ev/from", a.name);
+            assert!(
+                ALL[i + 1..].iter().all(|b| b.name != a.name),
+                "{} twice",
+                a.name
+            );
+            assert!(
+                a.fields.iter().all(|f| f.name != "ev" && f.name != "from"),
+                "{} shadows ev/from",
+                a.name
+            );
         }
         let unit = schema("iommu_unit").unwrap();
         assert!(unit.ring0);
-        assert_eq!(unit.fields.iter().find(|f| f.name == "cap").unwrap().kind, Kind::Hex);
-        assert!(unit.fields.iter().find(|f| f.name == "cap").unwrap().optional);
+        assert_eq!(
+            unit.fields.iter().find(|f| f.name == "cap").unwrap().kind,
+            Kind::Hex
+        );
+        assert!(
+            unit.fields
+                .iter()
+                .find(|f| f.name == "cap")
+                .unwrap()
+                .optional
+        );
         assert!(schema("no-such-event").is_none());
     }
 }

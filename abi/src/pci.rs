@@ -18,7 +18,11 @@ impl Bdf {
     /// function numbers are masked to 5 and 3 bits. Use [`Bdf::checked`] for
     /// numbers that come from outside.
     pub const fn new(bus: u8, device: u8, function: u8) -> Self {
-        Bdf { bus, device: device & 0x1f, function: function & 7 }
+        Bdf {
+            bus,
+            device: device & 0x1f,
+            function: function & 7,
+        }
     }
 
     /// `None` if `device > 31` or `function > 7`.
@@ -26,12 +30,20 @@ impl Bdf {
         if device > 31 || function > 7 {
             return None;
         }
-        Some(Bdf { bus, device, function })
+        Some(Bdf {
+            bus,
+            device,
+            function,
+        })
     }
 
     /// Decodes a 16-bit requester id; every value is valid.
     pub const fn from_rid(rid: u16) -> Self {
-        Bdf { bus: (rid >> 8) as u8, device: ((rid >> 3) & 0x1f) as u8, function: (rid & 7) as u8 }
+        Bdf {
+            bus: (rid >> 8) as u8,
+            device: ((rid >> 3) & 0x1f) as u8,
+            function: (rid & 7) as u8,
+        }
     }
 
     /// The 16-bit requester id: `bus << 8 | device << 3 | function`.
@@ -59,7 +71,11 @@ impl Bdf {
 
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
     }
 }
 

@@ -18,10 +18,17 @@ use hypervisor::frames::Range;
 struct Seen {
     ranges: [Range; 64],
     len: usize,
+    /// More mappings than `ranges` holds: the walk cannot vouch for them all.
+    overflow: bool,
     last: u64,
 }
 
-static SEEN: Lock<Seen> = Lock::new(Seen { ranges: [Range::new(0, 0); 64], len: 0, last: 0 });
+static SEEN: Lock<Seen> = Lock::new(Seen {
+    ranges: [Range::new(0, 0); 64],
+    len: 0,
+    overflow: false,
+    last: 0,
+});
 
 /// Maps through the boot identity map and remembers what was mapped.
 #[derive(Clone)]
@@ -35,6 +42,8 @@ impl AcpiHandler for EarlyHandler {
             let i = s.len;
             s.ranges[i] = Range::new(pa as u64, (pa + size) as u64);
             s.len += 1;
+        } else {
+            s.overflow = true;
         }
         let ptr = NonNull::new(pa as *mut T).expect("ACPI table at address 0");
         // SAFETY: the boot tables identity-map the first 4 GiB, where QEMU
@@ -47,12 +56,14 @@ impl AcpiHandler for EarlyHandler {
 
 /// Every physical range the ACPI tables occupy: RSDP, root table, each
 /// table it lists, and the DSDT and FACS the FADT points at.
-pub fn table_ranges(rsdp: u64, mut reserve: impl FnMut(Range)) -> Result<(), acpi::AcpiError> {
+pub fn table_ranges(rsdp: u64, mut reserve: impl FnMut(Range)) -> Result<(), TableWalkError> {
     // SAFETY: the RSDP address comes from start_info, where QEMU put it.
-    let tables = unsafe { AcpiTables::from_rsdp(EarlyHandler, rsdp as usize)? };
-    let mut headers = tables.headers();
-    loop {
-        let Some(h) = headers.next() else { break };
+    let tables = unsafe {
+        AcpiTables::from_rsdp(EarlyHandler, rsdp as usize).map_err(TableWalkError::Acpi)?
+    };
+    // Each step of the iterator maps the next table's header, so `last` is
+    // that table's address when the header arrives.
+    for h in tables.headers() {
         let at = SEEN.lock().last;
         reserve(Range::new(at, at + u64::from(h.length)));
     }
@@ -67,8 +78,29 @@ pub fn table_ranges(rsdp: u64, mut reserve: impl FnMut(Range)) -> Result<(), acp
         }
     }
     let s = SEEN.lock();
+    if s.overflow {
+        return Err(TableWalkError::TooManyMappings(s.ranges.len()));
+    }
     s.ranges[..s.len].iter().for_each(|&r| reserve(r));
     Ok(())
+}
+
+#[derive(Debug)]
+pub enum TableWalkError {
+    Acpi(acpi::AcpiError),
+    /// The walk mapped more ranges than it can remember to reserve.
+    TooManyMappings(usize),
+}
+
+impl core::fmt::Display for TableWalkError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TableWalkError::Acpi(e) => write!(f, "{e:?}"),
+            TableWalkError::TooManyMappings(n) => {
+                write!(f, "the tables span more than {n} mappings")
+            }
+        }
+    }
 }
 
 /// Maps through the direct map, or write-back into the device window.
@@ -152,14 +184,23 @@ pub fn discover(rsdp: u64) -> Result<Platform, acpi::AcpiError> {
     for e in madt.get().entries() {
         match e {
             acpi::madt::MadtEntry::LocalApic(l) if l.flags & 1 != 0 => p.cpus.push(l.apic_id),
-            acpi::madt::MadtEntry::IoApic(io) => p.ioapics.push((io.io_apic_id, u64::from(io.io_apic_address))),
-            acpi::madt::MadtEntry::LocalApicAddressOverride(o) => p.lapic_base = o.local_apic_address,
+            acpi::madt::MadtEntry::IoApic(io) => p
+                .ioapics
+                .push((io.io_apic_id, u64::from(io.io_apic_address))),
+            acpi::madt::MadtEntry::LocalApicAddressOverride(o) => {
+                p.lapic_base = o.local_apic_address
+            }
             _ => {}
         }
     }
     if let Ok(mcfg) = tables.find_table::<acpi::mcfg::Mcfg>() {
         for e in mcfg.entries() {
-            p.ecam.push(({ e.base_address }, { e.pci_segment_group }, e.bus_number_start, e.bus_number_end));
+            p.ecam.push((
+                { e.base_address },
+                { e.pci_segment_group },
+                e.bus_number_start,
+                e.bus_number_end,
+            ));
         }
     }
     Ok(p)

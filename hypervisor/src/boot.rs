@@ -9,7 +9,7 @@ use crate::mm::{self, Cache};
 use crate::{acpi, iommu_units, log, pci};
 use abi::bundle::Bundle;
 use abi::ev::{self, Hex, List};
-use abi::manifest::Manifest;
+use abi::manifest::{ExitRule, Manifest};
 use alloc::vec::Vec;
 use core::fmt::Write;
 use hypervisor::frames::{FrameAllocator, Range};
@@ -32,15 +32,24 @@ pub fn fail(stage: &str, error: core::fmt::Arguments<'_>) -> ! {
     let mut msg = FixedBuf::<256>::new();
     let _ = msg.write_fmt(error);
     log!("boot failed in {}: {}", stage, msg.as_str());
-    crate::console::event(&ev::BootError { stage, error: msg.as_str() });
-    crate::console::event(&ev::Shutdown { status: 1, reason: "boot check failed" });
+    crate::console::event(&ev::BootError {
+        stage,
+        error: msg.as_str(),
+    });
+    crate::console::event(&ev::Shutdown {
+        status: 1,
+        reason: "boot check failed",
+    });
     arch::exit_qemu(abi::exit::FAILURE)
 }
 
 /// Reads `len` bytes of physical memory on the boot identity map.
 fn early_bytes(pa: u64, len: usize) -> &'static [u8] {
     if pa == 0 || pa.saturating_add(len as u64) > 1 << 32 {
-        fail("pvh", format_args!("boot data at {pa:#x}+{len:#x} lies outside the first 4 GiB"));
+        fail(
+            "pvh",
+            format_args!("boot data at {pa:#x}+{len:#x} lies outside the first 4 GiB"),
+        );
     }
     // SAFETY: the boot tables identity-map the first 4 GiB (checked above),
     // and QEMU wrote these boot structures there; nothing writes them while
@@ -61,30 +70,53 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
         .unwrap_or_else(|e| fail("pvh", format_args!("{e}")));
     let n = (si.memmap_entries as usize).min(MAX_REGIONS);
     let map = early_bytes(si.memmap_paddr, n * pvh::MEMMAP_ENTRY_SIZE);
-    let mut regions = [MemoryRegion { addr: 0, size: 0, kind: MemoryKind::Reserved }; MAX_REGIONS];
+    let mut regions = [MemoryRegion {
+        addr: 0,
+        size: 0,
+        kind: MemoryKind::Reserved,
+    }; MAX_REGIONS];
     for (i, r) in regions.iter_mut().enumerate().take(n) {
         *r = MemoryRegion::parse(map, i).unwrap_or_else(|e| fail("pvh", format_args!("{e}")));
     }
     let regions = &regions[..n];
-    let modules = early_bytes(si.modlist_paddr.max(1), si.nr_modules as usize * pvh::MODULE_ENTRY_SIZE);
+    let modules = early_bytes(
+        si.modlist_paddr.max(1),
+        si.nr_modules as usize * pvh::MODULE_ENTRY_SIZE,
+    );
 
     let mut reserved = [Range::new(0, 0); MAX_RESERVED];
     let mut nres = 0;
     let mut reserve = |r: Range| {
         if nres == MAX_RESERVED {
-            fail("memory", format_args!("more than {MAX_RESERVED} reserved ranges"));
+            fail(
+                "memory",
+                format_args!("more than {MAX_RESERVED} reserved ranges"),
+            );
         }
         reserved[nres] = r;
         nres += 1;
     };
     // SAFETY: taking the addresses of linker-script symbols.
-    let (img_start, img_end) =
-        unsafe { (&__image_start as *const u8 as u64, &__image_end as *const u8 as u64) };
+    let (img_start, img_end) = unsafe {
+        (
+            &__image_start as *const u8 as u64,
+            &__image_end as *const u8 as u64,
+        )
+    };
     reserve(Range::new(0, 1 << 20)); // real-mode memory, BIOS data, option ROMs
     reserve(Range::new(img_start - KERNEL_BASE, img_end - KERNEL_BASE));
-    reserve(Range::new(start_info_pa, start_info_pa + pvh::START_INFO_SIZE as u64));
-    reserve(Range::new(si.memmap_paddr, si.memmap_paddr + map.len() as u64));
-    reserve(Range::new(si.modlist_paddr, si.modlist_paddr + modules.len() as u64));
+    reserve(Range::new(
+        start_info_pa,
+        start_info_pa + pvh::START_INFO_SIZE as u64,
+    ));
+    reserve(Range::new(
+        si.memmap_paddr,
+        si.memmap_paddr + map.len() as u64,
+    ));
+    reserve(Range::new(
+        si.modlist_paddr,
+        si.modlist_paddr + modules.len() as u64,
+    ));
     if si.cmdline_paddr != 0 {
         reserve(Range::new(si.cmdline_paddr, si.cmdline_paddr + 4096));
     }
@@ -95,9 +127,12 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
         bundle_module.get_or_insert(m);
     }
     acpi::table_ranges(si.rsdp_paddr, &mut reserve)
-        .unwrap_or_else(|e| fail("acpi", format_args!("cannot walk the ACPI tables: {e:?}")));
+        .unwrap_or_else(|e| fail("acpi", format_args!("cannot walk the ACPI tables: {e}")));
 
-    let ram = regions.iter().filter(|r| r.kind == MemoryKind::Ram).map(|r| Range::new(r.addr, r.end()));
+    let ram = regions
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Ram)
+        .map(|r| Range::new(r.addr, r.end()));
     let frames = FrameAllocator::build(ram.clone(), reserved[..nres].iter().copied())
         .unwrap_or_else(|e| fail("memory", format_args!("{e}")));
     let ram_bytes: u64 = ram.clone().map(|r| r.len()).sum();
@@ -108,14 +143,22 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     let mut direct = [(0u64, 0u64); MAX_REGIONS];
     let mut nd = 0;
     for r in regions {
-        if matches!(r.kind, MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
+        if matches!(
+            r.kind,
+            MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
+        ) {
             direct[nd] = (r.addr, r.end());
             nd += 1;
         }
     }
     mm::enable_kernel_tables(&direct[..nd]);
     for r in regions {
-        log!("memory {:#012x}-{:#012x} {}", r.addr, r.end(), r.kind.name());
+        log!(
+            "memory {:#012x}-{:#012x} {}",
+            r.addr,
+            r.end(),
+            r.kind.name()
+        );
     }
     crate::console::event(&ev::Memory {
         ram_bytes,
@@ -126,7 +169,10 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
 
     // --- the boot bundle ----------------------------------------------------
     let Some(module) = bundle_module else {
-        fail("bundle", format_args!("no boot bundle: QEMU was started without -initrd"))
+        fail(
+            "bundle",
+            format_args!("no boot bundle: QEMU was started without -initrd"),
+        )
     };
     let bytes = {
         let p = mm::phys_to_ptr(module.paddr, module.size);
@@ -136,7 +182,13 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     };
     let bundle = Bundle::parse(bytes).unwrap_or_else(|e| fail("bundle", format_args!("{e}")));
     for e in bundle.entries() {
-        log!("bundle entry {}: {} {:?}, {} bytes", e.index, e.kind.name(), e.name, e.data.len());
+        log!(
+            "bundle entry {}: {} {:?}, {} bytes",
+            e.index,
+            e.kind.name(),
+            e.name,
+            e.data.len()
+        );
         crate::console::event(&ev::BundleEntry {
             index: e.index,
             kind: e.kind.name(),
@@ -148,11 +200,13 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     let Some(manifest_bytes) = bundle.manifest() else {
         fail("bundle", format_args!("the bundle has no manifest entry"))
     };
-    let manifest = Manifest::parse(manifest_bytes).unwrap_or_else(|e| fail("manifest", format_args!("{e}")));
+    let manifest =
+        Manifest::parse(manifest_bytes).unwrap_or_else(|e| fail("manifest", format_args!("{e}")));
     log!("manifest {:?}", manifest.name());
 
     // --- the platform -------------------------------------------------------
-    let platform = acpi::discover(si.rsdp_paddr).unwrap_or_else(|e| fail("acpi", format_args!("{e:?}")));
+    let platform =
+        acpi::discover(si.rsdp_paddr).unwrap_or_else(|e| fail("acpi", format_args!("{e:?}")));
     let lapic_va = mm::map_device(platform.lapic_base, 4096, Cache::Uncached);
     // SAFETY: the MADT's local APIC page, mapped uncached just now, for ever.
     let lapic = unsafe { Lapic::new(lapic_va) };
@@ -171,29 +225,30 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     let units = iommu_units::discover(&platform);
 
     let Some(&(ecam_base, seg, first, last)) = platform.ecam.first() else {
-        fail("acpi", format_args!("no MCFG: PCI needs ECAM (use -machine q35)"))
+        fail(
+            "acpi",
+            format_args!("no MCFG: PCI needs ECAM (use -machine q35)"),
+        )
     };
-    log!("ecam {:#x} segment {} buses {}-{}", ecam_base, seg, first, last);
+    log!(
+        "ecam {:#x} segment {} buses {}-{}",
+        ecam_base,
+        seg,
+        first,
+        last
+    );
     let ecam = pci::Ecam::map(ecam_base, seg, first, last);
     let functions = pci::enumerate(&ecam);
     for f in &functions {
         let bars: Vec<ev::Bar<'_>> = f
             .bars
             .iter()
-            .map(|(i, b)| match *b {
-                pci_types::Bar::Memory32 { address, size, prefetchable } => ev::Bar {
-                    index: *i,
-                    kind: "mem32",
-                    addr: Hex(u64::from(address)),
-                    size: Hex(u64::from(size)),
-                    prefetchable,
-                },
-                pci_types::Bar::Memory64 { address, size, prefetchable } => {
-                    ev::Bar { index: *i, kind: "mem64", addr: Hex(address), size: Hex(size), prefetchable }
-                }
-                pci_types::Bar::Io { port } => {
-                    ev::Bar { index: *i, kind: "io", addr: Hex(u64::from(port)), size: Hex(0), prefetchable: false }
-                }
+            .map(|b| ev::Bar {
+                index: b.index,
+                kind: b.kind,
+                addr: Hex(b.addr),
+                size: Hex(b.size),
+                prefetchable: b.prefetchable,
             })
             .collect();
         crate::console::event(&ev::Pci {
@@ -226,16 +281,34 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
                     d.device
                 ),
             ),
-            None => fail("manifest", format_args!("{} expected at {} is not there", d.kind.name(), d.bdf)),
+            None => fail(
+                "manifest",
+                format_args!("{} expected at {} is not there", d.kind.name(), d.bdf),
+            ),
         }
     }
 
-    crate::console::event(&ev::Ready { t_ms: tsc::ms_since_entry(), tsc_khz: tsc::khz() });
+    crate::console::event(&ev::Ready {
+        t_ms: tsc::ms_since_entry(),
+        tsc_khz: tsc::khz(),
+    });
     log!("ready");
 
-    // Domains arrive with the next stage; with none to run, the system is done.
-    crate::console::event(&ev::Shutdown { status: 0, reason: "no domains to run" });
-    arch::exit_qemu(abi::exit::SUCCESS)
+    // Domains arrive with the next stage; until then the manifest's exit rule
+    // decides whether boot alone is the whole run.
+    match manifest.exit_rule() {
+        ExitRule::AfterReady => {
+            crate::console::event(&ev::Shutdown {
+                status: 0,
+                reason: "exit rule after-ready: boot is done",
+            });
+            arch::exit_qemu(abi::exit::SUCCESS)
+        }
+        ExitRule::Never => {
+            log!("exit rule never: halting; stop QEMU to end the run");
+            arch::halt_forever()
+        }
+    }
 }
 
 /// A `fmt::Write` into a fixed buffer that cuts what does not fit.
@@ -246,7 +319,10 @@ pub struct FixedBuf<const N: usize> {
 
 impl<const N: usize> FixedBuf<N> {
     pub const fn new() -> Self {
-        FixedBuf { buf: [0; N], len: 0 }
+        FixedBuf {
+            buf: [0; N],
+            len: 0,
+        }
     }
 
     pub fn as_str(&self) -> &str {

@@ -66,7 +66,10 @@ impl<const N: usize> Default for FrameAllocator<N> {
 
 impl<const N: usize> FrameAllocator<N> {
     pub const fn new() -> Self {
-        FrameAllocator { free: [Range::new(0, 0); N], len: 0 }
+        FrameAllocator {
+            free: [Range::new(0, 0); N],
+            len: 0,
+        }
     }
 
     /// Builds the allocator from RAM regions (any order, may overlap) less
@@ -143,11 +146,15 @@ impl<const N: usize> FrameAllocator<N> {
 
     /// Gives one frame back.
     pub fn free(&mut self, frame: u64) -> Result<(), FrameError> {
-        if frame % PAGE_SIZE != 0 {
+        if !frame.is_multiple_of(PAGE_SIZE) {
             return Err(FrameError::Unaligned(frame));
         }
         let r = Range::new(frame, frame + PAGE_SIZE);
-        if self.ranges().iter().any(|f| f.start < r.end && r.start < f.end) {
+        if self
+            .ranges()
+            .iter()
+            .any(|f| f.start < r.end && r.start < f.end)
+        {
             return Err(FrameError::DoubleFree(frame));
         }
         self.insert(r)
@@ -169,7 +176,11 @@ impl<const N: usize> FrameAllocator<N> {
         if self.len == N {
             return Err(FrameError::TooManyRanges { capacity: N });
         }
-        let at = self.ranges().iter().position(|f| f.start > r.start).unwrap_or(self.len);
+        let at = self
+            .ranges()
+            .iter()
+            .position(|f| f.start > r.start)
+            .unwrap_or(self.len);
         self.free.copy_within(at..self.len, at + 1);
         self.free[at] = r;
         self.len += 1;
@@ -229,8 +240,14 @@ mod tests {
         let mut got = Vec::new();
         while let Some(f) = a.alloc() {
             assert!(f % PAGE_SIZE == 0);
-            assert!(ram.iter().any(|r| f >= r.start && f + PAGE_SIZE <= r.end), "{f:#x} not RAM");
-            assert!(!reserved.iter().any(|r| overlaps(f, r)), "{f:#x} is reserved");
+            assert!(
+                ram.iter().any(|r| f >= r.start && f + PAGE_SIZE <= r.end),
+                "{f:#x} not RAM"
+            );
+            assert!(
+                !reserved.iter().any(|r| overlaps(f, r)),
+                "{f:#x} is reserved"
+            );
             got.push(f);
         }
         assert_eq!(got.len() as u64, expected);
@@ -239,17 +256,29 @@ mod tests {
         assert_eq!(got.len() as u64, expected, "a frame was handed out twice");
         // 255 MiB of RAM above 1 MiB, less the image (0x54000), two pages
         // around start_info and 3 MiB of bundle.
-        assert_eq!(expected * PAGE_SIZE, 255 * MIB - 0x54000 - 2 * PAGE_SIZE - 3 * MIB);
+        assert_eq!(
+            expected * PAGE_SIZE,
+            255 * MIB - 0x54000 - 2 * PAGE_SIZE - 3 * MIB
+        );
     }
 
     #[test]
     fn overlapping_ram_merges_and_reservations_split() {
         let a = FrameAllocator::<8>::build(
-            [Range::new(0x10_0000, 0x30_0000), Range::new(0x20_0000, 0x40_0000)],
+            [
+                Range::new(0x10_0000, 0x30_0000),
+                Range::new(0x20_0000, 0x40_0000),
+            ],
             [Range::new(0x28_0000, 0x29_0000)],
         )
         .unwrap();
-        assert_eq!(a.ranges(), &[Range::new(0x10_0000, 0x28_0000), Range::new(0x29_0000, 0x40_0000)]);
+        assert_eq!(
+            a.ranges(),
+            &[
+                Range::new(0x10_0000, 0x28_0000),
+                Range::new(0x29_0000, 0x40_0000)
+            ]
+        );
     }
 
     #[test]
@@ -257,7 +286,13 @@ mod tests {
         let mut a = FrameAllocator::<8>::build([Range::new(0x10_1000, 0x80_0000)], []).unwrap();
         let big = a.alloc_contiguous(512, 2 * MIB).unwrap();
         assert_eq!(big, 0x20_0000);
-        assert_eq!(a.ranges(), &[Range::new(0x10_1000, 0x20_0000), Range::new(0x40_0000, 0x80_0000)]);
+        assert_eq!(
+            a.ranges(),
+            &[
+                Range::new(0x10_1000, 0x20_0000),
+                Range::new(0x40_0000, 0x80_0000)
+            ]
+        );
         assert_eq!(a.alloc_contiguous(1024, 2 * MIB), Some(0x40_0000));
         assert_eq!(a.alloc_contiguous(1, 2 * MIB), None);
         assert_eq!(a.alloc(), Some(0x10_1000));
@@ -278,7 +313,9 @@ mod tests {
 
     #[test]
     fn too_many_pieces_is_an_error_not_a_loss() {
-        let reserved: Vec<Range> = (0..8).map(|i| Range::new(i * 2 * PAGE_SIZE, i * 2 * PAGE_SIZE + 1)).collect();
+        let reserved: Vec<Range> = (0..8)
+            .map(|i| Range::new(i * 2 * PAGE_SIZE, i * 2 * PAGE_SIZE + 1))
+            .collect();
         let r = FrameAllocator::<4>::build([Range::new(0, 16 * PAGE_SIZE)], reserved);
         assert_eq!(r.err(), Some(FrameError::TooManyRanges { capacity: 4 }));
     }

@@ -7,14 +7,22 @@ use crate::{boot, log};
 use abi::ev::{self, Bdf, Code, Hex, List};
 use alloc::vec::Vec;
 use iommu::dmar::Dmar;
-use iommu::ivrs::Ivrs;
 use iommu::ivrs::DeviceEntry;
-use iommu::vtd::regs::{Cap, Ecap};
+use iommu::ivrs::Ivrs;
 use iommu::vtd;
+use iommu::vtd::regs::{Cap, Ecap};
 
 pub enum Kind {
-    VtD { ver: u32, cap: Cap, ecap: Ecap, include_all: bool },
-    AmdVi { ivhd_type: u8, features: u64 },
+    VtD {
+        ver: u32,
+        cap: Cap,
+        ecap: Ecap,
+        include_all: bool,
+    },
+    AmdVi {
+        ivhd_type: u8,
+        features: u64,
+    },
 }
 
 pub struct Unit {
@@ -40,27 +48,41 @@ fn read_reg(regs: *mut u8, off: usize, wide: bool) -> u64 {
 pub fn discover(platform: &Platform) -> Vec<Unit> {
     let mut units = Vec::new();
     if let Some(bytes) = platform.dmar {
-        let dmar = Dmar::parse(bytes).unwrap_or_else(|e| boot::fail("acpi", format_args!("DMAR: {e}")));
+        let dmar =
+            Dmar::parse(bytes).unwrap_or_else(|e| boot::fail("acpi", format_args!("DMAR: {e}")));
         log!(
             "dmar: host address width {} bits, interrupt remapping {}",
             dmar.host_address_width_bits(),
-            if dmar.flags().intr_remap() { "supported" } else { "absent" }
+            if dmar.flags().intr_remap() {
+                "supported"
+            } else {
+                "absent"
+            }
         );
         for drhd in dmar.drhds() {
             let regs = mm::map_device(drhd.register_base, 4096, Cache::Uncached);
             let ver = read_reg(regs, vtd::regs::VER.0, false) as u32;
             let cap = Cap(read_reg(regs, vtd::regs::CAP.0, true));
             let ecap = Ecap(read_reg(regs, vtd::regs::ECAP.0, true));
-            let scopes = drhd.scopes().map(|s| (s.kind, s.kind_name(), s.bdf(), s.enumeration_id)).collect();
+            let scopes = drhd
+                .scopes()
+                .map(|s| (s.kind, s.kind_name(), s.bdf(), s.enumeration_id))
+                .collect();
             units.push(Unit {
                 base: drhd.register_base,
-                kind: Kind::VtD { ver, cap, ecap, include_all: drhd.include_pci_all() },
+                kind: Kind::VtD {
+                    ver,
+                    cap,
+                    ecap,
+                    include_all: drhd.include_pci_all(),
+                },
                 scopes,
             });
         }
     }
     if let Some(bytes) = platform.ivrs {
-        let ivrs = Ivrs::parse(bytes).unwrap_or_else(|e| boot::fail("acpi", format_args!("IVRS: {e}")));
+        let ivrs =
+            Ivrs::parse(bytes).unwrap_or_else(|e| boot::fail("acpi", format_args!("IVRS: {e}")));
         for ivhd in ivrs.ivhds() {
             let mut scopes = Vec::new();
             for e in ivhd.entries() {
@@ -77,18 +99,34 @@ pub fn discover(platform: &Platform) -> Vec<Unit> {
             }
             units.push(Unit {
                 base: ivhd.base_address,
-                kind: Kind::AmdVi { ivhd_type: ivhd.kind, features: ivhd.efr_image.unwrap_or(u64::from(ivhd.feature_info)) },
+                kind: Kind::AmdVi {
+                    ivhd_type: ivhd.kind,
+                    features: ivhd.efr_image.unwrap_or(u64::from(ivhd.feature_info)),
+                },
                 scopes,
             });
         }
+    }
+    if units.is_empty() {
+        log!("no DMA remapping unit in ACPI: devices could not be confined");
     }
     units
 }
 
 /// The unit whose scope names `bdf`, or the one that includes every device.
 pub fn unit_for(units: &[Unit], bdf: Bdf) -> Option<u32> {
-    let named = units.iter().position(|u| u.scopes.iter().any(|s| s.2 == Some(bdf)));
-    let all = units.iter().position(|u| matches!(u.kind, Kind::VtD { include_all: true, .. }));
+    let named = units
+        .iter()
+        .position(|u| u.scopes.iter().any(|s| s.2 == Some(bdf)));
+    let all = units.iter().position(|u| {
+        matches!(
+            u.kind,
+            Kind::VtD {
+                include_all: true,
+                ..
+            }
+        )
+    });
     named.or(all).map(|i| i as u32)
 }
 
@@ -97,10 +135,22 @@ pub fn report(units: &[Unit]) {
         let scopes: Vec<ev::Scope> = u
             .scopes
             .iter()
-            .map(|&(code, name, bdf, id)| ev::Scope { kind: Code { raw: u64::from(code), name }, bdf, enumeration_id: id })
+            .map(|&(code, name, bdf, id)| ev::Scope {
+                kind: Code {
+                    raw: u64::from(code),
+                    name,
+                },
+                bdf,
+                enumeration_id: id,
+            })
             .collect();
         match &u.kind {
-            Kind::VtD { ver, cap, ecap, include_all } => {
+            Kind::VtD {
+                ver,
+                cap,
+                ecap,
+                include_all,
+            } => {
                 let levels: Vec<u8> = cap.supported_levels().iter().collect();
                 log!(
                     "vt-d unit {} at {:#x}: version {}.{}, {}-bit, {} domains, {} fault records",
@@ -137,8 +187,16 @@ pub fn report(units: &[Unit]) {
                     scopes: List(&scopes),
                 });
             }
-            Kind::AmdVi { ivhd_type, features } => {
-                log!("amd-vi unit {} at {:#x}: IVHD type {:#x}", i, u.base, ivhd_type);
+            Kind::AmdVi {
+                ivhd_type,
+                features,
+            } => {
+                log!(
+                    "amd-vi unit {} at {:#x}: IVHD type {:#x}",
+                    i,
+                    u.base,
+                    ivhd_type
+                );
                 crate::console::event(&ev::IommuUnit {
                     unit: i as u32,
                     kind: "amd-vi",

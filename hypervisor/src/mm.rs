@@ -5,7 +5,9 @@ use crate::arch::paging;
 use crate::sync::Lock;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hypervisor::frames::FrameAllocator;
-use hypervisor::layout::{align_down, align_up, DEVICE_WINDOW, DEVICE_WINDOW_SIZE, DIRECT_MAP, PAGE_SIZE};
+use hypervisor::layout::{
+    align_down, align_up, DEVICE_WINDOW, DEVICE_WINDOW_SIZE, DIRECT_MAP, PAGE_SIZE,
+};
 use linked_list_allocator::LockedHeap;
 use x86_64::structures::paging::PageTableFlags as F;
 
@@ -60,7 +62,10 @@ pub fn free_bytes() -> u64 {
 pub fn alloc_zeroed_frame() -> Option<u64> {
     let pa = FRAMES.lock().alloc()?;
     // Before the switch, frames must be reachable through the identity map.
-    assert!(phys_offset() != 0 || pa < 1 << 32, "boot frame {pa:#x} above 4 GiB");
+    assert!(
+        phys_offset() != 0 || pa < 1 << 32,
+        "boot frame {pa:#x} above 4 GiB"
+    );
     // SAFETY: the frame was free, so nothing else refers to it, and it is
     // mapped at `pa + phys_offset()` (identity map or direct map).
     unsafe { core::ptr::write_bytes((pa + phys_offset()) as *mut u8, 0, PAGE_SIZE as usize) };
@@ -82,16 +87,24 @@ pub fn enable_kernel_tables(direct: &[(u64, u64)]) {
     KERNEL_PML4.store(pml4, Ordering::Relaxed);
     PHYS_OFFSET.store(DIRECT_MAP, Ordering::Relaxed);
 
-    let heap = FRAMES.lock().alloc_contiguous(HEAP_SIZE / PAGE_SIZE, PAGE_SIZE).expect("memory for the heap");
+    let heap = FRAMES
+        .lock()
+        .alloc_contiguous(HEAP_SIZE / PAGE_SIZE, PAGE_SIZE)
+        .expect("memory for the heap");
     // SAFETY: the range was free RAM, now ours alone, and direct-mapped
     // writable; the heap gets it for the rest of the hypervisor's life.
-    unsafe { HEAP.lock().init((heap + DIRECT_MAP) as *mut u8, HEAP_SIZE as usize) };
+    unsafe {
+        HEAP.lock()
+            .init((heap + DIRECT_MAP) as *mut u8, HEAP_SIZE as usize)
+    };
 }
 
 /// Is `[pa, pa + len)` inside the direct map?
 pub fn is_direct(pa: u64, len: u64) -> bool {
     let d = DEVICES.lock();
-    d.direct[..d.direct_len].iter().any(|&(s, e)| pa >= s && pa.saturating_add(len) <= e)
+    d.direct[..d.direct_len]
+        .iter()
+        .any(|&(s, e)| pa >= s && pa.saturating_add(len) <= e)
 }
 
 /// How to cache a device-window mapping.
@@ -111,14 +124,20 @@ pub fn map_device(pa: u64, len: u64, cache: Cache) -> *mut u8 {
     let start = align_down(pa, PAGE_SIZE);
     let end = align_up(pa + len.max(1), PAGE_SIZE).expect("device range end");
     let mut d = DEVICES.lock();
-    if let Some(&(ps, _, va, _)) = d.maps[..d.len].iter().find(|&&(s, e, _, c)| start >= s && end <= e && c == cached) {
+    if let Some(&(ps, _, va, _)) = d.maps[..d.len]
+        .iter()
+        .find(|&&(s, e, _, c)| start >= s && end <= e && c == cached)
+    {
         return (va + (pa - ps)) as *mut u8;
     }
     // Keep 2 MiB alignment between virtual and physical for big ranges.
     let size = end - start;
     let align = if size >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
     let va = align_up(d.next, align).expect("device window") + (start % align);
-    assert!(va + size <= DEVICE_WINDOW + DEVICE_WINDOW_SIZE, "device window full");
+    assert!(
+        va + size <= DEVICE_WINDOW + DEVICE_WINDOW_SIZE,
+        "device window full"
+    );
     d.next = va + size;
     let mut flags = F::PRESENT | F::WRITABLE | F::NO_EXECUTE | F::GLOBAL;
     if !cached {

@@ -3,7 +3,9 @@
 use crate::mm::{self, Cache};
 use abi::ev::Bdf;
 use alloc::vec::Vec;
-use pci_types::{Bar, ConfigRegionAccess, EndpointHeader, HeaderType, PciAddress, PciHeader, PciPciBridgeHeader};
+use pci_types::{
+    Bar, ConfigRegionAccess, EndpointHeader, HeaderType, PciAddress, PciHeader, PciPciBridgeHeader,
+};
 
 /// One ECAM window, mapped uncached.
 pub struct Ecam {
@@ -18,7 +20,12 @@ impl Ecam {
     pub fn map(pa: u64, segment: u16, first_bus: u8, last_bus: u8) -> Ecam {
         let len = (u64::from(last_bus - first_bus) + 1) << 20;
         let base = mm::map_device(pa + (u64::from(first_bus) << 20), len, Cache::Uncached);
-        Ecam { base, segment, first_bus, last_bus }
+        Ecam {
+            base,
+            segment,
+            first_bus,
+            last_bus,
+        }
     }
 
     fn addr(&self, a: PciAddress, offset: u16) -> Option<*mut u32> {
@@ -27,7 +34,7 @@ impl Ecam {
             && a.device() < 32
             && a.function() < 8
             && offset < 4096
-            && offset % 4 == 0;
+            && offset.is_multiple_of(4);
         let off = (usize::from(a.bus() - self.first_bus) << 20)
             | usize::from(a.device()) << 15
             | usize::from(a.function()) << 12
@@ -54,6 +61,72 @@ impl ConfigRegionAccess for &Ecam {
     }
 }
 
+/// One base address register.
+pub struct BarInfo {
+    pub index: u8,
+    /// "mem32", "mem64" or "io".
+    pub kind: &'static str,
+    pub addr: u64,
+    pub size: u64,
+    pub prefetchable: bool,
+}
+
+impl BarInfo {
+    fn new(ecam: &Ecam, addr: PciAddress, index: u8, bar: Bar) -> BarInfo {
+        match bar {
+            Bar::Memory32 {
+                address,
+                size,
+                prefetchable,
+            } => BarInfo {
+                index,
+                kind: "mem32",
+                addr: u64::from(address),
+                size: u64::from(size),
+                prefetchable,
+            },
+            Bar::Memory64 {
+                address,
+                size,
+                prefetchable,
+            } => BarInfo {
+                index,
+                kind: "mem64",
+                addr: address,
+                size,
+                prefetchable,
+            },
+            Bar::Io { port } => BarInfo {
+                index,
+                kind: "io",
+                addr: u64::from(port),
+                size: u64::from(io_bar_size(ecam, addr, index)),
+                prefetchable: false,
+            },
+        }
+    }
+}
+
+/// The size of I/O BAR `slot` in bytes (pci_types sizes only memory BARs):
+/// write all ones, read back the writable bits, restore.
+fn io_bar_size(ecam: &Ecam, addr: PciAddress, slot: u8) -> u32 {
+    let off = 0x10 + 4 * u16::from(slot);
+    // SAFETY: a BAR register of a present endpoint; the original value is
+    // put back before anything can use the device (nothing does DMA or I/O
+    // while ring 0 enumerates).
+    let mask = unsafe {
+        let orig = ecam.read(addr, off);
+        ecam.write(addr, off, u32::MAX);
+        let mask = ecam.read(addr, off);
+        ecam.write(addr, off, orig);
+        mask
+    };
+    if mask & !3 == 0 {
+        return 0;
+    }
+    (!(mask & !3) & 0xffff) + 1
+}
+
 /// What enumeration found about one function.
 pub struct Function {
     pub bdf: Bdf,
@@ -62,7 +135,7 @@ pub struct Function {
     /// Base class, subclass, programming interface (24 bits).
     pub class: u32,
     pub header_type: u8,
-    pub bars: Vec<(u8, Bar)>,
+    pub bars: Vec<BarInfo>,
 }
 
 /// Walks the buses reachable from the first bus of `ecam`, following
@@ -108,7 +181,7 @@ pub fn enumerate(ecam: &Ecam) -> Vec<Function> {
                                 let bar = ep.bar(slot, ecam);
                                 let wide = matches!(bar, Some(Bar::Memory64 { .. }));
                                 if let Some(b) = bar {
-                                    f.bars.push((slot, b));
+                                    f.bars.push(BarInfo::new(ecam, addr, slot, b));
                                 }
                                 slot += if wide { 2 } else { 1 };
                             }

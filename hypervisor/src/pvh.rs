@@ -35,7 +35,11 @@ pub enum PvhError {
     /// Version 0 has no memory map, and airlock needs one.
     NoMemoryMap { version: u32 },
     /// Fewer bytes than a structure needs.
-    Truncated { what: &'static str, need: usize, have: usize },
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
 }
 
 impl fmt::Display for PvhError {
@@ -43,7 +47,10 @@ impl fmt::Display for PvhError {
         match self {
             PvhError::BadMagic(m) => write!(f, "start_info magic is {m:#x}, expected {MAGIC:#x}"),
             PvhError::NoMemoryMap { version } => {
-                write!(f, "start_info version {version} has no memory map (need version 1)")
+                write!(
+                    f,
+                    "start_info version {version} has no memory map (need version 1)"
+                )
             }
             PvhError::Truncated { what, need, have } => {
                 write!(f, "{what}: need {need} bytes, have {have}")
@@ -62,7 +69,11 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 
 fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), PvhError> {
     if b.len() < need {
-        return Err(PvhError::Truncated { what, need, have: b.len() });
+        return Err(PvhError::Truncated {
+            what,
+            need,
+            have: b.len(),
+        });
     }
     Ok(())
 }
@@ -104,7 +115,11 @@ impl Module {
     pub fn parse(list: &[u8], index: usize) -> Result<Self, PvhError> {
         let off = index * MODULE_ENTRY_SIZE;
         need("module list", list, off + MODULE_ENTRY_SIZE)?;
-        Ok(Module { paddr: u64_at(list, off), size: u64_at(list, off + 8), cmdline_paddr: u64_at(list, off + 16) })
+        Ok(Module {
+            paddr: u64_at(list, off),
+            size: u64_at(list, off + 8),
+            cmdline_paddr: u64_at(list, off + 16),
+        })
     }
 }
 
@@ -187,15 +202,31 @@ mod tests {
     #[test]
     fn parses_version_1() {
         let si = StartInfo::parse(&start_info(MAGIC, 1)).unwrap();
-        assert_eq!((si.nr_modules, si.modlist_paddr, si.rsdp_paddr), (1, 0x6000, 0xf52e0));
+        assert_eq!(
+            (si.nr_modules, si.modlist_paddr, si.rsdp_paddr),
+            (1, 0x6000, 0xf52e0)
+        );
         assert_eq!((si.memmap_paddr, si.memmap_entries), (0x6040, 5));
     }
 
     #[test]
     fn rejects_bad_magic_old_version_and_short_input() {
-        assert_eq!(StartInfo::parse(&start_info(0x1234, 1)), Err(PvhError::BadMagic(0x1234)));
-        assert_eq!(StartInfo::parse(&start_info(MAGIC, 0)), Err(PvhError::NoMemoryMap { version: 0 }));
-        assert!(matches!(StartInfo::parse(&[0u8; 20]), Err(PvhError::Truncated { need: 56, have: 20, .. })));
+        assert_eq!(
+            StartInfo::parse(&start_info(0x1234, 1)),
+            Err(PvhError::BadMagic(0x1234))
+        );
+        assert_eq!(
+            StartInfo::parse(&start_info(MAGIC, 0)),
+            Err(PvhError::NoMemoryMap { version: 0 })
+        );
+        assert!(matches!(
+            StartInfo::parse(&[0u8; 20]),
+            Err(PvhError::Truncated {
+                need: 56,
+                have: 20,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -208,7 +239,10 @@ mod tests {
         map[32..40].copy_from_slice(&0x1000u64.to_le_bytes());
         map[40..44].copy_from_slice(&2u32.to_le_bytes());
         let r = MemoryRegion::parse(&map, 0).unwrap();
-        assert_eq!((r.addr, r.end(), r.kind), (0x100000, 0x8000000, MemoryKind::Ram));
+        assert_eq!(
+            (r.addr, r.end(), r.kind),
+            (0x100000, 0x8000000, MemoryKind::Ram)
+        );
         let r = MemoryRegion::parse(&map, 1).unwrap();
         assert_eq!((r.end(), r.kind), (u64::MAX, MemoryKind::Reserved));
         assert!(MemoryRegion::parse(&map, 2).is_err());

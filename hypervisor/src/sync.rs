@@ -17,11 +17,18 @@ unsafe impl<T: Send> Sync for Lock<T> {}
 
 impl<T> Lock<T> {
     pub const fn new(value: T) -> Self {
-        Lock { held: AtomicBool::new(false), value: UnsafeCell::new(value) }
+        Lock {
+            held: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
     }
 
     pub fn lock(&self) -> Guard<'_, T> {
-        while self.held.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while self
+            .held
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         Guard { lock: self }
@@ -71,12 +78,19 @@ const READY: u8 = 2;
 
 impl<T> Once<T> {
     pub const fn new() -> Self {
-        Once { state: AtomicU8::new(EMPTY), value: UnsafeCell::new(None) }
+        Once {
+            state: AtomicU8::new(EMPTY),
+            value: UnsafeCell::new(None),
+        }
     }
 
     /// Stores `value`; panics if called twice.
     pub fn init(&self, value: T) -> &T {
-        if self.state.compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if self
+            .state
+            .compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             panic!("Once::init called twice");
         }
         // SAFETY: the compare-exchange above makes us the only writer, and no

@@ -42,7 +42,14 @@ pub fn init_gdt() {
     let kernel_code = gdt.append(Descriptor::kernel_code_segment());
     let kernel_data = gdt.append(Descriptor::kernel_data_segment());
     let tss_sel = gdt.append(Descriptor::tss_segment(tss));
-    let (gdt, sel) = GDT.init((gdt, Selectors { kernel_code, kernel_data, tss: tss_sel }));
+    let (gdt, sel) = GDT.init((
+        gdt,
+        Selectors {
+            kernel_code,
+            kernel_data,
+            tss: tss_sel,
+        },
+    ));
     gdt.load();
     // SAFETY: the selectors index the GDT just loaded, which lives in a
     // static for ever; the TSS descriptor is a valid, unused TSS.
@@ -69,8 +76,15 @@ struct Gate {
 }
 
 impl Gate {
-    const MISSING: Gate =
-        Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+    const MISSING: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
 
     /// A present interrupt gate (interrupts stay off in the handler).
     fn interrupt(handler: u64, selector: SegmentSelector, ist: u16, dpl: PrivilegeLevel) -> Gate {

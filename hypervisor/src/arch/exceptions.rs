@@ -36,20 +36,63 @@ pub struct Frame {
 /// every frame has the same shape.
 macro_rules! stub {
     ($n:literal) => {
-        concat!(".global exc_", $n, "\nexc_", $n, ":\n  push $0\n  push $", $n, "\n  jmp exc_common\n")
+        concat!(
+            ".global exc_",
+            $n,
+            "\nexc_",
+            $n,
+            ":\n  push $0\n  push $",
+            $n,
+            "\n  jmp exc_common\n"
+        )
     };
     ($n:literal, err) => {
-        concat!(".global exc_", $n, "\nexc_", $n, ":\n  push $", $n, "\n  jmp exc_common\n")
+        concat!(
+            ".global exc_",
+            $n,
+            "\nexc_",
+            $n,
+            ":\n  push $",
+            $n,
+            "\n  jmp exc_common\n"
+        )
     };
 }
 
 global_asm!(
     ".section .text.exceptions, \"ax\"",
-    stub!(0), stub!(1), stub!(2), stub!(3), stub!(4), stub!(5), stub!(6), stub!(7),
-    stub!(8, err), stub!(9), stub!(10, err), stub!(11, err), stub!(12, err), stub!(13, err),
-    stub!(14, err), stub!(15), stub!(16), stub!(17, err), stub!(18), stub!(19), stub!(20),
-    stub!(21, err), stub!(22), stub!(23), stub!(24), stub!(25), stub!(26), stub!(27), stub!(28),
-    stub!(29, err), stub!(30, err), stub!(31),
+    stub!(0),
+    stub!(1),
+    stub!(2),
+    stub!(3),
+    stub!(4),
+    stub!(5),
+    stub!(6),
+    stub!(7),
+    stub!(8, err),
+    stub!(9),
+    stub!(10, err),
+    stub!(11, err),
+    stub!(12, err),
+    stub!(13, err),
+    stub!(14, err),
+    stub!(15),
+    stub!(16),
+    stub!(17, err),
+    stub!(18),
+    stub!(19),
+    stub!(20),
+    stub!(21, err),
+    stub!(22),
+    stub!(23),
+    stub!(24),
+    stub!(25),
+    stub!(26),
+    stub!(27),
+    stub!(28),
+    stub!(29, err),
+    stub!(30, err),
+    stub!(31),
     r#"
 exc_common:
     push %rax
@@ -134,7 +177,10 @@ extern "C" fn exception_handler(frame: &Frame) -> ! {
         frame.vector, name, frame.error_code, frame.rip, cr2, frame.rsp
     ));
     crate::console::emergency_event(&Exception {
-        vector: Code { raw: frame.vector, name },
+        vector: Code {
+            raw: frame.vector,
+            name,
+        },
         error_code: Hex(frame.error_code),
         rip: Hex(frame.rip),
         cr2: Hex(cr2),

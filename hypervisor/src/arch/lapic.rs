@@ -3,8 +3,8 @@
 //! Boot only enables it with every local interrupt masked; the scheduler's
 //! timer arrives with the ring-3 domains.
 
-use volatile::VolatilePtr;
 use core::ptr::NonNull;
+use volatile::VolatilePtr;
 
 const ID: usize = 0x20;
 const VERSION: usize = 0x30;
@@ -25,7 +25,9 @@ impl Lapic {
     /// # Safety
     /// `base` must be the local APIC's page, mapped uncached, for ever.
     pub unsafe fn new(base: *mut u8) -> Lapic {
-        Lapic { base: NonNull::new(base.cast()).expect("LAPIC mapping") }
+        Lapic {
+            base: NonNull::new(base.cast()).expect("LAPIC mapping"),
+        }
     }
 
     fn reg(&self, off: usize) -> VolatilePtr<'_, u32> {

@@ -4,11 +4,13 @@
 //! domains.
 
 use crate::mm;
-use hypervisor::layout::{align_down, align_up, DIRECT_MAP, KERNEL_BASE, LARGE_PAGE_SIZE, PAGE_SIZE};
+use hypervisor::layout::{
+    align_down, align_up, DIRECT_MAP, KERNEL_BASE, LARGE_PAGE_SIZE, PAGE_SIZE,
+};
 use x86_64::registers::control::{Cr3, Cr3Flags, Cr4, Cr4Flags};
 use x86_64::structures::paging::{
-    FrameAllocator, Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F, PhysFrame, Size2MiB,
-    Size4KiB,
+    FrameAllocator, Mapper, OffsetPageTable, Page, PageSize, PageTable, PageTableFlags as F,
+    PhysFrame, Size2MiB, Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -54,13 +56,17 @@ pub fn map_range(m: &mut OffsetPageTable<'_>, virt: u64, phys: u64, len: u64, fl
             // SAFETY: the range is fresh address space of ours (asserted by
             // the mapper, which refuses an existing mapping) onto memory the
             // caller owns.
-            unsafe { m.map_to(page, frame, flags, &mut TableFrames) }.expect("map 2 MiB page").ignore();
+            unsafe { m.map_to(page, frame, flags, &mut TableFrames) }
+                .expect("map 2 MiB page")
+                .ignore();
             off += Size2MiB::SIZE;
         } else {
             let page = Page::<Size4KiB>::containing_address(VirtAddr::new(v));
             let frame = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(p));
             // SAFETY: as above.
-            unsafe { m.map_to(page, frame, flags, &mut TableFrames) }.expect("map 4 KiB page").ignore();
+            unsafe { m.map_to(page, frame, flags, &mut TableFrames) }
+                .expect("map 4 KiB page")
+                .ignore();
             off += Size4KiB::SIZE;
         }
     }
@@ -93,22 +99,38 @@ pub fn switch_to_kernel_tables(direct: &[(u64, u64)]) -> u64 {
         [
             (sym(&__text_start), sym(&__text_end), g),
             (sym(&__rodata_start), sym(&__rodata_end), g | F::NO_EXECUTE),
-            (sym(&__data_start), sym(&__data_end), g | F::WRITABLE | F::NO_EXECUTE),
+            (
+                sym(&__data_start),
+                sym(&__data_end),
+                g | F::WRITABLE | F::NO_EXECUTE,
+            ),
         ]
     };
     for (start, end, flags) in sections {
         map_range(&mut m, start, start - KERNEL_BASE, end - start, flags);
     }
     for &(start, end) in direct {
-        let (s, e) = (align_down(start, PAGE_SIZE), align_up(end, PAGE_SIZE).expect("region end"));
-        map_range(&mut m, DIRECT_MAP + s, s, e - s, g | F::WRITABLE | F::NO_EXECUTE);
+        let (s, e) = (
+            align_down(start, PAGE_SIZE),
+            align_up(end, PAGE_SIZE).expect("region end"),
+        );
+        map_range(
+            &mut m,
+            DIRECT_MAP + s,
+            s,
+            e - s,
+            g | F::WRITABLE | F::NO_EXECUTE,
+        );
     }
     // SAFETY: the new tables map this code, its stack (.bss) and data with
     // the same virtual addresses as the boot tables, and the direct map that
     // `mm` switches to below.
     unsafe {
         Cr4::update(|f| f.insert(Cr4Flags::PAGE_GLOBAL));
-        Cr3::write(PhysFrame::containing_address(PhysAddr::new(pml4)), Cr3Flags::empty());
+        Cr3::write(
+            PhysFrame::containing_address(PhysAddr::new(pml4)),
+            Cr3Flags::empty(),
+        );
     }
     pml4
 }
