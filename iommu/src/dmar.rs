@@ -21,9 +21,9 @@
 
 use core::fmt;
 
-use crate::Bdf;
 use crate::bytes::{u16_at, u64_at, u8_at};
 use crate::sdt::{self, HeaderError, SdtHeader};
+use crate::Bdf;
 
 /// Size of the DMAR's fixed part (ACPI header plus width, flags, reserved), in bytes. The first
 /// remapping structure starts here.

@@ -24,9 +24,9 @@
 
 use core::fmt;
 
-use crate::Bdf;
 use crate::bytes::{array, u16_at, u32_at, u64_at, u8_at};
 use crate::sdt::{self, HeaderError, SdtHeader};
+use crate::Bdf;
 
 /// Size of the IVRS fixed part (ACPI header, IVinfo, reserved), in bytes. The first block
 /// starts here.

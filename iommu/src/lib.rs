@@ -32,7 +32,6 @@
     )
 )]
 
-
 mod bytes;
 pub mod dmar;
 #[cfg(any(test, feature = "test-utils"))]

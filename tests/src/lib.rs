@@ -1,0 +1,24 @@
+//! The scenario harness: what `cargo xtask test` uses to boot a scenario
+//! under QEMU and judge what it printed.
+//!
+//! A scenario is `tests/scenarios/NAME.toml`: a manifest plus a `[test]`
+//! table. xtask checks the TOML (file, line and field in every error) and
+//! hands this crate a plain [`Scenario`]; the harness then
+//!
+//! - corrupts the packed bundle if the scenario asks ([`corrupt`]),
+//! - boots QEMU with a time limit and kills it (its whole process group) if
+//!   it hangs ([`qemu`]),
+//! - checks the console ([`check`]): every `EV` line against the schema in
+//!   `abi::ev`, the expected and forbidden events, and QEMU's exit status.
+//!
+//! The checking is pure (a log and an outcome in, a verdict out) and tested
+//! on fixtures; only [`qemu`] touches processes.
+
+pub mod check;
+pub mod corrupt;
+pub mod qemu;
+pub mod scenario;
+
+pub use check::{check_log, Verdict};
+pub use qemu::Outcome;
+pub use scenario::{Corruption, Expect, ExpectedExit, Pattern, Scenario};

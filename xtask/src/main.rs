@@ -1,0 +1,294 @@
+//! `cargo xtask`: airlock's build, run and test tool.
+//!
+//! - `run`: check and compile a manifest, build the hypervisor, pack the
+//!   boot bundle, create missing disk images, print and run the QEMU command
+//!   line, stream the console, exit 0 exactly when the system reports success.
+//! - `test`: the host tests, then every QEMU scenario in `tests/scenarios/`,
+//!   then `N passed, N failed`.
+//! - `check`: check manifests without booting anything.
+//!
+//! Every user mistake (a bad flag, a bad manifest, a missing QEMU) is one
+//! clear message and a non-zero exit, never a panic.
+
+mod args;
+mod manifest;
+mod qemu;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use abi::bundle::{Builder, EntryKind, Item};
+use abi::manifest::ExitRule;
+
+use crate::args::{Cmd, RunArgs};
+use crate::manifest::{Backend, System};
+
+fn main() -> ExitCode {
+    let result = args::parse(std::env::args().skip(1)).and_then(|cmd| match cmd {
+        Cmd::Run(r) => run(r),
+        Cmd::Test(t) => test::test(t),
+        Cmd::Check(files) => check(files),
+        Cmd::Help => {
+            println!("{}", args::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where things are.
+pub struct Paths {
+    /// The workspace root.
+    pub root: PathBuf,
+    /// Cargo's target directory.
+    pub target: PathBuf,
+    /// `target/airlock/`: bundles, disk images, logs.
+    pub airlock: PathBuf,
+}
+
+impl Paths {
+    fn new() -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(t) => root.join(t),
+            None => root.join("target"),
+        };
+        let airlock = target.join("airlock");
+        Paths {
+            root,
+            target,
+            airlock,
+        }
+    }
+
+    /// `p` relative to the root when it is under it (for messages).
+    pub fn show(&self, p: &Path) -> String {
+        p.strip_prefix(&self.root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    }
+}
+
+/// Reads and checks a manifest; `shown` is how messages name it.
+pub fn load(file: &Path, shown: &str) -> Result<System, String> {
+    let src = std::fs::read_to_string(file).map_err(|e| format!("{shown}: cannot read: {e}"))?;
+    manifest::check(shown, &src).map_err(|e| e.to_string())
+}
+
+/// `cargo build --release -p hypervisor --target x86_64-unknown-none`.
+pub fn build_hypervisor(p: &Paths) -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let args = [
+        "build",
+        "--release",
+        "-p",
+        "hypervisor",
+        "--target",
+        "x86_64-unknown-none",
+    ];
+    eprintln!("airlock: cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(&p.root)
+        .status()
+        .map_err(|e| format!("could not run cargo to build the hypervisor: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the hypervisor failed (cargo {}: {status})",
+            args.join(" ")
+        ));
+    }
+    let kernel = p.target.join("x86_64-unknown-none/release/hypervisor");
+    if !kernel.is_file() {
+        return Err(format!(
+            "the hypervisor built, but {} is missing",
+            kernel.display()
+        ));
+    }
+    Ok(kernel)
+}
+
+/// Packs the boot bundle (the compiled manifest; domain images join it
+/// later) and writes it to `out`.
+pub fn pack(system: &System, exit: Option<ExitRule>, out: &Path) -> Result<Vec<u8>, String> {
+    let manifest = system.compile(exit)?;
+    let items = [Item {
+        kind: EntryKind::Manifest,
+        name: "manifest",
+        data: &manifest,
+    }];
+    let builder = Builder::new(&items);
+    let size = builder
+        .size()
+        .map_err(|e| format!("packing the bundle: {e}"))?;
+    let mut bytes = vec![0; size];
+    builder
+        .write(&mut bytes)
+        .map_err(|e| format!("packing the bundle: {e}"))?;
+    write_file(out, &bytes)?;
+    Ok(bytes)
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Creates each missing disk image as a sparse file of its `size`.
+pub fn create_disks(system: &System, p: &Paths) -> Result<(), String> {
+    for (i, d) in system.devices.iter().enumerate() {
+        let Backend::Disk { path, size } = &d.backend else {
+            continue;
+        };
+        let file = qemu::disk_path(&p.airlock, path);
+        if file.exists() {
+            continue;
+        }
+        let Some(size) = size else {
+            return Err(format!(
+                "device[{i}]: disk {} does not exist, and the manifest gives no size to create it with",
+                file.display()
+            ));
+        };
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let f = std::fs::File::create(&file)
+            .map_err(|e| format!("cannot create disk {}: {e}", file.display()))?;
+        f.set_len(*size)
+            .map_err(|e| format!("cannot size disk {}: {e}", file.display()))?;
+        eprintln!(
+            "airlock: created {} ({} MiB, sparse)",
+            p.show(&file),
+            size >> 20
+        );
+    }
+    Ok(())
+}
+
+fn run(r: RunArgs) -> Result<ExitCode, String> {
+    let p = Paths::new();
+    let (file, shown) = match &r.manifest {
+        Some(m) => (m.clone(), m.display().to_string()),
+        None => (
+            p.root.join("manifests/default.toml"),
+            "manifests/default.toml".to_owned(),
+        ),
+    };
+    let system = load(&file, &shown)?;
+    let qemu_bin = qemu::ensure()?;
+    let kernel = build_hypervisor(&p)?;
+    let bundle = p.airlock.join(format!("{}.bundle", system.name));
+    let exit = r.keep_running.then_some(ExitRule::Never);
+    let bytes = pack(&system, exit, &bundle)?;
+    eprintln!(
+        "airlock: {} ({} bytes: the compiled manifest of \"{}\")",
+        p.show(&bundle),
+        bytes.len(),
+        system.name
+    );
+    create_disks(&system, &p)?;
+    let args = qemu::args(&qemu::Config {
+        system: &system,
+        accel: r.accel,
+        iommu: r.iommu,
+        kernel: &kernel,
+        bundle: &bundle,
+        disk_dir: &p.airlock,
+        extra: &r.qemu_args,
+    });
+    let timeout = match (r.timeout, r.keep_running) {
+        (Some(0), _) | (None, true) => None,
+        (Some(s), _) => Some(s),
+        (None, false) => Some(manifest::DEFAULT_TIMEOUT_S),
+    };
+    eprintln!("airlock: QEMU command line:");
+    eprintln!("{}", qemu::command_line(&qemu_bin, &args));
+    let mut cmd = Command::new(&qemu_bin);
+    cmd.args(&args);
+    let run = harness::qemu::run(
+        cmd,
+        harness::qemu::Options {
+            timeout: timeout.map(Duration::from_secs),
+            echo: true,
+            own_group: false,
+        },
+    )
+    .map_err(|e| format!("could not run {}: {e}", qemu_bin.display()))?;
+    let verdict = match run.outcome {
+        harness::Outcome::TimedOut(_) => run.outcome.to_string(),
+        o => format!("{o} after {:.1} s", run.elapsed.as_secs_f64()),
+    };
+    if run.outcome.is_success() {
+        eprintln!("airlock: {verdict}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!("airlock: {verdict}"))
+    }
+}
+
+fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
+    let p = Paths::new();
+    let files: Vec<(PathBuf, String)> = if files.is_empty() {
+        vec![(
+            p.root.join("manifests/default.toml"),
+            "manifests/default.toml".to_owned(),
+        )]
+    } else {
+        files
+            .into_iter()
+            .map(|f| (f.clone(), f.display().to_string()))
+            .collect()
+    };
+    let mut failed = 0;
+    for (file, shown) in files {
+        match load(&file, &shown).and_then(|s| s.compile(None).map(|c| (s, c))) {
+            Ok((s, compiled)) => {
+                let devices: Vec<String> = s
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        let (v, id) = d.kind.pci_ids();
+                        format!("{} at {} ({v:04x}:{id:04x})", d.kind, d.bdf)
+                    })
+                    .collect();
+                println!(
+                    "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}{}; compiled manifest {} bytes{}",
+                    s.name,
+                    s.memory >> 20,
+                    s.exit.name(),
+                    devices.len(),
+                    if devices.is_empty() { "" } else { ": " },
+                    devices.join(", "),
+                    compiled.len(),
+                    if s.test.is_some() { "; has a [test] table" } else { "" }
+                );
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
