@@ -420,6 +420,83 @@ events! {
         ring0 Panic<'a> = "panic" {
             msg: &'a str,
         }
+        /// A domain was built from its image and is about to run.
+        ring0 DomainStart<'a> = "domain_start" {
+            domain: &'a str,
+            domid: u16,
+            label: &'a str,
+            image: &'a str,
+            /// All the memory it was given (bytes).
+            mem_bytes: u64,
+            /// Physical address of its first frame (frames are contiguous).
+            mem_phys: Hex<8>,
+            weight: u16,
+        }
+        /// A CPU exception in ring 3 ended a domain.
+        ring0 DomainFault<'a> = "domain_fault" {
+            domain: &'a str,
+            /// The exception vector (14 page fault, 13 general protection, 6 invalid opcode...).
+            vector: u8,
+            vector_name: &'a str,
+            error_code: Hex,
+            rip: Hex<16>,
+            /// The faulting address (CR2) for a page fault, else 0.
+            addr: Hex<16>,
+        }
+        /// A domain ended: by `exit` (status as given) or by a fault (status -1).
+        ring0 DomainExit<'a> = "domain_exit" {
+            domain: &'a str,
+            status: i64,
+            /// "exit" or "fault".
+            reason: &'a str,
+            /// Whether this is how the manifest expected it to end.
+            expected: bool,
+        }
+        /// A domain's hypercalls, counted by the hypervisor when it ends.
+        ring0 Hypercalls<'a> = "hypercalls" {
+            domain: &'a str,
+            calls: u64,
+            /// Calls answered with an error code.
+            refused: u64,
+        }
+        /// CPU time a domain used, charged by the scheduler, printed at shutdown.
+        ring0 DomainCpu<'a> = "domain_cpu" {
+            domain: &'a str,
+            weight: u16,
+            cpu_ns: u64,
+            /// Times the domain was put on the CPU.
+            dispatches: u64,
+        }
+
+        /// A domain's result from an event-channel exchange.
+        domain Pingpong<'a> = "pingpong" {
+            role: &'a str,
+            sent: u64,
+            received: u64,
+        }
+        /// A domain finished a piece of work.
+        domain WorkDone<'a> = "work_done" {
+            work: &'a str,
+            units: u64,
+        }
+        /// A domain is about to try an attack (so a log ties the fault that
+        /// follows to its case).
+        domain Attack<'a> = "attack" {
+            case: &'a str,
+        }
+        /// A hypercall returned something other than what the test table says.
+        domain HypercallMismatch<'a> = "hypercall_mismatch" {
+            case: &'a str,
+            expected: i64,
+            got: i64,
+        }
+        /// The summary of a table of hostile hypercalls.
+        domain HypercallTable = "hypercall_table" {
+            cases: u64,
+            /// Cases whose expected result is an error.
+            expected_refusals: u64,
+            mismatches: u64,
+        }
     }
     objects {
         /// One base address register of a PCI function.

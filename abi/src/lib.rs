@@ -16,7 +16,9 @@ extern crate std;
 
 pub mod bundle;
 pub mod crc32;
+pub mod domain;
 pub mod ev;
+pub mod hypercall;
 pub mod manifest;
 pub mod pci;
 

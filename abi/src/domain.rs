@@ -1,0 +1,414 @@
+//! A domain's address space and the start-info page the hypervisor gives it.
+//!
+//! ```text
+//! 0x0000_0000_0000_0000 .. START_INFO_VA        unmapped (null guard)
+//! START_INFO_VA (1 MiB)                         start info, one page, read-only
+//! STACK_TOP - STACK_SIZE .. STACK_TOP           stack, RW NX; the pages below and above are unmapped
+//! IMAGE_BASE (4 MiB) ..                         the ELF's PT_LOADs: text RX, rodata R, data/bss RW NX
+//! image end + one unmapped page .. heap_end     heap, RW NX (what is left of the domain's memory)
+//! ... 0x0000_7fff_ffff_ffff                     (user half ends)
+//! 0xffff_8000_0000_0000 ..                      the hypervisor's, supervisor-only
+//! ```
+//!
+//! Everything below `USER_TOP` that is not listed is unmapped. The layout
+//! stays clear of the interrupt window 0xFEE00000-0xFEEFFFFF, so a driver
+//! domain's I/O addresses can equal its virtual addresses.
+
+/// Where the start-info page is mapped, read-only.
+pub const START_INFO_VA: u64 = 0x10_0000;
+/// Where domain images are linked (the lowest PT_LOAD address allowed).
+pub const IMAGE_BASE: u64 = 0x40_0000;
+/// One past the highest stack byte; the page at `STACK_TOP` is unmapped.
+pub const STACK_TOP: u64 = IMAGE_BASE - 0x1000;
+/// Bytes of stack.
+pub const STACK_SIZE: u64 = 64 * 1024;
+/// Highest address (exclusive) a domain's memory may use.
+pub const USER_LIMIT: u64 = 0xfee0_0000;
+/// The start of the kernel half; nothing at or above is a domain's.
+pub const USER_TOP: u64 = 0x0000_8000_0000_0000;
+
+/// `StartInfo` magic.
+pub const MAGIC: [u8; 8] = *b"AIRLKDOM";
+pub const VERSION: u16 = 1;
+/// Bytes `StartInfo::encode` writes.
+pub const START_INFO_SIZE: usize = 1680;
+pub const NAME_MAX: usize = 32;
+pub const ARGS_MAX: usize = 128;
+pub const PORT_NAME_MAX: usize = 24;
+pub const MAX_PORTS: usize = 16;
+pub const MAX_PEERS: usize = 16;
+
+const _: () = assert!(START_INFO_SIZE <= 4096);
+const _: () = assert!(STACK_TOP - STACK_SIZE > START_INFO_VA + 0x1000);
+
+/// What a port given at build time is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    /// Bound to a port of `peer` (a manifest `[[channel]]`).
+    Interdomain,
+}
+
+/// A port the hypervisor bound for the domain before it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo<'a> {
+    pub port: u16,
+    pub peer_domid: u16,
+    pub kind: PortKind,
+    /// The manifest's name for the channel.
+    pub name: &'a str,
+}
+
+/// Another domain of the system, as its peers may know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerInfo<'a> {
+    pub domid: u16,
+    pub name: &'a str,
+    /// Physical address and size of the peer's memory (as Xen domains know
+    /// machine frame numbers): knowing it grants nothing.
+    pub mem_phys: u64,
+    pub mem_bytes: u64,
+}
+
+/// The start-info page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartInfo<'a> {
+    pub domid: u16,
+    pub name: &'a str,
+    pub label: &'a str,
+    /// The manifest's `args` for the domain.
+    pub args: &'a str,
+    pub image_start: u64,
+    pub image_end: u64,
+    pub heap_start: u64,
+    pub heap_end: u64,
+    pub stack_bottom: u64,
+    pub stack_top: u64,
+    /// All the memory the domain was given (image, heap, stack, this page).
+    pub mem_bytes: u64,
+    pub ports: [Option<PortInfo<'a>>; MAX_PORTS],
+    pub peers: [Option<PeerInfo<'a>>; MAX_PEERS],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartInfoError {
+    Truncated {
+        have: usize,
+    },
+    BadMagic,
+    BadVersion(u16),
+    /// A string field is not UTF-8 or not NUL-padded.
+    BadString {
+        field: &'static str,
+    },
+    /// A string does not fit its field.
+    TooLong {
+        field: &'static str,
+        max: usize,
+    },
+    TooMany {
+        field: &'static str,
+        max: usize,
+    },
+    BadPortKind(u16),
+}
+
+impl core::fmt::Display for StartInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartInfoError::Truncated { have } => {
+                write!(f, "start info: {have} bytes, need {START_INFO_SIZE}")
+            }
+            StartInfoError::BadMagic => write!(f, "start info: bad magic"),
+            StartInfoError::BadVersion(v) => {
+                write!(f, "start info: version {v}, expected {VERSION}")
+            }
+            StartInfoError::BadString { field } => {
+                write!(f, "start info: {field} is not a padded UTF-8 string")
+            }
+            StartInfoError::TooLong { field, max } => {
+                write!(f, "start info: {field} is longer than {max} bytes")
+            }
+            StartInfoError::TooMany { field, max } => {
+                write!(f, "start info: more than {max} {field}")
+            }
+            StartInfoError::BadPortKind(k) => write!(f, "start info: unknown port kind {k}"),
+        }
+    }
+}
+
+// Offsets inside the page.
+const O_DOMID: usize = 10;
+const O_NPORTS: usize = 12;
+const O_NPEERS: usize = 14;
+const O_NAME: usize = 16;
+const O_LABEL: usize = 48;
+const O_ARGS: usize = 80;
+const O_LAYOUT: usize = 208;
+const O_PORTS: usize = 272;
+const PORT_SIZE: usize = 32;
+const O_PEERS: usize = O_PORTS + MAX_PORTS * PORT_SIZE;
+const PEER_SIZE: usize = 56;
+const _: () = assert!(O_PEERS + MAX_PEERS * PEER_SIZE == START_INFO_SIZE);
+
+fn put_str(
+    buf: &mut [u8],
+    at: usize,
+    max: usize,
+    s: &str,
+    field: &'static str,
+) -> Result<(), StartInfoError> {
+    if s.len() > max {
+        return Err(StartInfoError::TooLong { field, max });
+    }
+    buf[at..at + max].fill(0);
+    buf[at..at + s.len()].copy_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn get_str<'a>(
+    buf: &'a [u8],
+    at: usize,
+    max: usize,
+    field: &'static str,
+) -> Result<&'a str, StartInfoError> {
+    let raw = &buf[at..at + max];
+    let len = raw.iter().position(|&b| b == 0).unwrap_or(max);
+    if raw[len..].iter().any(|&b| b != 0) {
+        return Err(StartInfoError::BadString { field });
+    }
+    core::str::from_utf8(&raw[..len]).map_err(|_| StartInfoError::BadString { field })
+}
+
+fn put_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+impl<'a> StartInfo<'a> {
+    /// Writes the page's first [`START_INFO_SIZE`] bytes.
+    pub fn encode(&self, buf: &mut [u8]) -> Result<(), StartInfoError> {
+        if buf.len() < START_INFO_SIZE {
+            return Err(StartInfoError::Truncated { have: buf.len() });
+        }
+        let buf = &mut buf[..START_INFO_SIZE];
+        buf.fill(0);
+        buf[0..8].copy_from_slice(&MAGIC);
+        put_u16(buf, 8, VERSION);
+        put_u16(buf, O_DOMID, self.domid);
+        let nports = self.ports.iter().flatten().count();
+        let npeers = self.peers.iter().flatten().count();
+        put_u16(buf, O_NPORTS, nports as u16);
+        put_u16(buf, O_NPEERS, npeers as u16);
+        put_str(buf, O_NAME, NAME_MAX, self.name, "name")?;
+        put_str(buf, O_LABEL, NAME_MAX, self.label, "label")?;
+        put_str(buf, O_ARGS, ARGS_MAX, self.args, "args")?;
+        let layout = [
+            self.image_start,
+            self.image_end,
+            self.heap_start,
+            self.heap_end,
+            self.stack_bottom,
+            self.stack_top,
+            self.mem_bytes,
+        ];
+        for (i, v) in layout.iter().enumerate() {
+            put_u64(buf, O_LAYOUT + 8 * i, *v);
+        }
+        for (i, p) in self.ports.iter().flatten().enumerate() {
+            let at = O_PORTS + i * PORT_SIZE;
+            put_u16(buf, at, p.port);
+            put_u16(buf, at + 2, p.peer_domid);
+            put_u16(
+                buf,
+                at + 4,
+                match p.kind {
+                    PortKind::Interdomain => 1,
+                },
+            );
+            put_str(buf, at + 8, PORT_NAME_MAX, p.name, "port name")?;
+        }
+        for (i, p) in self.peers.iter().flatten().enumerate() {
+            let at = O_PEERS + i * PEER_SIZE;
+            put_u16(buf, at, p.domid);
+            put_str(buf, at + 8, NAME_MAX, p.name, "peer name")?;
+            put_u64(buf, at + 40, p.mem_phys);
+            put_u64(buf, at + 48, p.mem_bytes);
+        }
+        Ok(())
+    }
+
+    pub fn decode(buf: &'a [u8]) -> Result<Self, StartInfoError> {
+        if buf.len() < START_INFO_SIZE {
+            return Err(StartInfoError::Truncated { have: buf.len() });
+        }
+        if buf[0..8] != MAGIC {
+            return Err(StartInfoError::BadMagic);
+        }
+        let version = get_u16(buf, 8);
+        if version != VERSION {
+            return Err(StartInfoError::BadVersion(version));
+        }
+        let nports = usize::from(get_u16(buf, O_NPORTS));
+        let npeers = usize::from(get_u16(buf, O_NPEERS));
+        if nports > MAX_PORTS {
+            return Err(StartInfoError::TooMany {
+                field: "ports",
+                max: MAX_PORTS,
+            });
+        }
+        if npeers > MAX_PEERS {
+            return Err(StartInfoError::TooMany {
+                field: "peers",
+                max: MAX_PEERS,
+            });
+        }
+        let mut ports = [None; MAX_PORTS];
+        for (i, slot) in ports.iter_mut().enumerate().take(nports) {
+            let at = O_PORTS + i * PORT_SIZE;
+            let kind = match get_u16(buf, at + 4) {
+                1 => PortKind::Interdomain,
+                k => return Err(StartInfoError::BadPortKind(k)),
+            };
+            *slot = Some(PortInfo {
+                port: get_u16(buf, at),
+                peer_domid: get_u16(buf, at + 2),
+                kind,
+                name: get_str(buf, at + 8, PORT_NAME_MAX, "port name")?,
+            });
+        }
+        let mut peers = [None; MAX_PEERS];
+        for (i, slot) in peers.iter_mut().enumerate().take(npeers) {
+            let at = O_PEERS + i * PEER_SIZE;
+            *slot = Some(PeerInfo {
+                domid: get_u16(buf, at),
+                name: get_str(buf, at + 8, NAME_MAX, "peer name")?,
+                mem_phys: get_u64(buf, at + 40),
+                mem_bytes: get_u64(buf, at + 48),
+            });
+        }
+        let l = |i: usize| get_u64(buf, O_LAYOUT + 8 * i);
+        Ok(StartInfo {
+            domid: get_u16(buf, O_DOMID),
+            name: get_str(buf, O_NAME, NAME_MAX, "name")?,
+            label: get_str(buf, O_LABEL, NAME_MAX, "label")?,
+            args: get_str(buf, O_ARGS, ARGS_MAX, "args")?,
+            image_start: l(0),
+            image_end: l(1),
+            heap_start: l(2),
+            heap_end: l(3),
+            stack_bottom: l(4),
+            stack_top: l(5),
+            mem_bytes: l(6),
+            ports,
+            peers,
+        })
+    }
+
+    /// The port the hypervisor bound for channel `name`.
+    pub fn port(&self, name: &str) -> Option<PortInfo<'a>> {
+        self.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name == name)
+            .copied()
+    }
+
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<PeerInfo<'a>> {
+        self.peers
+            .iter()
+            .flatten()
+            .find(|p| p.name == name)
+            .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StartInfo<'static> {
+        let mut ports = [None; MAX_PORTS];
+        ports[0] = Some(PortInfo {
+            port: 1,
+            peer_domid: 2,
+            kind: PortKind::Interdomain,
+            name: "ping",
+        });
+        let mut peers = [None; MAX_PEERS];
+        peers[0] = Some(PeerInfo {
+            domid: 2,
+            name: "pong",
+            mem_phys: 0x200_0000,
+            mem_bytes: 1 << 22,
+        });
+        StartInfo {
+            domid: 1,
+            name: "ping",
+            label: "guest_a",
+            args: "role=ping count=10000",
+            image_start: IMAGE_BASE,
+            image_end: IMAGE_BASE + 0x5000,
+            heap_start: IMAGE_BASE + 0x6000,
+            heap_end: IMAGE_BASE + 0x30_0000,
+            stack_bottom: STACK_TOP - STACK_SIZE,
+            stack_top: STACK_TOP,
+            mem_bytes: 4 << 20,
+            ports,
+            peers,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut page = [0u8; 4096];
+        let si = sample();
+        si.encode(&mut page).unwrap();
+        let back = StartInfo::decode(&page).unwrap();
+        assert_eq!(back, si);
+        assert_eq!(back.port("ping").unwrap().peer_domid, 2);
+        assert_eq!(back.peer("pong").unwrap().mem_phys, 0x200_0000);
+        assert!(back.port("nope").is_none());
+    }
+
+    #[test]
+    fn rejects_corruption() {
+        let mut page = [0u8; 4096];
+        sample().encode(&mut page).unwrap();
+        let mut bad = page;
+        bad[0] = b'X';
+        assert_eq!(StartInfo::decode(&bad), Err(StartInfoError::BadMagic));
+        let mut bad = page;
+        bad[O_NPORTS] = 17;
+        assert!(matches!(
+            StartInfo::decode(&bad),
+            Err(StartInfoError::TooMany { .. })
+        ));
+        let mut bad = page;
+        bad[O_NAME + 10] = b'x'; // text after the NUL padding
+        assert_eq!(
+            StartInfo::decode(&bad),
+            Err(StartInfoError::BadString { field: "name" })
+        );
+        assert!(matches!(
+            StartInfo::decode(&page[..100]),
+            Err(StartInfoError::Truncated { .. })
+        ));
+        let mut long = sample();
+        long.name = "a-name-that-is-much-longer-than-32-bytes";
+        assert!(matches!(
+            long.encode(&mut page),
+            Err(StartInfoError::TooLong { field: "name", .. })
+        ));
+    }
+}

@@ -1,0 +1,203 @@
+//! Hypercalls: how a ring-3 domain asks the hypervisor for anything.
+//!
+//! A domain executes `syscall` with the call number in RAX and up to six
+//! arguments in RDI, RSI, RDX, R10, R8, R9 (RCX and R11 are clobbered by the
+//! instruction itself). The result comes back in RAX as an `i64`: zero or a
+//! positive value on success, the negated [`Error`] code on failure. Every
+//! other register is preserved.
+//!
+//! | nr | call | arguments | success value |
+//! |---:|---|---|---|
+//! | 1 | `console_write` | `ptr, len` (len ≤ [`CONSOLE_MAX`]) | bytes taken |
+//! | 2 | `event` | `ptr, len`: one JSON object `{"ev":NAME,...}` (len ≤ [`EVENT_MAX`]) | 0 |
+//! | 3 | `exit` | `status` | does not return |
+//! | 4 | `yield` | – | 0 |
+//! | 5 | `wait` | `out_ptr, words, flags` | number of ports delivered |
+//! | 6 | `time` | – | nanoseconds since the hypervisor's entry |
+//! | 7 | `set_timer` | `deadline_ns` (0 cancels) | 0 |
+//! | 8 | `evtchn_alloc_unbound` | `remote_domid` | local port |
+//! | 9 | `evtchn_bind_interdomain` | `remote_domid, remote_port` | local port |
+//! | 10 | `evtchn_bind_virq` | `virq` | local port |
+//! | 11 | `evtchn_send` | `port` | 0 |
+//! | 12 | `evtchn_close` | `port` | 0 |
+//!
+//! `wait` blocks until at least one of the caller's ports is pending (or
+//! returns 0 at once with [`WAIT_NONBLOCK`]), then writes the pending set as
+//! a bitmap of [`PORT_WORDS`] `u64`s to `out_ptr` (`words` must be at least
+//! that) and clears those pending bits. Ports are numbered from 1; port 0 is
+//! never valid.
+
+/// A hypercall number (RAX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Call {
+    ConsoleWrite = 1,
+    Event = 2,
+    Exit = 3,
+    Yield = 4,
+    Wait = 5,
+    Time = 6,
+    SetTimer = 7,
+    EvtchnAllocUnbound = 8,
+    EvtchnBindInterdomain = 9,
+    EvtchnBindVirq = 10,
+    EvtchnSend = 11,
+    EvtchnClose = 12,
+}
+
+impl Call {
+    pub const ALL: [Call; 12] = [
+        Call::ConsoleWrite,
+        Call::Event,
+        Call::Exit,
+        Call::Yield,
+        Call::Wait,
+        Call::Time,
+        Call::SetTimer,
+        Call::EvtchnAllocUnbound,
+        Call::EvtchnBindInterdomain,
+        Call::EvtchnBindVirq,
+        Call::EvtchnSend,
+        Call::EvtchnClose,
+    ];
+
+    pub fn from_raw(nr: u64) -> Option<Call> {
+        Call::ALL.iter().copied().find(|c| *c as u64 == nr)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Call::ConsoleWrite => "console_write",
+            Call::Event => "event",
+            Call::Exit => "exit",
+            Call::Yield => "yield",
+            Call::Wait => "wait",
+            Call::Time => "time",
+            Call::SetTimer => "set_timer",
+            Call::EvtchnAllocUnbound => "evtchn_alloc_unbound",
+            Call::EvtchnBindInterdomain => "evtchn_bind_interdomain",
+            Call::EvtchnBindVirq => "evtchn_bind_virq",
+            Call::EvtchnSend => "evtchn_send",
+            Call::EvtchnClose => "evtchn_close",
+        }
+    }
+}
+
+/// Why a hypercall failed; RAX holds the negated code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i64)]
+pub enum Error {
+    /// No hypercall has this number.
+    UnknownCall = 1,
+    /// A pointer and length are not wholly inside the caller's own user
+    /// mappings with the access the call needs (unmapped, kernel half,
+    /// read-only for an output, or `ptr + len` wraps).
+    BadAddress = 2,
+    /// A length is zero where data is needed, or larger than the call allows.
+    BadLength = 3,
+    /// A port number is out of range or not allocated to the caller.
+    BadPort = 4,
+    /// The port exists but is in the wrong state for the call (e.g. send on
+    /// an unbound port, bind to a port not offered to the caller).
+    PortState = 5,
+    /// No such domain, or one that may not be named here (e.g. oneself).
+    BadDomain = 6,
+    /// The caller has no free port left.
+    NoSpace = 7,
+    /// The security policy or the hypervisor's rules forbid it (e.g. a
+    /// domain asking to print an event that only ring 0 may print).
+    Denied = 8,
+    /// An argument is malformed (an event that is not a valid object of
+    /// the schema, an unknown VIRQ, unknown flags).
+    Invalid = 9,
+}
+
+impl Error {
+    pub const ALL: [Error; 9] = [
+        Error::UnknownCall,
+        Error::BadAddress,
+        Error::BadLength,
+        Error::BadPort,
+        Error::PortState,
+        Error::BadDomain,
+        Error::NoSpace,
+        Error::Denied,
+        Error::Invalid,
+    ];
+
+    /// The value RAX carries.
+    pub const fn to_raw(self) -> i64 {
+        -(self as i64)
+    }
+
+    /// Decodes a negative RAX value.
+    pub fn from_raw(raw: i64) -> Option<Error> {
+        Error::ALL.iter().copied().find(|e| e.to_raw() == raw)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Error::UnknownCall => "unknown-call",
+            Error::BadAddress => "bad-address",
+            Error::BadLength => "bad-length",
+            Error::BadPort => "bad-port",
+            Error::PortState => "port-state",
+            Error::BadDomain => "bad-domain",
+            Error::NoSpace => "no-space",
+            Error::Denied => "denied",
+            Error::Invalid => "invalid",
+        }
+    }
+}
+
+/// Decodes RAX after a hypercall.
+pub fn decode(raw: i64) -> Result<u64, Error> {
+    if raw >= 0 {
+        Ok(raw as u64)
+    } else {
+        // An unknown negative value cannot come from this hypervisor; treat
+        // it as the most general failure rather than inventing a code.
+        Err(Error::from_raw(raw).unwrap_or(Error::Invalid))
+    }
+}
+
+/// Most bytes one `console_write` takes.
+pub const CONSOLE_MAX: u64 = 1024;
+/// Most bytes of one `event` object.
+pub const EVENT_MAX: u64 = 1024;
+
+/// Event-channel ports per domain (numbered 1..NR_PORTS; 0 is invalid).
+pub const NR_PORTS: usize = 256;
+/// `u64` words in a pending-port bitmap.
+pub const PORT_WORDS: usize = NR_PORTS / 64;
+/// `wait` flag: return 0 at once instead of blocking.
+pub const WAIT_NONBLOCK: u64 = 1;
+
+/// Virtual interrupts a domain can bind a port to.
+pub mod virq {
+    /// Fires when the deadline given to `set_timer` passes.
+    pub const TIMER: u64 = 0;
+    pub const COUNT: u64 = 1;
+}
+
+const _: () = assert!(NR_PORTS % 64 == 0);
+const _: () = assert!(PORT_WORDS == 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_codes_round_trip() {
+        for c in Call::ALL {
+            assert_eq!(Call::from_raw(c as u64), Some(c));
+        }
+        assert_eq!(Call::from_raw(0), None);
+        assert_eq!(Call::from_raw(13), None);
+        for e in Error::ALL {
+            assert!(e.to_raw() < 0);
+            assert_eq!(decode(e.to_raw()), Err(e));
+        }
+        assert_eq!(decode(5), Ok(5));
+    }
+}
