@@ -180,7 +180,7 @@ pub mod virq {
     pub const COUNT: u64 = 1;
 }
 
-const _: () = assert!(NR_PORTS % 64 == 0);
+const _: () = assert!(NR_PORTS.is_multiple_of(64));
 const _: () = assert!(PORT_WORDS == 4);
 
 #[cfg(test)]
