@@ -26,6 +26,30 @@
 //! a bitmap of [`PORT_WORDS`] `u64`s to `out_ptr` (`words` must be at least
 //! that) and clears those pending bits. Ports are numbered from 1; port 0 is
 //! never valid.
+//!
+//! ## Which error, when (checked in this order)
+//!
+//! - An unknown number: [`Error::UnknownCall`].
+//! - Flags other than the defined ones, an unknown VIRQ: [`Error::Invalid`].
+//! - Lengths: `console_write` with `len == 0` succeeds with 0 and reads
+//!   nothing; `len > CONSOLE_MAX`, `event` with `len == 0` or
+//!   `len > EVENT_MAX`, `wait` with `words < PORT_WORDS`: [`Error::BadLength`].
+//! - Pointers: a range `[ptr, ptr + len)` (for `wait`, `len = words * 8`) that
+//!   wraps, reaches `USER_TOP` or above, touches a page the caller has not
+//!   mapped, or (for `wait`'s output) a page it cannot write:
+//!   [`Error::BadAddress`]. A pointer is never dereferenced before this check.
+//! - `event`: not one JSON object on one line, not an event of the schema,
+//!   a field missing, unknown or of the wrong kind, or a `"from"` field (the
+//!   hypervisor stamps that): [`Error::Invalid`]; an event that only ring 0
+//!   may print: [`Error::Denied`].
+//! - Domain ids: none such, or the caller itself: [`Error::BadDomain`].
+//! - Ports: 0, `>= NR_PORTS`, or not allocated to the caller:
+//!   [`Error::BadPort`]; `evtchn_send` on a port that is unbound or bound
+//!   to a VIRQ, `evtchn_bind_interdomain` to a remote port that is not
+//!   unbound and offered to the caller: [`Error::PortState`]; no free port:
+//!   [`Error::NoSpace`].
+//! - `evtchn_close` on an interdomain port leaves the peer's end unbound
+//!   (offered back to the closer), as in Xen.
 
 /// A hypercall number (RAX).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
