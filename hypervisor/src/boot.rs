@@ -4,7 +4,7 @@
 //! boot identity map, everything they occupy is reserved, and only then does
 //! the frame allocator exist and the hypervisor move to its own tables.
 
-use crate::arch::{self, lapic::Lapic, tsc};
+use crate::arch::{self, tsc};
 use crate::mm::{self, Cache};
 use crate::{acpi, iommu_units, log, pci};
 use abi::bundle::Bundle;
@@ -62,7 +62,8 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     crate::console::init();
     log!("airlock {} starting", env!("CARGO_PKG_VERSION"));
     arch::cpu::init_gdt();
-    arch::cpu::init_idt(arch::exceptions::stubs());
+    arch::cpu::init_idt(&arch::trap::idt_gates());
+    arch::trap::init();
     tsc::init(entry_tsc);
 
     // --- start_info, on the identity map ---------------------------------
@@ -208,10 +209,9 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     let platform =
         acpi::discover(si.rsdp_paddr).unwrap_or_else(|e| fail("acpi", format_args!("{e:?}")));
     let lapic_va = mm::map_device(platform.lapic_base, 4096, Cache::Uncached);
-    // SAFETY: the MADT's local APIC page, mapped uncached just now, for ever.
-    let lapic = unsafe { Lapic::new(lapic_va) };
     arch::lapic::mask_legacy_pic();
-    lapic.enable_masked();
+    // SAFETY: the MADT's local APIC page, mapped uncached just now, for ever.
+    let lapic = unsafe { arch::lapic::init(lapic_va) };
     log!(
         "cpu: {} in the MADT, running on APIC id {} (version {:#x}); the others stay parked",
         platform.cpus.len(),
@@ -294,19 +294,22 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
     });
     log!("ready");
 
-    // Domains arrive with the next stage; until then the manifest's exit rule
-    // decides whether boot alone is the whole run.
+    if manifest.exit_rule() != ExitRule::AfterReady {
+        // Returns only when there is no domain to run.
+        crate::run::start(&manifest, &bundle);
+    }
     match manifest.exit_rule() {
-        ExitRule::AfterReady => {
-            crate::console::event(&ev::Shutdown {
-                status: 0,
-                reason: "exit rule after-ready: boot is done",
-            });
-            arch::exit_qemu(abi::exit::SUCCESS)
-        }
         ExitRule::Never => {
             log!("exit rule never: halting; stop QEMU to end the run");
             arch::halt_forever()
+        }
+        // after-ready, or all-exited with no domain to run: boot is the run.
+        _ => {
+            crate::console::event(&ev::Shutdown {
+                status: 0,
+                reason: "boot is done and there is no domain to run",
+            });
+            arch::exit_qemu(abi::exit::SUCCESS)
         }
     }
 }

@@ -19,11 +19,17 @@ mod boot;
 #[cfg(target_os = "none")]
 mod console;
 #[cfg(target_os = "none")]
+mod domain;
+#[cfg(target_os = "none")]
+mod hypercall;
+#[cfg(target_os = "none")]
 mod iommu_units;
 #[cfg(target_os = "none")]
 mod mm;
 #[cfg(target_os = "none")]
 mod pci;
+#[cfg(target_os = "none")]
+mod run;
 #[cfg(target_os = "none")]
 mod sync;
 

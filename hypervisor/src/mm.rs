@@ -72,6 +72,24 @@ pub fn alloc_zeroed_frame() -> Option<u64> {
     Some(pa)
 }
 
+/// `pages` contiguous zeroed-or-not frames (the caller clears them).
+pub fn alloc_contiguous(pages: u64) -> Option<u64> {
+    FRAMES.lock().alloc_contiguous(pages, PAGE_SIZE)
+}
+
+/// Gives a frame back. A frame the allocator already holds is a bug in
+/// the caller; it is reported, not hidden.
+pub fn free_frame(pa: u64) {
+    if let Err(e) = FRAMES.lock().free(pa) {
+        crate::log!("frame allocator: {e}");
+    }
+}
+
+/// The hypervisor's own PML4 (physical address).
+pub fn kernel_pml4() -> u64 {
+    KERNEL_PML4.load(Ordering::Relaxed)
+}
+
 /// Switches to the hypervisor's page tables with `direct` direct-mapped,
 /// then gives the heap its memory.
 pub fn enable_kernel_tables(direct: &[(u64, u64)]) {
@@ -86,6 +104,7 @@ pub fn enable_kernel_tables(direct: &[(u64, u64)]) {
     let pml4 = paging::switch_to_kernel_tables(direct);
     KERNEL_PML4.store(pml4, Ordering::Relaxed);
     PHYS_OFFSET.store(DIRECT_MAP, Ordering::Relaxed);
+    paging::fill_kernel_half(pml4);
 
     let heap = FRAMES
         .lock()

@@ -5,6 +5,7 @@ pub mod entry;
 pub mod exceptions;
 pub mod lapic;
 pub mod paging;
+pub mod trap;
 pub mod tsc;
 
 use x86_64::instructions::port::Port;

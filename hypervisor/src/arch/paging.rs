@@ -134,3 +134,28 @@ pub fn switch_to_kernel_tables(direct: &[(u64, u64)]) -> u64 {
     }
     pml4
 }
+
+/// Gives every PML4 entry of the hypervisor's half a table, so that domains
+/// can copy the half once and still see every later hypervisor mapping.
+pub fn fill_kernel_half(pml4: u64) {
+    // SAFETY: the hypervisor's PML4 is visible through the direct map and
+    // edited only at boot, before any domain exists.
+    let table = unsafe { &mut *((pml4 + mm::phys_offset()) as *mut PageTable) };
+    for i in 256..512 {
+        if table[i].is_unused() {
+            let pa = mm::alloc_zeroed_frame().expect("a frame for the hypervisor's tables");
+            table[i].set_addr(PhysAddr::new(pa), F::PRESENT | F::WRITABLE);
+        }
+    }
+}
+
+/// Switches to the hypervisor's own tables (no domain's user half).
+pub fn activate_kernel() {
+    // SAFETY: the hypervisor's table maps all of ring 0; its user half is empty.
+    unsafe {
+        Cr3::write(
+            PhysFrame::containing_address(PhysAddr::new(mm::kernel_pml4())),
+            Cr3Flags::empty(),
+        )
+    };
+}

@@ -48,3 +48,15 @@ pub fn khz() -> u64 {
 pub fn ms_since_entry() -> u64 {
     read().saturating_sub(ENTRY_TSC.load(Ordering::Relaxed)) / khz().max(1)
 }
+
+/// Nanoseconds since the hypervisor's entry.
+pub fn ns_since_entry() -> u64 {
+    let delta = read().saturating_sub(ENTRY_TSC.load(Ordering::Relaxed));
+    (u128::from(delta) * 1_000_000 / u128::from(khz().max(1))) as u64
+}
+
+/// The TSC value `ns` nanoseconds after the hypervisor's entry.
+pub fn tsc_at_ns(ns: u64) -> u64 {
+    let ticks = (u128::from(ns) * u128::from(khz()) / 1_000_000) as u64;
+    ENTRY_TSC.load(Ordering::Relaxed).saturating_add(ticks)
+}

@@ -1,0 +1,221 @@
+//! Hypercall dispatch. The table and the error rules are `abi::hypercall`'s;
+//! this file only carries them out. Every pointer is checked against the
+//! caller's `UserRegions` before it is touched, and what it points at is
+//! copied once into ring 0 before it is looked at.
+
+use crate::arch::tsc;
+use crate::console;
+use crate::run::System;
+use abi::hypercall::{Call, Error, CONSOLE_MAX, EVENT_MAX, PORT_WORDS, WAIT_NONBLOCK};
+use hypervisor::uaccess::Access;
+
+/// What the caller gets.
+pub enum Outcome {
+    /// Resume it with this value in RAX.
+    Return(i64),
+    /// It waits for a port; resume it when one is pending.
+    Block,
+    /// It gives up the CPU and stays runnable (RAX = 0).
+    Yield,
+    /// It ends with this status.
+    Exit(i64),
+}
+
+/// Carries out the hypercall the domain at `idx` made; its registers are
+/// in its saved context and its address space is the current one.
+pub fn dispatch(sys: &mut System, idx: usize) -> Outcome {
+    let ctx = &sys.domains[idx].ctx;
+    let (nr, a0, a1, a2) = (ctx.rax, ctx.rdi, ctx.rsi, ctx.rdx);
+    let out = match Call::from_raw(nr) {
+        None => Outcome::Return(Error::UnknownCall.to_raw()),
+        Some(call) => match handle(sys, idx, call, [a0, a1, a2]) {
+            Ok(o) => o,
+            Err(e) => Outcome::Return(e.to_raw()),
+        },
+    };
+    let d = &mut sys.domains[idx];
+    d.calls += 1;
+    if matches!(out, Outcome::Return(v) if v < 0) {
+        d.refused += 1;
+    }
+    out
+}
+
+fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 3]) -> Result<Outcome, Error> {
+    let domid = sys.domains[idx].domid;
+    let ok = |v: u64| Ok(Outcome::Return(v as i64));
+    match call {
+        Call::ConsoleWrite => {
+            let (ptr, len) = (a[0], a[1]);
+            if len == 0 {
+                return ok(0);
+            }
+            if len > CONSOLE_MAX {
+                return Err(Error::BadLength);
+            }
+            let mut buf = [0u8; CONSOLE_MAX as usize];
+            copy_in(sys, idx, ptr, &mut buf[..len as usize])?;
+            console_text(sys, idx, &buf[..len as usize]);
+            ok(len)
+        }
+        Call::Event => {
+            let (ptr, len) = (a[0], a[1]);
+            if len == 0 || len > EVENT_MAX {
+                return Err(Error::BadLength);
+            }
+            let mut buf = [0u8; EVENT_MAX as usize];
+            let bytes = &mut buf[..len as usize];
+            copy_in(sys, idx, ptr, bytes)?;
+            hypervisor::domev::validate(bytes)?;
+            // Valid JSON object on one line, ending in '}': splice the stamp in.
+            let text = core::str::from_utf8(bytes).map_err(|_| Error::Invalid)?;
+            let body = text.trim_end().strip_suffix('}').ok_or(Error::Invalid)?;
+            let mut line = alloc::string::String::with_capacity(text.len() + 64);
+            line.push_str(abi::ev::PREFIX);
+            line.push_str(body);
+            line.push_str(if body.trim_end().ends_with('{') {
+                "\"from\":"
+            } else {
+                ",\"from\":"
+            });
+            let _ = abi::ev::write_str(&mut line, &sys.domains[idx].name);
+            line.push_str("}\n");
+            console::write_fmt(format_args!("{line}"));
+            ok(0)
+        }
+        Call::Exit => Ok(Outcome::Exit(a[0] as i64)),
+        Call::Yield => Ok(Outcome::Yield),
+        Call::Wait => {
+            let (ptr, words, flags) = (a[0], a[1], a[2]);
+            if flags & !WAIT_NONBLOCK != 0 {
+                return Err(Error::Invalid);
+            }
+            if words < PORT_WORDS as u64 {
+                return Err(Error::BadLength);
+            }
+            let len = (PORT_WORDS * 8) as u64;
+            sys.domains[idx].regions.check(ptr, len, Access::Write)?;
+            if sys.evtchn.has_pending(domid) {
+                let n = deliver(sys, idx, ptr);
+                return ok(u64::from(n));
+            }
+            if flags & WAIT_NONBLOCK != 0 {
+                return ok(0);
+            }
+            sys.domains[idx].state = crate::domain::State::Waiting { ptr };
+            Ok(Outcome::Block)
+        }
+        Call::Time => ok(tsc::ns_since_entry()),
+        Call::SetTimer => {
+            sys.domains[idx].timer_ns = if a[0] == 0 { None } else { Some(a[0]) };
+            ok(0)
+        }
+        Call::EvtchnAllocUnbound => {
+            let remote = domid_arg(sys, a[0])?;
+            sys.evtchn
+                .alloc_unbound(domid, remote)
+                .map(|p| Outcome::Return(i64::from(p)))
+        }
+        Call::EvtchnBindInterdomain => {
+            let remote = domid_arg(sys, a[0])?;
+            let rport = port_arg(a[1])?;
+            sys.evtchn
+                .bind_interdomain(domid, remote, rport)
+                .map(|p| Outcome::Return(i64::from(p)))
+        }
+        Call::EvtchnBindVirq => {
+            if a[0] >= abi::hypercall::virq::COUNT {
+                return Err(Error::Invalid);
+            }
+            sys.evtchn
+                .bind_virq(domid, a[0] as u32)
+                .map(|p| Outcome::Return(i64::from(p)))
+        }
+        Call::EvtchnSend => {
+            let port = port_arg(a[0])?;
+            let woken = sys.evtchn.send(domid, port)?;
+            sys.wake(Some(woken));
+            ok(0)
+        }
+        Call::EvtchnClose => {
+            let port = port_arg(a[0])?;
+            sys.evtchn.close(domid, port)?;
+            ok(0)
+        }
+    }
+}
+
+/// A domain id argument: it must fit a `u16` (larger ones name no domain).
+fn domid_arg(sys: &System, raw: u64) -> Result<u16, Error> {
+    let id = u16::try_from(raw).map_err(|_| Error::BadDomain)?;
+    match sys.index_of(id) {
+        Some(i) if !sys.domains[i].is_dead() => Ok(id),
+        _ => Err(Error::BadDomain),
+    }
+}
+
+fn port_arg(raw: u64) -> Result<u32, Error> {
+    u32::try_from(raw).map_err(|_| Error::BadPort)
+}
+
+/// Copies `buf.len()` bytes from the current domain's `ptr` after checking
+/// the range against its mappings.
+fn copy_in(sys: &System, idx: usize, ptr: u64, buf: &mut [u8]) -> Result<(), Error> {
+    sys.domains[idx]
+        .regions
+        .check(ptr, buf.len() as u64, Access::Read)?;
+    // SAFETY: the range lies wholly in pages this domain has mapped
+    // readable in the address space that is current now; it is copied once,
+    // so the domain cannot change what ring 0 later looks at.
+    unsafe { core::ptr::copy_nonoverlapping(ptr as *const u8, buf.as_mut_ptr(), buf.len()) };
+    Ok(())
+}
+
+/// Takes the domain's pending ports and writes them to `ptr`, which was
+/// checked writable for `PORT_WORDS` words when `wait` was called (mappings
+/// never shrink while a domain lives). The domain's address space must be
+/// the current one.
+pub fn deliver(sys: &mut System, idx: usize, ptr: u64) -> u32 {
+    let mut bitmap = [0u64; PORT_WORDS];
+    let n = sys.evtchn.take_pending(sys.domains[idx].domid, &mut bitmap);
+    let mut bytes = [0u8; PORT_WORDS * 8];
+    for (chunk, w) in bytes.chunks_exact_mut(8).zip(bitmap) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    // SAFETY: see above: checked writable, current address space.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, bytes.len()) };
+    n
+}
+
+/// Console text from a domain: each complete line is printed with the
+/// domain's name in front. Control characters other than newline and tab
+/// become `?`, so a domain cannot start a line of its own or fake one.
+fn console_text(sys: &mut System, idx: usize, bytes: &[u8]) {
+    const LINE_MAX: usize = 512;
+    for &b in bytes {
+        let d = &mut sys.domains[idx];
+        if b == b'\n' || d.console.len() >= LINE_MAX {
+            flush_console(sys, idx);
+            if b == b'\n' {
+                continue;
+            }
+        }
+        let c = match b {
+            b'\t' => b'\t',
+            0x20..=0x7e | 0x80..=0xff => b,
+            _ => b'?',
+        };
+        sys.domains[idx].console.push(c);
+    }
+}
+
+/// Prints the domain's pending console text as one line.
+pub fn flush_console(sys: &mut System, idx: usize) {
+    let d = &mut sys.domains[idx];
+    if d.console.is_empty() {
+        return;
+    }
+    let text = alloc::string::String::from_utf8_lossy(&d.console);
+    console::write_fmt(format_args!("[{}] {}\n", d.name, text));
+    d.console.clear();
+}

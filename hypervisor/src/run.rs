@@ -1,0 +1,371 @@
+//! The running system: the domains, the scheduler and the event channels,
+//! and what happens on every entry into ring 0.
+//!
+//! Each entry from a domain (hypercall, timer, exception) lands in
+//! [`on_user_entry`] with the domain's registers saved. It handles the
+//! entry, then either resumes the same domain at once (a hypercall that
+//! neither blocks nor yields, within its slice) or asks the scheduler for
+//! the next one. With nothing runnable the CPU idles in HLT until the timer
+//! fires; when every domain has ended the system stops as the manifest says.
+
+use crate::arch::{self, lapic, trap, tsc};
+use crate::domain::{self, Domain, State};
+use crate::hypercall::{self, Outcome};
+use crate::sync::Lock;
+use crate::{boot, console, log};
+use abi::bundle::{Bundle, EntryKind};
+use abi::domain::{PeerInfo, PortInfo, PortKind};
+use abi::ev;
+use abi::manifest::{ExitRule, Expect, Manifest};
+use alloc::vec::Vec;
+use hypervisor::evtchn::EventChannels;
+use hypervisor::sched::Scheduler;
+
+pub struct System {
+    pub domains: Vec<Domain>,
+    pub sched: Scheduler,
+    pub evtchn: EventChannels,
+    /// Index of the domain on the CPU, if any.
+    current: Option<usize>,
+    /// TSC when `current` was put on the CPU.
+    dispatched_at: u64,
+    /// TSC when `current`'s slice ends.
+    slice_end: u64,
+    exit_rule: ExitRule,
+}
+
+static SYSTEM: Lock<Option<System>> = Lock::new(None);
+
+impl System {
+    /// The index of domain `domid` (domids are index + 1).
+    pub fn index_of(&self, domid: u16) -> Option<usize> {
+        let i = usize::from(domid).checked_sub(1)?;
+        (i < self.domains.len()).then_some(i)
+    }
+
+    /// Makes a domain that waits for a port runnable again.
+    pub fn wake(&mut self, domid: Option<u16>) {
+        let Some(i) = domid.and_then(|d| self.index_of(d)) else {
+            return;
+        };
+        if matches!(self.domains[i].state, State::Waiting { .. })
+            && self.evtchn.has_pending(domid.unwrap_or(0))
+        {
+            self.sched.set_runnable(i, true);
+        }
+    }
+}
+
+/// Builds every domain of the manifest and starts running them. Returns
+/// only if the manifest has no domains.
+pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
+    let specs: Vec<_> = manifest.domains().collect();
+    if specs.is_empty() {
+        return;
+    }
+    let mut sys = System {
+        domains: Vec::new(),
+        sched: Scheduler::new(),
+        evtchn: EventChannels::new(),
+        current: None,
+        dispatched_at: 0,
+        slice_end: 0,
+        exit_rule: manifest.exit_rule(),
+    };
+    let mut ends = Vec::new();
+    for (i, d) in specs.iter().enumerate() {
+        let Some(entry) = bundle.find(EntryKind::Image, d.image) else {
+            boot::fail(
+                "domain",
+                format_args!("{}: image {:?} is not in the bundle", d.name, d.image),
+            )
+        };
+        let domid = i as u16 + 1;
+        let spec = domain::Spec {
+            domid,
+            name: d.name,
+            label: d.label,
+            image_name: d.image,
+            memory: d.memory,
+            weight: d.weight,
+            expect: d.expect,
+            image: entry.data,
+        };
+        let dom = domain::build(&spec)
+            .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
+        ends.push(domain::image_end(entry.data).unwrap_or(0));
+        if let Err(e) = sys.evtchn.add_domain(domid) {
+            boot::fail("domain", format_args!("{}: event channels: {}", d.name, e.name()));
+        }
+        if let Err(e) = sys.sched.add(i, d.weight) {
+            boot::fail("domain", format_args!("{}: scheduler: {e}", d.name));
+        }
+        sys.domains.push(dom);
+    }
+    // Channels the manifest declares are bound before anyone runs.
+    let mut ports: Vec<Vec<(u16, u16, &str)>> = specs.iter().map(|_| Vec::new()).collect();
+    for c in manifest.channels() {
+        let (a, b) = (usize::from(c.a), usize::from(c.b));
+        let (da, db) = (sys.domains[a].domid, sys.domains[b].domid);
+        let (pa, pb) = sys
+            .evtchn
+            .bind_interdomain_at_build(da, db)
+            .unwrap_or_else(|e| {
+                boot::fail("domain", format_args!("channel {}: {}", c.name, e.name()))
+            });
+        ports[a].push((pa as u16, db, c.name));
+        ports[b].push((pb as u16, da, c.name));
+    }
+    for (i, d) in sys.domains.iter().enumerate() {
+        let my_ports: Vec<PortInfo<'_>> = ports[i]
+            .iter()
+            .map(|&(port, peer_domid, name)| PortInfo {
+                port,
+                peer_domid,
+                kind: PortKind::Interdomain,
+                name,
+            })
+            .collect();
+        let peers: Vec<PeerInfo<'_>> = sys
+            .domains
+            .iter()
+            .filter(|p| p.domid != d.domid)
+            .map(|p| PeerInfo {
+                domid: p.domid,
+                name: &p.name,
+                mem_phys: p.mem_phys,
+                mem_bytes: p.mem_pages * 4096,
+            })
+            .collect();
+        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers)
+            .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
+        console::event(&ev::DomainStart {
+            domain: &d.name,
+            domid: d.domid,
+            label: &d.label,
+            image: &d.image,
+            mem_bytes: d.mem_pages * 4096,
+            mem_phys: ev::Hex(d.mem_phys),
+            weight: d.weight,
+        });
+    }
+    log!(
+        "{} domains built; timer: {}",
+        sys.domains.len(),
+        if lapic::uses_tsc_deadline() {
+            "TSC deadline"
+        } else {
+            "APIC count-down"
+        }
+    );
+    for i in 0..sys.domains.len() {
+        sys.sched.set_runnable(i, true);
+    }
+    *SYSTEM.lock() = Some(sys);
+    schedule()
+}
+
+/// Every entry from ring 3 comes here (see `arch::trap`).
+pub fn on_user_entry() -> ! {
+    let mut guard = SYSTEM.lock();
+    let sys = guard.as_mut().expect("a domain ran, so the system exists");
+    let cur = sys
+        .current
+        .expect("an entry from ring 3 has a current domain");
+    let vector = sys.domains[cur].ctx.vector;
+    let now = tsc::read();
+    let mut resume_now = false;
+    if vector == trap::SYSCALL_VECTOR {
+        match hypercall::dispatch(sys, cur) {
+            Outcome::Return(v) => {
+                sys.domains[cur].ctx.rax = v as u64;
+                resume_now = now < sys.slice_end;
+            }
+            Outcome::Yield => {
+                sys.domains[cur].ctx.rax = 0;
+            }
+            Outcome::Block => {
+                sys.sched.set_runnable(cur, false);
+            }
+            Outcome::Exit(status) => end_domain(sys, cur, status, "exit"),
+        }
+    } else if vector == u64::from(trap::TIMER_VECTOR) {
+        lapic::eoi();
+    } else if vector < 32 {
+        let d = &sys.domains[cur];
+        let addr = if vector == 14 {
+            x86_64::registers::control::Cr2::read_raw()
+        } else {
+            0
+        };
+        console::event(&ev::DomainFault {
+            domain: &d.name,
+            vector: vector as u8,
+            vector_name: arch::exceptions::vector_name(vector),
+            error_code: ev::Hex(d.ctx.error_code),
+            rip: ev::Hex(d.ctx.rip),
+            addr: ev::Hex(addr),
+        });
+        end_domain(sys, cur, -1, "fault");
+    } else {
+        // The spurious vector from ring 3: nothing to do.
+        resume_now = true;
+    }
+    if resume_now && !sys.domains[cur].is_dead() {
+        let ctx: *mut trap::UserContext = &mut *sys.domains[cur].ctx;
+        drop(guard);
+        // SAFETY: the domain is alive and current; its context box outlives
+        // this call, and nothing else touches it until its next entry.
+        trap::return_to_user(unsafe { &mut *ctx });
+    }
+    // It leaves the CPU: charge what it used.
+    let used = ns(now.saturating_sub(sys.dispatched_at));
+    sys.sched.charge(cur, used);
+    drop(guard);
+    schedule()
+}
+
+/// The timer fired while the CPU idled.
+pub fn on_idle_timer() {}
+
+fn ns(tsc_delta: u64) -> u64 {
+    (u128::from(tsc_delta) * 1_000_000 / u128::from(tsc::khz().max(1))) as u64
+}
+
+/// Ends domain `i`: reports it, closes its ports, frees its memory.
+fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
+    hypercall::flush_console(sys, i);
+    // Leave its address space before its tables go.
+    arch::paging::activate_kernel();
+    if sys.current == Some(i) {
+        let used = ns(tsc::read().saturating_sub(sys.dispatched_at));
+        sys.sched.charge(i, used);
+        sys.current = None;
+    }
+    let d = &mut sys.domains[i];
+    let expected = match d.expect {
+        Expect::Exit => reason == "exit" && status == 0,
+        Expect::Fault => reason == "fault",
+    };
+    console::event(&ev::DomainExit {
+        domain: &d.name,
+        status,
+        reason,
+        expected,
+    });
+    console::event(&ev::Hypercalls {
+        domain: &d.name,
+        calls: d.calls,
+        refused: d.refused,
+    });
+    d.state = State::Dead;
+    d.ended = Some((status, reason));
+    d.timer_ns = None;
+    let domid = d.domid;
+    d.free_memory();
+    sys.sched.remove(i);
+    for peer in sys.evtchn.destroy_domain(domid) {
+        sys.wake(Some(peer));
+    }
+}
+
+/// Picks the next domain and runs it; idles while none can run; stops the
+/// system when every domain has ended.
+fn schedule() -> ! {
+    loop {
+        let mut guard = SYSTEM.lock();
+        let sys = guard.as_mut().expect("system");
+        let now_ns = tsc::ns_since_entry();
+        // Domain timers that are due raise VIRQ_TIMER.
+        for i in 0..sys.domains.len() {
+            if let Some(t) = sys.domains[i].timer_ns {
+                if t <= now_ns && !sys.domains[i].is_dead() {
+                    sys.domains[i].timer_ns = None;
+                    let domid = sys.domains[i].domid;
+                    if sys
+                        .evtchn
+                        .raise_virq(domid, abi::hypercall::virq::TIMER as u32)
+                    {
+                        sys.wake(Some(domid));
+                    }
+                }
+            }
+        }
+        let next_timer = sys.domains.iter().filter_map(|d| d.timer_ns).min();
+        if let Some((next, slice)) = sys.sched.pick(now_ns) {
+            let now = tsc::read();
+            let d = &mut sys.domains[next];
+            d.activate();
+            if let State::Waiting { ptr } = d.state {
+                d.state = State::Runnable;
+                let n = hypercall::deliver(sys, next, ptr);
+                sys.domains[next].ctx.rax = u64::from(n);
+            }
+            sys.current = Some(next);
+            sys.dispatched_at = now;
+            sys.slice_end = now + slice * tsc::khz() / 1_000_000;
+            let deadline = match next_timer {
+                Some(t) => sys.slice_end.min(tsc::tsc_at_ns(t)),
+                None => sys.slice_end,
+            };
+            lapic::arm(deadline);
+            let ctx: *mut trap::UserContext = &mut *sys.domains[next].ctx;
+            drop(guard);
+            // SAFETY: the domain is alive and now current; its context box
+            // outlives its running.
+            trap::return_to_user(unsafe { &mut *ctx });
+        }
+        if sys.domains.iter().all(Domain::is_dead) {
+            finish(sys);
+        }
+        // Idle until the next domain timer (or for ever: only a timer can
+        // wake anyone when no domain runs).
+        sys.current = None;
+        if let Some(t) = next_timer {
+            lapic::arm(tsc::tsc_at_ns(t));
+        } else {
+            log!("every live domain waits and no timer is set: the system cannot make progress");
+            finish(sys);
+        }
+        drop(guard);
+        x86_64::instructions::interrupts::enable_and_hlt();
+        x86_64::instructions::interrupts::disable();
+    }
+}
+
+/// Every domain has ended: report CPU time and stop.
+fn finish(sys: &mut System) -> ! {
+    for (i, d) in sys.domains.iter().enumerate() {
+        console::event(&ev::DomainCpu {
+            domain: &d.name,
+            weight: d.weight,
+            cpu_ns: sys.sched.cpu_ns(i),
+            dispatches: sys.sched.dispatches(i),
+        });
+    }
+    let all_expected = sys.domains.iter().all(|d| match (d.expect, d.ended) {
+        (Expect::Exit, Some((0, "exit"))) => true,
+        (Expect::Fault, Some((_, "fault"))) => true,
+        _ => false,
+    });
+    match sys.exit_rule {
+        ExitRule::Never => {
+            log!("every domain has ended; exit rule never: halting");
+            arch::halt_forever()
+        }
+        _ if all_expected => {
+            console::event(&ev::Shutdown {
+                status: 0,
+                reason: "every domain ended as the manifest expects",
+            });
+            arch::exit_qemu(abi::exit::SUCCESS)
+        }
+        _ => {
+            console::event(&ev::Shutdown {
+                status: 1,
+                reason: "a domain did not end as the manifest expects",
+            });
+            arch::exit_qemu(abi::exit::FAILURE)
+        }
+    }
+}
