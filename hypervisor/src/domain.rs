@@ -65,6 +65,9 @@ pub struct Domain {
     pub timer_ns: Option<u64>,
     /// How the domain ended: status and "exit" or "fault".
     pub ended: Option<(i64, &'static str)>,
+    /// CPU time and dispatches the scheduler charged, kept when it ends.
+    pub cpu_ns: u64,
+    pub dispatches: u64,
 }
 
 #[derive(Debug)]
@@ -275,6 +278,8 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
         console: Vec::new(),
         timer_ns: None,
         ended: None,
+        cpu_ns: 0,
+        dispatches: 0,
     };
     d.ctx.rdi = START_INFO_VA;
     Ok(d)

@@ -93,7 +93,9 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 3]) -> Result<Outco
             if words < PORT_WORDS as u64 {
                 return Err(Error::BadLength);
             }
-            let len = (PORT_WORDS * 8) as u64;
+            // The whole buffer the caller claims must be its own and
+            // writable, though only the first PORT_WORDS words are written.
+            let len = words.checked_mul(8).ok_or(Error::BadAddress)?;
             sys.domains[idx].regions.check(ptr, len, Access::Write)?;
             if sys.evtchn.has_pending(domid) {
                 let n = deliver(sys, idx, ptr);

@@ -263,6 +263,8 @@ fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
     d.timer_ns = None;
     let domid = d.domid;
     d.free_memory();
+    d.cpu_ns = sys.sched.cpu_ns(i);
+    d.dispatches = sys.sched.dispatches(i);
     sys.sched.remove(i);
     for peer in sys.evtchn.destroy_domain(domid) {
         sys.wake(Some(peer));
@@ -335,13 +337,8 @@ fn schedule() -> ! {
 
 /// Every domain has ended: report CPU time and stop.
 fn finish(sys: &mut System) -> ! {
-    for (i, d) in sys.domains.iter().enumerate() {
-        console::event(&ev::DomainCpu {
-            domain: &d.name,
-            weight: d.weight,
-            cpu_ns: sys.sched.cpu_ns(i),
-            dispatches: sys.sched.dispatches(i),
-        });
+    for d in &sys.domains {
+        console::event(&ev::DomainCpu { domain: &d.name, weight: d.weight, cpu_ns: d.cpu_ns, dispatches: d.dispatches });
     }
     let all_expected = sys.domains.iter().all(|d| match (d.expect, d.ended) {
         (Expect::Exit, Some((0, "exit"))) => true,

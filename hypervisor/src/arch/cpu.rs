@@ -19,9 +19,7 @@ use x86_64::{PrivilegeLevel, VirtAddr};
 pub const FATAL_IST: u16 = 1;
 const IST_STACK_SIZE: usize = 16 * 1024;
 
-#[repr(align(16))]
-struct Stack([u8; IST_STACK_SIZE]);
-static FATAL_STACK: Stack = Stack([0; IST_STACK_SIZE]);
+static FATAL_STACK: super::Stack<IST_STACK_SIZE> = super::Stack::new();
 
 /// The TSS: the CPU reads RSP0 from it on every entry from ring 3, and the
 /// hypervisor points RSP0 at the running domain's saved-register area.
@@ -64,7 +62,7 @@ pub fn set_rsp0(top: u64) {
 /// Loads the GDT and TSS, and reloads the segment registers.
 pub fn init_gdt() {
     let mut tss = TaskStateSegment::new();
-    let fatal_stack = VirtAddr::from_ptr(FATAL_STACK.0.as_ptr()) + IST_STACK_SIZE as u64;
+    let fatal_stack = VirtAddr::new(FATAL_STACK.top());
     tss.interrupt_stack_table[usize::from(FATAL_IST - 1)] = fatal_stack;
     let tss = TSS.init(Tss(UnsafeCell::new(tss)));
     // SAFETY: the TSS lives in a static for ever; the descriptor needs only

@@ -8,7 +8,28 @@ pub mod paging;
 pub mod trap;
 pub mod tsc;
 
+use core::cell::UnsafeCell;
 use x86_64::instructions::port::Port;
+
+/// A stack the CPU switches to (kernel stack, IST stacks). Interior
+/// mutability keeps it out of read-only memory.
+#[repr(C, align(16))]
+pub struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
+
+// SAFETY: a stack is only ever used by the CPU that switches to it, through
+// RSP; Rust code never reads or writes it as data.
+unsafe impl<const N: usize> Sync for Stack<N> {}
+
+impl<const N: usize> Stack<N> {
+    pub const fn new() -> Self {
+        Stack(UnsafeCell::new([0; N]))
+    }
+
+    /// One past the highest byte: the initial stack pointer.
+    pub fn top(&self) -> u64 {
+        self.0.get() as u64 + N as u64
+    }
+}
 
 /// Stops QEMU through `isa-debug-exit` with `value` (see `abi::exit`); if
 /// the device is missing, halts for ever.

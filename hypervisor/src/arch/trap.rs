@@ -114,9 +114,7 @@ static PERCPU: PerCpuCell = PerCpuCell(UnsafeCell::new(PerCpu {
 }));
 
 const KSTACK_SIZE: usize = 64 * 1024;
-#[repr(C, align(16))]
-struct KernelStack([u8; KSTACK_SIZE]);
-static KSTACK: KernelStack = KernelStack([0; KSTACK_SIZE]);
+static KSTACK: super::Stack<KSTACK_SIZE> = super::Stack::new();
 
 /// A stub that pushes a zero where the CPU pushes no error code.
 macro_rules! stub {
@@ -354,7 +352,7 @@ pub fn init() {
     // (checked by `Star::write`).
     unsafe {
         let p = &mut *PERCPU.0.get();
-        p.kstack_top = KSTACK.0.as_ptr() as u64 + KSTACK_SIZE as u64;
+        p.kstack_top = KSTACK.top();
         GsBase::write(VirtAddr::new(PERCPU.0.get() as u64));
         KernelGsBase::write(VirtAddr::new(0));
         Star::write(
