@@ -5,23 +5,34 @@
 //! bundle carries it as its entry of kind manifest, and the bundle's CRC
 //! protects it, so it has no checksum of its own.
 //!
-//! Header (version 1), little-endian:
+//! ```text
+//!  0      header (64 bytes)
+//!  64     device records   (device count  x  8 bytes)
+//!  ..     domain records   (domain count  x 240 bytes)
+//!  ..     channel records  (channel count x 32 bytes)
+//!         <- total size: nothing follows
+//! ```
+//!
+//! Header (version 2), little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0  | 8  | magic `b"AIRLOCKM"` |
-//! | 8  | 2  | format version, 1 |
+//! | 8  | 2  | format version, 2 |
 //! | 10 | 2  | header size, 64 |
 //! | 12 | 2  | device record size, 8 |
-//! | 14 | 2  | device count |
-//! | 16 | 2  | domain count: 0 in version 1 (see below) |
-//! | 18 | 2  | exit rule ([`ExitRule`]) |
-//! | 20 | 4  | total size: header + device records (+ domain records later) |
-//! | 24 | 1  | name length, 1..=32 |
+//! | 14 | 2  | device count, at most [`MAX_DEVICES`] |
+//! | 16 | 2  | domain count, at most [`MAX_DOMAINS`] |
+//! | 18 | 2  | exit rule ([`ExitRule::code`]) |
+//! | 20 | 4  | total size: header + every record |
+//! | 24 | 1  | system name length, 1..=32 |
 //! | 25 | 32 | system name, UTF-8, zero-padded |
-//! | 57 | 7  | reserved, zero |
+//! | 57 | 1  | reserved, zero |
+//! | 58 | 2  | domain record size, 240 |
+//! | 60 | 2  | channel record size, 32 |
+//! | 62 | 2  | channel count, at most [`MAX_CHANNELS`] |
 //!
-//! Then `device count` device records from offset 64:
+//! Device record (8 bytes), `device count` of them from offset 64:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -30,26 +41,83 @@
 //! | 4 | 2 | PCI vendor id the device must show |
 //! | 6 | 2 | PCI device id the device must show |
 //!
-//! Domains arrive with the next format version: their records will follow
-//! the device records, with a record size of their own in today's reserved
-//! bytes. Version 1 requires a domain count of 0, so a version-1 reader never
-//! misreads a manifest that has domains: it refuses it by version first.
+//! Domain record (240 bytes), `domain count` of them after the devices; a
+//! domain's index is its position (0-based), which channel records use:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0   | 8   | memory in bytes: image, heap, stack and start info; 1 MiB..=64 MiB, a multiple of 4 KiB |
+//! | 8   | 2   | scheduling weight, 1..=1000 |
+//! | 10  | 2   | how it is expected to end ([`Expect::code`]) |
+//! | 12  | 1   | name length, 1..=32 |
+//! | 13  | 1   | image length, 1..=32 |
+//! | 14  | 1   | label length, 1..=32 |
+//! | 15  | 1   | args length, 0..=128 |
+//! | 16  | 32  | name: `[a-z0-9_-]`, unique among the domains, zero-padded |
+//! | 48  | 32  | image: the name of the bundle's image entry, `[a-z0-9_-]`, zero-padded |
+//! | 80  | 32  | security label, `[a-z0-9_-]`, zero-padded |
+//! | 112 | 128 | args: printable ASCII (0x20..=0x7e), zero-padded |
+//!
+//! Channel record (32 bytes), `channel count` of them after the domains:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 2  | index of one end's domain |
+//! | 2 | 2  | index of the other end's domain (not the same) |
+//! | 4 | 1  | name length, 1..=24 |
+//! | 5 | 3  | reserved, zero |
+//! | 8 | 24 | name: `[a-z0-9_-]`, unique among the channels, zero-padded |
+//!
+//! Every rule above is checked by [`Manifest::parse`], one
+//! [`ManifestError`] variant per check; besides them: no domain is an end
+//! of more than [`MAX_PORTS`] channels (each end is a port in its start
+//! info), and the exit rule `all-exited` needs at least one domain.
+//! [`encode`] refuses whatever `parse` would refuse.
+//!
+//! Version 1 had no domain or channel records (its domain count had to be
+//! 0): a version-1 reader refuses a version-2 manifest by its version.
 
 use core::fmt;
 
 use crate::bundle::{le, NAME_MAX};
+use crate::domain::{ARGS_MAX, MAX_PEERS, MAX_PORTS, PORT_NAME_MAX};
 use crate::pci::Bdf;
 
 /// The first eight bytes of a compiled manifest.
 pub const MAGIC: [u8; 8] = *b"AIRLOCKM";
 /// The format version this crate reads and writes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the header in bytes.
 pub const HEADER_SIZE: usize = 64;
 /// Size of one device record in bytes.
 pub const DEVICE_SIZE: usize = 8;
+/// Size of one domain record in bytes.
+pub const DOMAIN_SIZE: usize = 240;
+/// Size of one channel record in bytes.
+pub const CHANNEL_SIZE: usize = 32;
 /// Most devices a manifest may list (one per slot of bus 0 would be 32).
 pub const MAX_DEVICES: usize = 256;
+/// Most domains: each domain's start info lists every other as a peer.
+pub const MAX_DOMAINS: usize = MAX_PEERS + 1;
+/// Most channels: every domain an end of [`MAX_PORTS`] of them.
+pub const MAX_CHANNELS: usize = MAX_DOMAINS * MAX_PORTS / 2;
+/// Longest domain name, image name and label in bytes.
+pub const DOMAIN_NAME_MAX: usize = crate::domain::NAME_MAX;
+/// Longest channel name in bytes (it names a port in the start info).
+pub const CHANNEL_NAME_MAX: usize = PORT_NAME_MAX;
+/// Least memory a domain may be given.
+pub const DOMAIN_MEMORY_MIN: u64 = 1 << 20;
+/// Most memory a domain may be given.
+pub const DOMAIN_MEMORY_MAX: u64 = 64 << 20;
+/// A domain's memory is a whole number of these.
+pub const PAGE_SIZE: u64 = 4096;
+/// Highest scheduling weight.
+pub const WEIGHT_MAX: u16 = 1000;
+
+const _: () = assert!(HEADER_SIZE == 64 && DOMAIN_SIZE == 16 + 3 * 32 + ARGS_MAX);
+const _: () = assert!(CHANNEL_SIZE == 8 + PORT_NAME_MAX);
+const _: () = assert!(DOMAIN_NAME_MAX <= NAME_MAX);
+const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);
 
 /// A device QEMU emulates and the manifest places at a fixed PCI address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,20 +229,23 @@ impl fmt::Display for DeviceKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExitRule {
     /// Shut down with success once boot is done (`ready` was printed).
-    /// While there are no domains, this is what "runs its workloads and
-    /// shuts down" means.
+    /// What a system without domains does.
     AfterReady,
     /// Keep running until QEMU is stopped from outside.
     Never,
+    /// Shut down when every domain has ended: with success if and only if
+    /// each ended as its [`Expect`] says. Needs at least one domain.
+    AllExited,
 }
 
 impl ExitRule {
-    pub const ALL: [ExitRule; 2] = [ExitRule::AfterReady, ExitRule::Never];
+    pub const ALL: [ExitRule; 3] = [ExitRule::AfterReady, ExitRule::Never, ExitRule::AllExited];
 
     pub const fn code(self) -> u16 {
         match self {
             ExitRule::AfterReady => 1,
             ExitRule::Never => 2,
+            ExitRule::AllExited => 3,
         }
     }
 
@@ -182,6 +253,7 @@ impl ExitRule {
         match code {
             1 => Some(ExitRule::AfterReady),
             2 => Some(ExitRule::Never),
+            3 => Some(ExitRule::AllExited),
             _ => None,
         }
     }
@@ -191,6 +263,47 @@ impl ExitRule {
         match self {
             ExitRule::AfterReady => "after-ready",
             ExitRule::Never => "never",
+            ExitRule::AllExited => "all-exited",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// How a domain is expected to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Expect {
+    /// By the `exit` hypercall with status 0.
+    Exit,
+    /// By a CPU exception (`domain_fault`): an attacker that must be stopped.
+    Fault,
+}
+
+impl Expect {
+    pub const ALL: [Expect; 2] = [Expect::Exit, Expect::Fault];
+
+    pub const fn code(self) -> u16 {
+        match self {
+            Expect::Exit => 1,
+            Expect::Fault => 2,
+        }
+    }
+
+    pub const fn from_code(code: u16) -> Option<Self> {
+        match code {
+            1 => Some(Expect::Exit),
+            2 => Some(Expect::Fault),
+            _ => None,
+        }
+    }
+
+    /// The manifest's spelling (`expect = "exit"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Expect::Exit => "exit",
+            Expect::Fault => "fault",
         }
     }
 
@@ -221,6 +334,81 @@ impl Device {
     }
 }
 
+/// One domain record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Domain<'a> {
+    /// Its position among the domains; channels name domains by it.
+    pub index: u16,
+    pub name: &'a str,
+    /// The bundle's image entry to build it from.
+    pub image: &'a str,
+    /// Its security label.
+    pub label: &'a str,
+    /// The manifest's `args`, handed over in the start info.
+    pub args: &'a str,
+    /// Bytes of memory: image, heap, stack and start info.
+    pub memory: u64,
+    pub weight: u16,
+    pub expect: Expect,
+}
+
+/// One channel record: an interdomain event channel bound before the two
+/// domains start, each end a port named after the channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Channel<'a> {
+    pub name: &'a str,
+    /// Domain indices of the two ends.
+    pub a: u16,
+    pub b: u16,
+}
+
+/// Which record a [`ManifestError::BadString`] is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Domain(u16),
+    Channel(u16),
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Record::Domain(i) => write!(f, "domain {i}"),
+            Record::Channel(i) => write!(f, "channel {i}"),
+        }
+    }
+}
+
+/// What is wrong with a string field of a domain or channel record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StrProblem {
+    /// Length 0 where a name is needed.
+    Empty,
+    /// The length byte is over the field's size.
+    TooLong {
+        len: u8,
+        max: usize,
+    },
+    NotUtf8,
+    /// A byte outside the field's alphabet, at this offset in the string.
+    BadChar {
+        at: u8,
+    },
+    /// Bytes after the string are not zero.
+    PaddingNotZero,
+}
+
+impl fmt::Display for StrProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StrProblem::Empty => f.write_str("empty"),
+            StrProblem::TooLong { len, max } => write!(f, "length {len} is over {max}"),
+            StrProblem::NotUtf8 => f.write_str("not UTF-8"),
+            StrProblem::BadChar { at } => write!(f, "a character outside its alphabet at {at}"),
+            StrProblem::PaddingNotZero => f.write_str("padding after it is not zero"),
+        }
+    }
+}
+
 /// Why a compiled manifest was refused: one variant per check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManifestError {
@@ -240,15 +428,25 @@ pub enum ManifestError {
     BadDeviceSize {
         found: u16,
     },
-    /// Version 1 has no domain records.
-    DomainsUnsupported {
-        count: u16,
+    BadDomainSize {
+        found: u16,
+    },
+    BadChannelSize {
+        found: u16,
     },
     /// The device count is over [`MAX_DEVICES`].
     TooManyDevices {
         count: u16,
     },
-    /// The total size field disagrees with the header and record count, or
+    /// The domain count is over [`MAX_DOMAINS`].
+    TooManyDomains {
+        count: u16,
+    },
+    /// The channel count is over [`MAX_CHANNELS`].
+    TooManyChannels {
+        count: u16,
+    },
+    /// The total size field disagrees with the header and record counts, or
     /// with the bytes given.
     SizeMismatch {
         declared: u32,
@@ -258,12 +456,14 @@ pub enum ManifestError {
     UnknownExitRule {
         code: u16,
     },
+    /// `all-exited` with no domain to wait for.
+    AllExitedWithoutDomains,
     EmptyName,
     NameTooLong {
         len: u8,
     },
     NameNotUtf8,
-    /// The reserved header bytes are not zero.
+    /// The reserved header bytes (and the system name's padding) are not zero.
     ReservedNotZero,
     UnknownDeviceKind {
         index: u16,
@@ -281,6 +481,62 @@ pub enum ManifestError {
         first: u16,
         index: u16,
         bdf: Bdf,
+    },
+    /// A string field of a domain or channel record breaks its rules.
+    BadString {
+        record: Record,
+        field: &'static str,
+        problem: StrProblem,
+    },
+    /// Memory outside [`DOMAIN_MEMORY_MIN`]..=[`DOMAIN_MEMORY_MAX`].
+    MemoryOutOfRange {
+        index: u16,
+        bytes: u64,
+    },
+    /// Memory that is not a whole number of [`PAGE_SIZE`] pages.
+    MemoryNotPages {
+        index: u16,
+        bytes: u64,
+    },
+    /// A weight outside 1..=[`WEIGHT_MAX`].
+    BadWeight {
+        index: u16,
+        weight: u16,
+    },
+    UnknownExpect {
+        index: u16,
+        code: u16,
+    },
+    /// Two domains with one name.
+    DuplicateDomain {
+        first: u16,
+        index: u16,
+    },
+    /// Two channels with one name.
+    DuplicateChannel {
+        first: u16,
+        index: u16,
+    },
+    /// The reserved bytes of a channel record are not zero.
+    ChannelReservedNotZero {
+        index: u16,
+    },
+    /// A channel end names a domain index that does not exist.
+    ChannelEndOutOfRange {
+        index: u16,
+        domain: u16,
+        count: u16,
+    },
+    /// Both ends of a channel are one domain.
+    ChannelToItself {
+        index: u16,
+        domain: u16,
+    },
+    /// A domain is an end of more than [`MAX_PORTS`] channels; `channel` is
+    /// the first one too many.
+    TooManyPorts {
+        domain: u16,
+        channel: u16,
     },
 }
 
@@ -313,10 +569,21 @@ impl fmt::Display for ManifestError {
                     "device record size {found} is not version {VERSION}'s {DEVICE_SIZE}"
                 )
             }
-            DomainsUnsupported { count } => {
-                write!(f, "{count} domain records, version {VERSION} has none")
+            BadDomainSize { found } => {
+                write!(
+                    f,
+                    "domain record size {found} is not version {VERSION}'s {DOMAIN_SIZE}"
+                )
+            }
+            BadChannelSize { found } => {
+                write!(
+                    f,
+                    "channel record size {found} is not version {VERSION}'s {CHANNEL_SIZE}"
+                )
             }
             TooManyDevices { count } => write!(f, "{count} devices, at most {MAX_DEVICES}"),
+            TooManyDomains { count } => write!(f, "{count} domains, at most {MAX_DOMAINS}"),
+            TooManyChannels { count } => write!(f, "{count} channels, at most {MAX_CHANNELS}"),
             SizeMismatch {
                 declared,
                 expected,
@@ -327,6 +594,9 @@ impl fmt::Display for ManifestError {
                  the entry has {len}"
             ),
             UnknownExitRule { code } => write!(f, "unknown exit rule {code}"),
+            AllExitedWithoutDomains => {
+                f.write_str("exit rule all-exited, but there are no domains")
+            }
             EmptyName => f.write_str("empty system name"),
             NameTooLong { len } => write!(f, "system name length {len} is over {NAME_MAX}"),
             NameNotUtf8 => f.write_str("system name is not UTF-8"),
@@ -353,7 +623,165 @@ impl fmt::Display for ManifestError {
                     "device {index}: address {bdf} already used by device {first}"
                 )
             }
+            BadString {
+                record,
+                field,
+                problem,
+            } => write!(f, "{record}: {field}: {problem}"),
+            MemoryOutOfRange { index, bytes } => write!(
+                f,
+                "domain {index}: memory of {bytes} bytes is outside {DOMAIN_MEMORY_MIN}..={DOMAIN_MEMORY_MAX}"
+            ),
+            MemoryNotPages { index, bytes } => write!(
+                f,
+                "domain {index}: memory of {bytes} bytes is not a whole number of {PAGE_SIZE}-byte pages"
+            ),
+            BadWeight { index, weight } => {
+                write!(f, "domain {index}: weight {weight} is outside 1..={WEIGHT_MAX}")
+            }
+            UnknownExpect { index, code } => {
+                write!(f, "domain {index}: unknown expected end {code}")
+            }
+            DuplicateDomain { first, index } => {
+                write!(f, "domain {index}: name already used by domain {first}")
+            }
+            DuplicateChannel { first, index } => {
+                write!(f, "channel {index}: name already used by channel {first}")
+            }
+            ChannelReservedNotZero { index } => {
+                write!(f, "channel {index}: reserved bytes are not zero")
+            }
+            ChannelEndOutOfRange {
+                index,
+                domain,
+                count,
+            } => write!(
+                f,
+                "channel {index}: end domain {domain} does not exist ({count} domains)"
+            ),
+            ChannelToItself { index, domain } => {
+                write!(f, "channel {index}: both ends are domain {domain}")
+            }
+            TooManyPorts { domain, channel } => write!(
+                f,
+                "channel {channel}: domain {domain} would be an end of more than {MAX_PORTS} channels"
+            ),
         }
+    }
+}
+
+/// A name's alphabet: lower-case ASCII letters, digits, `_` and `-`.
+pub fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+}
+
+/// The args alphabet: printable ASCII.
+pub fn is_args_byte(b: u8) -> bool {
+    (0x20..=0x7e).contains(&b)
+}
+
+/// One string field of a record: its length byte, its bytes, its rules.
+struct StrField {
+    name: &'static str,
+    len_at: usize,
+    at: usize,
+    max: usize,
+    min: usize,
+    ok: fn(u8) -> bool,
+}
+
+const D_MEMORY: usize = 0;
+const D_WEIGHT: usize = 8;
+const D_EXPECT: usize = 10;
+const D_NAME: StrField = StrField {
+    name: "name",
+    len_at: 12,
+    at: 16,
+    max: DOMAIN_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const D_IMAGE: StrField = StrField {
+    name: "image",
+    len_at: 13,
+    at: 48,
+    max: DOMAIN_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const D_LABEL: StrField = StrField {
+    name: "label",
+    len_at: 14,
+    at: 80,
+    max: DOMAIN_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const D_ARGS: StrField = StrField {
+    name: "args",
+    len_at: 15,
+    at: 112,
+    max: ARGS_MAX,
+    min: 0,
+    ok: is_args_byte,
+};
+const C_A: usize = 0;
+const C_B: usize = 2;
+const C_NAME: StrField = StrField {
+    name: "name",
+    len_at: 4,
+    at: 8,
+    max: CHANNEL_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const C_RESERVED: core::ops::Range<usize> = 5..8;
+
+const _: () = assert!(D_ARGS.at + D_ARGS.max == DOMAIN_SIZE);
+const _: () = assert!(C_NAME.at + C_NAME.max == CHANNEL_SIZE);
+
+impl StrField {
+    /// The checked string of `rec`.
+    fn read<'a>(&self, rec: &'a [u8], record: Record) -> Result<&'a str, ManifestError> {
+        let bad = |problem| ManifestError::BadString {
+            record,
+            field: self.name,
+            problem,
+        };
+        let len_byte = rec[self.len_at];
+        let len = len_byte as usize;
+        if len > self.max {
+            return Err(bad(StrProblem::TooLong {
+                len: len_byte,
+                max: self.max,
+            }));
+        }
+        if len < self.min {
+            return Err(bad(StrProblem::Empty));
+        }
+        let raw = &rec[self.at..self.at + len];
+        let s = core::str::from_utf8(raw).map_err(|_| bad(StrProblem::NotUtf8))?;
+        if let Some(at) = raw.iter().position(|&b| !(self.ok)(b)) {
+            return Err(bad(StrProblem::BadChar { at: at as u8 }));
+        }
+        if rec[self.at + len..self.at + self.max]
+            .iter()
+            .any(|&b| b != 0)
+        {
+            return Err(bad(StrProblem::PaddingNotZero));
+        }
+        Ok(s)
+    }
+
+    /// The string of a record that passed [`StrField::read`].
+    fn get<'a>(&self, rec: &'a [u8]) -> &'a str {
+        let len = (rec[self.len_at] as usize).min(self.max);
+        core::str::from_utf8(&rec[self.at..self.at + len]).unwrap_or("")
+    }
+
+    fn put(&self, rec: &mut [u8], s: &str) {
+        rec[self.len_at] = s.len() as u8;
+        le::put(rec, self.at, s.as_bytes());
     }
 }
 
@@ -362,8 +790,10 @@ impl fmt::Display for ManifestError {
 pub struct Manifest<'a> {
     name: &'a str,
     exit: ExitRule,
-    /// Exactly `count` device records.
-    records: &'a [u8],
+    /// Exactly `count` records of each kind.
+    devices: &'a [u8],
+    domains: &'a [u8],
+    channels: &'a [u8],
 }
 
 fn read_device(records: &[u8], i: usize) -> (u16, Bdf, u16, u16) {
@@ -374,6 +804,38 @@ fn read_device(records: &[u8], i: usize) -> (u16, Bdf, u16, u16) {
         le::u16_at(records, at + 4),
         le::u16_at(records, at + 6),
     )
+}
+
+fn domain_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * DOMAIN_SIZE..(i + 1) * DOMAIN_SIZE]
+}
+
+fn channel_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * CHANNEL_SIZE..(i + 1) * CHANNEL_SIZE]
+}
+
+/// Decodes the domain record `i` of records that passed `parse`.
+fn decode_domain(records: &[u8], i: usize) -> Domain<'_> {
+    let rec = domain_record(records, i);
+    Domain {
+        index: i as u16,
+        name: D_NAME.get(rec),
+        image: D_IMAGE.get(rec),
+        label: D_LABEL.get(rec),
+        args: D_ARGS.get(rec),
+        memory: le::u64_at(rec, D_MEMORY),
+        weight: le::u16_at(rec, D_WEIGHT),
+        expect: Expect::from_code(le::u16_at(rec, D_EXPECT)).unwrap_or(Expect::Exit),
+    }
+}
+
+fn decode_channel(records: &[u8], i: usize) -> Channel<'_> {
+    let rec = channel_record(records, i);
+    Channel {
+        name: C_NAME.get(rec),
+        a: le::u16_at(rec, C_A),
+        b: le::u16_at(rec, C_B),
+    }
 }
 
 impl<'a> Manifest<'a> {
@@ -400,16 +862,30 @@ impl<'a> Manifest<'a> {
         if device_size as usize != DEVICE_SIZE {
             return Err(BadDeviceSize { found: device_size });
         }
-        let count = le::u16_at(bytes, 14);
-        let domains = le::u16_at(bytes, 16);
-        if domains != 0 {
-            return Err(DomainsUnsupported { count: domains });
+        let domain_size = le::u16_at(bytes, 58);
+        if domain_size as usize != DOMAIN_SIZE {
+            return Err(BadDomainSize { found: domain_size });
         }
-        if count as usize > MAX_DEVICES {
-            return Err(TooManyDevices { count });
+        let channel_size = le::u16_at(bytes, 60);
+        if channel_size as usize != CHANNEL_SIZE {
+            return Err(BadChannelSize {
+                found: channel_size,
+            });
+        }
+        let n_devices = le::u16_at(bytes, 14);
+        if n_devices as usize > MAX_DEVICES {
+            return Err(TooManyDevices { count: n_devices });
+        }
+        let n_domains = le::u16_at(bytes, 16);
+        if n_domains as usize > MAX_DOMAINS {
+            return Err(TooManyDomains { count: n_domains });
+        }
+        let n_channels = le::u16_at(bytes, 62);
+        if n_channels as usize > MAX_CHANNELS {
+            return Err(TooManyChannels { count: n_channels });
         }
         let declared = le::u32_at(bytes, 20);
-        let expected = HEADER_SIZE + count as usize * DEVICE_SIZE;
+        let expected = encoded_size(n_devices as usize, n_domains as usize, n_channels as usize);
         if declared as usize != expected || bytes.len() != expected {
             return Err(SizeMismatch {
                 declared,
@@ -421,6 +897,9 @@ impl<'a> Manifest<'a> {
         let Some(exit) = ExitRule::from_code(exit_code) else {
             return Err(UnknownExitRule { code: exit_code });
         };
+        if exit == ExitRule::AllExited && n_domains == 0 {
+            return Err(AllExitedWithoutDomains);
+        }
         let name_len = bytes[24];
         if name_len == 0 {
             return Err(EmptyName);
@@ -431,15 +910,14 @@ impl<'a> Manifest<'a> {
         let Ok(name) = core::str::from_utf8(&bytes[25..25 + name_len as usize]) else {
             return Err(NameNotUtf8);
         };
-        if bytes[25 + name_len as usize..HEADER_SIZE]
-            .iter()
-            .any(|&b| b != 0)
-        {
+        if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0) {
             return Err(ReservedNotZero);
         }
-        let records = &bytes[HEADER_SIZE..];
-        for i in 0..count as usize {
-            let (code, bdf, vendor, device) = read_device(records, i);
+
+        let (devices, rest) = bytes[HEADER_SIZE..].split_at(n_devices as usize * DEVICE_SIZE);
+        let (domains, channels) = rest.split_at(n_domains as usize * DOMAIN_SIZE);
+        for i in 0..n_devices as usize {
+            let (code, bdf, vendor, device) = read_device(devices, i);
             let index = i as u16;
             let Some(kind) = DeviceKind::from_code(code) else {
                 return Err(UnknownDeviceKind { index, code });
@@ -452,7 +930,7 @@ impl<'a> Manifest<'a> {
                     device,
                 });
             }
-            if let Some(first) = (0..i).find(|&j| read_device(records, j).1 == bdf) {
+            if let Some(first) = (0..i).find(|&j| read_device(devices, j).1 == bdf) {
                 return Err(DuplicateAddress {
                     first: first as u16,
                     index,
@@ -460,10 +938,83 @@ impl<'a> Manifest<'a> {
                 });
             }
         }
+
+        for i in 0..n_domains as usize {
+            let index = i as u16;
+            let rec = domain_record(domains, i);
+            let record = Record::Domain(index);
+            let name = D_NAME.read(rec, record)?;
+            D_IMAGE.read(rec, record)?;
+            D_LABEL.read(rec, record)?;
+            D_ARGS.read(rec, record)?;
+            let bytes = le::u64_at(rec, D_MEMORY);
+            if !(DOMAIN_MEMORY_MIN..=DOMAIN_MEMORY_MAX).contains(&bytes) {
+                return Err(MemoryOutOfRange { index, bytes });
+            }
+            if !bytes.is_multiple_of(PAGE_SIZE) {
+                return Err(MemoryNotPages { index, bytes });
+            }
+            let weight = le::u16_at(rec, D_WEIGHT);
+            if !(1..=WEIGHT_MAX).contains(&weight) {
+                return Err(BadWeight { index, weight });
+            }
+            let code = le::u16_at(rec, D_EXPECT);
+            if Expect::from_code(code).is_none() {
+                return Err(UnknownExpect { index, code });
+            }
+            if let Some(first) = (0..i).find(|&j| D_NAME.get(domain_record(domains, j)) == name) {
+                return Err(DuplicateDomain {
+                    first: first as u16,
+                    index,
+                });
+            }
+        }
+
+        let mut ports = [0u8; MAX_DOMAINS];
+        for i in 0..n_channels as usize {
+            let index = i as u16;
+            let rec = channel_record(channels, i);
+            let name = C_NAME.read(rec, Record::Channel(index))?;
+            if rec[C_RESERVED].iter().any(|&b| b != 0) {
+                return Err(ChannelReservedNotZero { index });
+            }
+            let (a, b) = (le::u16_at(rec, C_A), le::u16_at(rec, C_B));
+            for domain in [a, b] {
+                if domain >= n_domains {
+                    return Err(ChannelEndOutOfRange {
+                        index,
+                        domain,
+                        count: n_domains,
+                    });
+                }
+            }
+            if a == b {
+                return Err(ChannelToItself { index, domain: a });
+            }
+            if let Some(first) = (0..i).find(|&j| C_NAME.get(channel_record(channels, j)) == name) {
+                return Err(DuplicateChannel {
+                    first: first as u16,
+                    index,
+                });
+            }
+            for domain in [a, b] {
+                let n = &mut ports[domain as usize];
+                *n += 1;
+                if *n as usize > MAX_PORTS {
+                    return Err(TooManyPorts {
+                        domain,
+                        channel: index,
+                    });
+                }
+            }
+        }
+
         Ok(Manifest {
             name,
             exit,
-            records,
+            devices,
+            domains,
+            channels,
         })
     }
 
@@ -477,13 +1028,13 @@ impl<'a> Manifest<'a> {
     }
 
     pub fn device_count(&self) -> usize {
-        self.records.len() / DEVICE_SIZE
+        self.devices.len() / DEVICE_SIZE
     }
 
     /// Every device, in manifest order.
     pub fn devices(&self) -> Devices<'a> {
         Devices {
-            records: self.records,
+            records: self.devices,
             next: 0,
         }
     }
@@ -491,6 +1042,41 @@ impl<'a> Manifest<'a> {
     /// The device the manifest places at `bdf`.
     pub fn device_at(&self, bdf: Bdf) -> Option<Device> {
         self.devices().find(|d| d.bdf == bdf)
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.domains.len() / DOMAIN_SIZE
+    }
+
+    /// Every domain, in manifest order (`index` 0, 1, ...).
+    pub fn domains(&self) -> Domains<'a> {
+        Domains {
+            records: self.domains,
+            next: 0,
+        }
+    }
+
+    /// The domain with this index.
+    pub fn domain(&self, index: u16) -> Option<Domain<'a>> {
+        (usize::from(index) < self.domain_count())
+            .then(|| decode_domain(self.domains, index.into()))
+    }
+
+    /// The domain called `name`.
+    pub fn domain_named(&self, name: &str) -> Option<Domain<'a>> {
+        self.domains().find(|d| d.name == name)
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.len() / CHANNEL_SIZE
+    }
+
+    /// Every channel, in manifest order.
+    pub fn channels(&self) -> Channels<'a> {
+        Channels {
+            records: self.channels,
+            next: 0,
+        }
     }
 }
 
@@ -522,29 +1108,89 @@ impl Iterator for Devices<'_> {
     }
 }
 
+/// Iterator over a manifest's domains.
+#[derive(Clone, Debug)]
+pub struct Domains<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Domains<'a> {
+    type Item = Domain<'a>;
+
+    fn next(&mut self) -> Option<Domain<'a>> {
+        if (self.next + 1) * DOMAIN_SIZE > self.records.len() {
+            return None;
+        }
+        let d = decode_domain(self.records, self.next);
+        self.next += 1;
+        Some(d)
+    }
+}
+
+/// Iterator over a manifest's channels.
+#[derive(Clone, Debug)]
+pub struct Channels<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Channels<'a> {
+    type Item = Channel<'a>;
+
+    fn next(&mut self) -> Option<Channel<'a>> {
+        if (self.next + 1) * CHANNEL_SIZE > self.records.len() {
+            return None;
+        }
+        let c = decode_channel(self.records, self.next);
+        self.next += 1;
+        Some(c)
+    }
+}
+
 /// Why a manifest could not be encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EncodeError {
-    EmptyName,
-    NameTooLong { len: usize },
-    TooManyDevices { count: usize },
-    IdsDoNotMatchKind { index: usize },
-    DuplicateAddress { first: usize, index: usize },
-    BufferTooSmall { need: usize, have: usize },
+    /// More records of a kind than the format holds.
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    /// A string longer than its field (`index` is the record's, or 0 for
+    /// the system name).
+    TooLong {
+        what: &'static str,
+        index: usize,
+        len: usize,
+        max: usize,
+    },
+    /// `domains[position].index` is not `position`.
+    WrongIndex {
+        position: usize,
+        index: u16,
+    },
+    BufferTooSmall {
+        need: usize,
+        have: usize,
+    },
+    /// The encoded bytes break a rule of the format: what `parse` says.
+    Invalid(ManifestError),
 }
 
 impl fmt::Display for EncodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use EncodeError::*;
         match self {
-            EmptyName => f.write_str("empty system name"),
-            NameTooLong { len } => write!(f, "system name of {len} bytes is over {NAME_MAX}"),
-            TooManyDevices { count } => write!(f, "{count} devices, at most {MAX_DEVICES}"),
-            IdsDoNotMatchKind { index } => {
-                write!(f, "device {index}: ids differ from its kind's")
-            }
-            DuplicateAddress { first, index } => {
-                write!(f, "device {index}: address already used by device {first}")
+            TooMany { what, count, max } => write!(f, "{count} {what}, at most {max}"),
+            TooLong {
+                what,
+                index,
+                len,
+                max,
+            } => write!(f, "{what} {index}: {len} bytes, at most {max}"),
+            WrongIndex { position, index } => {
+                write!(f, "domain at position {position} says it has index {index}")
             }
             BufferTooSmall { need, have } => {
                 write!(
@@ -552,44 +1198,72 @@ impl fmt::Display for EncodeError {
                     "output buffer of {have} bytes, the manifest needs {need}"
                 )
             }
+            Invalid(e) => e.fmt(f),
         }
     }
 }
 
-/// The size [`encode`] writes for `devices` devices.
-pub const fn encoded_size(devices: usize) -> usize {
-    HEADER_SIZE + devices * DEVICE_SIZE
+/// The size [`encode`] writes for these counts of records.
+pub const fn encoded_size(devices: usize, domains: usize, channels: usize) -> usize {
+    HEADER_SIZE + devices * DEVICE_SIZE + domains * DOMAIN_SIZE + channels * CHANNEL_SIZE
 }
 
 /// Writes the compiled manifest at the start of `out`; returns its size.
-/// Refuses whatever [`Manifest::parse`] would refuse.
+/// Refuses whatever [`Manifest::parse`] would refuse (it parses what it
+/// wrote), so a manifest that encodes is one the hypervisor accepts.
 pub fn encode(
     name: &str,
     exit: ExitRule,
     devices: &[Device],
+    domains: &[Domain<'_>],
+    channels: &[Channel<'_>],
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
     use EncodeError::*;
-    if name.is_empty() {
-        return Err(EmptyName);
-    }
-    if name.len() > NAME_MAX {
-        return Err(NameTooLong { len: name.len() });
-    }
-    if devices.len() > MAX_DEVICES {
-        return Err(TooManyDevices {
-            count: devices.len(),
-        });
-    }
-    for (i, d) in devices.iter().enumerate() {
-        if d.kind.pci_ids() != (d.vendor, d.device) {
-            return Err(IdsDoNotMatchKind { index: i });
-        }
-        if let Some(first) = devices[..i].iter().position(|o| o.bdf == d.bdf) {
-            return Err(DuplicateAddress { first, index: i });
+    for (what, count, max) in [
+        ("devices", devices.len(), MAX_DEVICES),
+        ("domains", domains.len(), MAX_DOMAINS),
+        ("channels", channels.len(), MAX_CHANNELS),
+    ] {
+        if count > max {
+            return Err(TooMany { what, count, max });
         }
     }
-    let need = encoded_size(devices.len());
+    let too_long = |what, index, s: &str, max| {
+        (s.len() > max).then_some(TooLong {
+            what,
+            index,
+            len: s.len(),
+            max,
+        })
+    };
+    if let Some(e) = too_long("system name", 0, name, NAME_MAX) {
+        return Err(e);
+    }
+    for (i, d) in domains.iter().enumerate() {
+        if usize::from(d.index) != i {
+            return Err(WrongIndex {
+                position: i,
+                index: d.index,
+            });
+        }
+        for (what, s, max) in [
+            ("domain name", d.name, DOMAIN_NAME_MAX),
+            ("domain image", d.image, DOMAIN_NAME_MAX),
+            ("domain label", d.label, DOMAIN_NAME_MAX),
+            ("domain args", d.args, ARGS_MAX),
+        ] {
+            if let Some(e) = too_long(what, i, s, max) {
+                return Err(e);
+            }
+        }
+    }
+    for (i, c) in channels.iter().enumerate() {
+        if let Some(e) = too_long("channel name", i, c.name, CHANNEL_NAME_MAX) {
+            return Err(e);
+        }
+    }
+    let need = encoded_size(devices.len(), domains.len(), channels.len());
     let have = out.len();
     let Some(out) = out.get_mut(..need) else {
         return Err(BufferTooSmall { need, have });
@@ -600,18 +1274,41 @@ pub fn encode(
     le::put(out, 10, &(HEADER_SIZE as u16).to_le_bytes());
     le::put(out, 12, &(DEVICE_SIZE as u16).to_le_bytes());
     le::put(out, 14, &(devices.len() as u16).to_le_bytes());
-    le::put(out, 16, &0u16.to_le_bytes());
+    le::put(out, 16, &(domains.len() as u16).to_le_bytes());
     le::put(out, 18, &exit.code().to_le_bytes());
     le::put(out, 20, &(need as u32).to_le_bytes());
     le::put(out, 24, &[name.len() as u8]);
     le::put(out, 25, name.as_bytes());
-    for (i, d) in devices.iter().enumerate() {
-        let at = HEADER_SIZE + i * DEVICE_SIZE;
+    le::put(out, 58, &(DOMAIN_SIZE as u16).to_le_bytes());
+    le::put(out, 60, &(CHANNEL_SIZE as u16).to_le_bytes());
+    le::put(out, 62, &(channels.len() as u16).to_le_bytes());
+    let mut at = HEADER_SIZE;
+    for d in devices {
         le::put(out, at, &d.kind.code().to_le_bytes());
         le::put(out, at + 2, &d.bdf.rid().to_le_bytes());
         le::put(out, at + 4, &d.vendor.to_le_bytes());
         le::put(out, at + 6, &d.device.to_le_bytes());
+        at += DEVICE_SIZE;
     }
+    for d in domains {
+        let rec = &mut out[at..at + DOMAIN_SIZE];
+        le::put(rec, D_MEMORY, &d.memory.to_le_bytes());
+        le::put(rec, D_WEIGHT, &d.weight.to_le_bytes());
+        le::put(rec, D_EXPECT, &d.expect.code().to_le_bytes());
+        D_NAME.put(rec, d.name);
+        D_IMAGE.put(rec, d.image);
+        D_LABEL.put(rec, d.label);
+        D_ARGS.put(rec, d.args);
+        at += DOMAIN_SIZE;
+    }
+    for c in channels {
+        let rec = &mut out[at..at + CHANNEL_SIZE];
+        le::put(rec, C_A, &c.a.to_le_bytes());
+        le::put(rec, C_B, &c.b.to_le_bytes());
+        C_NAME.put(rec, c.name);
+        at += CHANNEL_SIZE;
+    }
+    Manifest::parse(out).map_err(Invalid)?;
     Ok(need)
 }
 
@@ -630,11 +1327,77 @@ mod tests {
         ]
     }
 
+    fn domains() -> [Domain<'static>; 3] {
+        [
+            Domain {
+                index: 0,
+                name: "ping",
+                image: "testdom",
+                label: "guest_a",
+                args: "role=ping count=10000",
+                memory: 4 << 20,
+                weight: 1,
+                expect: Expect::Exit,
+            },
+            Domain {
+                index: 1,
+                name: "pong",
+                image: "testdom",
+                label: "guest_b",
+                args: "role=pong count=10000",
+                memory: 8 << 20,
+                weight: 1000,
+                expect: Expect::Exit,
+            },
+            Domain {
+                index: 2,
+                name: "att-hvmem",
+                image: "testdom",
+                label: "attacker",
+                args: "",
+                memory: 1 << 20,
+                weight: 2,
+                expect: Expect::Fault,
+            },
+        ]
+    }
+
+    fn channels() -> [Channel<'static>; 2] {
+        [
+            Channel {
+                name: "pp",
+                a: 0,
+                b: 1,
+            },
+            Channel {
+                name: "side_chan-2",
+                a: 2,
+                b: 0,
+            },
+        ]
+    }
+
+    const SIZE: usize = encoded_size(3, 3, 2);
+    /// Where domain `i`'s and channel `i`'s records start in `good()`.
+    const fn dom(i: usize) -> usize {
+        HEADER_SIZE + 3 * DEVICE_SIZE + i * DOMAIN_SIZE
+    }
+    const fn chan(i: usize) -> usize {
+        dom(3) + i * CHANNEL_SIZE
+    }
+
     fn good() -> Vec<u8> {
-        let mut buf = vec![0xa5; encoded_size(3)];
+        let mut buf = vec![0xa5; SIZE];
         assert_eq!(
-            encode("default", ExitRule::AfterReady, &devices(), &mut buf),
-            Ok(buf.len())
+            encode(
+                "default",
+                ExitRule::AllExited,
+                &devices(),
+                &domains(),
+                &channels(),
+                &mut buf
+            ),
+            Ok(SIZE)
         );
         buf
     }
@@ -648,9 +1411,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let buf = good();
+        assert_eq!(SIZE, 64 + 24 + 720 + 64);
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!(m.name(), "default");
-        assert_eq!(m.exit_rule(), ExitRule::AfterReady);
+        assert_eq!(m.exit_rule(), ExitRule::AllExited);
         assert_eq!(m.device_count(), 3);
         assert_eq!(m.devices().collect::<Vec<_>>(), devices());
         let blk = m.device_at(Bdf::new(0, 3, 0)).unwrap();
@@ -659,11 +1423,88 @@ mod tests {
             (DeviceKind::VirtioBlk, 0x1af4, 0x1042)
         );
         assert!(m.device_at(Bdf::new(0, 6, 0)).is_none());
-        // No devices at all is a valid (if dull) system.
-        let mut buf = vec![0; encoded_size(0)];
-        encode("x", ExitRule::Never, &[], &mut buf).unwrap();
+        assert_eq!(m.domain_count(), 3);
+        assert_eq!(m.domains().collect::<Vec<_>>(), domains());
+        assert_eq!(m.domain(1), Some(domains()[1]));
+        assert_eq!(m.domain(3), None);
+        assert_eq!(m.domain_named("att-hvmem").unwrap().index, 2);
+        assert_eq!(m.domain_named("nope"), None);
+        assert_eq!(m.channel_count(), 2);
+        assert_eq!(m.channels().collect::<Vec<_>>(), channels());
+        // The layout the module doc gives, byte for byte.
+        let d = &buf[dom(1)..dom(2)];
+        assert_eq!(le::u64_at(d, 0), 8 << 20);
+        assert_eq!(le::u16_at(d, 8), 1000);
+        assert_eq!(le::u16_at(d, 10), Expect::Exit.code());
+        assert_eq!(&d[12..16], &[4, 7, 7, 21]);
+        assert_eq!(&d[16..20], b"pong");
+        assert_eq!(&d[48..55], b"testdom");
+        assert_eq!(&d[80..87], b"guest_b");
+        assert_eq!(&d[112..133], b"role=pong count=10000");
+        let c = &buf[chan(1)..];
+        assert_eq!((le::u16_at(c, 0), le::u16_at(c, 2), c[4]), (2, 0, 11));
+        assert_eq!(&c[8..19], b"side_chan-2");
+        assert_eq!(
+            (
+                le::u16_at(&buf, 58),
+                le::u16_at(&buf, 60),
+                le::u16_at(&buf, 62)
+            ),
+            (240, 32, 2)
+        );
+        // No devices or domains at all is a valid (if dull) system.
+        let mut buf = vec![0; encoded_size(0, 0, 0)];
+        encode("x", ExitRule::Never, &[], &[], &[], &mut buf).unwrap();
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!((m.device_count(), m.exit_rule()), (0, ExitRule::Never));
+        assert_eq!((m.domains().count(), m.channels().count()), (0, 0));
+    }
+
+    #[test]
+    fn limits_round_trip() {
+        // The most domains, each an end of the most channels, with the
+        // longest strings and the extreme sizes and weights.
+        let names: Vec<std::string::String> =
+            (0..MAX_DOMAINS).map(|i| std::format!("{i:0>32}")).collect();
+        let args = "~".repeat(ARGS_MAX);
+        let doms: Vec<Domain<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Domain {
+                index: i as u16,
+                name: n,
+                image: n,
+                label: n,
+                args: &args,
+                memory: if i % 2 == 0 {
+                    DOMAIN_MEMORY_MIN
+                } else {
+                    DOMAIN_MEMORY_MAX
+                },
+                weight: if i % 2 == 0 { 1 } else { WEIGHT_MAX },
+                expect: Expect::Fault,
+            })
+            .collect();
+        let cnames: Vec<std::string::String> = (0..MAX_CHANNELS)
+            .map(|i| std::format!("{i:0>24}"))
+            .collect();
+        // Channel k joins k % 17 and (k % 17 + 1 + k / 17) % 17: each
+        // domain gets 8 as `a` and 8 as `b`.
+        let n = MAX_DOMAINS;
+        let chans: Vec<Channel<'_>> = cnames
+            .iter()
+            .enumerate()
+            .map(|(k, name)| Channel {
+                name,
+                a: (k % n) as u16,
+                b: ((k % n + 1 + k / n) % n) as u16,
+            })
+            .collect();
+        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS)];
+        encode("max", ExitRule::AllExited, &[], &doms, &chans, &mut buf).unwrap();
+        let m = Manifest::parse(&buf).unwrap();
+        assert_eq!(m.domains().collect::<Vec<_>>(), doms);
+        assert_eq!(m.channels().collect::<Vec<_>>(), chans);
     }
 
     #[test]
@@ -683,48 +1524,85 @@ mod tests {
             assert_eq!(ExitRule::from_code(r.code()), Some(r));
             assert_eq!(ExitRule::from_name(r.name()), Some(r));
         }
+        assert_eq!(ExitRule::from_name("all-exited"), Some(ExitRule::AllExited));
+        for e in Expect::ALL {
+            assert_eq!(Expect::from_code(e.code()), Some(e));
+            assert_eq!(Expect::from_name(e.name()), Some(e));
+        }
+        assert_eq!(Expect::from_code(0), None);
     }
 
     #[test]
-    fn each_corruption_is_named() {
+    fn each_header_corruption_is_named() {
         use ManifestError::*;
         let g = good();
         assert_eq!(Manifest::parse(&g[..63]), Err(TruncatedHeader { len: 63 }));
         assert!(matches!(err(|b| b[1] = 0), BadMagic { .. }));
-        assert_eq!(err(|b| b[8] = 2), UnknownVersion { found: 2 });
+        assert_eq!(err(|b| b[8] = 1), UnknownVersion { found: 1 });
         assert_eq!(err(|b| b[10] = 32), BadHeaderSize { found: 32 });
         assert_eq!(err(|b| b[12] = 16), BadDeviceSize { found: 16 });
-        assert_eq!(err(|b| b[16] = 1), DomainsUnsupported { count: 1 });
+        assert_eq!(err(|b| b[58] = 16), BadDomainSize { found: 16 });
+        assert_eq!(err(|b| b[60] = 33), BadChannelSize { found: 33 });
         assert_eq!(err(|b| b[15] = 2), TooManyDevices { count: 0x203 });
+        assert_eq!(err(|b| b[16] = 18), TooManyDomains { count: 18 });
+        assert_eq!(err(|b| b[62] = 137), TooManyChannels { count: 137 });
+        let n = SIZE as u32;
         assert_eq!(
             err(|b| b[14] = 4),
             SizeMismatch {
-                declared: 88,
-                expected: 96,
-                len: 88
+                declared: n,
+                expected: SIZE + 8,
+                len: SIZE
             }
         );
         assert_eq!(
-            err(|b| b[20] = 90),
+            err(|b| b[16] = 2),
             SizeMismatch {
-                declared: 90,
-                expected: 88,
-                len: 88
+                declared: n,
+                expected: SIZE - 240,
+                len: SIZE
+            }
+        );
+        assert_eq!(
+            err(|b| b[62] = 3),
+            SizeMismatch {
+                declared: n,
+                expected: SIZE + 32,
+                len: SIZE
+            }
+        );
+        assert_eq!(
+            err(|b| b[20] = b[20].wrapping_add(1)),
+            SizeMismatch {
+                declared: n + 1,
+                expected: SIZE,
+                len: SIZE
             }
         );
         assert_eq!(
             err(|b| b.push(0)),
             SizeMismatch {
-                declared: 88,
-                expected: 88,
-                len: 89
+                declared: n,
+                expected: SIZE,
+                len: SIZE + 1
             }
         );
         assert_eq!(err(|b| b[18] = 7), UnknownExitRule { code: 7 });
         assert_eq!(err(|b| b[24] = 0), EmptyName);
         assert_eq!(err(|b| b[24] = 33), NameTooLong { len: 33 });
         assert_eq!(err(|b| b[25] = 0xc3), NameNotUtf8);
-        assert_eq!(err(|b| b[63] = 1), ReservedNotZero);
+        assert_eq!(err(|b| b[57] = 1), ReservedNotZero);
+        assert_eq!(err(|b| b[56] = 1), ReservedNotZero);
+        // all-exited with no domains.
+        let mut buf = vec![0; encoded_size(0, 0, 0)];
+        encode("x", ExitRule::Never, &[], &[], &[], &mut buf).unwrap();
+        buf[18] = ExitRule::AllExited.code() as u8;
+        assert_eq!(Manifest::parse(&buf), Err(AllExitedWithoutDomains));
+    }
+
+    #[test]
+    fn each_device_corruption_is_named() {
+        use ManifestError::*;
         assert_eq!(
             err(|b| b[64 + 8] = 9),
             UnknownDeviceKind { index: 1, code: 9 }
@@ -749,6 +1627,199 @@ mod tests {
     }
 
     #[test]
+    fn each_domain_corruption_is_named() {
+        use ManifestError::*;
+        let bad = |i: u16, field, problem| BadString {
+            record: Record::Domain(i),
+            field,
+            problem,
+        };
+        let d = dom(1);
+        // Memory: range and pages.
+        let put64 = |b: &mut Vec<u8>, at: usize, v: u64| le::put(b, at, &v.to_le_bytes());
+        assert_eq!(
+            err(|b| put64(b, d, (1 << 20) - 4096)),
+            MemoryOutOfRange {
+                index: 1,
+                bytes: (1 << 20) - 4096
+            }
+        );
+        assert_eq!(
+            err(|b| put64(b, d, (64 << 20) + 4096)),
+            MemoryOutOfRange {
+                index: 1,
+                bytes: (64 << 20) + 4096
+            }
+        );
+        assert_eq!(
+            err(|b| put64(b, d, 0)),
+            MemoryOutOfRange { index: 1, bytes: 0 }
+        );
+        assert_eq!(
+            err(|b| put64(b, d, (4 << 20) + 512)),
+            MemoryNotPages {
+                index: 1,
+                bytes: (4 << 20) + 512
+            }
+        );
+        // Weight and expect.
+        assert_eq!(
+            err(|b| b[d + 8..d + 10].copy_from_slice(&0u16.to_le_bytes())),
+            BadWeight {
+                index: 1,
+                weight: 0
+            }
+        );
+        assert_eq!(
+            err(|b| b[d + 8..d + 10].copy_from_slice(&1001u16.to_le_bytes())),
+            BadWeight {
+                index: 1,
+                weight: 1001
+            }
+        );
+        assert_eq!(err(|b| b[d + 10] = 3), UnknownExpect { index: 1, code: 3 });
+        // Strings: each rule, on each field.
+        assert_eq!(err(|b| b[d + 12] = 0), bad(1, "name", StrProblem::Empty));
+        assert_eq!(
+            err(|b| b[d + 12] = 33),
+            bad(1, "name", StrProblem::TooLong { len: 33, max: 32 })
+        );
+        assert_eq!(
+            err(|b| b[d + 16] = b'P'),
+            bad(1, "name", StrProblem::BadChar { at: 0 })
+        );
+        assert_eq!(
+            err(|b| b[d + 17] = 0xc3),
+            bad(1, "name", StrProblem::NotUtf8)
+        );
+        assert_eq!(
+            err(|b| b[d + 16 + 31] = b'x'),
+            bad(1, "name", StrProblem::PaddingNotZero)
+        );
+        assert_eq!(err(|b| b[d + 13] = 0), bad(1, "image", StrProblem::Empty));
+        assert_eq!(
+            err(|b| b[d + 48 + 3] = b'.'),
+            bad(1, "image", StrProblem::BadChar { at: 3 })
+        );
+        assert_eq!(
+            err(|b| b[d + 14] = 40),
+            bad(1, "label", StrProblem::TooLong { len: 40, max: 32 })
+        );
+        assert_eq!(
+            err(|b| b[d + 80] = b' '),
+            bad(1, "label", StrProblem::BadChar { at: 0 })
+        );
+        assert_eq!(
+            err(|b| b[d + 15] = 129),
+            bad(1, "args", StrProblem::TooLong { len: 129, max: 128 })
+        );
+        assert_eq!(
+            err(|b| b[d + 112 + 4] = b'\n'),
+            bad(1, "args", StrProblem::BadChar { at: 4 })
+        );
+        assert_eq!(
+            err(|b| b[d + 112 + 127] = b'x'),
+            bad(1, "args", StrProblem::PaddingNotZero)
+        );
+        // Empty args are fine (domain 2 has them).
+        assert_eq!(
+            Manifest::parse(&good()).unwrap().domain(2).unwrap().args,
+            ""
+        );
+        // A duplicate name.
+        assert_eq!(
+            err(|b| {
+                b.copy_within(dom(0) + 12..dom(0) + 13, dom(2) + 12);
+                b.copy_within(dom(0) + 16..dom(0) + 48, dom(2) + 16);
+            }),
+            DuplicateDomain { first: 0, index: 2 }
+        );
+    }
+
+    #[test]
+    fn each_channel_corruption_is_named() {
+        use ManifestError::*;
+        let c = chan(1);
+        assert_eq!(
+            err(|b| b[c + 4] = 0),
+            BadString {
+                record: Record::Channel(1),
+                field: "name",
+                problem: StrProblem::Empty
+            }
+        );
+        assert_eq!(
+            err(|b| b[c + 4] = 25),
+            BadString {
+                record: Record::Channel(1),
+                field: "name",
+                problem: StrProblem::TooLong { len: 25, max: 24 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[c + 8] = b'/'),
+            BadString {
+                record: Record::Channel(1),
+                field: "name",
+                problem: StrProblem::BadChar { at: 0 }
+            }
+        );
+        assert_eq!(err(|b| b[c + 6] = 1), ChannelReservedNotZero { index: 1 });
+        assert_eq!(
+            err(|b| b[c] = 3),
+            ChannelEndOutOfRange {
+                index: 1,
+                domain: 3,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[c + 3] = 1),
+            ChannelEndOutOfRange {
+                index: 1,
+                domain: 256,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[c + 2] = 2),
+            ChannelToItself {
+                index: 1,
+                domain: 2
+            }
+        );
+        assert_eq!(
+            err(|b| {
+                b[c + 4] = 2;
+                b[c + 8..c + 32].fill(0);
+                b[c + 8..c + 10].copy_from_slice(b"pp");
+            }),
+            DuplicateChannel { first: 0, index: 1 }
+        );
+    }
+
+    #[test]
+    fn a_domain_with_too_many_ports() {
+        // Domain 0 joined to domain 1 by 17 channels.
+        let d = domains();
+        let names: Vec<std::string::String> =
+            (0..=MAX_PORTS).map(|i| std::format!("c{i}")).collect();
+        let chans: Vec<Channel<'_>> = names
+            .iter()
+            .map(|name| Channel { name, a: 0, b: 1 })
+            .collect();
+        let mut buf = vec![0; encoded_size(0, 3, chans.len())];
+        assert_eq!(
+            encode("x", ExitRule::AllExited, &[], &d, &chans, &mut buf),
+            Err(EncodeError::Invalid(ManifestError::TooManyPorts {
+                domain: 0,
+                channel: 16
+            }))
+        );
+        assert!(encode("x", ExitRule::AllExited, &[], &d, &chans[..16], &mut buf).is_ok());
+    }
+
+    #[test]
     fn errors_display_their_check() {
         let e = err(|b| b[64 + 16 + 2] = 0x18);
         assert_eq!(
@@ -760,34 +1831,112 @@ mod tests {
             e.to_string(),
             "device 1 (virtio-net): ids 1af4:1042, the kind has 1af4:1041"
         );
+        let e = err(|b| b[dom(1) + 80] = b' ');
+        assert_eq!(
+            e.to_string(),
+            "domain 1: label: a character outside its alphabet at 0"
+        );
+        let e = err(|b| b[chan(0) + 2] = 0);
+        assert_eq!(e.to_string(), "channel 0: both ends are domain 0");
+        let e = err(|b| b[dom(0) + 8] = 0);
+        assert_eq!(e.to_string(), "domain 0: weight 0 is outside 1..=1000");
     }
 
     #[test]
     fn encode_refuses_what_parse_would() {
-        let mut buf = [0u8; 256];
+        use EncodeError::*;
+        use ManifestError as M;
+        let mut buf = [0u8; 2048];
         let d = devices();
+        let doms = domains();
+        let ch = channels();
         assert_eq!(
-            encode("", ExitRule::Never, &d, &mut buf),
-            Err(EncodeError::EmptyName)
+            encode("", ExitRule::Never, &d, &[], &[], &mut buf),
+            Err(Invalid(M::EmptyName))
         );
         let long = "n".repeat(33);
         assert_eq!(
-            encode(&long, ExitRule::Never, &d, &mut buf),
-            Err(EncodeError::NameTooLong { len: 33 })
+            encode(&long, ExitRule::Never, &d, &[], &[], &mut buf),
+            Err(TooLong {
+                what: "system name",
+                index: 0,
+                len: 33,
+                max: 32
+            })
         );
         let dup = [d[0], d[0]];
-        assert_eq!(
-            encode("x", ExitRule::Never, &dup, &mut buf),
-            Err(EncodeError::DuplicateAddress { first: 0, index: 1 })
-        );
+        assert!(matches!(
+            encode("x", ExitRule::Never, &dup, &[], &[], &mut buf),
+            Err(Invalid(M::DuplicateAddress {
+                first: 0,
+                index: 1,
+                ..
+            }))
+        ));
         let bad = [Device { vendor: 1, ..d[0] }];
+        assert!(matches!(
+            encode("x", ExitRule::Never, &bad, &[], &[], &mut buf),
+            Err(Invalid(M::IdsDoNotMatchKind { index: 0, .. }))
+        ));
         assert_eq!(
-            encode("x", ExitRule::Never, &bad, &mut buf),
-            Err(EncodeError::IdsDoNotMatchKind { index: 0 })
+            encode("x", ExitRule::Never, &d, &[], &[], &mut buf[..70]),
+            Err(BufferTooSmall { need: 88, have: 70 })
         );
         assert_eq!(
-            encode("x", ExitRule::Never, &d, &mut buf[..70]),
-            Err(EncodeError::BufferTooSmall { need: 88, have: 70 })
+            encode("x", ExitRule::AllExited, &d, &[], &[], &mut buf),
+            Err(Invalid(M::AllExitedWithoutDomains))
         );
+        let mut wrong = doms;
+        wrong[1].index = 0;
+        assert_eq!(
+            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            Err(WrongIndex {
+                position: 1,
+                index: 0
+            })
+        );
+        let mut wrong = doms;
+        let args = "a".repeat(129);
+        wrong[2].args = &args;
+        assert_eq!(
+            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            Err(TooLong {
+                what: "domain args",
+                index: 2,
+                len: 129,
+                max: 128
+            })
+        );
+        let mut wrong = doms;
+        wrong[2].name = "ping";
+        assert_eq!(
+            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            Err(Invalid(M::DuplicateDomain { first: 0, index: 2 }))
+        );
+        let mut wrong = doms;
+        wrong[0].memory = 3 << 30;
+        assert!(matches!(
+            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            Err(Invalid(M::MemoryOutOfRange { index: 0, .. }))
+        ));
+        let mut wrong = ch;
+        wrong[1].b = 7;
+        assert!(matches!(
+            encode("x", ExitRule::AllExited, &[], &doms, &wrong, &mut buf),
+            Err(Invalid(M::ChannelEndOutOfRange { index: 1, .. }))
+        ));
+        let long = "c".repeat(25);
+        let wrong = [Channel {
+            name: &long,
+            a: 0,
+            b: 1,
+        }];
+        assert!(matches!(
+            encode("x", ExitRule::AllExited, &[], &doms, &wrong, &mut buf),
+            Err(TooLong {
+                what: "channel name",
+                ..
+            })
+        ));
     }
 }

@@ -11,8 +11,8 @@ use crate::arch::paging;
 use crate::arch::trap::UserContext;
 use crate::mm;
 use abi::domain::{
-    PeerInfo, PortInfo, StartInfo, IMAGE_BASE, MAX_PEERS, MAX_PORTS, STACK_SIZE,
-    STACK_TOP, START_INFO_VA, USER_LIMIT,
+    PeerInfo, PortInfo, StartInfo, IMAGE_BASE, MAX_PEERS, MAX_PORTS, STACK_SIZE, STACK_TOP,
+    START_INFO_VA, USER_LIMIT,
 };
 use abi::manifest::Expect;
 use alloc::boxed::Box;

@@ -95,7 +95,10 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
             .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
         ends.push(domain::image_end(entry.data).unwrap_or(0));
         if let Err(e) = sys.evtchn.add_domain(domid) {
-            boot::fail("domain", format_args!("{}: event channels: {}", d.name, e.name()));
+            boot::fail(
+                "domain",
+                format_args!("{}: event channels: {}", d.name, e.name()),
+            );
         }
         if let Err(e) = sys.sched.add(i, d.weight) {
             boot::fail("domain", format_args!("{}: scheduler: {e}", d.name));
@@ -338,7 +341,12 @@ fn schedule() -> ! {
 /// Every domain has ended: report CPU time and stop.
 fn finish(sys: &mut System) -> ! {
     for d in &sys.domains {
-        console::event(&ev::DomainCpu { domain: &d.name, weight: d.weight, cpu_ns: d.cpu_ns, dispatches: d.dispatches });
+        console::event(&ev::DomainCpu {
+            domain: &d.name,
+            weight: d.weight,
+            cpu_ns: d.cpu_ns,
+            dispatches: d.dispatches,
+        });
     }
     let all_expected = sys.domains.iter().all(|d| match (d.expect, d.ended) {
         (Expect::Exit, Some((0, "exit"))) => true,

@@ -4,7 +4,8 @@
 //! event's schema in `abi::ev` (known name, every non-optional field present,
 //! every field of its promised JSON kind, no field the schema lacks). Then
 //! each expectation is counted over the valid events, each forbidden pattern
-//! must match none, and QEMU's exit must be the one the scenario names.
+//! must match none, each ratio and equality between two events' fields must
+//! hold, and QEMU's exit must be the one the scenario names.
 
 use std::fmt::Write as _;
 
@@ -12,7 +13,7 @@ use abi::ev::{self, EventSchema, Kind};
 use serde_json::{Map, Value};
 
 use crate::qemu::Outcome;
-use crate::scenario::{ExpectedExit, Pattern, Scenario};
+use crate::scenario::{ExpectedExit, Pattern, Scenario, Selector};
 
 /// One `EV` line that passed the schema.
 #[derive(Clone, Debug, PartialEq)]
@@ -252,6 +253,23 @@ pub fn check_log(scenario: &Scenario, log: &str, outcome: &Outcome) -> Verdict {
             ));
         }
     }
+    for (i, r) in scenario.ratios.iter().enumerate() {
+        if let Err(why) = check_ratio(&events, r) {
+            failures.push(format!("ratio[{i}]: {why}"));
+        }
+    }
+    for (i, e) in scenario.equals.iter().enumerate() {
+        let (a, b) = match (select(&events, &e.a), select(&events, &e.b)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(why), _) | (_, Err(why)) => {
+                failures.push(format!("equal[{i}]: {why}"));
+                continue;
+            }
+        };
+        if !value_matches(a, b) {
+            failures.push(format!("equal[{i}]: {} = {a}, but {} = {b}", e.a, e.b));
+        }
+    }
     let exit_ok = match scenario.exit {
         ExpectedExit::Success => *outcome == Outcome::Exited(abi::exit::QEMU_SUCCESS),
         ExpectedExit::Failure => *outcome == Outcome::Exited(abi::exit::QEMU_FAILURE),
@@ -264,6 +282,62 @@ pub fn check_log(scenario: &Scenario, log: &str, outcome: &Outcome) -> Verdict {
         ));
     }
     Verdict { events, failures }
+}
+
+/// The value `sel` names: its field in the one event its pattern matches.
+pub fn select<'e>(events: &'e [Event], sel: &Selector) -> Result<&'e Value, String> {
+    let matching: Vec<&Event> = events
+        .iter()
+        .filter(|ev| pattern_matches(&sel.pattern, ev))
+        .collect();
+    let [one] = matching[..] else {
+        let at: Vec<usize> = matching.iter().map(|e| e.line).collect();
+        let mut msg = format!("{sel}: {} events match, expected exactly 1", matching.len());
+        if !at.is_empty() {
+            let _ = write!(msg, " (console lines {})", lines(&at));
+        }
+        return Err(msg);
+    };
+    one.fields.get(&sel.field).ok_or_else(|| {
+        format!(
+            "{sel}: the event on console line {} has no field \"{}\"",
+            one.line, sel.field
+        )
+    })
+}
+
+fn number(sel: &Selector, v: &Value) -> Result<f64, String> {
+    v.as_f64()
+        .ok_or_else(|| format!("{sel} = {v}, which is not a number"))
+}
+
+/// Checks one `[[test.ratio]]`; the error says both values and the ratio.
+pub fn check_ratio(events: &[Event], r: &crate::scenario::Ratio) -> Result<(), String> {
+    let n = number(&r.num, select(events, &r.num)?)?;
+    let d = number(&r.den, select(events, &r.den)?)?;
+    let (lo, hi) = (
+        r.expect * (1.0 - r.tolerance),
+        r.expect * (1.0 + r.tolerance),
+    );
+    let want = format!(
+        "expected {} within {}% ({lo:.3}..={hi:.3})",
+        r.expect,
+        r.tolerance * 100.0
+    );
+    if d == 0.0 {
+        return Err(format!(
+            "{} / {} = {n} / 0: the denominator is 0; {want}",
+            r.num, r.den
+        ));
+    }
+    let ratio = n / d;
+    if ratio < lo || ratio > hi || ratio.is_nan() {
+        return Err(format!(
+            "{} / {} = {n} / {d} = {ratio:.3}; {want}",
+            r.num, r.den
+        ));
+    }
+    Ok(())
 }
 
 fn lines(seen: &[usize]) -> String {
@@ -349,6 +423,8 @@ mod tests {
                 },
             ],
             forbid: vec![pat("panic", json!({})), pat("exception", json!({}))],
+            ratios: Vec::new(),
+            equals: Vec::new(),
         }
     }
 
@@ -529,6 +605,134 @@ mod tests {
         let mut s = boot();
         s.forbid.clear();
         assert_eq!(check_log(&s, &log, &OK).failures, Vec::<String>::new());
+    }
+
+    const DOMAINS_LOG: &str = concat!(
+        "EV {\"ev\":\"domain_cpu\",\"domain\":\"heavy\",\"weight\":2,\"cpu_ns\":1000000000,\"dispatches\":50}\n",
+        "EV {\"ev\":\"domain_cpu\",\"domain\":\"light\",\"weight\":1,\"cpu_ns\":520000000,\"dispatches\":40}\n",
+        "EV {\"ev\":\"hypercalls\",\"domain\":\"hostile\",\"calls\":70,\"refused\":41}\n",
+        "EV {\"ev\":\"hypercalls\",\"domain\":\"idle\",\"calls\":3,\"refused\":0}\n",
+        "EV {\"ev\":\"hypercall_table\",\"cases\":60,\"expected_refusals\":41,\"mismatches\":0,\"from\":\"hostile\"}\n",
+    );
+
+    fn sel(ev: &str, fields: Value, field: &str) -> Selector {
+        Selector {
+            pattern: pat(ev, fields),
+            field: field.into(),
+        }
+    }
+
+    fn scenario_with(ratios: Vec<crate::scenario::Ratio>, equals: Vec<crate::Equal>) -> Scenario {
+        Scenario {
+            name: "x".into(),
+            timeout: Duration::from_secs(1),
+            exit: ExpectedExit::Success,
+            corrupt: None,
+            expect: Vec::new(),
+            forbid: Vec::new(),
+            ratios,
+            equals,
+        }
+    }
+
+    fn cpu_ratio(expect: f64, tolerance: f64) -> crate::scenario::Ratio {
+        crate::scenario::Ratio {
+            num: sel("domain_cpu", json!({"domain": "heavy"}), "cpu_ns"),
+            den: sel("domain_cpu", json!({"domain": "light"}), "cpu_ns"),
+            expect,
+            tolerance,
+        }
+    }
+
+    #[test]
+    fn ratios_hold_within_their_tolerance() {
+        // 1e9 / 5.2e8 = 1.923: inside 2.0 +- 10 %, outside 2.0 +- 3 %.
+        let s = scenario_with(vec![cpu_ratio(2.0, 0.10)], Vec::new());
+        assert_eq!(
+            check_log(&s, DOMAINS_LOG, &OK).failures,
+            Vec::<String>::new()
+        );
+        let s = scenario_with(vec![cpu_ratio(2.0, 0.03)], Vec::new());
+        assert_eq!(
+            check_log(&s, DOMAINS_LOG, &OK).failures,
+            ["ratio[0]: domain_cpu{\"domain\":\"heavy\"}.cpu_ns / domain_cpu{\"domain\":\"light\"}.cpu_ns \
+              = 1000000000 / 520000000 = 1.923; expected 2 within 3% (1.940..=2.060)"]
+        );
+        // Too high fails as well as too low.
+        let s = scenario_with(vec![cpu_ratio(1.5, 0.10)], Vec::new());
+        assert!(check_log(&s, DOMAINS_LOG, &OK).failures[0].contains("= 1.923; expected 1.5"));
+    }
+
+    #[test]
+    fn a_ratio_needs_one_numeric_event_on_each_side() {
+        let mut r = cpu_ratio(2.0, 0.1);
+        r.den = sel("domain_cpu", json!({}), "cpu_ns");
+        let f = check_log(&scenario_with(vec![r], Vec::new()), DOMAINS_LOG, &OK).failures;
+        assert_eq!(
+            f,
+            ["ratio[0]: domain_cpu{}.cpu_ns: 2 events match, expected exactly 1 (console lines 1, 2)"]
+        );
+        let mut r = cpu_ratio(2.0, 0.1);
+        r.num = sel("domain_cpu", json!({"domain": "nobody"}), "cpu_ns");
+        let f = check_log(&scenario_with(vec![r], Vec::new()), DOMAINS_LOG, &OK).failures;
+        assert_eq!(
+            f,
+            ["ratio[0]: domain_cpu{\"domain\":\"nobody\"}.cpu_ns: 0 events match, expected exactly 1"]
+        );
+        let mut r = cpu_ratio(2.0, 0.1);
+        r.num.field = "domain".into();
+        let f = check_log(&scenario_with(vec![r], Vec::new()), DOMAINS_LOG, &OK).failures;
+        assert!(
+            f[0].contains(".domain = \"heavy\", which is not a number"),
+            "{f:?}"
+        );
+        let mut r = cpu_ratio(2.0, 0.1);
+        r.den.field = "nothing".into();
+        let f = check_log(&scenario_with(vec![r], Vec::new()), DOMAINS_LOG, &OK).failures;
+        assert!(
+            f[0].contains("console line 2 has no field \"nothing\""),
+            "{f:?}"
+        );
+        let log = DOMAINS_LOG.replace("\"cpu_ns\":520000000", "\"cpu_ns\":0");
+        let f = check_log(
+            &scenario_with(vec![cpu_ratio(2.0, 0.1)], Vec::new()),
+            &log,
+            &OK,
+        )
+        .failures;
+        assert!(f[0].contains("the denominator is 0"), "{f:?}");
+    }
+
+    #[test]
+    fn equal_values_name_both_sides() {
+        let refused = || crate::Equal {
+            a: sel("hypercalls", json!({"domain": "hostile"}), "refused"),
+            b: sel(
+                "hypercall_table",
+                json!({"from": "hostile"}),
+                "expected_refusals",
+            ),
+        };
+        let s = scenario_with(Vec::new(), vec![refused()]);
+        assert_eq!(
+            check_log(&s, DOMAINS_LOG, &OK).failures,
+            Vec::<String>::new()
+        );
+        let log = DOMAINS_LOG.replace("\"refused\":41", "\"refused\":42");
+        assert_eq!(
+            check_log(&s, &log, &OK).failures,
+            [
+                "equal[0]: hypercalls{\"domain\":\"hostile\"}.refused = 42, \
+              but hypercall_table{\"from\":\"hostile\"}.expected_refusals = 41"
+            ]
+        );
+        let mut e = refused();
+        e.a.pattern.fields.clear();
+        let f = check_log(&scenario_with(Vec::new(), vec![e]), DOMAINS_LOG, &OK).failures;
+        assert_eq!(
+            f,
+            ["equal[0]: hypercalls{}.refused: 2 events match, expected exactly 1 (console lines 3, 4)"]
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - boots QEMU with a time limit and kills it (its whole process group) if
 //!   it hangs ([`qemu`]),
 //! - checks the console ([`check`]): every `EV` line against the schema in
-//!   `abi::ev`, the expected and forbidden events, and QEMU's exit status.
+//!   `abi::ev`, the expected and forbidden events, the ratios and equalities
+//!   between event fields, and QEMU's exit status.
 //!
 //! The checking is pure (a log and an outcome in, a verdict out) and tested
 //! on fixtures; only [`qemu`] touches processes.
@@ -21,4 +22,4 @@ pub mod scenario;
 
 pub use check::{check_log, Verdict};
 pub use qemu::Outcome;
-pub use scenario::{Corruption, Expect, ExpectedExit, Pattern, Scenario};
+pub use scenario::{Corruption, Equal, Expect, ExpectedExit, Pattern, Ratio, Scenario, Selector};

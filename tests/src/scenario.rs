@@ -68,6 +68,46 @@ pub struct Expect {
     pub count: Option<u32>,
 }
 
+/// One value of one event: the single event a pattern matches, and a field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selector {
+    pub pattern: Pattern,
+    pub field: String,
+}
+
+impl fmt::Display for Selector {
+    /// `hypercalls{"domain":"hostile"}.refused`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}{}.{}",
+            self.pattern.ev,
+            Value::Object(self.pattern.fields.clone()),
+            self.field
+        )
+    }
+}
+
+/// `[[test.ratio]]`: `num`'s value divided by `den`'s is `expect` within a
+/// relative `tolerance` (0.10 is 10 %). Both are numbers; each selector must
+/// match exactly one event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ratio {
+    pub num: Selector,
+    pub den: Selector,
+    pub expect: f64,
+    pub tolerance: f64,
+}
+
+/// `[[test.equal]]`: two values that must be equal (numbers by value, hex
+/// strings by number, anything else as JSON). Each selector must match
+/// exactly one event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Equal {
+    pub a: Selector,
+    pub b: Selector,
+}
+
 /// A way to damage the packed bundle before boot, to test the checks that
 /// must catch it. Spelled as in `[test] corrupt = "..."`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +185,8 @@ pub struct Scenario {
     pub corrupt: Option<Corruption>,
     pub expect: Vec<Expect>,
     pub forbid: Vec<Pattern>,
+    pub ratios: Vec<Ratio>,
+    pub equals: Vec<Equal>,
 }
 
 #[cfg(test)]

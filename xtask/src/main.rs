@@ -1,8 +1,9 @@
 //! `cargo xtask`: airlock's build, run and test tool.
 //!
-//! - `run`: check and compile a manifest, build the hypervisor, pack the
-//!   boot bundle, create missing disk images, print and run the QEMU command
-//!   line, stream the console, exit 0 exactly when the system reports success.
+//! - `run`: check and compile a manifest, build the hypervisor and the
+//!   domain images it names, pack the boot bundle, create missing disk
+//!   images, print and run the QEMU command line, stream the console, exit 0
+//!   exactly when the system reports success.
 //! - `test`: the host tests, then every QEMU scenario in `tests/scenarios/`,
 //!   then `N passed, N failed`.
 //! - `check`: check manifests without booting anything.
@@ -120,15 +121,90 @@ pub fn build_hypervisor(p: &Paths) -> Result<PathBuf, String> {
     Ok(kernel)
 }
 
-/// Packs the boot bundle (the compiled manifest; domain images join it
-/// later) and writes it to `out`.
-pub fn pack(system: &System, exit: Option<ExitRule>, out: &Path) -> Result<Vec<u8>, String> {
+/// The target domain images are built for.
+pub const DOMAIN_TARGET: &str = "x86_64-unknown-none";
+
+/// The cargo arguments that build `images` (bins of the `guests` crate).
+pub fn image_build_args(images: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "build",
+        "--release",
+        "-p",
+        "guests",
+        "--target",
+        DOMAIN_TARGET,
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in images {
+        args.push("--bin".into());
+        args.push((*i).to_owned());
+    }
+    args
+}
+
+/// Builds the domain images in one cargo call; returns the directory that
+/// holds them (each file named after its image). Nothing to build: no call.
+pub fn build_images(p: &Paths, images: &[&str]) -> Result<PathBuf, String> {
+    let dir = p.target.join(DOMAIN_TARGET).join("release");
+    if images.is_empty() {
+        return Ok(dir);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let args = image_build_args(images);
+    eprintln!("airlock: cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(&args)
+        .current_dir(&p.root)
+        .status()
+        .map_err(|e| format!("could not run cargo to build the domain images: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the domain images failed (cargo {}: {status})",
+            args.join(" ")
+        ));
+    }
+    for i in images {
+        if !dir.join(i).is_file() {
+            return Err(format!(
+                "the domain images built, but {} is missing",
+                dir.join(i).display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// Packs the boot bundle (the compiled manifest and each distinct domain
+/// image once, as an image entry named after it, read from `image_dir`) and
+/// writes it to `out`.
+pub fn pack(
+    system: &System,
+    exit: Option<ExitRule>,
+    image_dir: &Path,
+    out: &Path,
+) -> Result<Vec<u8>, String> {
     let manifest = system.compile(exit)?;
-    let items = [Item {
+    let names = system.images();
+    let mut images = Vec::new();
+    for name in &names {
+        let file = image_dir.join(name);
+        let data = std::fs::read(&file)
+            .map_err(|e| format!("image \"{name}\": cannot read {}: {e}", file.display()))?;
+        images.push(data);
+    }
+    let mut items = vec![Item {
         kind: EntryKind::Manifest,
         name: "manifest",
         data: &manifest,
     }];
+    for (name, data) in names.iter().zip(&images) {
+        items.push(Item {
+            kind: EntryKind::Image,
+            name,
+            data,
+        });
+    }
     let builder = Builder::new(&items);
     let size = builder
         .size()
@@ -194,14 +270,22 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
     let system = load(&file, &shown)?;
     let qemu_bin = qemu::ensure()?;
     let kernel = build_hypervisor(&p)?;
+    let image_dir = build_images(&p, &system.images())?;
     let bundle = p.airlock.join(format!("{}.bundle", system.name));
     let exit = r.keep_running.then_some(ExitRule::Never);
-    let bytes = pack(&system, exit, &bundle)?;
+    let bytes = pack(&system, exit, &image_dir, &bundle)?;
+    let images = system.images();
     eprintln!(
-        "airlock: {} ({} bytes: the compiled manifest of \"{}\")",
+        "airlock: {} ({} bytes: the compiled manifest of \"{}\"{}{})",
         p.show(&bundle),
         bytes.len(),
-        system.name
+        system.name,
+        if images.is_empty() {
+            ""
+        } else {
+            " and images "
+        },
+        images.join(", ")
     );
     create_disks(&system, &p)?;
     let args = qemu::args(&qemu::Config {
@@ -268,16 +352,56 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                         format!("{} at {} ({v:04x}:{id:04x})", d.kind, d.bdf)
                     })
                     .collect();
+                let domains: Vec<String> = s
+                    .domains
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} ({}, {} KiB, weight {}, label {}, expect {})",
+                            d.name,
+                            d.image,
+                            d.memory >> 10,
+                            d.weight,
+                            d.label,
+                            d.expect.name()
+                        )
+                    })
+                    .collect();
+                let channels: Vec<String> = s
+                    .channels
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} ({} <-> {})",
+                            c.name, s.domains[c.a].name, s.domains[c.b].name
+                        )
+                    })
+                    .collect();
+                let list = |v: &[String]| {
+                    if v.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", v.join(", "))
+                    }
+                };
                 println!(
-                    "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}{}; compiled manifest {} bytes{}",
+                    "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}; {} domain(s){}; \
+                     {} channel(s){}; compiled manifest {} bytes{}",
                     s.name,
                     s.memory >> 20,
                     s.exit.name(),
                     devices.len(),
-                    if devices.is_empty() { "" } else { ": " },
-                    devices.join(", "),
+                    list(&devices),
+                    domains.len(),
+                    list(&domains),
+                    channels.len(),
+                    list(&channels),
                     compiled.len(),
-                    if s.test.is_some() { "; has a [test] table" } else { "" }
+                    if s.test.is_some() {
+                        "; has a [test] table"
+                    } else {
+                        ""
+                    }
                 );
             }
             Err(e) => {
@@ -291,4 +415,50 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi::bundle::Bundle;
+    use abi::manifest::Manifest;
+
+    #[test]
+    fn one_cargo_call_builds_every_image() {
+        assert_eq!(
+            image_build_args(&["testdom", "other"]).join(" "),
+            "build --release -p guests --target x86_64-unknown-none --bin testdom --bin other"
+        );
+    }
+
+    #[test]
+    fn the_bundle_carries_each_image_once() {
+        let src = "[system]\nname = \"packed\"\n\n\
+            [[domain]]\nname = \"a\"\nimage = \"testdom\"\nmemory = \"1M\"\nlabel = \"l\"\n\n\
+            [[domain]]\nname = \"b\"\nimage = \"testdom\"\nmemory = \"1M\"\nlabel = \"l\"\n";
+        let system = manifest::check("packed.toml", src).unwrap();
+        let dir = Paths::new().airlock.join("test-pack");
+        let elf = b"\x7fELF stand-in for the testdom image".to_vec();
+        write_file(&dir.join("testdom"), &elf).unwrap();
+        let out = dir.join("packed.bundle");
+        let bytes = pack(&system, None, &dir, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), bytes);
+        let b = Bundle::parse(&bytes).unwrap();
+        let kinds: Vec<(EntryKind, &str)> = b.entries().map(|e| (e.kind, e.name)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EntryKind::Manifest, "manifest"),
+                (EntryKind::Image, "testdom")
+            ]
+        );
+        assert_eq!(b.find(EntryKind::Image, "testdom").unwrap().data, elf);
+        let m = Manifest::parse(b.manifest().unwrap()).unwrap();
+        assert_eq!(m.exit_rule(), ExitRule::AllExited);
+        assert!(m.domains().all(|d| d.image == "testdom"));
+        // A missing image is an error that names it.
+        let e = pack(&system, None, &dir.join("nowhere"), &out).unwrap_err();
+        assert!(e.starts_with("image \"testdom\": cannot read "), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -4,7 +4,9 @@
 //! ```toml
 //! [system]
 //! name = "default"          # 1-32 of A-Z a-z 0-9 - _; names the bundle file
-//! exit = "after-ready"      # or "never"; default "after-ready"
+//! exit = "all-exited"       # "all-exited" (default with domains): stop when every domain
+//!                           # has ended, success iff each ended as its `expect` says;
+//!                           # "after-ready" (default without domains); "never"
 //!
 //! [machine]
 //! memory = "256M"           # QEMU -m; default "256M"
@@ -20,7 +22,45 @@
 //! addr = "04.0"
 //! netdev = "user"           # virtio-net only; QEMU's user network, restrict=on
 //!
+//! [[domain]]                # at most 17 (each domain's start info lists the others)
+//! name = "ping"             # unique, 1-32 of a-z 0-9 _ -
+//! image = "testdom"         # a bin of the `guests` crate (IMAGES)
+//! memory = "4M"             # image + heap + stack + start info; 1M..=64M, a multiple of 4K
+//! weight = 1                # scheduling weight 1..=1000; default 1
+//! label = "guest_a"         # security label, 1-32 of a-z 0-9 _ -
+//! args = "role=ping"        # up to 128 printable ASCII bytes, in the start info; default ""
+//! expect = "exit"           # "exit" (status 0, default) or "fault"
+//!
+//! [[channel]]               # an interdomain event channel bound before the domains start
+//! name = "pp"               # unique, 1-24 of a-z 0-9 _ -; names the port in each start info
+//! between = ["ping", "pong"]  # two distinct domains, each an end of at most 16 channels
+//!
 //! [test]                    # scenarios only (tests/scenarios/); `run` ignores it
+//! ```
+//!
+//! A scenario's `[test]` table: `timeout_s`, `exit` ("success", "failure",
+//! "timeout"), `corrupt`, and
+//!
+//! ```toml
+//! [[test.expect]]           # an event that must appear (count: exactly; default at least once)
+//! ev = "pingpong"
+//! fields = { role = "ping", from = "ping" }
+//! count = 1
+//!
+//! [[test.forbid]]           # an event that must not appear
+//! ev = "domain_fault"
+//!
+//! [[test.ratio]]            # num's field / den's field = expect, within a relative tolerance;
+//! ev = "domain_cpu"         # each of num and den matches exactly one event
+//! field = "cpu_ns"
+//! num = { domain = "heavy" }
+//! den = { domain = "light" }
+//! expect = 2.0
+//! tolerance = 0.10
+//!
+//! [[test.equal]]            # two fields of two events (each matched exactly once) are equal
+//! a = { ev = "hypercalls", fields = { domain = "hostile" }, field = "refused" }
+//! b = { ev = "hypercall_table", fields = { from = "hostile" }, field = "expected_refusals" }
 //! ```
 //!
 //! Structure errors (unknown fields and tables, wrong types, missing fields,
@@ -36,7 +76,7 @@ use std::time::Duration;
 
 use abi::manifest::{self as compiled, Device, DeviceKind, ExitRule};
 use abi::pci::Bdf;
-use harness::{Corruption, Expect, ExpectedExit, Pattern, Scenario};
+use harness::{Corruption, Equal, Expect, ExpectedExit, Pattern, Ratio, Scenario, Selector};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -49,6 +89,12 @@ const MIB: u64 = 1 << 20;
 const MIN_MEMORY: u64 = 32 * MIB;
 const MAX_MEMORY: u64 = 1 << 40;
 const MAX_DISK: u64 = 1 << 41;
+/// Machine memory the checker keeps back for the hypervisor when it adds up
+/// the domains' memory.
+pub const HYPERVISOR_RESERVE: u64 = 32 * MIB;
+
+/// The domain images there are: the bins of the `guests` crate.
+pub const IMAGES: &[&str] = &["testdom"];
 
 // ---- the TOML schema ----
 
@@ -59,6 +105,10 @@ struct Doc {
     machine: Option<MachineToml>,
     #[serde(default)]
     device: Vec<DeviceToml>,
+    #[serde(default)]
+    domain: Vec<DomainToml>,
+    #[serde(default)]
+    channel: Vec<ChannelToml>,
     test: Option<TestToml>,
 }
 
@@ -87,6 +137,25 @@ struct DeviceToml {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DomainToml {
+    name: Spanned<String>,
+    image: Spanned<String>,
+    memory: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    label: Spanned<String>,
+    args: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelToml {
+    name: Spanned<String>,
+    between: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TestToml {
     timeout_s: Option<Spanned<u64>>,
     exit: Spanned<String>,
@@ -95,6 +164,10 @@ struct TestToml {
     expect: Vec<ExpectToml>,
     #[serde(default)]
     forbid: Vec<ForbidToml>,
+    #[serde(default)]
+    ratio: Vec<RatioToml>,
+    #[serde(default)]
+    equal: Vec<EqualToml>,
 }
 
 type FieldsToml = BTreeMap<Spanned<String>, serde_json::Value>;
@@ -114,6 +187,33 @@ struct ForbidToml {
     ev: Spanned<String>,
     #[serde(default)]
     fields: FieldsToml,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatioToml {
+    ev: Spanned<String>,
+    field: Spanned<String>,
+    num: FieldsToml,
+    den: FieldsToml,
+    expect: Spanned<f64>,
+    tolerance: Spanned<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectorToml {
+    ev: Spanned<String>,
+    #[serde(default)]
+    fields: FieldsToml,
+    field: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EqualToml {
+    a: SelectorToml,
+    b: SelectorToml,
 }
 
 // ---- what a checked manifest says ----
@@ -139,6 +239,26 @@ pub struct PlannedDevice {
     pub backend: Backend,
 }
 
+/// One domain, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedDomain {
+    pub name: String,
+    pub image: String,
+    pub memory: u64,
+    pub weight: u16,
+    pub label: String,
+    pub args: String,
+    pub expect: compiled::Expect,
+}
+
+/// One channel, checked: `a` and `b` index `System::domains`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedChannel {
+    pub name: String,
+    pub a: usize,
+    pub b: usize,
+}
+
 /// A manifest that passed every check.
 #[derive(Clone, Debug)]
 pub struct System {
@@ -146,6 +266,8 @@ pub struct System {
     pub memory: u64,
     pub exit: ExitRule,
     pub devices: Vec<PlannedDevice>,
+    pub domains: Vec<PlannedDomain>,
+    pub channels: Vec<PlannedChannel>,
     /// The scenario, when the file has a `[test]` table (named after the file).
     pub test: Option<Scenario>,
 }
@@ -159,11 +281,53 @@ impl System {
             .iter()
             .map(|d| Device::new(d.kind, d.bdf))
             .collect();
-        let mut out = vec![0; compiled::encoded_size(devices.len())];
-        let n = compiled::encode(&self.name, exit.unwrap_or(self.exit), &devices, &mut out)
-            .map_err(|e| format!("compiling the manifest: {e}"))?;
+        let domains: Vec<compiled::Domain<'_>> = self
+            .domains
+            .iter()
+            .enumerate()
+            .map(|(i, d)| compiled::Domain {
+                index: i as u16,
+                name: &d.name,
+                image: &d.image,
+                label: &d.label,
+                args: &d.args,
+                memory: d.memory,
+                weight: d.weight,
+                expect: d.expect,
+            })
+            .collect();
+        let channels: Vec<compiled::Channel<'_>> = self
+            .channels
+            .iter()
+            .map(|c| compiled::Channel {
+                name: &c.name,
+                a: c.a as u16,
+                b: c.b as u16,
+            })
+            .collect();
+        let mut out = vec![0; compiled::encoded_size(devices.len(), domains.len(), channels.len())];
+        let n = compiled::encode(
+            &self.name,
+            exit.unwrap_or(self.exit),
+            &devices,
+            &domains,
+            &channels,
+            &mut out,
+        )
+        .map_err(|e| format!("compiling the manifest: {e}"))?;
         out.truncate(n);
         Ok(out)
+    }
+
+    /// The distinct images the domains name, in first-use order.
+    pub fn images(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = Vec::new();
+        for d in &self.domains {
+            if !v.contains(&d.image.as_str()) {
+                v.push(&d.image);
+            }
+        }
+        v
     }
 }
 
@@ -369,9 +533,9 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
     if let Err(m) = check_name(&name) {
         c.err(doc.system.name.span(), "system.name", m);
     }
-    let exit = match &doc.system.exit {
-        None => ExitRule::AfterReady,
-        Some(e) => ExitRule::from_name(e.get_ref()).unwrap_or_else(|| {
+    let exit = doc.system.exit.as_ref().and_then(|e| {
+        let rule = ExitRule::from_name(e.get_ref());
+        if rule.is_none() {
             let all = one_of(&ExitRule::ALL, ExitRule::name);
             c.err(
                 e.span(),
@@ -381,9 +545,9 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
                     e.get_ref()
                 ),
             );
-            ExitRule::AfterReady
-        }),
-    };
+        }
+        rule
+    });
     let mut memory = DEFAULT_MEMORY;
     if let Some(m) = doc.machine.as_ref().and_then(|m| m.memory.as_ref()) {
         match parse_size(m.get_ref()) {
@@ -536,6 +700,30 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
         }
     }
 
+    let (domains, channels) = check_domains(&mut c, &doc, memory);
+    let exit = match (exit, &doc.system.exit) {
+        (Some(ExitRule::AllExited), Some(e)) if domains.is_empty() && doc.domain.is_empty() => {
+            c.err(
+                e.span(),
+                "system.exit",
+                "exit rule all-exited, but the manifest has no [[domain]] to wait for",
+            );
+            ExitRule::AllExited
+        }
+        (Some(ExitRule::AfterReady), Some(e)) if !doc.domain.is_empty() => {
+            c.err(
+                e.span(),
+                "system.exit",
+                "exit rule after-ready ends the system before its domains run \
+                 (use all-exited, or leave exit out)",
+            );
+            ExitRule::AfterReady
+        }
+        (Some(rule), _) => rule,
+        (None, _) if doc.domain.is_empty() => ExitRule::AfterReady,
+        (None, _) => ExitRule::AllExited,
+    };
+
     let stem = Path::new(file)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -548,6 +736,8 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             memory,
             exit,
             devices,
+            domains,
+            channels,
             test,
         })
     } else {
@@ -556,45 +746,326 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
     }
 }
 
+/// Checks a domain, image, label or channel name: 1..=`max` of a-z 0-9 _ -.
+fn check_ident(s: &str, what: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() || s.len() > max || !s.bytes().all(compiled::is_name_byte) {
+        return Err(format!(
+            "bad {what} \"{s}\" (expected 1 to {max} of a-z 0-9 _ -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every `[[domain]]` and `[[channel]]`; `machine` is the machine's
+/// memory, which the domains' must fit in.
+fn check_domains(
+    c: &mut Checker<'_>,
+    doc: &Doc,
+    machine: u64,
+) -> (Vec<PlannedDomain>, Vec<PlannedChannel>) {
+    let mut domains = Vec::new();
+    let mut total: u64 = 0;
+    let mut over_memory = false;
+    for (i, d) in doc.domain.iter().enumerate() {
+        let at = |field: &str| format!("domain[{i}].{field}");
+        let mut ok = true;
+        let name = d.name.get_ref();
+        if let Err(m) = check_ident(name, "domain name", compiled::DOMAIN_NAME_MAX) {
+            c.err(d.name.span(), at("name"), m);
+            ok = false;
+        } else if let Some(first) = doc.domain[..i]
+            .iter()
+            .position(|o| o.name.get_ref() == name)
+        {
+            c.err(
+                d.name.span(),
+                at("name"),
+                format!("domain name \"{name}\" already used by domain[{first}]"),
+            );
+            ok = false;
+        }
+        if i == compiled::MAX_DOMAINS {
+            c.err(
+                d.name.span(),
+                at("name"),
+                format!(
+                    "more than {} domains (each domain's start info lists every other one)",
+                    compiled::MAX_DOMAINS
+                ),
+            );
+        }
+        let image = d.image.get_ref();
+        if !IMAGES.contains(&image.as_str()) {
+            c.err(
+                d.image.span(),
+                at("image"),
+                format!(
+                    "unknown image \"{image}\" (expected one of {}: the bins of the guests crate)",
+                    IMAGES.join(", ")
+                ),
+            );
+            ok = false;
+        }
+        let mem = d.memory.get_ref();
+        let memory = match parse_size(mem) {
+            Ok(n) if !(compiled::DOMAIN_MEMORY_MIN..=compiled::DOMAIN_MEMORY_MAX).contains(&n) => {
+                c.err(
+                    d.memory.span(),
+                    at("memory"),
+                    format!("{mem} is outside 1M..=64M"),
+                );
+                None
+            }
+            Ok(n) if !n.is_multiple_of(compiled::PAGE_SIZE) => {
+                c.err(
+                    d.memory.span(),
+                    at("memory"),
+                    format!("{mem} is not a whole number of 4K pages"),
+                );
+                None
+            }
+            Ok(n) => Some(n),
+            Err(e) => {
+                c.err(d.memory.span(), at("memory"), e);
+                None
+            }
+        };
+        if let Some(n) = memory {
+            total += n;
+            if !over_memory && total + HYPERVISOR_RESERVE > machine {
+                over_memory = true;
+                c.err(
+                    d.memory.span(),
+                    at("memory"),
+                    format!(
+                        "the domains so far need {} MiB, more than the machine's {} MiB \
+                         less the {} MiB kept for the hypervisor",
+                        total.div_ceil(MIB),
+                        machine >> 20,
+                        HYPERVISOR_RESERVE >> 20
+                    ),
+                );
+            }
+        }
+        let weight = match &d.weight {
+            None => Some(1),
+            Some(w) => match u16::try_from(*w.get_ref()) {
+                Ok(v) if (1..=compiled::WEIGHT_MAX).contains(&v) => Some(v),
+                _ => {
+                    c.err(
+                        w.span(),
+                        at("weight"),
+                        format!(
+                            "weight {} is outside 1..={}",
+                            w.get_ref(),
+                            compiled::WEIGHT_MAX
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let label = d.label.get_ref();
+        if let Err(m) = check_ident(label, "label", compiled::DOMAIN_NAME_MAX) {
+            c.err(d.label.span(), at("label"), m);
+            ok = false;
+        }
+        let args = d.args.as_ref().map_or("", |a| a.get_ref().as_str());
+        if let Some(a) = &d.args {
+            if args.len() > abi::domain::ARGS_MAX {
+                c.err(
+                    a.span(),
+                    at("args"),
+                    format!(
+                        "args of {} bytes, at most {}",
+                        args.len(),
+                        abi::domain::ARGS_MAX
+                    ),
+                );
+                ok = false;
+            } else if !args.bytes().all(compiled::is_args_byte) {
+                c.err(
+                    a.span(),
+                    at("args"),
+                    "args must be printable ASCII (no tabs, newlines or other characters)",
+                );
+                ok = false;
+            }
+        }
+        let expect = match &d.expect {
+            None => Some(compiled::Expect::Exit),
+            Some(e) => {
+                let x = compiled::Expect::from_name(e.get_ref());
+                if x.is_none() {
+                    c.err(
+                        e.span(),
+                        at("expect"),
+                        format!(
+                            "unknown expected end \"{}\" (expected one of {})",
+                            e.get_ref(),
+                            one_of(&compiled::Expect::ALL, compiled::Expect::name)
+                        ),
+                    );
+                }
+                x
+            }
+        };
+        if let (true, Some(memory), Some(weight), Some(expect)) = (ok, memory, weight, expect) {
+            domains.push(PlannedDomain {
+                name: name.clone(),
+                image: image.clone(),
+                memory,
+                weight,
+                label: label.clone(),
+                args: args.to_owned(),
+                expect,
+            });
+        }
+    }
+
+    let index_of = |n: &str| doc.domain.iter().position(|d| d.name.get_ref() == n);
+    let mut channels = Vec::new();
+    let mut ports = vec![0usize; doc.domain.len()];
+    for (i, ch) in doc.channel.iter().enumerate() {
+        let at = |field: &str| format!("channel[{i}].{field}");
+        let mut ok = true;
+        let name = ch.name.get_ref();
+        if let Err(m) = check_ident(name, "channel name", compiled::CHANNEL_NAME_MAX) {
+            c.err(ch.name.span(), at("name"), m);
+            ok = false;
+        } else if let Some(first) = doc.channel[..i]
+            .iter()
+            .position(|o| o.name.get_ref() == name)
+        {
+            c.err(
+                ch.name.span(),
+                at("name"),
+                format!("channel name \"{name}\" already used by channel[{first}]"),
+            );
+            ok = false;
+        }
+        let ends = ch.between.get_ref();
+        if ends.len() != 2 {
+            c.err(
+                ch.between.span(),
+                at("between"),
+                format!(
+                    "{} domain(s) given, a channel joins exactly two",
+                    ends.len()
+                ),
+            );
+            continue;
+        }
+        let mut idx = [0usize; 2];
+        for (k, e) in ends.iter().enumerate() {
+            match index_of(e.get_ref()) {
+                Some(j) => idx[k] = j,
+                None => {
+                    c.err(
+                        e.span(),
+                        format!("channel[{i}].between[{k}]"),
+                        format!("no domain is called \"{}\"", e.get_ref()),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            continue;
+        }
+        if idx[0] == idx[1] {
+            c.err(
+                ch.between.span(),
+                at("between"),
+                format!(
+                    "both ends are domain \"{}\": a channel joins two distinct domains",
+                    ends[0].get_ref()
+                ),
+            );
+            continue;
+        }
+        for (k, &j) in idx.iter().enumerate() {
+            ports[j] += 1;
+            if ports[j] == abi::domain::MAX_PORTS + 1 {
+                c.err(
+                    ends[k].span(),
+                    format!("channel[{i}].between[{k}]"),
+                    format!(
+                        "domain \"{}\" would be an end of more than {} channels",
+                        ends[k].get_ref(),
+                        abi::domain::MAX_PORTS
+                    ),
+                );
+            }
+        }
+        channels.push(PlannedChannel {
+            name: name.clone(),
+            a: idx[0],
+            b: idx[1],
+        });
+    }
+    (domains, channels)
+}
+
 fn check_pattern(
     c: &mut Checker<'_>,
     path: &str,
     ev: &Spanned<String>,
     fields: &FieldsToml,
 ) -> Pattern {
-    match abi::ev::schema(ev.get_ref()) {
-        None => {
-            let all: Vec<&str> = abi::ev::ALL.iter().map(|s| s.name).collect();
-            c.err(
-                ev.span(),
-                format!("{path}.ev"),
-                format!(
-                    "unknown event \"{}\" (expected one of {})",
-                    ev.get_ref(),
-                    all.join(", ")
-                ),
-            );
-        }
-        Some(schema) => {
-            for key in fields.keys() {
-                let k = key.get_ref();
-                if k != "from" && !harness::check::is_schema_key(schema, k) {
-                    let all: Vec<&str> = schema.fields.iter().map(|f| f.name).collect();
-                    c.err(
-                        key.span(),
-                        format!("{path}.fields.{k}"),
-                        format!(
-                            "event \"{}\" has no field \"{k}\" (its fields: {})",
-                            schema.name,
-                            all.join(", ")
-                        ),
-                    );
-                }
+    let schema = check_ev(c, path, ev);
+    check_keys(c, schema, fields, &format!("{path}.fields"))
+}
+
+/// The schema of event `ev`, or an error at `{path}.ev`.
+fn check_ev(
+    c: &mut Checker<'_>,
+    path: &str,
+    ev: &Spanned<String>,
+) -> Option<&'static abi::ev::EventSchema> {
+    let schema = abi::ev::schema(ev.get_ref());
+    if schema.is_none() {
+        let all: Vec<&str> = abi::ev::ALL.iter().map(|s| s.name).collect();
+        c.err(
+            ev.span(),
+            format!("{path}.ev"),
+            format!(
+                "unknown event \"{}\" (expected one of {})",
+                ev.get_ref(),
+                all.join(", ")
+            ),
+        );
+    }
+    schema
+}
+
+/// A pattern of `fields` for an event of `schema` (each key checked, errors
+/// at `{fields_path}.KEY`); `ev` names the event.
+fn check_keys(
+    c: &mut Checker<'_>,
+    schema: Option<&'static abi::ev::EventSchema>,
+    fields: &FieldsToml,
+    fields_path: &str,
+) -> Pattern {
+    if let Some(schema) = schema {
+        for key in fields.keys() {
+            let k = key.get_ref();
+            if k != "from" && !harness::check::is_schema_key(schema, k) {
+                let all: Vec<&str> = schema.fields.iter().map(|f| f.name).collect();
+                c.err(
+                    key.span(),
+                    format!("{fields_path}.{k}"),
+                    format!(
+                        "event \"{}\" has no field \"{k}\" (its fields: {})",
+                        schema.name,
+                        all.join(", ")
+                    ),
+                );
             }
         }
     }
     Pattern {
-        ev: ev.get_ref().clone(),
+        ev: schema.map_or_else(String::new, |s| s.name.to_owned()),
         fields: fields
             .iter()
             .map(|(k, v)| (k.get_ref().clone(), v.clone()))
@@ -653,6 +1124,66 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
         .enumerate()
         .map(|(i, f)| check_pattern(c, &format!("test.forbid[{i}]"), &f.ev, &f.fields))
         .collect();
+    let ratios = t
+        .ratio
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let path = format!("test.ratio[{i}]");
+            let schema = check_ev(c, &path, &r.ev);
+            let num = check_keys(c, schema, &r.num, &format!("{path}.num"));
+            let den = check_keys(c, schema, &r.den, &format!("{path}.den"));
+            check_field(c, &path, &r.ev, &r.field, true);
+            let expect = *r.expect.get_ref();
+            if !(expect.is_finite() && expect > 0.0) {
+                c.err(
+                    r.expect.span(),
+                    format!("{path}.expect"),
+                    format!("expected ratio {expect} is not a positive number"),
+                );
+            }
+            let tolerance = *r.tolerance.get_ref();
+            if !(tolerance > 0.0 && tolerance < 1.0) {
+                c.err(
+                    r.tolerance.span(),
+                    format!("{path}.tolerance"),
+                    format!("tolerance {tolerance} is not between 0 and 1 (0.10 is 10 %)"),
+                );
+            }
+            let field = r.field.get_ref().clone();
+            Ratio {
+                num: Selector {
+                    pattern: num,
+                    field: field.clone(),
+                },
+                den: Selector {
+                    pattern: den,
+                    field,
+                },
+                expect,
+                tolerance,
+            }
+        })
+        .collect();
+    let equals = t
+        .equal
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut sel = |side: &str, s: &SelectorToml| {
+                let path = format!("test.equal[{i}].{side}");
+                let pattern = check_pattern(c, &path, &s.ev, &s.fields);
+                check_field(c, &path, &s.ev, &s.field, false);
+                Selector {
+                    pattern,
+                    field: s.field.get_ref().clone(),
+                }
+            };
+            let a = sel("a", &e.a);
+            let b = sel("b", &e.b);
+            Equal { a, b }
+        })
+        .collect();
     Scenario {
         name: name.to_owned(),
         timeout: Duration::from_secs(timeout),
@@ -660,6 +1191,54 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
         corrupt,
         expect,
         forbid,
+        ratios,
+        equals,
+    }
+}
+
+/// Checks that `field` is one event `ev` has (and, for a ratio, a number).
+/// An unknown event was already reported by `check_pattern`.
+fn check_field(
+    c: &mut Checker<'_>,
+    path: &str,
+    ev: &Spanned<String>,
+    field: &Spanned<String>,
+    numeric: bool,
+) {
+    let Some(schema) = abi::ev::schema(ev.get_ref()) else {
+        return;
+    };
+    let f = field.get_ref();
+    let known = f == "from" || harness::check::is_schema_key(schema, f);
+    let all = || {
+        schema
+            .fields
+            .iter()
+            .map(|f| f.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !known {
+        c.err(
+            field.span(),
+            format!("{path}.field"),
+            format!(
+                "event \"{}\" has no field \"{f}\" (its fields: {})",
+                schema.name,
+                all()
+            ),
+        );
+    } else if numeric
+        && !schema
+            .fields
+            .iter()
+            .any(|s| s.name == f && s.kind == abi::ev::Kind::Int)
+    {
+        c.err(
+            field.span(),
+            format!("{path}.field"),
+            format!("field \"{f}\" of event \"{}\" is not a number", schema.name),
+        );
     }
 }
 
@@ -694,7 +1273,39 @@ mod tests {
         let s = check("manifests/default.toml", DEFAULT).unwrap();
         assert_eq!(s.name, "default");
         assert_eq!(s.memory, 256 << 20);
-        assert_eq!(s.exit, ExitRule::AfterReady);
+        assert_eq!(s.exit, ExitRule::AllExited);
+        assert_eq!(
+            s.domains,
+            [
+                PlannedDomain {
+                    name: "ping".into(),
+                    image: "testdom".into(),
+                    memory: 4 << 20,
+                    weight: 1,
+                    label: "guest_a".into(),
+                    args: "role=ping count=1000".into(),
+                    expect: compiled::Expect::Exit,
+                },
+                PlannedDomain {
+                    name: "pong".into(),
+                    image: "testdom".into(),
+                    memory: 4 << 20,
+                    weight: 1,
+                    label: "guest_b".into(),
+                    args: "role=pong count=1000".into(),
+                    expect: compiled::Expect::Exit,
+                },
+            ]
+        );
+        assert_eq!(
+            s.channels,
+            [PlannedChannel {
+                name: "pp".into(),
+                a: 0,
+                b: 1
+            }]
+        );
+        assert_eq!(s.images(), ["testdom"]);
         assert_eq!(
             s.devices,
             [
@@ -718,6 +1329,11 @@ mod tests {
         let m = abi::manifest::Manifest::parse(&bytes).unwrap();
         assert_eq!(m.name(), "default");
         assert_eq!(m.device_count(), 2);
+        assert_eq!(m.exit_rule(), ExitRule::AllExited);
+        let names: Vec<&str> = m.domains().map(|d| d.name).collect();
+        assert_eq!(names, ["ping", "pong"]);
+        let ch: Vec<_> = m.channels().map(|c| (c.name, c.a, c.b)).collect();
+        assert_eq!(ch, [("pp", 0, 1)]);
         let blk = m.device_at(Bdf::new(0, 3, 0)).unwrap();
         assert_eq!((blk.vendor, blk.device), (0x1af4, 0x1042));
         let m2 = s.compile(Some(ExitRule::Never)).unwrap();
@@ -960,7 +1576,7 @@ mod tests {
             "{e}"
         );
         let e = error("[system]\nname = \"x\"\nexit = \"sometimes\"\n");
-        assert_eq!(e, "manifests/x.toml:3: system.exit: unknown exit rule \"sometimes\" (expected one of after-ready, never)");
+        assert_eq!(e, "manifests/x.toml:3: system.exit: unknown exit rule \"sometimes\" (expected one of after-ready, never, all-exited)");
     }
 
     #[test]
@@ -1034,5 +1650,362 @@ mod tests {
         assert_eq!(e, "manifests/x.toml:3: test.exit: missing field");
         // A code's raw sibling and `from` are fields one may match on.
         check("x.toml", &format!("{TEST_HEAD}[[test.forbid]]\nev = \"exception\"\nfields = {{ vector_raw = \"0xe\", from = \"blk\" }}\n")).unwrap();
+    }
+
+    const DOM_PING: &str = "[[domain]]\nname = \"ping\"\nimage = \"testdom\"\nmemory = \"4M\"\nlabel = \"guest_a\"\n\n";
+    const DOM_PONG: &str = "[[domain]]\nname = \"pong\"\nimage = \"testdom\"\nmemory = \"4M\"\nlabel = \"guest_b\"\n\n";
+
+    /// `HEAD`, the ping and pong domains (lines 4-8 and 10-14), then `rest`
+    /// from line 16.
+    fn with_domains(rest: &str) -> String {
+        format!("{HEAD}{DOM_PING}{DOM_PONG}{rest}")
+    }
+
+    #[test]
+    fn domains_and_channels() {
+        let src = with_domains(
+            "[[domain]]\nname = \"att_1\"\nimage = \"testdom\"\nmemory = \"1M\"\nweight = 1000\nlabel = \"attacker\"\nargs = \"attack=hvmem x=~!\"\nexpect = \"fault\"\n\n[[channel]]\nname = \"pp\"\nbetween = [\"ping\", \"pong\"]\n\n[[channel]]\nname = \"side-2\"\nbetween = [\"att_1\", \"ping\"]\n",
+        );
+        let s = check("m.toml", &src).unwrap();
+        // Domains default to exit all-exited, weight 1, expect exit, no args.
+        assert_eq!(s.exit, ExitRule::AllExited);
+        assert_eq!(s.domains.len(), 3);
+        assert_eq!(
+            (
+                s.domains[0].weight,
+                s.domains[0].expect,
+                s.domains[0].args.as_str()
+            ),
+            (1, compiled::Expect::Exit, "")
+        );
+        assert_eq!(
+            s.domains[2],
+            PlannedDomain {
+                name: "att_1".into(),
+                image: "testdom".into(),
+                memory: 1 << 20,
+                weight: 1000,
+                label: "attacker".into(),
+                args: "attack=hvmem x=~!".into(),
+                expect: compiled::Expect::Fault,
+            }
+        );
+        assert_eq!(
+            s.channels,
+            [
+                PlannedChannel {
+                    name: "pp".into(),
+                    a: 0,
+                    b: 1
+                },
+                PlannedChannel {
+                    name: "side-2".into(),
+                    a: 2,
+                    b: 0
+                }
+            ]
+        );
+        // One image, however many domains use it.
+        assert_eq!(s.images(), ["testdom"]);
+        let bytes = s.compile(None).unwrap();
+        let m = abi::manifest::Manifest::parse(&bytes).unwrap();
+        let d: Vec<_> = m.domains().collect();
+        assert_eq!(d.len(), 3);
+        assert_eq!(
+            (d[2].index, d[2].name, d[2].label, d[2].args, d[2].memory),
+            (2, "att_1", "attacker", "attack=hvmem x=~!", 1 << 20)
+        );
+        assert_eq!(d[2].expect, compiled::Expect::Fault);
+        let c: Vec<_> = m.channels().map(|c| (c.name, c.a, c.b)).collect();
+        assert_eq!(c, [("pp", 0, 1), ("side-2", 2, 0)]);
+        // run --keep-running still overrides the rule.
+        let b = s.compile(Some(ExitRule::Never)).unwrap();
+        assert_eq!(
+            abi::manifest::Manifest::parse(&b).unwrap().exit_rule(),
+            ExitRule::Never
+        );
+    }
+
+    #[test]
+    fn bad_domain_fields() {
+        for (field, value, msg) in [
+            ("name", "\"Ping\"", "domain[0].name: bad domain name \"Ping\" (expected 1 to 32 of a-z 0-9 _ -)"),
+            ("name", "\"\"", "domain[0].name: bad domain name \"\""),
+            ("name", &format!("\"{}\"", "a".repeat(33)), "domain[0].name: bad domain name"),
+            ("image", "\"hypervisor\"", "domain[0].image: unknown image \"hypervisor\" (expected one of testdom: the bins of the guests crate)"),
+            ("memory", "\"512K\"", "domain[0].memory: 512K is outside 1M..=64M"),
+            ("memory", "\"65M\"", "domain[0].memory: 65M is outside 1M..=64M"),
+            ("memory", "\"4098K\"", "domain[0].memory: 4098K is not a whole number of 4K pages"),
+            ("memory", "\"lots\"", "domain[0].memory: bad size \"lots\""),
+            ("label", "\"guest a\"", "domain[0].label: bad label \"guest a\""),
+            ("label", &format!("\"{}\"", "l".repeat(33)), "domain[0].label: bad label"),
+        ] {
+            let dom: String = DOM_PING
+                .lines()
+                .map(|l| {
+                    if l.starts_with(&format!("{field} = ")) {
+                        format!("{field} = {value}\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            let e = error(&format!("{HEAD}{dom}"));
+            assert!(e.starts_with("manifests/x.toml:"), "{e}");
+            assert!(e.contains(msg), "{field} = {value}: {e}");
+        }
+        for (extra, msg) in [
+            ("weight = 0", "manifests/x.toml:10: domain[0].weight: weight 0 is outside 1..=1000"),
+            ("weight = 1001", "manifests/x.toml:10: domain[0].weight: weight 1001 is outside 1..=1000"),
+            ("weight = -3", "manifests/x.toml:10: domain[0].weight: weight -3 is outside 1..=1000"),
+            ("expect = \"crash\"", "manifests/x.toml:10: domain[0].expect: unknown expected end \"crash\" (expected one of exit, fault)"),
+            ("args = \"a\\tb\"", "manifests/x.toml:10: domain[0].args: args must be printable ASCII"),
+            ("args = \"é\"", "manifests/x.toml:10: domain[0].args: args must be printable ASCII"),
+        ] {
+            let e = error(&format!("{HEAD}{DOM_PING}{extra}\n"));
+            assert!(e.starts_with(msg), "{extra}: {e}");
+        }
+        let e = error(&format!("{HEAD}{DOM_PING}args = \"{}\"\n", "a".repeat(129)));
+        assert_eq!(
+            e,
+            "manifests/x.toml:10: domain[0].args: args of 129 bytes, at most 128"
+        );
+        let e = error(&format!("{HEAD}{DOM_PING}colour = \"red\"\n"));
+        assert!(e.starts_with("manifests/x.toml:10: domain[0].colour: unknown field (expected one of: name, image, memory, weight, label, args, expect)"), "{e}");
+        let e = error(&format!(
+            "{HEAD}[[domain]]\nname = \"x\"\nimage = \"testdom\"\nmemory = \"1M\"\n"
+        ));
+        assert_eq!(e, "manifests/x.toml:4: domain[0].label: missing field");
+    }
+
+    #[test]
+    fn duplicate_and_too_many_domains() {
+        let e = error(&format!("{HEAD}{DOM_PING}{DOM_PING}"));
+        assert_eq!(
+            e,
+            "manifests/x.toml:11: domain[1].name: domain name \"ping\" already used by domain[0]"
+        );
+        let mut src = format!("{HEAD}[machine]\nmemory = \"1G\"\n\n");
+        for i in 0..18 {
+            src.push_str(&DOM_PING.replace("\"ping\"", &format!("\"d{i}\"")));
+        }
+        let e = error(&src);
+        assert!(
+            e.starts_with("manifests/x.toml:")
+                && e.contains(": domain[17].name: more than 17 domains"),
+            "{e}"
+        );
+        // Seventeen fit.
+        let src: String = src
+            .lines()
+            .take(6 + 17 * 6)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(check("x.toml", &src).unwrap().domains.len(), 17);
+    }
+
+    #[test]
+    fn domains_must_fit_the_machine() {
+        // 48M machine: 32M for the hypervisor, 16M for domains.
+        let big = |n: &str, m: &str| {
+            format!("[[domain]]\nname = \"{n}\"\nimage = \"testdom\"\nmemory = \"{m}\"\nlabel = \"l\"\n\n")
+        };
+        let src = format!(
+            "{HEAD}[machine]\nmemory = \"48M\"\n\n{}{}",
+            big("a", "8M"),
+            big("b", "8M")
+        );
+        check("x.toml", &src).unwrap();
+        let src = format!("{src}{}", big("c", "4K"));
+        let e = check("x.toml", &src).unwrap_err().to_string();
+        assert!(e.contains("domain[2].memory: 4K is outside"), "{e}");
+        let src = format!(
+            "{HEAD}[machine]\nmemory = \"48M\"\n\n{}{}",
+            big("a", "8M"),
+            big("b", "12M")
+        );
+        assert_eq!(
+            error(&src),
+            "manifests/x.toml:16: domain[1].memory: the domains so far need 20 MiB, more than \
+             the machine's 48 MiB less the 32 MiB kept for the hypervisor"
+        );
+    }
+
+    #[test]
+    fn bad_channels() {
+        for (chan, msg) in [
+            (
+                "name = \"pp\"\nbetween = [\"ping\", \"pang\"]",
+                "manifests/x.toml:18: channel[0].between[1]: no domain is called \"pang\"",
+            ),
+            (
+                "name = \"pp\"\nbetween = [\"ping\", \"ping\"]",
+                "manifests/x.toml:18: channel[0].between: both ends are domain \"ping\": a channel joins two distinct domains",
+            ),
+            (
+                "name = \"pp\"\nbetween = [\"ping\"]",
+                "manifests/x.toml:18: channel[0].between: 1 domain(s) given, a channel joins exactly two",
+            ),
+            (
+                "name = \"pp\"\nbetween = [\"ping\", \"pong\", \"ping\"]",
+                "manifests/x.toml:18: channel[0].between: 3 domain(s) given",
+            ),
+            (
+                "name = \"a-channel-name-over-24-bytes\"\nbetween = [\"ping\", \"pong\"]",
+                "manifests/x.toml:17: channel[0].name: bad channel name \"a-channel-name-over-24-bytes\" (expected 1 to 24 of a-z 0-9 _ -)",
+            ),
+            (
+                "name = \"p p\"\nbetween = [\"ping\", \"pong\"]",
+                "manifests/x.toml:17: channel[0].name: bad channel name \"p p\"",
+            ),
+            (
+                "name = \"pp\"",
+                "manifests/x.toml:16: channel[0].between: missing field",
+            ),
+            (
+                "name = \"pp\"\nbetween = \"ping\"",
+                "manifests/x.toml:18: channel[0].between: invalid type",
+            ),
+        ] {
+            let e = error(&with_domains(&format!("[[channel]]\n{chan}\n")));
+            assert!(e.starts_with(msg), "{chan}: {e}");
+        }
+        let two = "[[channel]]\nname = \"pp\"\nbetween = [\"ping\", \"pong\"]\n\n";
+        assert_eq!(
+            error(&with_domains(&format!("{two}{two}"))),
+            "manifests/x.toml:21: channel[1].name: channel name \"pp\" already used by channel[0]"
+        );
+    }
+
+    #[test]
+    fn a_domain_with_too_many_channels() {
+        let mut rest = String::new();
+        for i in 0..17 {
+            rest.push_str(&format!(
+                "[[channel]]\nname = \"c{i}\"\nbetween = [\"ping\", \"pong\"]\n\n"
+            ));
+        }
+        let e = check("x.toml", &with_domains(&rest)).unwrap_err();
+        // Both ends go over, on the seventeenth channel.
+        assert_eq!(
+            e.to_string(),
+            "x.toml:82: channel[16].between[0]: domain \"ping\" would be an end of more than 16 channels\n\
+             x.toml:82: channel[16].between[1]: domain \"pong\" would be an end of more than 16 channels"
+        );
+        let sixteen: String = rest
+            .lines()
+            .take(16 * 4)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            check("x.toml", &with_domains(&sixteen))
+                .unwrap()
+                .channels
+                .len(),
+            16
+        );
+    }
+
+    #[test]
+    fn exit_rules_and_domains() {
+        // Without domains the default stays after-ready; all-exited is refused.
+        assert_eq!(check("x.toml", HEAD).unwrap().exit, ExitRule::AfterReady);
+        assert_eq!(
+            error("[system]\nname = \"x\"\nexit = \"all-exited\"\n"),
+            "manifests/x.toml:3: system.exit: exit rule all-exited, but the manifest has no [[domain]] to wait for"
+        );
+        // With domains, after-ready would never run them.
+        let src = format!("[system]\nname = \"x\"\nexit = \"after-ready\"\n\n{DOM_PING}");
+        assert_eq!(
+            error(&src),
+            "manifests/x.toml:3: system.exit: exit rule after-ready ends the system before its \
+             domains run (use all-exited, or leave exit out)"
+        );
+        let src = format!("[system]\nname = \"x\"\nexit = \"never\"\n\n{DOM_PING}");
+        assert_eq!(check("x.toml", &src).unwrap().exit, ExitRule::Never);
+    }
+
+    #[test]
+    fn every_domain_image_is_a_guests_bin() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/src/bin");
+        let mut bins: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                (p.extension()? == "rs")
+                    .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+            })
+            .collect();
+        bins.sort();
+        let mut images: Vec<&str> = IMAGES.to_vec();
+        images.sort();
+        assert_eq!(bins, images, "IMAGES must list the bins of guests/src/bin");
+        for i in IMAGES {
+            check_ident(i, "image", compiled::DOMAIN_NAME_MAX).unwrap();
+        }
+    }
+
+    #[test]
+    fn ratio_and_equal_tables() {
+        let src = format!(
+            "{TEST_HEAD}[[test.ratio]]\nev = \"domain_cpu\"\nfield = \"cpu_ns\"\nnum = {{ domain = \"heavy\" }}\nden = {{ domain = \"light\" }}\nexpect = 2.0\ntolerance = 0.1\n\n[[test.equal]]\na = {{ ev = \"hypercalls\", fields = {{ domain = \"h\" }}, field = \"refused\" }}\nb = {{ ev = \"hypercall_table\", fields = {{ from = \"h\" }}, field = \"expected_refusals\" }}\n"
+        );
+        let t = check("tests/scenarios/r.toml", &src).unwrap().test.unwrap();
+        assert_eq!(t.ratios.len(), 1);
+        let r = &t.ratios[0];
+        assert_eq!((r.expect, r.tolerance), (2.0, 0.1));
+        assert_eq!(r.num.to_string(), "domain_cpu{\"domain\":\"heavy\"}.cpu_ns");
+        assert_eq!(r.den.to_string(), "domain_cpu{\"domain\":\"light\"}.cpu_ns");
+        assert_eq!(t.equals.len(), 1);
+        assert_eq!(
+            t.equals[0].a.to_string(),
+            "hypercalls{\"domain\":\"h\"}.refused"
+        );
+        assert_eq!(
+            t.equals[0].b.to_string(),
+            "hypercall_table{\"from\":\"h\"}.expected_refusals"
+        );
+        // `from` may be compared too.
+        let src = format!(
+            "{TEST_HEAD}[[test.equal]]\na = {{ ev = \"pingpong\", field = \"from\" }}\nb = {{ ev = \"attack\", field = \"case\" }}\n"
+        );
+        check("x.toml", &src).unwrap();
+    }
+
+    #[test]
+    fn bad_ratio_and_equal_tables() {
+        let ratio = |body: &str| error(&format!("{TEST_HEAD}[[test.ratio]]\n{body}\n"));
+        const OK: &str = "ev = \"domain_cpu\"\nfield = \"cpu_ns\"\nnum = { domain = \"a\" }\nden = { domain = \"b\" }\nexpect = 2.0\ntolerance = 0.1";
+        let e = ratio(&OK.replace("\"domain_cpu\"", "\"domain_cpus\""));
+        assert!(
+            e.starts_with("manifests/x.toml:7: test.ratio[0].ev: unknown event \"domain_cpus\""),
+            "{e}"
+        );
+        let e = ratio(&OK.replace("\"cpu_ns\"", "\"cpu_ms\""));
+        assert!(e.starts_with("manifests/x.toml:8: test.ratio[0].field: event \"domain_cpu\" has no field \"cpu_ms\""), "{e}");
+        let e = ratio(&OK.replace("\"cpu_ns\"", "\"domain\""));
+        assert_eq!(e, "manifests/x.toml:8: test.ratio[0].field: field \"domain\" of event \"domain_cpu\" is not a number");
+        let e = ratio(&OK.replace("den = { domain", "den = { domian"));
+        assert!(e.starts_with("manifests/x.toml:10: test.ratio[0].den.domian: event \"domain_cpu\" has no field \"domian\""), "{e}");
+        let e = ratio(&OK.replace("tolerance = 0.1", "tolerance = 1.5"));
+        assert_eq!(e, "manifests/x.toml:12: test.ratio[0].tolerance: tolerance 1.5 is not between 0 and 1 (0.10 is 10 %)");
+        let e = ratio(&OK.replace("expect = 2.0", "expect = -2.0"));
+        assert_eq!(
+            e,
+            "manifests/x.toml:11: test.ratio[0].expect: expected ratio -2 is not a positive number"
+        );
+        let e = ratio(&OK.replace("\nexpect = 2.0", ""));
+        assert!(
+            e.starts_with("manifests/x.toml:6: test.ratio[0].expect: missing field"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{TEST_HEAD}[[test.equal]]\na = {{ ev = \"hypercalls\", field = \"refusd\" }}\nb = {{ ev = \"hypercall_table\", field = \"cases\" }}\n"
+        ));
+        assert!(e.starts_with("manifests/x.toml:7: test.equal[0].a.field: event \"hypercalls\" has no field \"refusd\""), "{e}");
+        let e = error(&format!(
+            "{TEST_HEAD}[[test.equal]]\na = {{ ev = \"hypercalls\", field = \"refused\" }}\n"
+        ));
+        assert!(e.contains("test.equal[0].b: missing field"), "{e}");
     }
 }

@@ -110,6 +110,7 @@ fn run_scenario(
     p: &Paths,
     qemu_bin: &Path,
     kernel: &Result<PathBuf, String>,
+    images: &Result<PathBuf, String>,
     file: &Path,
     t: &TestArgs,
 ) -> Result<(), Vec<String>> {
@@ -120,11 +121,16 @@ fn run_scenario(
         return Err(one(format!("{shown} has no [test] table")));
     };
     let kernel = kernel.as_ref().map_err(|e| one(e.clone()))?;
+    let image_dir = match images {
+        Ok(dir) => dir.as_path(),
+        Err(e) if !system.domains.is_empty() => return Err(one(e.clone())),
+        Err(_) => Path::new(""),
+    };
     let bundle = p
         .airlock
         .join("scenarios")
         .join(format!("{}.bundle", spec.name));
-    let mut bytes = crate::pack(&system, None, &bundle).map_err(one)?;
+    let mut bytes = crate::pack(&system, None, image_dir, &bundle).map_err(one)?;
     if let Some(c) = &spec.corrupt {
         let what = harness::corrupt::apply(c, &mut bytes)
             .map_err(|e| one(format!("corrupt = \"{c}\": {e}")))?;
@@ -193,13 +199,30 @@ pub fn test(t: TestArgs) -> Result<ExitCode, String> {
     if let Err(e) = &kernel {
         println!("airlock: {e}: every scenario fails");
     }
+    // Every image any scenario names, built in one cargo call. A scenario
+    // that does not check is left for run_scenario to report.
+    let mut wanted: Vec<String> = Vec::new();
+    for file in &files {
+        if let Ok(s) = crate::load(file, &p.show(file)) {
+            for i in s.images() {
+                if !wanted.iter().any(|w| w == i) {
+                    wanted.push(i.to_owned());
+                }
+            }
+        }
+    }
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let images = crate::build_images(&p, &wanted);
+    if let Err(e) = &images {
+        println!("airlock: {e}: every scenario with domains fails");
+    }
     let mut sc = Counts::default();
     for file in &files {
         let name = file
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match run_scenario(&p, &qemu_bin, &kernel, file, &t) {
+        match run_scenario(&p, &qemu_bin, &kernel, &images, file, &t) {
             Ok(()) => sc.passed += 1,
             Err(failures) => {
                 sc.failed += 1;

@@ -1,0 +1,226 @@
+//! airlock's guest domains. `testdom` is one image that plays every role
+//! the issue-3 scenarios need; the manifest's `args` choose it:
+//!
+//! | args | what the domain does |
+//! |---|---|
+//! | `role=ping count=N [channel=pp]` | sends N notifications over its port of the channel, waiting for each reply |
+//! | `role=pong count=N [channel=pp]` | answers N notifications |
+//! | `role=idle [ms=1000]` | sleeps on the timer VIRQ, then exits 0 (a real peer for `hostile`) |
+//! | `role=hostile peer=NAME` | runs the hostile hypercall table ([`hostile`]) |
+//! | `work=spin until_ms=T` | spins until T ms after the hypervisor's entry |
+//! | `work=bystander` | a fixed amount of checked CPU and heap work, with yields |
+//! | `attack=hvmem` / `attack=peer target=NAME` / `attack=code` / `attack=stack` | one isolation attack ([`attack`]) that must fault |
+//!
+//! Each reports its result as an event (`pingpong`, `work_done`,
+//! `attack`, `hypercall_table`) and exits 0 on success, 1 on failure;
+//! an attacker that survives its attack exits 1. Bad args print why and
+//! exit 2.
+//!
+//! The choice of role, the hostile table and the bystander's work are pure
+//! and host-tested; what touches hypercalls runs only in a domain.
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod attack;
+pub mod hostile;
+pub mod pingpong;
+pub mod work;
+
+use alloc::format;
+use alloc::string::String;
+
+use libdom::args::ArgError;
+use libdom::{println, Args, StartInfo};
+
+/// Exit status for args the domain cannot use.
+pub const EXIT_BAD_ARGS: i64 = 2;
+
+/// Which attack an attacker makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attack<'a> {
+    /// Read the hypervisor's image.
+    HvMem,
+    /// Read domain `target`'s memory at its physical address, then at the
+    /// hypervisor's direct-map alias of it.
+    Peer { target: &'a str },
+    /// Write its own text.
+    Code,
+    /// Execute its own stack.
+    Stack,
+}
+
+/// What a `testdom` does, from its args.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role<'a> {
+    Ping { count: u64, channel: &'a str },
+    Pong { count: u64, channel: &'a str },
+    Idle { ms: u64 },
+    Hostile { peer: &'a str },
+    Spin { until_ms: u64 },
+    Bystander,
+    Attack(Attack<'a>),
+}
+
+fn arg_err(e: ArgError<'_>) -> String {
+    format!("{e}")
+}
+
+/// Reads the role from `args`; the error says what is wrong.
+pub fn role(args: &str) -> Result<Role<'_>, String> {
+    let a = Args::parse(args).map_err(arg_err)?;
+    let given: [Option<&str>; 3] = [a.get("role"), a.get("work"), a.get("attack")];
+    if given.iter().flatten().count() != 1 {
+        return Err(format!(
+            "args \"{args}\": give exactly one of role=, work=, attack="
+        ));
+    }
+    let r = match given {
+        [Some("ping"), _, _] | [Some("pong"), _, _] => {
+            a.only(&["role", "count", "channel"]).map_err(arg_err)?;
+            let count = a.u64("count").map_err(arg_err)?;
+            let channel = a.get("channel").unwrap_or(pingpong::CHANNEL);
+            if given[0] == Some("ping") {
+                Role::Ping { count, channel }
+            } else {
+                Role::Pong { count, channel }
+            }
+        }
+        [Some("idle"), _, _] => {
+            a.only(&["role", "ms"]).map_err(arg_err)?;
+            Role::Idle {
+                ms: a.u64_or("ms", 1000).map_err(arg_err)?,
+            }
+        }
+        [Some("hostile"), _, _] => {
+            a.only(&["role", "peer"]).map_err(arg_err)?;
+            Role::Hostile {
+                peer: a.require("peer").map_err(arg_err)?,
+            }
+        }
+        [_, Some("spin"), _] => {
+            a.only(&["work", "until_ms"]).map_err(arg_err)?;
+            Role::Spin {
+                until_ms: a.u64("until_ms").map_err(arg_err)?,
+            }
+        }
+        [_, Some("bystander"), _] => {
+            a.only(&["work"]).map_err(arg_err)?;
+            Role::Bystander
+        }
+        [_, _, Some("peer")] => {
+            a.only(&["attack", "target"]).map_err(arg_err)?;
+            Role::Attack(Attack::Peer {
+                target: a.require("target").map_err(arg_err)?,
+            })
+        }
+        [_, _, Some(case @ ("hvmem" | "code" | "stack"))] => {
+            a.only(&["attack"]).map_err(arg_err)?;
+            Role::Attack(match case {
+                "hvmem" => Attack::HvMem,
+                "code" => Attack::Code,
+                _ => Attack::Stack,
+            })
+        }
+        [Some(r), _, _] => return Err(format!("unknown role \"{r}\" (ping, pong, idle, hostile)")),
+        [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
+        [_, _, Some(x)] => {
+            return Err(format!("unknown attack \"{x}\" (hvmem, peer, code, stack)"))
+        }
+        [None, None, None] => unreachable!("exactly one was given"),
+    };
+    Ok(r)
+}
+
+/// `testdom`'s main: runs the role its args name.
+pub fn testdom(si: &StartInfo<'_>) -> i64 {
+    let role = match role(si.args) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("testdom: {e}");
+            return EXIT_BAD_ARGS;
+        }
+    };
+    match role {
+        Role::Ping { count, channel } => pingpong::run(si, true, count, channel),
+        Role::Pong { count, channel } => pingpong::run(si, false, count, channel),
+        Role::Idle { ms } => work::idle(ms),
+        Role::Hostile { peer } => hostile::run(si, peer),
+        Role::Spin { until_ms } => work::spin(until_ms),
+        Role::Bystander => work::bystander(),
+        Role::Attack(a) => attack::run(si, a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_from_args() {
+        assert_eq!(
+            role("role=ping count=10000"),
+            Ok(Role::Ping {
+                count: 10000,
+                channel: "pp"
+            })
+        );
+        assert_eq!(
+            role("count=3 role=pong channel=x"),
+            Ok(Role::Pong {
+                count: 3,
+                channel: "x"
+            })
+        );
+        assert_eq!(role("role=idle"), Ok(Role::Idle { ms: 1000 }));
+        assert_eq!(role("role=idle ms=5"), Ok(Role::Idle { ms: 5 }));
+        assert_eq!(
+            role("role=hostile peer=idle"),
+            Ok(Role::Hostile { peer: "idle" })
+        );
+        assert_eq!(
+            role("work=spin until_ms=1500"),
+            Ok(Role::Spin { until_ms: 1500 })
+        );
+        assert_eq!(role("work=bystander"), Ok(Role::Bystander));
+        assert_eq!(role("attack=hvmem"), Ok(Role::Attack(Attack::HvMem)));
+        assert_eq!(role("attack=code"), Ok(Role::Attack(Attack::Code)));
+        assert_eq!(role("attack=stack"), Ok(Role::Attack(Attack::Stack)));
+        assert_eq!(
+            role("attack=peer target=bystander"),
+            Ok(Role::Attack(Attack::Peer {
+                target: "bystander"
+            }))
+        );
+    }
+
+    #[test]
+    fn bad_args_say_why() {
+        for (args, msg) in [
+            ("", "give exactly one of role=, work=, attack="),
+            ("role=ping work=spin", "give exactly one of"),
+            ("role=ping", "argument \"count\" is missing"),
+            (
+                "role=ping count=ten",
+                "argument count=\"ten\" is not a number",
+            ),
+            (
+                "role=ping count=1 colour=red",
+                "unknown argument \"colour\"",
+            ),
+            ("role=dance", "unknown role \"dance\""),
+            ("work=nap", "unknown work \"nap\""),
+            ("attack=dma", "unknown attack \"dma\""),
+            ("attack=peer", "argument \"target\" is missing"),
+            ("attack=hvmem target=x", "unknown argument \"target\""),
+            ("role=hostile", "argument \"peer\" is missing"),
+            ("role", "argument \"role\" is not key=value"),
+        ] {
+            let e = role(args).unwrap_err();
+            assert!(e.contains(msg), "{args}: {e}");
+        }
+    }
+}
