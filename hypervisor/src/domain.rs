@@ -357,6 +357,15 @@ impl Domain {
         self.mem_pages = 0;
     }
 
+    /// Whether ending with `status` for `reason` ("exit" or "fault") is
+    /// what the manifest says this domain should do.
+    pub fn ends_as_expected(&self, status: i64, reason: &str) -> bool {
+        match self.expect {
+            Expect::Exit => reason == "exit" && status == 0,
+            Expect::Fault => reason == "fault",
+        }
+    }
+
     pub fn is_dead(&self) -> bool {
         self.state == State::Dead
     }

@@ -116,8 +116,8 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
             .unwrap_or_else(|e| {
                 boot::fail("domain", format_args!("channel {}: {}", c.name, e.name()))
             });
-        ports[a].push((pa as u16, db, c.name));
-        ports[b].push((pb as u16, da, c.name));
+        ports[a].push((pa, db, c.name));
+        ports[b].push((pb, da, c.name));
     }
     for (i, d) in sys.domains.iter().enumerate() {
         let my_ports: Vec<PortInfo<'_>> = ports[i]
@@ -246,10 +246,7 @@ fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
         sys.current = None;
     }
     let d = &mut sys.domains[i];
-    let expected = match d.expect {
-        Expect::Exit => reason == "exit" && status == 0,
-        Expect::Fault => reason == "fault",
-    };
+    let expected = d.ends_as_expected(status, reason);
     console::event(&ev::DomainExit {
         domain: &d.name,
         status,
@@ -348,10 +345,11 @@ fn finish(sys: &mut System) -> ! {
             dispatches: d.dispatches,
         });
     }
-    let all_expected = sys.domains.iter().all(|d| match (d.expect, d.ended) {
-        (Expect::Exit, Some((0, "exit"))) => true,
-        (Expect::Fault, Some((_, "fault"))) => true,
-        _ => false,
+    let all_expected = sys.domains.iter().all(|d| {
+        matches!(
+            (d.expect, d.ended),
+            (Expect::Exit, Some((0, "exit"))) | (Expect::Fault, Some((_, "fault")))
+        )
     });
     match sys.exit_rule {
         ExitRule::Never => {
