@@ -6,6 +6,8 @@
 //! STACK_TOP - STACK_SIZE .. STACK_TOP           stack, RW NX; the pages below and above are unmapped
 //! IMAGE_BASE (4 MiB) ..                         the ELF's PT_LOADs: text RX, rodata R, data/bss RW NX
 //! image end + one unmapped page .. heap_end     heap, RW NX (what is left of the domain's memory)
+//! DEVICE_VA (3 GiB) ..                          assigned devices' BARs, uncached, RW NX; the pages
+//!                                               holding an MSI-X table or PBA stay unmapped
 //! ... 0x0000_7fff_ffff_ffff                     (user half ends)
 //! 0xffff_8000_0000_0000 ..                      the hypervisor's, supervisor-only
 //! ```
@@ -27,11 +29,16 @@ pub const USER_LIMIT: u64 = 0xfee0_0000;
 /// The start of the kernel half; nothing at or above is a domain's.
 pub const USER_TOP: u64 = 0x0000_8000_0000_0000;
 
+/// Where assigned devices' BARs are mapped, each aligned to its size.
+pub const DEVICE_VA: u64 = 0xc000_0000;
+/// Most PCI functions one domain may be assigned.
+pub const MAX_DEVICES: usize = 4;
+
 /// `StartInfo` magic.
 pub const MAGIC: [u8; 8] = *b"AIRLKDOM";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes `StartInfo::encode` writes.
-pub const START_INFO_SIZE: usize = 1680;
+pub const START_INFO_SIZE: usize = 2296;
 pub const NAME_MAX: usize = 32;
 pub const ARGS_MAX: usize = 128;
 pub const PORT_NAME_MAX: usize = 24;
@@ -40,6 +47,7 @@ pub const MAX_PEERS: usize = 16;
 
 const _: () = assert!(START_INFO_SIZE <= 4096);
 const _: () = assert!(STACK_TOP - STACK_SIZE > START_INFO_VA + 0x1000);
+const _: () = assert!(DEVICE_VA < USER_LIMIT);
 
 /// What a port given at build time is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +64,38 @@ pub struct PortInfo<'a> {
     pub kind: PortKind,
     /// The manifest's name for the channel.
     pub name: &'a str,
+}
+
+/// How a domain's devices reach its memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaMode {
+    /// All of the domain's memory at I/O address = virtual address, from
+    /// the start.
+    Static,
+    /// Nothing until `dma_map`; `dma_unmap` removes it with IOTLB
+    /// invalidation.
+    Strict,
+}
+
+/// One BAR of an assigned device, as mapped in the domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarMap {
+    /// BAR number, 0..=5.
+    pub index: u8,
+    /// Where the BAR starts in the domain (pages holding an MSI-X table or
+    /// PBA inside it are not mapped).
+    pub va: u64,
+    pub len: u64,
+}
+
+/// A PCI function the manifest assigns to the domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub bdf: crate::pci::Bdf,
+    pub vendor: u16,
+    pub device: u16,
+    /// Memory BARs, in BAR order.
+    pub bars: [Option<BarMap>; 6],
 }
 
 /// Another domain of the system, as its peers may know it.
@@ -87,6 +127,8 @@ pub struct StartInfo<'a> {
     pub mem_bytes: u64,
     pub ports: [Option<PortInfo<'a>>; MAX_PORTS],
     pub peers: [Option<PeerInfo<'a>>; MAX_PEERS],
+    pub dma: DmaMode,
+    pub devices: [Option<DeviceInfo>; MAX_DEVICES],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +152,11 @@ pub enum StartInfoError {
         max: usize,
     },
     BadPortKind(u16),
+    BadDmaMode(u8),
+    BadBar {
+        device: usize,
+        slot: usize,
+    },
 }
 
 impl core::fmt::Display for StartInfoError {
@@ -132,6 +179,13 @@ impl core::fmt::Display for StartInfoError {
                 write!(f, "start info: more than {max} {field}")
             }
             StartInfoError::BadPortKind(k) => write!(f, "start info: unknown port kind {k}"),
+            StartInfoError::BadDmaMode(m) => write!(f, "start info: unknown DMA mode {m}"),
+            StartInfoError::BadBar { device, slot } => {
+                write!(
+                    f,
+                    "start info: device {device} BAR slot {slot} is malformed"
+                )
+            }
         }
     }
 }
@@ -148,7 +202,14 @@ const O_PORTS: usize = 272;
 const PORT_SIZE: usize = 32;
 const O_PEERS: usize = O_PORTS + MAX_PORTS * PORT_SIZE;
 const PEER_SIZE: usize = 56;
-const _: () = assert!(O_PEERS + MAX_PEERS * PEER_SIZE == START_INFO_SIZE);
+const O_DEVS: usize = O_PEERS + MAX_PEERS * PEER_SIZE;
+// At O_DEVS: u16 device count, u8 DMA mode (1 static, 2 strict), 5 reserved.
+const O_DEV0: usize = O_DEVS + 8;
+// A device: u16 rid, u16 vendor, u16 device, u16 reserved, then 6 BARs of
+// {u8 present, u8 index, 6 reserved, u64 va, u64 len}.
+const BAR_SIZE: usize = 24;
+const DEV_SIZE: usize = 8 + 6 * BAR_SIZE;
+const _: () = assert!(O_DEV0 + MAX_DEVICES * DEV_SIZE == START_INFO_SIZE);
 
 fn put_str(
     buf: &mut [u8],
@@ -244,6 +305,26 @@ impl<'a> StartInfo<'a> {
             put_u64(buf, at + 40, p.mem_phys);
             put_u64(buf, at + 48, p.mem_bytes);
         }
+        put_u16(buf, O_DEVS, self.devices.iter().flatten().count() as u16);
+        buf[O_DEVS + 2] = match self.dma {
+            DmaMode::Static => 1,
+            DmaMode::Strict => 2,
+        };
+        for (i, d) in self.devices.iter().flatten().enumerate() {
+            let at = O_DEV0 + i * DEV_SIZE;
+            put_u16(buf, at, d.bdf.rid());
+            put_u16(buf, at + 2, d.vendor);
+            put_u16(buf, at + 4, d.device);
+            for (j, b) in d.bars.iter().enumerate() {
+                if let Some(b) = b {
+                    let bat = at + 8 + j * BAR_SIZE;
+                    buf[bat] = 1;
+                    buf[bat + 1] = b.index;
+                    put_u64(buf, bat + 8, b.va);
+                    put_u64(buf, bat + 16, b.len);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -296,6 +377,43 @@ impl<'a> StartInfo<'a> {
                 mem_bytes: get_u64(buf, at + 48),
             });
         }
+        let ndev = usize::from(get_u16(buf, O_DEVS));
+        if ndev > MAX_DEVICES {
+            return Err(StartInfoError::TooMany {
+                field: "devices",
+                max: MAX_DEVICES,
+            });
+        }
+        let dma = match buf[O_DEVS + 2] {
+            1 => DmaMode::Static,
+            2 => DmaMode::Strict,
+            m => return Err(StartInfoError::BadDmaMode(m)),
+        };
+        let mut devices = [None; MAX_DEVICES];
+        for (i, slot) in devices.iter_mut().enumerate().take(ndev) {
+            let at = O_DEV0 + i * DEV_SIZE;
+            let mut bars = [None; 6];
+            for (j, bar) in bars.iter_mut().enumerate() {
+                let bat = at + 8 + j * BAR_SIZE;
+                match buf[bat] {
+                    0 => {}
+                    1 if buf[bat + 1] < 6 => {
+                        *bar = Some(BarMap {
+                            index: buf[bat + 1],
+                            va: get_u64(buf, bat + 8),
+                            len: get_u64(buf, bat + 16),
+                        })
+                    }
+                    _ => return Err(StartInfoError::BadBar { device: i, slot: j }),
+                }
+            }
+            *slot = Some(DeviceInfo {
+                bdf: crate::pci::Bdf::from_rid(get_u16(buf, at)),
+                vendor: get_u16(buf, at + 2),
+                device: get_u16(buf, at + 4),
+                bars,
+            });
+        }
         let l = |i: usize| get_u64(buf, O_LAYOUT + 8 * i);
         Ok(StartInfo {
             domid: get_u16(buf, O_DOMID),
@@ -311,6 +429,8 @@ impl<'a> StartInfo<'a> {
             mem_bytes: l(6),
             ports,
             peers,
+            dma,
+            devices,
         })
     }
 
@@ -366,6 +486,29 @@ mod tests {
             mem_bytes: 4 << 20,
             ports,
             peers,
+            dma: DmaMode::Strict,
+            devices: [
+                Some(DeviceInfo {
+                    bdf: crate::pci::Bdf::new(0, 5, 0),
+                    vendor: 0x1234,
+                    device: 0x11e8,
+                    bars: [
+                        Some(BarMap {
+                            index: 0,
+                            va: DEVICE_VA,
+                            len: 1 << 20,
+                        }),
+                        None,
+                        None,
+                        None,
+                        None,
+                        None,
+                    ],
+                }),
+                None,
+                None,
+                None,
+            ],
         }
     }
 

@@ -467,6 +467,90 @@ events! {
             /// Times the domain was put on the CPU.
             dispatches: u64,
         }
+        /// A remapping unit is translating: its settings read back from
+        /// the unit's registers.
+        ring0 IommuEnabled<'a> = "iommu_enabled" {
+            unit: u32,
+            /// The global status register, raw.
+            gsts: Hex<8>,
+            translation: bool,
+            /// Queued invalidation in use (else register-based).
+            qi: bool,
+            interrupt_remapping: bool,
+            /// Compatibility-format interrupts are blocked (GSTS.CFIS clear).
+            compat_blocked: bool,
+            /// Page-table levels of the second-level tables.
+            levels: u8,
+            /// The interrupt-remapping table: physical address and entries.
+            irta: Hex<16>,
+            ir_entries: u32,
+            /// "register" or "queued".
+            invalidation: &'a str,
+        }
+        /// A PCI function was given to a domain: its context entry, read back
+        /// from the live tables.
+        ring0 DeviceAssign<'a> = "device_assign" {
+            bdf: Bdf,
+            domain: &'a str,
+            /// The IOMMU domain id in the context entry.
+            did: u32,
+            /// "static" or "strict".
+            dma: &'a str,
+            levels: u8,
+            /// Bytes of the domain's memory reachable by DMA at boot.
+            mapped_bytes: u64,
+            /// The interrupt-remapping entries given to it (one per MSI-X vector).
+            irtes: u32,
+        }
+        /// One function's context entry as the live tables hold it, for
+        /// every enumerated function: present only for assigned ones.
+        ring0 IommuContext = "iommu_context" {
+            unit: u32,
+            bdf: Bdf,
+            present: bool,
+            did: u32,
+        }
+        /// A DMA or interrupt request the remapping unit refused, from its
+        /// fault recording registers.
+        ring0 IommuFault<'a> = "iommu_fault" {
+            unit: u32,
+            /// The requester id of the faulting request.
+            source: Bdf,
+            /// The page address the request aimed at.
+            addr: Hex<16>,
+            /// The fault reason: its name and `reason_raw`.
+            reason: Code,
+            /// "read" or "write".
+            access: &'a str,
+            /// The domain that owns `source`, or "none".
+            domain: &'a str,
+            /// The fault recording register, both halves, raw.
+            record_lo: Hex<16>,
+            record_hi: Hex<16>,
+        }
+        /// A physical range the manifest asked the hypervisor to watch:
+        /// its CRC-32 before the domains run and after they end.
+        ring0 Watch<'a> = "watch" {
+            name: &'a str,
+            addr: Hex<16>,
+            len: u64,
+            crc32: Hex<8>,
+            /// "before" or "after".
+            when: &'a str,
+        }
+        /// An interrupt arrived on a vector nobody owns.
+        ring0 StrayInterrupt = "stray_interrupt" {
+            vector: u8,
+            count: u64,
+        }
+        /// A domain asked for a config write the hypervisor keeps for itself.
+        ring0 ConfigRefused<'a> = "config_refused" {
+            domain: &'a str,
+            bdf: Bdf,
+            offset: Hex<3>,
+            /// What the register is ("bar", "msix", "msi", "rom", "unknown").
+            what: &'a str,
+        }
 
         /// A domain's result from an event-channel exchange.
         domain Pingpong<'a> = "pingpong" {
@@ -490,7 +574,15 @@ events! {
             expected: i64,
             got: i64,
         }
+        /// A driver domain checked data that went through its device.
+        domain DataCheck<'a> = "data_check" {
+            /// What was checked ("blk-read", "blk-write", "dma-control", ...).
+            what: &'a str,
+            bytes: u64,
+            ok: bool,
+        }
         /// The summary of a table of hostile hypercalls.
+
         domain HypercallTable = "hypercall_table" {
             cases: u64,
             /// Cases whose expected result is an error.

@@ -20,7 +20,30 @@
 //! | 10 | `evtchn_bind_virq` | `virq` | local port |
 //! | 11 | `evtchn_send` | `port` | 0 |
 //! | 12 | `evtchn_close` | `port` | 0 |
+//! | 13 | `dev_config_read` | `dev, offset, size` | the value |
+//! | 14 | `dev_config_write` | `dev, offset, size, value` | 0 |
+//! | 15 | `dev_irq_bind` | `dev` | local port |
+//! | 16 | `dma_map` | `va, len` | I/O address |
+//! | 17 | `dma_unmap` | `iova, len` | 0 |
 //!
+//! `dev` is an index into the caller's start-info device list (the PCI
+//! functions the manifest assigns it). Config space is mediated: `size` is
+//! 1, 2 or 4 and `offset` a multiple of it below 4096. Reads are allowed.
+//! Writes to the BARs and expansion ROM (0x10..0x34), to any MSI or MSI-X
+//! capability register, or to anything past the standard header that is
+//! not a capability the hypervisor knows to be harmless are refused with
+//! [`Error::Denied`]; in the command register (0x04) the memory-space,
+//! I/O-space and bus-master bits stay as the hypervisor set them and the
+//! rest of the write applies. `dev_irq_bind` returns a port that becomes
+//! pending whenever the device raises any of its MSI-X vectors (the
+//! hypervisor programs the MSI-X table, through interrupt remapping).
+//! `dma_map` makes `[va, va + len)` (page-aligned, the caller's own
+//! writable or readable memory) reachable by the caller's devices and
+//! returns its I/O address; in the "static" DMA mode all of the domain's
+//! memory is reachable at I/O address = virtual address from the start and
+//! `dma_map` only checks and returns `va`. `dma_unmap` removes a strict
+//! mapping and invalidates the IOTLB before it returns; in static mode it
+//! is [`Error::Invalid`].//!
 //! `wait` blocks until at least one of the caller's ports is pending (or
 //! returns 0 at once with [`WAIT_NONBLOCK`]), then writes the pending set as
 //! a bitmap of [`PORT_WORDS`] `u64`s to `out_ptr` (`words` must be at least
@@ -67,10 +90,15 @@ pub enum Call {
     EvtchnBindVirq = 10,
     EvtchnSend = 11,
     EvtchnClose = 12,
+    DevConfigRead = 13,
+    DevConfigWrite = 14,
+    DevIrqBind = 15,
+    DmaMap = 16,
+    DmaUnmap = 17,
 }
 
 impl Call {
-    pub const ALL: [Call; 12] = [
+    pub const ALL: [Call; 17] = [
         Call::ConsoleWrite,
         Call::Event,
         Call::Exit,
@@ -83,6 +111,11 @@ impl Call {
         Call::EvtchnBindVirq,
         Call::EvtchnSend,
         Call::EvtchnClose,
+        Call::DevConfigRead,
+        Call::DevConfigWrite,
+        Call::DevIrqBind,
+        Call::DmaMap,
+        Call::DmaUnmap,
     ];
 
     pub fn from_raw(nr: u64) -> Option<Call> {
@@ -103,6 +136,11 @@ impl Call {
             Call::EvtchnBindVirq => "evtchn_bind_virq",
             Call::EvtchnSend => "evtchn_send",
             Call::EvtchnClose => "evtchn_close",
+            Call::DevConfigRead => "dev_config_read",
+            Call::DevConfigWrite => "dev_config_write",
+            Call::DevIrqBind => "dev_irq_bind",
+            Call::DmaMap => "dma_map",
+            Call::DmaUnmap => "dma_unmap",
         }
     }
 }
@@ -134,10 +172,12 @@ pub enum Error {
     /// An argument is malformed (an event that is not a valid object of
     /// the schema, an unknown VIRQ, unknown flags).
     Invalid = 9,
+    /// No device with this index is assigned to the caller.
+    BadDevice = 10,
 }
 
 impl Error {
-    pub const ALL: [Error; 9] = [
+    pub const ALL: [Error; 10] = [
         Error::UnknownCall,
         Error::BadAddress,
         Error::BadLength,
@@ -147,6 +187,7 @@ impl Error {
         Error::NoSpace,
         Error::Denied,
         Error::Invalid,
+        Error::BadDevice,
     ];
 
     /// The value RAX carries.
@@ -170,6 +211,7 @@ impl Error {
             Error::NoSpace => "no-space",
             Error::Denied => "denied",
             Error::Invalid => "invalid",
+            Error::BadDevice => "bad-device",
         }
     }
 }
@@ -217,7 +259,7 @@ mod tests {
             assert_eq!(Call::from_raw(c as u64), Some(c));
         }
         assert_eq!(Call::from_raw(0), None);
-        assert_eq!(Call::from_raw(13), None);
+        assert_eq!(Call::from_raw(18), None);
         for e in Error::ALL {
             assert!(e.to_raw() < 0);
             assert_eq!(decode(e.to_raw()), Err(e));
