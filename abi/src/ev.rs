@@ -582,7 +582,6 @@ events! {
             ok: bool,
         }
         /// The summary of a table of hostile hypercalls.
-
         domain HypercallTable = "hypercall_table" {
             cases: u64,
             /// Cases whose expected result is an error.
