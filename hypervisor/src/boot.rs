@@ -263,6 +263,9 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
         });
     }
     iommu_units::report(&units);
+    // Translation on, every function blocked, before any domain exists.
+    crate::iommu_hw::init(&units).unwrap_or_else(|e| fail("iommu", format_args!("{e}")));
+    let pt = Some(crate::passthrough::Passthrough::new(ecam));
 
     // Every device the manifest says QEMU emulates must be where it says.
     for d in manifest.devices() {
@@ -296,7 +299,7 @@ extern "C" fn kernel_main(start_info_pa: u64, entry_tsc: u64) -> ! {
 
     if manifest.exit_rule() != ExitRule::AfterReady {
         // Returns only when there is no domain to run.
-        crate::run::start(&manifest, &bundle);
+        crate::run::start(&manifest, &bundle, &functions, pt);
     }
     match manifest.exit_rule() {
         ExitRule::Never => {

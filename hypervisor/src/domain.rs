@@ -68,6 +68,16 @@ pub struct Domain {
     /// CPU time and dispatches the scheduler charged, kept when it ends.
     pub cpu_ns: u64,
     pub dispatches: u64,
+    /// Its memory as mapped: (virtual, physical, bytes, writable), which the
+    /// static DMA mode mirrors into its IOMMU domain.
+    pub memory_map: Vec<(u64, u64, u64, bool)>,
+    pub dma: abi::domain::DmaMode,
+    /// End the domain when one of its devices faults (else only report).
+    pub stop_on_dma_fault: bool,
+    /// Its devices as its start info lists them (records in `Passthrough`).
+    pub devices: Vec<abi::domain::DeviceInfo>,
+    /// Strict-mode DMA mappings it made: (I/O address, bytes).
+    pub dma_maps: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -128,6 +138,8 @@ pub struct Spec<'a> {
     pub weight: u16,
     pub expect: Expect,
     pub image: &'a [u8],
+    pub dma: abi::domain::DmaMode,
+    pub stop_on_dma_fault: bool,
 }
 
 /// A domain's memory and tables, before its start info is written.
@@ -146,7 +158,7 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
     let heap_pages = have - need;
     let heap_start = elf.end + PAGE_SIZE; // one unmapped guard page after the image
     let heap_end = heap_start + heap_pages * PAGE_SIZE;
-    if heap_end > USER_LIMIT {
+    if heap_end > abi::domain::DEVICE_VA.min(USER_LIMIT) {
         return Err(BuildError::TooLarge);
     }
     let mem_phys = mm::alloc_contiguous(have).ok_or(BuildError::OutOfMemory { pages: have })?;
@@ -185,7 +197,9 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
     }
 
     let mut regions = UserRegions::new();
+    let mut memory_map = Vec::new();
     let mut map = |va: u64, pa: u64, pages: u64, flags: F, frames: &mut Vec<u64>| {
+        memory_map.push((va, pa, pages * PAGE_SIZE, flags.contains(F::WRITABLE)));
         // SAFETY: `pml4` is this domain's new table, edited only here.
         let mut m = unsafe { paging::mapper(pml4) };
         for i in 0..pages {
@@ -280,6 +294,11 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
         ended: None,
         cpu_ns: 0,
         dispatches: 0,
+        memory_map,
+        dma: spec.dma,
+        stop_on_dma_fault: spec.stop_on_dma_fault,
+        devices: Vec::new(),
+        dma_maps: Vec::new(),
     };
     d.ctx.rdi = START_INFO_VA;
     Ok(d)
@@ -318,6 +337,14 @@ pub fn write_start_info(
         mem_bytes: d.mem_pages * PAGE_SIZE,
         ports: p,
         peers: q,
+        dma: d.dma,
+        devices: {
+            let mut devs = [None; abi::domain::MAX_DEVICES];
+            for (slot, dev) in devs.iter_mut().zip(&d.devices) {
+                *slot = Some(*dev);
+            }
+            devs
+        },
     };
     // SAFETY: the first frame of the domain's memory is its start-info page,
     // mapped read-only for the domain and writable only here.
@@ -333,6 +360,35 @@ pub fn image_end(image: &[u8]) -> Result<u64, BuildError> {
 }
 
 impl Domain {
+    /// Maps a device's BARs (as `passthrough::bar_layout` placed them) into
+    /// the domain, uncached, leaving the holes unmapped; returns what its
+    /// start info says about them.
+    pub fn map_bars(&mut self, layout: &[(crate::pci::BarInfo, u64, Vec<(u64, u64)>)]) -> [Option<abi::domain::BarMap>; 6] {
+        let mut out = [None; 6];
+        let flags = F::PRESENT | F::WRITABLE | F::NO_EXECUTE | F::NO_CACHE | F::WRITE_THROUGH | F::USER_ACCESSIBLE;
+        let parents = F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE;
+        for (slot, (bar, va, holes)) in out.iter_mut().zip(layout) {
+            let len = bar.size.max(PAGE_SIZE);
+            // SAFETY: this domain's table, edited only while it is built.
+            let mut m = unsafe { paging::mapper(self.pml4) };
+            let mut off = 0;
+            while off < len {
+                if !holes.iter().any(|&(s, e)| off >= s && off < e) {
+                    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va + off));
+                    let frame = PhysFrame::containing_address(PhysAddr::new(bar.addr + off));
+                    // SAFETY: the device window of a fresh address space, onto
+                    // the BAR of a device this domain owns.
+                    unsafe { m.map_to_with_table_flags(page, frame, flags, parents, &mut TrackedFrames(&mut self.table_frames)) }
+                        .expect("fresh device mapping")
+                        .ignore();
+                }
+                off += PAGE_SIZE;
+            }
+            *slot = Some(abi::domain::BarMap { index: bar.index, va: *va, len });
+        }
+        out
+    }
+
     /// Switches the CPU to this domain's address space.
     pub fn activate(&self) {
         // SAFETY: the table maps the hypervisor's half exactly as the
@@ -362,7 +418,7 @@ impl Domain {
     pub fn ends_as_expected(&self, status: i64, reason: &str) -> bool {
         match self.expect {
             Expect::Exit => reason == "exit" && status == 0,
-            Expect::Fault => reason == "fault",
+            Expect::Fault => reason == "fault" || reason == "dma-fault",
         }
     }
 

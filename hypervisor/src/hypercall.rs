@@ -25,10 +25,10 @@ pub enum Outcome {
 /// in its saved context and its address space is the current one.
 pub fn dispatch(sys: &mut System, idx: usize) -> Outcome {
     let ctx = &sys.domains[idx].ctx;
-    let (nr, a0, a1, a2) = (ctx.rax, ctx.rdi, ctx.rsi, ctx.rdx);
+    let (nr, args) = (ctx.rax, [ctx.rdi, ctx.rsi, ctx.rdx, ctx.r10]);
     let out = match Call::from_raw(nr) {
         None => Outcome::Return(Error::UnknownCall.to_raw()),
-        Some(call) => match handle(sys, idx, call, [a0, a1, a2]) {
+        Some(call) => match handle(sys, idx, call, args) {
             Ok(o) => o,
             Err(e) => Outcome::Return(e.to_raw()),
         },
@@ -41,7 +41,7 @@ pub fn dispatch(sys: &mut System, idx: usize) -> Outcome {
     out
 }
 
-fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 3]) -> Result<Outcome, Error> {
+fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 4]) -> Result<Outcome, Error> {
     let domid = sys.domains[idx].domid;
     let ok = |v: u64| Ok(Outcome::Return(v as i64));
     match call {
@@ -126,7 +126,7 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 3]) -> Result<Outco
                 .map(|p| Outcome::Return(i64::from(p)))
         }
         Call::EvtchnBindVirq => {
-            if a[0] >= abi::hypercall::virq::COUNT {
+            if a[0] >= abi::hypercall::virq::BINDABLE {
                 return Err(Error::Invalid);
             }
             sys.evtchn
@@ -144,7 +144,84 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 3]) -> Result<Outco
             sys.evtchn.close(domid, port)?;
             ok(0)
         }
+        Call::DevConfigRead => {
+            let rec = device_arg(sys, idx, a[0])?;
+            let pt = sys.pt.as_ref().ok_or(Error::BadDevice)?;
+            pt.config_read(rec, a[1], a[2]).map(|v| Outcome::Return(v as i64))
+        }
+        Call::DevConfigWrite => {
+            let rec = device_arg(sys, idx, a[0])?;
+            let pt = sys.pt.as_ref().ok_or(Error::BadDevice)?;
+            pt.config_write(rec, a[1], a[2], a[3], &sys.domains[idx].name)?;
+            ok(0)
+        }
+        Call::DevIrqBind => {
+            let dev = device_arg(sys, idx, a[0]).map(|_| a[0] as usize)?;
+            let virq = abi::hypercall::virq::device(dev) as u32;
+            sys.evtchn.bind_virq(domid, virq).map(|p| Outcome::Return(i64::from(p)))
+        }
+        Call::DmaMap => dma_map(sys, idx, a[0], a[1]).map(|iova| Outcome::Return(iova as i64)),
+        Call::DmaUnmap => {
+            dma_unmap(sys, idx, a[0], a[1])?;
+            ok(0)
+        }
     }
+}
+
+/// The record in `Passthrough` of the caller's `dev`-th device.
+fn device_arg(sys: &System, idx: usize, dev: u64) -> Result<usize, Error> {
+    let dev = usize::try_from(dev).map_err(|_| Error::BadDevice)?;
+    if dev >= sys.domains[idx].devices.len() {
+        return Err(Error::BadDevice);
+    }
+    sys.pt.as_ref().and_then(|pt| pt.record(idx, dev)).ok_or(Error::BadDevice)
+}
+
+const PAGE: u64 = 4096;
+
+/// `dma_map`: the range must be page-aligned and the caller's own memory.
+fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error> {
+    if len == 0 || len % PAGE != 0 {
+        return Err(Error::BadLength);
+    }
+    if va % PAGE != 0 {
+        return Err(Error::BadAddress);
+    }
+    let d = &sys.domains[idx];
+    d.regions.check(va, len, Access::Read)?;
+    if d.devices.is_empty() {
+        return Err(Error::BadDevice);
+    }
+    if d.dma == abi::domain::DmaMode::Static {
+        return Ok(va);
+    }
+    if d.dma_maps.iter().any(|&(s, l)| va < s + l && s < va + len) {
+        return Err(Error::Invalid);
+    }
+    // Map each piece of the range with the permission its pages have.
+    let mut at = va;
+    while at < va + len {
+        let &(rva, rpa, rlen, writable) =
+            d.memory_map.iter().find(|&&(rva, _, rlen, _)| at >= rva && at < rva + rlen).ok_or(Error::BadAddress)?;
+        let n = (rva + rlen).min(va + len) - at;
+        crate::iommu_hw::map(d.domid, at, rpa + (at - rva), n, writable).map_err(|_| Error::NoSpace)?;
+        at += n;
+    }
+    sys.domains[idx].dma_maps.push((va, len));
+    Ok(va)
+}
+
+/// `dma_unmap`: exactly a range `dma_map` gave; the IOTLB is invalidated
+/// before this returns.
+fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Error> {
+    let d = &mut sys.domains[idx];
+    if d.dma == abi::domain::DmaMode::Static || d.devices.is_empty() {
+        return Err(Error::Invalid);
+    }
+    let i = d.dma_maps.iter().position(|&m| m == (iova, len)).ok_or(Error::Invalid)?;
+    crate::iommu_hw::unmap(d.domid, iova, len);
+    d.dma_maps.swap_remove(i);
+    Ok(())
 }
 
 /// A domain id argument: it must fit a `u16` (larger ones name no domain).

@@ -14,6 +14,7 @@ pub mod evtchn;
 pub mod frames;
 pub mod layout;
 pub mod pci_class;
+pub mod pcicfg;
 pub mod pvh;
 pub mod sched;
 pub mod uaccess;

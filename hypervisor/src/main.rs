@@ -23,7 +23,11 @@ mod domain;
 #[cfg(target_os = "none")]
 mod hypercall;
 #[cfg(target_os = "none")]
+mod iommu_hw;
+#[cfg(target_os = "none")]
 mod iommu_units;
+#[cfg(target_os = "none")]
+mod passthrough;
 #[cfg(target_os = "none")]
 mod mm;
 #[cfg(target_os = "none")]

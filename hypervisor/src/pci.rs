@@ -3,6 +3,7 @@
 use crate::mm::{self, Cache};
 use abi::ev::Bdf;
 use alloc::vec::Vec;
+use hypervisor::pcicfg::{Capability, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_VENDOR};
 use pci_types::{
     Bar, ConfigRegionAccess, EndpointHeader, HeaderType, PciAddress, PciHeader, PciPciBridgeHeader,
 };
@@ -44,6 +45,10 @@ impl Ecam {
     }
 }
 
+// SAFETY: the window is MMIO of the whole machine's config space, mapped
+// for ever; every access goes through the `Lock` of whoever holds the Ecam.
+unsafe impl Send for Ecam {}
+
 impl ConfigRegionAccess for &Ecam {
     unsafe fn read(&self, a: PciAddress, offset: u16) -> u32 {
         match self.addr(a, offset) {
@@ -62,6 +67,7 @@ impl ConfigRegionAccess for &Ecam {
 }
 
 /// One base address register.
+#[derive(Clone, Copy, Debug)]
 pub struct BarInfo {
     pub index: u8,
     /// "mem32", "mem64" or "io".
@@ -127,6 +133,19 @@ fn io_bar_size(ecam: &Ecam, addr: PciAddress, slot: u8) -> u32 {
     (!(mask & !3) & 0xffff) + 1
 }
 
+/// Where a function's MSI-X table and PBA live.
+#[derive(Clone, Copy, Debug)]
+pub struct Msix {
+    /// Offset of the capability in config space.
+    pub cap: u16,
+    /// Number of table entries.
+    pub entries: u16,
+    pub table_bar: u8,
+    pub table_offset: u32,
+    pub pba_bar: u8,
+    pub pba_offset: u32,
+}
+
 /// What enumeration found about one function.
 pub struct Function {
     pub bdf: Bdf,
@@ -136,6 +155,52 @@ pub struct Function {
     pub class: u32,
     pub header_type: u8,
     pub bars: Vec<BarInfo>,
+    pub caps: Vec<Capability>,
+    pub msix: Option<Msix>,
+}
+
+/// Walks the capability list (at most 48 entries, so a looping list ends).
+fn capabilities(ecam: &Ecam, addr: PciAddress) -> (Vec<Capability>, Option<Msix>) {
+    let rd = |off: u16| {
+        // SAFETY: `off` is a dword-aligned offset below 256 of a present function.
+        unsafe { ecam.read(addr, off & 0xfc) }
+    };
+    let mut caps = Vec::new();
+    let mut msix = None;
+    // Status bit 4: a capability list exists.
+    if rd(0x04) >> 16 & 0x10 == 0 {
+        return (caps, msix);
+    }
+    let mut ptr = (rd(0x34) & 0xfc) as u16;
+    for _ in 0..48 {
+        if ptr < 0x40 {
+            break;
+        }
+        let head = rd(ptr);
+        let id = head as u8;
+        let len = match id {
+            CAP_MSI => 24,
+            CAP_MSIX => {
+                let table = rd(ptr + 4);
+                let pba = rd(ptr + 8);
+                msix = Some(Msix {
+                    cap: ptr,
+                    entries: ((head >> 16) & 0x7ff) as u16 + 1,
+                    table_bar: (table & 7) as u8,
+                    table_offset: table & !7,
+                    pba_bar: (pba & 7) as u8,
+                    pba_offset: pba & !7,
+                });
+                12
+            }
+            CAP_VENDOR => ((head >> 16) & 0xff) as u16,
+            CAP_PCIE => 0x3c,
+            _ => 4,
+        };
+        caps.push(Capability { id, offset: ptr, len: len.max(4) });
+        ptr = ((head >> 8) & 0xfc) as u16;
+    }
+    (caps, msix)
 }
 
 /// Walks the buses reachable from the first bus of `ecam`, following
@@ -172,10 +237,13 @@ pub fn enumerate(ecam: &Ecam) -> Vec<Function> {
                     class: u32::from(class) << 16 | u32::from(subclass) << 8 | u32::from(interface),
                     header_type: raw_type.1 & 0x7f,
                     bars: Vec::new(),
+                    caps: Vec::new(),
+                    msix: None,
                 };
                 match raw_type.0 {
                     HeaderType::Endpoint => {
                         if let Some(ep) = EndpointHeader::from_header(header, ecam) {
+                            (f.caps, f.msix) = capabilities(ecam, addr);
                             let mut slot = 0;
                             while slot < 6 {
                                 let bar = ep.bar(slot, ecam);

@@ -14,15 +14,22 @@ use crate::hypercall::{self, Outcome};
 use crate::sync::Lock;
 use crate::{boot, console, log};
 use abi::bundle::{Bundle, EntryKind};
-use abi::domain::{PeerInfo, PortInfo, PortKind};
+use crate::iommu_hw;
+use crate::passthrough::{self, Passthrough};
+use crate::pci::Function;
+use abi::domain::{DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind};
 use abi::ev;
-use abi::manifest::{ExitRule, Expect, Manifest};
+use abi::manifest::{DmaFault, ExitRule, Expect, Manifest, WatchTarget};
 use alloc::vec::Vec;
 use hypervisor::evtchn::EventChannels;
 use hypervisor::sched::Scheduler;
 
 pub struct System {
     pub domains: Vec<Domain>,
+    /// Assigned PCI functions and config access, when there is ECAM.
+    pub pt: Option<Passthrough>,
+    /// Watched ranges: name, physical address, bytes, CRC-32 before.
+    watches: Vec<(alloc::string::String, u64, u64, u32)>,
     pub sched: Scheduler,
     pub evtchn: EventChannels,
     /// Index of the domain on the CPU, if any.
@@ -56,14 +63,16 @@ impl System {
     }
 }
 
-/// Builds every domain of the manifest and starts running them. Returns
-/// only if the manifest has no domains.
-pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
+/// Builds every domain of the manifest, gives them their devices and
+/// starts running them. Returns only if the manifest has no domains.
+pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>, functions: &[Function], pt: Option<Passthrough>) {
     let specs: Vec<_> = manifest.domains().collect();
     if specs.is_empty() {
         return;
     }
     let mut sys = System {
+        pt,
+        watches: Vec::new(),
         domains: Vec::new(),
         sched: Scheduler::new(),
         evtchn: EventChannels::new(),
@@ -90,6 +99,8 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
             weight: d.weight,
             expect: d.expect,
             image: entry.data,
+            dma: d.dma,
+            stop_on_dma_fault: d.on_dma_fault == DmaFault::Stop,
         };
         let dom = domain::build(&spec)
             .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
@@ -104,6 +115,11 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
             boot::fail("domain", format_args!("{}: scheduler: {e}", d.name));
         }
         sys.domains.push(dom);
+    }
+    assign_devices(&mut sys, manifest, &specs, functions);
+    for f in functions {
+        let did = iommu_hw::context(f.bdf);
+        console::event(&ev::IommuContext { unit: 0, bdf: f.bdf, present: did.is_some(), did: did.map_or(0, u32::from) });
     }
     // Channels the manifest declares are bound before anyone runs.
     let mut ports: Vec<Vec<(u16, u16, &str)>> = specs.iter().map(|_| Vec::new()).collect();
@@ -161,11 +177,138 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>) {
             "APIC count-down"
         }
     );
+    for w in manifest.watches() {
+        let addr = match w.target {
+            WatchTarget::Phys(pa) => pa,
+            WatchTarget::Domain(i) => sys.domains.get(usize::from(i)).map_or(0, |d| d.mem_phys),
+        };
+        let crc = watch_crc(addr, w.len);
+        console::event(&ev::Watch { name: w.name, addr: ev::Hex(addr), len: w.len, crc32: ev::Hex(u64::from(crc)), when: "before" });
+        sys.watches.push((alloc::string::String::from(w.name), addr, w.len, crc));
+    }
     for i in 0..sys.domains.len() {
         sys.sched.set_runnable(i, true);
     }
     *SYSTEM.lock() = Some(sys);
     schedule()
+}
+
+/// Gives each domain the functions the manifest assigns it: BARs mapped,
+/// IOMMU context, its memory mirrored for DMA in static mode, interrupts
+/// routed.
+fn assign_devices(sys: &mut System, manifest: &Manifest<'_>, specs: &[abi::manifest::Domain<'_>], functions: &[Function]) {
+    let devices: Vec<_> = manifest.devices().collect();
+    for (i, spec) in specs.iter().enumerate() {
+        let mut va = abi::domain::DEVICE_VA;
+        for (n, dev_index) in spec.devices.iter().enumerate() {
+            let Some(md) = devices.get(usize::from(dev_index)) else {
+                boot::fail("manifest", format_args!("{}: device index {dev_index} out of range", spec.name))
+            };
+            let Some(f) = functions.iter().find(|f| f.bdf == md.bdf) else {
+                boot::fail("manifest", format_args!("{}: {} is not present", spec.name, md.bdf))
+            };
+            let Some(pt) = sys.pt.as_mut() else {
+                boot::fail("iommu", format_args!("{}: devices need a DMA remapping unit and ECAM", spec.name))
+            };
+            let (layout, next) = passthrough::bar_layout(f, va);
+            va = next;
+            let d = &mut sys.domains[i];
+            let bars = d.map_bars(&layout);
+            d.devices.push(DeviceInfo { bdf: f.bdf, vendor: f.vendor, device: f.device, bars });
+            let rec = pt
+                .assign(f, i, n, d.domid)
+                .unwrap_or_else(|e| boot::fail("iommu", format_args!("{}: {}: {e}", d.name, f.bdf)));
+            let mut mapped = 0;
+            if d.dma == DmaMode::Static && n == 0 {
+                for &(va, pa, len, w) in &d.memory_map {
+                    iommu_hw::map(d.domid, va, pa, len, w)
+                        .unwrap_or_else(|e| boot::fail("iommu", format_args!("{}: {e}", d.name)));
+                    mapped += len;
+                }
+            }
+            console::event(&ev::DeviceAssign {
+                bdf: f.bdf,
+                domain: &d.name,
+                did: iommu_hw::context(f.bdf).map_or(0, u32::from),
+                dma: if d.dma == DmaMode::Static { "static" } else { "strict" },
+                levels: iommu_hw::levels(),
+                mapped_bytes: mapped,
+                irtes: pt.assigned[rec].vectors.len() as u32,
+            });
+        }
+    }
+}
+
+/// The CRC-32 of a watched physical range (through the direct map or the
+/// device window).
+fn watch_crc(pa: u64, len: u64) -> u32 {
+    let p = crate::mm::phys_to_ptr(pa, len);
+    // SAFETY: `p` maps `len` bytes from `pa`; they are only read, and
+    // nothing writes them while ring 0 runs.
+    let bytes = unsafe { core::slice::from_raw_parts(p, len as usize) };
+    abi::crc32::crc32(bytes)
+}
+
+/// A device interrupt (or the IOMMU's fault event), from ring 3 or idle.
+fn interrupt(sys: &mut System, vector: u8) {
+    lapic::eoi();
+    if vector == passthrough::FAULT_VECTOR {
+        iommu_faults(sys);
+        return;
+    }
+    let Some(pt) = sys.pt.as_mut() else { return };
+    let Some(a) = pt.owner_of(vector) else {
+        pt.stray_interrupt(vector);
+        return;
+    };
+    let (owner, dev) = (a.owner, a.dev);
+    let domid = sys.domains[owner].domid;
+    if !sys.domains[owner].is_dead() && sys.evtchn.raise_virq(domid, abi::hypercall::virq::device(dev) as u32) {
+        sys.wake(Some(domid));
+    }
+}
+
+/// Reports every recorded DMA fault and stops the owners whose manifest
+/// says so.
+fn iommu_faults(sys: &mut System) {
+    let mut stop = Vec::new();
+    let mut records = Vec::new();
+    iommu_hw::take_faults(|rec, unit| records.push((*rec, unit)));
+    for (rec, unit) in records {
+        let owner = sys.pt.as_ref().and_then(|pt| pt.owner_of_bdf(rec.source));
+        let name = owner.map_or("none", |i| sys.domains[i].name.as_str());
+        console::event(&ev::IommuFault {
+            unit,
+            source: rec.source,
+            addr: ev::Hex(rec.addr),
+            reason: ev::Code { raw: u64::from(rec.reason), name: rec.reason_name },
+            access: rec.access.name(),
+            domain: name,
+            record_lo: ev::Hex(rec.raw[0]),
+            record_hi: ev::Hex(rec.raw[1]),
+        });
+        if let Some(i) = owner {
+            stop.push(i);
+        }
+    }
+    for i in stop {
+        if sys.domains[i].stop_on_dma_fault && !sys.domains[i].is_dead() {
+            end_domain(sys, i, -1, "dma-fault");
+        }
+    }
+}
+
+/// An interrupt while the CPU idled.
+pub fn on_idle_interrupt(vector: u8) {
+    if vector == trap::TIMER_VECTOR {
+        lapic::eoi();
+        return;
+    }
+    let mut guard = SYSTEM.lock();
+    match guard.as_mut() {
+        Some(sys) => interrupt(sys, vector),
+        None => lapic::eoi(),
+    }
 }
 
 /// Every entry from ring 3 comes here (see `arch::trap`).
@@ -194,6 +337,8 @@ pub fn on_user_entry() -> ! {
         }
     } else if vector == u64::from(trap::TIMER_VECTOR) {
         lapic::eoi();
+    } else if (0x2f..0x50).contains(&vector) {
+        interrupt(sys, vector as u8);
     } else if vector < 32 {
         let d = &sys.domains[cur];
         let addr = if vector == 14 {
@@ -228,8 +373,6 @@ pub fn on_user_entry() -> ! {
     schedule()
 }
 
-/// The timer fired while the CPU idled.
-pub fn on_idle_timer() {}
 
 fn ns(tsc_delta: u64) -> u64 {
     (u128::from(tsc_delta) * 1_000_000 / u128::from(tsc::khz().max(1))) as u64
@@ -238,6 +381,11 @@ fn ns(tsc_delta: u64) -> u64 {
 /// Ends domain `i`: reports it, closes its ports, frees its memory.
 fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
     hypercall::flush_console(sys, i);
+    // Its devices stop mastering and leave its IOMMU domain before its
+    // memory can be reused.
+    if let Some(pt) = sys.pt.as_mut() {
+        pt.release(i);
+    }
     // Leave its address space before its tables go.
     arch::paging::activate_kernel();
     if sys.current == Some(i) {
@@ -337,6 +485,13 @@ fn schedule() -> ! {
 
 /// Every domain has ended: report CPU time and stop.
 fn finish(sys: &mut System) -> ! {
+    for (name, addr, len, _) in &sys.watches {
+        let crc = watch_crc(*addr, *len);
+        console::event(&ev::Watch { name, addr: ev::Hex(*addr), len: *len, crc32: ev::Hex(u64::from(crc)), when: "after" });
+    }
+    if let Some(pt) = sys.pt.as_ref() {
+        pt.report_stray();
+    }
     for d in &sys.domains {
         console::event(&ev::DomainCpu {
             domain: &d.name,

@@ -1,11 +1,20 @@
 //! airlock's IOMMU crate.
 //!
-//! This crate will hold the Intel VT-d and AMD-Vi drivers behind one trait (issue 4): the
-//! hypervisor asks it to block every device, give a device an address space, map and unmap
-//! pages with invalidation, read faults and program interrupt remapping, without knowing which
-//! vendor's unit is underneath.
+//! The hypervisor drives every remapping unit through one trait, [`Iommu`]: create an I/O
+//! address space (a domain), map and unmap pages in it with the invalidations the hardware
+//! needs, attach PCI functions to it, detach them, and read and clear the fault log, without
+//! knowing which vendor's unit is underneath. Intel VT-d ([`vtd::Vtd`]) implements it; AMD-Vi
+//! will be the second implementation. Default deny: a function nobody attached has no entry,
+//! and all its DMA faults.
 //!
-//! What is here so far is the boot inventory, all pure logic tested on the host:
+//! The drivers touch neither memory nor registers themselves: table frames come through
+//! [`TableMemory`] and registers through [`vtd::Regs`], both implemented by the hypervisor. So
+//! the crate has no `unsafe` and allocates nothing, and it is tested on the host against
+//! models of the hardware: [`vtd::walk`] translates a request exactly as a VT-d unit walks
+//! the tables (the tables are checked page by page against it), and `vtd::fake` (feature
+//! `test-utils`) behaves like QEMU 7.2's unit at the register level.
+//!
+//! Also here, the boot inventory:
 //!
 //! - [`dmar`]: the ACPI DMAR table (VT-d units, their device scopes, reserved regions);
 //! - [`ivrs`]: the ACPI IVRS table (AMD-Vi units and their device entries);
@@ -17,8 +26,8 @@
 //! naming the byte offset, and nothing panics or indexes out of range (the crate denies
 //! `clippy::indexing_slicing`, `unwrap` and `expect` outside tests).
 //!
-//! With the `test-utils` feature, [`fixtures`] builds the DMAR and IVRS tables QEMU 7.2 emits,
-//! for other crates' host tests.
+//! With the `test-utils` feature, `fixtures` builds the DMAR and IVRS tables QEMU 7.2 emits,
+//! and `vtd::fake` provides the fake unit, for other crates' host tests.
 
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -32,6 +41,12 @@
     )
 )]
 
+// Only the fake unit (tests and `test-utils`) keeps state on the heap; the drivers and
+// tables allocate nothing.
+#[cfg(any(test, feature = "test-utils"))]
+extern crate alloc;
+
+pub mod api;
 mod bytes;
 pub mod dmar;
 #[cfg(any(test, feature = "test-utils"))]
@@ -41,3 +56,7 @@ pub mod sdt;
 pub mod vtd;
 
 pub use abi::pci::Bdf;
+pub use api::{
+    Access, Attachment, DomainId, Error, FaultRecord, FaultSummary, Iommu, Perm, TableMemory,
+    PAGE_SIZE,
+};

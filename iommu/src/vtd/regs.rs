@@ -141,6 +141,115 @@ pub mod gsts {
     pub const PERSISTENT: u32 = TES | AFLS | QIES | IRES | CFIS;
 }
 
+/// Context command register bits (CCMD, 64-bit; register-based context-cache invalidation,
+/// refused by QEMU once queued invalidation is on).
+pub mod ccmd {
+    /// Bit 63 ICC: invalidate; hardware clears it when the invalidation is done.
+    pub const ICC: u64 = 1 << 63;
+    /// Bits 62:61 CIRG: requested granularity, 1 global.
+    pub const GLOBAL: u64 = 1 << 61;
+    /// CIRG 2: domain-selective (DID in bits 15:0).
+    pub const DOMAIN: u64 = 2 << 61;
+    /// CIRG 3: device-selective (DID in bits 15:0, SID in bits 31:16, FM in bits 33:32).
+    pub const DEVICE: u64 = 3 << 61;
+    /// Bits 60:59 CAIG: the granularity hardware actually used.
+    pub const CAIG_SHIFT: u32 = 59;
+    /// Shift of the source-id field.
+    pub const SID_SHIFT: u32 = 16;
+    /// Shift of the function-mask field.
+    pub const FM_SHIFT: u32 = 32;
+}
+
+/// IOTLB invalidate register bits (at [`Ecap::iotlb_offset`], 64-bit; refused by QEMU once
+/// queued invalidation is on). Page-selective requests take the address and mask from the
+/// invalidate address register ([`Ecap::iva_offset`]) written first.
+pub mod iotlb {
+    /// Bit 63 IVT: invalidate; hardware clears it when the invalidation is done.
+    pub const IVT: u64 = 1 << 63;
+    /// Bits 61:60 IIRG 1: global.
+    pub const GLOBAL: u64 = 1 << 60;
+    /// IIRG 2: domain-selective.
+    pub const DOMAIN: u64 = 2 << 60;
+    /// IIRG 3: page-selective within a domain.
+    pub const PAGE: u64 = 3 << 60;
+    /// Bits 58:57 IAIG: the granularity hardware actually used.
+    pub const IAIG_SHIFT: u32 = 57;
+    /// Bit 49 DR: drain reads.
+    pub const DR: u64 = 1 << 49;
+    /// Bit 48 DW: drain writes.
+    pub const DW: u64 = 1 << 48;
+    /// Shift of the domain-id field (bits 47:32).
+    pub const DID_SHIFT: u32 = 32;
+    /// Invalidate address register: bit 6 IH (leaf entries only changed); bits 5:0 AM
+    /// (2^AM pages); bits 63:12 the address.
+    pub const IVA_IH: u64 = 1 << 6;
+}
+
+/// Fault status register bits (FSTS, 32-bit: write it only with 32-bit stores).
+pub mod fsts {
+    /// Bit 0 PFO: primary fault overflow (write 1 to clear).
+    pub const PFO: u32 = 1 << 0;
+    /// Bit 1 PPF: primary fault pending (the OR of every record's F bit; read-only).
+    pub const PPF: u32 = 1 << 1;
+    /// Bit 4 IQE: invalidation queue error (write 1 to clear).
+    pub const IQE: u32 = 1 << 4;
+    /// Bit 5 ICE: invalidation completion error (write 1 to clear).
+    pub const ICE: u32 = 1 << 5;
+    /// Bit 6 ITE: invalidation time-out error (write 1 to clear).
+    pub const ITE: u32 = 1 << 6;
+    /// Bits 15:8 FRI: index of the first pending fault record.
+    pub const fn fri(fsts: u32) -> u16 {
+        ((fsts >> 8) & 0xff) as u16
+    }
+}
+
+/// Fault event control register bits (FECTL, 32-bit).
+pub mod fectl {
+    /// Bit 31 IM: interrupt mask.
+    pub const IM: u32 = 1 << 31;
+    /// Bit 30 IP: interrupt pending.
+    pub const IP: u32 = 1 << 30;
+}
+
+/// Fault recording register fields (128 bits; low quadword at +0, high at +8).
+pub mod frcd {
+    /// High quadword bit 63 F: a fault is recorded (write 1 to clear; clear it with a 32-bit
+    /// store of bit 31 to the record's last dword, [`F_DWORD_OFFSET`]).
+    pub const F: u64 = 1 << 63;
+    /// High quadword bit 62 T: 1 read, 0 write (DMA faults only).
+    pub const T: u64 = 1 << 62;
+    /// Byte offset within a record of the dword that holds F (as its bit 31).
+    pub const F_DWORD_OFFSET: usize = 12;
+    /// F as seen in that dword.
+    pub const F_DWORD: u32 = 1 << 31;
+    /// Shift of the fault reason (high quadword bits 39:32).
+    pub const FR_SHIFT: u32 = 32;
+}
+
+/// Invalidation queue address register (IQA) fields.
+pub mod iqa {
+    /// Bits 2:0 QS: the queue is 2^QS 4 KiB pages.
+    pub const QS_MASK: u64 = 0x7;
+    /// Bit 11 DW: 256-bit descriptors (scalable mode); airlock uses 128-bit ones (DW = 0).
+    pub const DW: u64 = 1 << 11;
+    /// Shift of the queue index in IQH and IQT for 128-bit descriptors (bits 18:4).
+    pub const INDEX_SHIFT: u32 = 4;
+}
+
+/// Interrupt remapping table address register (IRTA) fields.
+pub mod irta {
+    /// Bits 3:0 S: the table has 2^(S + 1) entries.
+    pub const S_MASK: u64 = 0xf;
+    /// Bit 11 EIME: extended (x2APIC) interrupt mode; airlock uses xAPIC mode (0).
+    pub const EIME: u64 = 1 << 11;
+    /// The table address bits.
+    pub const ADDR_MASK: u64 = !0xfff;
+}
+
+/// Invalidation completion status register (ICS, 32-bit) bit 0 IWC: a wait descriptor with
+/// the interrupt flag completed.
+pub const ICS_IWC: u32 = 1;
+
 /// Implements single-bit accessors on a `u64` newtype.
 macro_rules! flag_bits {
     ($( $(#[$doc:meta])* $name:ident = $bit:literal; )*) => {

@@ -1,0 +1,502 @@
+//! VT-d translation tables in legacy (non-scalable) mode: the root table, context tables and
+//! second-level page tables, built in frames from [`TableMemory`]. Pure table logic: the
+//! invalidations a change needs are the caller's ([`super::Vtd`] does them).
+//!
+//! - Root table: one frame, 256 entries of 16 bytes, one per bus: P (bit 0) and the context
+//!   table's address (CTP, bits 63:12); the high quadword is reserved.
+//! - Context table: one frame per bus, 256 entries of 16 bytes, one per device and function:
+//!   low quadword P (bit 0), FPD (bit 1, left 0 so faults are recorded), TT (bits 3:2, 0:
+//!   untranslated requests through the second-level tables), SLPTPTR (bits 63:12); high
+//!   quadword AW (bits 2:0: 1 3-level, 2 4-level, 3 5-level) and DID (bits 23:8).
+//! - Second-level tables: 512 8-byte entries: R (bit 0), W (bit 1), PS (bit 7: a 2 MiB page
+//!   at level 2, 1 GiB at level 3), the address (bits 51:12). A non-leaf entry carries R and
+//!   W, so the leaf alone decides the permission.
+//!
+//! Only functions attached get a context entry (default deny). Page tables emptied by unmap
+//! stay allocated until their domain is removed, so a frame is never freed while the unit may
+//! still walk it.
+
+use super::regs::{level_address_bits, Cap, Ecap};
+use crate::api::{Attachment, DomainId, Error, Perm, TableMemory, PAGE_SIZE};
+use crate::Bdf;
+
+/// Root entry fields.
+pub mod root {
+    pub const P: u64 = 1;
+    pub const CTP: u64 = super::pte::ADDR;
+    pub const RESERVED_LO: u64 = 0xffe;
+}
+
+/// Context entry fields.
+pub mod ctx {
+    /// Low quadword: present.
+    pub const P: u64 = 1;
+    /// Low quadword: fault processing disable.
+    pub const FPD: u64 = 1 << 1;
+    /// Low quadword: translation type, bits 3:2.
+    pub const TT_SHIFT: u32 = 2;
+    /// Low quadword: second-level page-table pointer.
+    pub const SLPTPTR: u64 = super::pte::ADDR;
+    pub const RESERVED_LO: u64 = 0xff0;
+    /// High quadword: address width, bits 2:0 (levels - 2).
+    pub const AW_MASK: u64 = 7;
+    /// High quadword: domain id, bits 23:8.
+    pub const DID_SHIFT: u32 = 8;
+    pub const RESERVED_HI: u64 = 0xffff_ffff_ff00_0080;
+}
+
+/// Second-level paging entry fields.
+pub mod pte {
+    pub const R: u64 = 1 << 0;
+    pub const W: u64 = 1 << 1;
+    /// Page size: the entry maps a large page (levels 2 and 3).
+    pub const PS: u64 = 1 << 7;
+    /// Snoop (reserved without ECAP.SC; airlock leaves it 0).
+    pub const SNP: u64 = 1 << 11;
+    /// Address bits 51:12.
+    pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    /// Bits 63:52, ignored by the unit.
+    pub const IGNORED_HIGH: u64 = 0xfff0_0000_0000_0000;
+
+    /// Index of `iova`'s entry in a level-`level` table (level 1 maps 4 KiB pages).
+    pub const fn index(iova: u64, level: u8) -> usize {
+        ((iova >> (12 + 9 * (level as u32 - 1))) & 511) as usize
+    }
+
+    /// Bytes one entry of a level-`level` table covers.
+    pub const fn level_bytes(level: u8) -> u64 {
+        1 << (12 + 9 * (level as u32 - 1))
+    }
+}
+
+/// Most domains a [`Tables`] holds at once.
+pub const MAX_DOMAINS: usize = 32;
+
+const LARGE_2M: u64 = 2 << 20;
+
+/// One domain's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Domain {
+    pub did: DomainId,
+    pub levels: u8,
+    /// The top-level table.
+    pub table: u64,
+    /// Functions attached.
+    pub attached: u32,
+}
+
+/// What [`Tables::map`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mapped {
+    /// Bytes mapped, from the start of the range.
+    pub bytes: u64,
+    /// A present mapping was replaced (needs invalidation even without caching mode).
+    pub replaced: bool,
+}
+
+/// A [`Tables::map`] that stopped part-way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFailed {
+    pub error: Error,
+    /// What was done before it stopped.
+    pub done: Mapped,
+}
+
+/// What [`Tables::unmap`] did: the range to invalidate in domain `did`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unmapped {
+    pub did: DomainId,
+    pub iova: u64,
+    pub len: u64,
+    /// Bytes of the range that were mapped.
+    pub bytes: u64,
+}
+
+/// The root table, the context tables and every domain's page tables of one unit.
+#[derive(Debug)]
+pub struct Tables {
+    root: u64,
+    coherent: bool,
+    sllps: u8,
+    mgaw_bits: u8,
+    cap: Cap,
+    domains: [Option<Domain>; MAX_DOMAINS],
+}
+
+fn read<M: TableMemory>(mem: &mut M, phys: u64) -> u64 {
+    let index = ((phys & (PAGE_SIZE - 1)) >> 3) as usize;
+    mem.frame(phys & !(PAGE_SIZE - 1))
+        .get(index)
+        .copied()
+        .unwrap_or(0)
+}
+
+fn write<M: TableMemory>(mem: &mut M, phys: u64, value: u64) {
+    let index = ((phys & (PAGE_SIZE - 1)) >> 3) as usize;
+    if let Some(slot) = mem.frame(phys & !(PAGE_SIZE - 1)).get_mut(index) {
+        *slot = value;
+    }
+}
+
+impl Tables {
+    /// An empty root table (every bus not present) for a unit with these capabilities.
+    pub fn new<M: TableMemory>(mem: &mut M, cap: Cap, ecap: Ecap) -> Result<Self, Error> {
+        let mut tables = Tables {
+            root: 0,
+            coherent: ecap.c(),
+            sllps: cap.sllps(),
+            mgaw_bits: cap.mgaw_bits(),
+            cap,
+            domains: [None; MAX_DOMAINS],
+        };
+        tables.root = tables.new_frame(mem)?;
+        Ok(tables)
+    }
+
+    /// Physical address of the root table (for RTADDR).
+    pub const fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// Whether 2 MiB pages are used where both addresses are aligned.
+    pub const fn large_pages(&self) -> bool {
+        self.sllps & 1 != 0
+    }
+
+    /// The domain `did`, if it exists.
+    pub fn domain(&self, did: DomainId) -> Option<Domain> {
+        self.domains
+            .iter()
+            .flatten()
+            .find(|d| d.did == did)
+            .copied()
+    }
+
+    fn domain_mut(&mut self, did: DomainId) -> Option<&mut Domain> {
+        self.domains.iter_mut().flatten().find(|d| d.did == did)
+    }
+
+    /// The I/O address width of a `levels`-deep domain on this unit, in bits.
+    pub fn width_bits(&self, levels: u8) -> u8 {
+        level_address_bits(levels).min(self.mgaw_bits)
+    }
+
+    fn sync<M: TableMemory>(&self, mem: &mut M, phys: u64, len: usize) {
+        if !self.coherent {
+            mem.flush(phys, len);
+        }
+    }
+
+    fn new_frame<M: TableMemory>(&self, mem: &mut M) -> Result<u64, Error> {
+        let frame = mem.alloc_frame().ok_or(Error::OutOfFrames)?;
+        // The zeroes may still be in the CPU's cache only.
+        self.sync(mem, frame, PAGE_SIZE as usize);
+        Ok(frame)
+    }
+
+    /// Creates domain `did` with an empty `levels`-deep address space.
+    pub fn add_domain<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        levels: u8,
+    ) -> Result<(), Error> {
+        if did == 0 || u32::from(did) >= self.cap.domains_supported() {
+            return Err(Error::BadDomainId(did));
+        }
+        if !self.cap.supported_levels().supports(levels) {
+            return Err(Error::LevelsUnsupported(levels));
+        }
+        if self.domain(did).is_some() {
+            return Err(Error::DomainExists(did));
+        }
+        let slot = self
+            .domains
+            .iter()
+            .position(Option::is_none)
+            .ok_or(Error::TooManyDomains)?;
+        let table = self.new_frame(mem)?;
+        if let Some(free) = self.domains.get_mut(slot) {
+            *free = Some(Domain {
+                did,
+                levels,
+                table,
+                attached: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Frees domain `did` and all its page tables. Its functions must be detached, and the
+    /// caller must have invalidated the domain's IOTLB entries since the last detach.
+    pub fn remove_domain<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+    ) -> Result<(), Error> {
+        let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
+        if domain.attached != 0 {
+            return Err(Error::DomainInUse(did));
+        }
+        free_table(mem, domain.table, domain.levels);
+        for slot in self.domains.iter_mut() {
+            if slot.is_some_and(|d| d.did == did) {
+                *slot = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn context_addr<M: TableMemory>(&self, mem: &mut M, bdf: Bdf) -> Option<u64> {
+        let root = read(mem, self.root + u64::from(bdf.bus()) * 16);
+        (root & root::P != 0).then_some((root & root::CTP) + u64::from(bdf.devfn()) * 16)
+    }
+
+    /// `bdf`'s context entry read back from the live tables: `None` if not present.
+    pub fn context_entry<M: TableMemory>(&self, mem: &mut M, bdf: Bdf) -> Option<Attachment> {
+        let addr = self.context_addr(mem, bdf)?;
+        let (lo, hi) = (read(mem, addr), read(mem, addr + 8));
+        (lo & ctx::P != 0).then_some(Attachment {
+            did: ((hi >> ctx::DID_SHIFT) & 0xffff) as u16,
+            levels: (hi & ctx::AW_MASK) as u8 + 2,
+            table: lo & ctx::SLPTPTR,
+        })
+    }
+
+    /// Points `bdf` at domain `did`. Returns `false` if it already was (nothing changed).
+    pub fn attach<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        bdf: Bdf,
+        did: DomainId,
+    ) -> Result<bool, Error> {
+        let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
+        if let Some(current) = self.context_entry(mem, bdf) {
+            return if current.did == did {
+                Ok(false)
+            } else {
+                Err(Error::AttachedElsewhere {
+                    bdf,
+                    did: current.did,
+                })
+            };
+        }
+        let root_addr = self.root + u64::from(bdf.bus()) * 16;
+        let mut root_lo = read(mem, root_addr);
+        if root_lo & root::P == 0 {
+            let table = self.new_frame(mem)?;
+            root_lo = table | root::P;
+            write(mem, root_addr, root_lo);
+            self.sync(mem, root_addr, 16);
+        }
+        let addr = (root_lo & root::CTP) + u64::from(bdf.devfn()) * 16;
+        // High quadword first, present bit last.
+        write(
+            mem,
+            addr + 8,
+            u64::from(did) << ctx::DID_SHIFT | u64::from(domain.levels - 2),
+        );
+        write(mem, addr, domain.table | ctx::P);
+        self.sync(mem, addr, 16);
+        if let Some(d) = self.domain_mut(did) {
+            d.attached += 1;
+        }
+        Ok(true)
+    }
+
+    /// Clears `bdf`'s context entry; returns the domain it was in.
+    pub fn detach<M: TableMemory>(&mut self, mem: &mut M, bdf: Bdf) -> Result<DomainId, Error> {
+        let current = self
+            .context_entry(mem, bdf)
+            .ok_or(Error::NotAttached(bdf))?;
+        let addr = self.context_addr(mem, bdf).ok_or(Error::NotAttached(bdf))?;
+        write(mem, addr, 0);
+        write(mem, addr + 8, 0);
+        self.sync(mem, addr, 16);
+        if let Some(d) = self.domain_mut(current.did) {
+            d.attached = d.attached.saturating_sub(1);
+        }
+        Ok(current.did)
+    }
+
+    fn check_range(&self, domain: &Domain, iova: u64, len: u64) -> Result<(), Error> {
+        if len == 0 || !iova.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Unaligned);
+        }
+        let end = iova.checked_add(len).ok_or(Error::Unaligned)?;
+        let width_bits = self.width_bits(domain.levels);
+        if end > 1u64 << width_bits {
+            return Err(Error::BeyondWidth { iova, width_bits });
+        }
+        Ok(())
+    }
+
+    /// Maps `iova..iova + len` of domain `did` to `pa..pa + len` with `perm`, in 2 MiB pages
+    /// where both sides are aligned (and the unit has them), else 4 KiB pages. Existing
+    /// mappings are replaced (a 4 KiB page inside a present 2 MiB page is refused).
+    pub fn map<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        iova: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+    ) -> Result<Mapped, MapFailed> {
+        let fail = |error| MapFailed {
+            error,
+            done: Mapped::default(),
+        };
+        let domain = self.domain(did).ok_or(fail(Error::NoDomain(did)))?;
+        self.check_range(&domain, iova, len).map_err(fail)?;
+        if !pa.is_multiple_of(PAGE_SIZE) {
+            return Err(fail(Error::Unaligned));
+        }
+        match pa.checked_add(len) {
+            Some(end) if end <= 1u64 << self.mgaw_bits => {}
+            _ => return Err(fail(Error::BeyondHostWidth { pa })),
+        }
+        let bits = if perm.read { pte::R } else { 0 } | if perm.write { pte::W } else { 0 };
+        let mut done = Mapped::default();
+        while done.bytes < len {
+            let (va, to, rest) = (iova + done.bytes, pa + done.bytes, len - done.bytes);
+            let mut step = PAGE_SIZE;
+            let mut placed = None;
+            if self.large_pages()
+                && va.is_multiple_of(LARGE_2M)
+                && to.is_multiple_of(LARGE_2M)
+                && rest >= LARGE_2M
+            {
+                placed = self
+                    .set_leaf(mem, &domain, va, to | bits | pte::PS, 2)
+                    .map_err(|error| MapFailed { error, done })?;
+                step = LARGE_2M;
+            }
+            if placed.is_none() {
+                step = PAGE_SIZE;
+                placed = self
+                    .set_leaf(mem, &domain, va, to | bits, 1)
+                    .map_err(|error| MapFailed { error, done })?;
+            }
+            done.replaced |= placed == Some(true);
+            done.bytes += step;
+        }
+        Ok(done)
+    }
+
+    /// Writes leaf `entry` for `va` at `level`, creating the tables above it. Returns
+    /// `Some(whether a present entry was replaced)`, or `None` if `level` is 2 and a page
+    /// table already sits there (the caller maps 4 KiB pages instead).
+    fn set_leaf<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        domain: &Domain,
+        va: u64,
+        entry: u64,
+        level: u8,
+    ) -> Result<Option<bool>, Error> {
+        let mut table = domain.table;
+        let mut at = domain.levels;
+        while at > level {
+            let addr = table + pte::index(va, at) as u64 * 8;
+            let current = read(mem, addr);
+            if current & (pte::R | pte::W) == 0 {
+                let next = self.new_frame(mem)?;
+                write(mem, addr, next | pte::R | pte::W);
+                self.sync(mem, addr, 8);
+                table = next;
+            } else if current & pte::PS != 0 {
+                return Err(Error::SplitsLargePage { iova: va });
+            } else {
+                table = current & pte::ADDR;
+            }
+            at -= 1;
+        }
+        let addr = table + pte::index(va, level) as u64 * 8;
+        let current = read(mem, addr);
+        let present = current & (pte::R | pte::W) != 0;
+        if level > 1 && present && current & pte::PS == 0 {
+            return Ok(None);
+        }
+        write(mem, addr, entry);
+        self.sync(mem, addr, 8);
+        Ok(Some(present))
+    }
+
+    /// Unmaps `iova..iova + len` of domain `did` (a large page only whole). Returns the range
+    /// to invalidate.
+    pub fn unmap<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        iova: u64,
+        len: u64,
+    ) -> Result<Unmapped, Error> {
+        let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
+        self.check_range(&domain, iova, len)?;
+        // A dry run first, so a refused unmap changes nothing.
+        self.unmap_pass(mem, &domain, iova, len, false)?;
+        let bytes = self.unmap_pass(mem, &domain, iova, len, true)?;
+        Ok(Unmapped {
+            did,
+            iova,
+            len,
+            bytes,
+        })
+    }
+
+    fn unmap_pass<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        domain: &Domain,
+        iova: u64,
+        len: u64,
+        clear: bool,
+    ) -> Result<u64, Error> {
+        let end = iova + len;
+        let mut bytes = 0;
+        let mut va = iova;
+        'range: while va < end {
+            let mut table = domain.table;
+            let mut level = domain.levels;
+            loop {
+                let addr = table + pte::index(va, level) as u64 * 8;
+                let entry = read(mem, addr);
+                let size = pte::level_bytes(level);
+                if entry & (pte::R | pte::W) == 0 {
+                    // Nothing mapped up to the end of this entry's span.
+                    va = ((va | (size - 1)) + 1).min(end);
+                    continue 'range;
+                }
+                if level == 1 || entry & pte::PS != 0 {
+                    if !va.is_multiple_of(size) || end - va < size {
+                        return Err(Error::SplitsLargePage { iova: va });
+                    }
+                    if clear {
+                        write(mem, addr, 0);
+                        self.sync(mem, addr, 8);
+                    }
+                    bytes += size;
+                    va += size;
+                    continue 'range;
+                }
+                table = entry & pte::ADDR;
+                level -= 1;
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+/// Frees a `level` table and every table below it.
+fn free_table<M: TableMemory>(mem: &mut M, table: u64, level: u8) {
+    if level > 1 {
+        for index in 0..512u64 {
+            let entry = read(mem, table + index * 8);
+            if entry & (pte::R | pte::W) != 0 && entry & pte::PS == 0 {
+                free_table(mem, entry & pte::ADDR, level - 1);
+            }
+        }
+    }
+    mem.free_frame(table);
+}

@@ -1,0 +1,1014 @@
+//! Host tests: the tables against the walk model, and the driver against the fake unit.
+
+use super::fake::{FakePlatform, FakeRegs, CAP_CM, QEMU_CAP, QEMU_CAP_AW48, QEMU_ECAP};
+use super::regs::{self, fsts, gcmd, gsts, Cap, Ecap};
+use super::tables::{MapFailed, Tables};
+use super::walk::{UnitMemory, UnitModel};
+use super::*;
+use crate::api::{Access, Attachment, Error, Iommu, Perm, TableMemory};
+use crate::Bdf;
+use std::collections::BTreeMap;
+use std::vec::Vec;
+
+const MIB: u64 = 1 << 20;
+const BLK: Bdf = Bdf::new(0, 3, 0);
+const NET: Bdf = Bdf::new(0, 4, 0);
+const EDU: Bdf = Bdf::new(0, 5, 0);
+const OTHER_BUS: Bdf = Bdf::new(2, 0, 0);
+
+fn model(cap: u64) -> UnitModel {
+    UnitModel {
+        cap: Cap(cap),
+        ecap: Ecap(QEMU_ECAP),
+    }
+}
+
+/// Tables on non-coherent fake memory (the unit sees only flushed lines).
+fn tables(cap: u64) -> (FakePlatform, Tables) {
+    let (mut mem, _regs) = FakePlatform::new(cap, QEMU_ECAP);
+    let tables = Tables::new(&mut mem, Cap(cap), Ecap(QEMU_ECAP)).unwrap();
+    (mem, tables)
+}
+
+fn translate(
+    mem: &FakePlatform,
+    tables: &Tables,
+    cap: u64,
+    source: Bdf,
+    iova: u64,
+    access: Access,
+) -> Result<u64, FaultReason> {
+    model(cap)
+        .translate(&mem.unit_memory(), tables.root(), source, iova, access)
+        .map(|t| t.pa)
+}
+
+// ---------------------------------------------------------------- tables against the model
+
+#[test]
+fn default_deny_every_function_without_a_context_entry_faults() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    for bdf in [BLK, NET, EDU, OTHER_BUS] {
+        assert_eq!(
+            translate(&mem, &t, QEMU_CAP, bdf, 0x1000, Access::Read),
+            Err(FaultReason::ROOT_NOT_PRESENT)
+        );
+        assert_eq!(t.context_entry(&mut mem, bdf), None);
+    }
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    t.map(&mut mem, 1, 0, 0x80_0000, 16 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    t.attach(&mut mem, BLK, 1).unwrap();
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0x1234, Access::Write),
+        Ok(0x80_1234)
+    );
+    // Same bus, not attached: the reason QEMU records (2).
+    for bdf in [NET, EDU, Bdf::new(0, 3, 1)] {
+        for access in [Access::Read, Access::Write] {
+            assert_eq!(
+                translate(&mem, &t, QEMU_CAP, bdf, 0x1234, access),
+                Err(FaultReason::CONTEXT_NOT_PRESENT)
+            );
+        }
+        assert_eq!(t.context_entry(&mut mem, bdf), None);
+    }
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, OTHER_BUS, 0, Access::Read),
+        Err(FaultReason::ROOT_NOT_PRESENT)
+    );
+}
+
+#[test]
+fn context_entry_reads_back() {
+    let (mut mem, mut t) = tables(QEMU_CAP_AW48);
+    t.add_domain(&mut mem, 7, 4).unwrap();
+    t.add_domain(&mut mem, 8, 3).unwrap();
+    assert!(t.attach(&mut mem, NET, 7).unwrap());
+    assert!(!t.attach(&mut mem, NET, 7).unwrap(), "again: no change");
+    assert_eq!(
+        t.attach(&mut mem, NET, 8),
+        Err(Error::AttachedElsewhere { bdf: NET, did: 7 })
+    );
+    t.attach(&mut mem, OTHER_BUS, 8).unwrap();
+    let d7 = t.domain(7).unwrap();
+    assert_eq!(
+        t.context_entry(&mut mem, NET),
+        Some(Attachment {
+            did: 7,
+            levels: 4,
+            table: d7.table
+        })
+    );
+    assert_eq!(t.context_entry(&mut mem, OTHER_BUS).unwrap().levels, 3);
+    assert_eq!(d7.attached, 1);
+    // The model agrees: present, DID 7, 4 levels, FPD clear, TT 0.
+    let ctx = model(QEMU_CAP_AW48)
+        .context(&mem.unit_memory(), t.root(), NET)
+        .unwrap();
+    assert_eq!((ctx.did, ctx.levels, ctx.table), (7, 4, d7.table));
+    assert!(!ctx.fpd && !ctx.pass_through);
+    assert_eq!(t.detach(&mut mem, NET), Ok(7));
+    assert_eq!(t.detach(&mut mem, NET), Err(Error::NotAttached(NET)));
+    assert_eq!(t.context_entry(&mut mem, NET), None);
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP_AW48, NET, 0, Access::Read),
+        Err(FaultReason::CONTEXT_NOT_PRESENT)
+    );
+    assert_eq!(t.domain(7).unwrap().attached, 0);
+}
+
+/// Maps a mix of ranges into a domain, then checks every 4 KiB page of the first 10 MiB
+/// (plus probes far away) against a reference map, for reads and writes.
+fn check_against_reference(cap: u64, levels: u8) {
+    let (mut mem, mut t) = tables(cap);
+    t.add_domain(&mut mem, 3, levels).unwrap();
+    t.attach(&mut mem, EDU, 3).unwrap();
+    let ranges = [
+        // (iova, pa, len, perm)
+        (0x0, 0x4000_0000, 0x3000, Perm::READ_WRITE),
+        (0x5000, 0x7000, 0x1000, Perm::READ),
+        (0x6000, 0x9000, 0x1000, Perm::WRITE),
+        (0x20_0000, 0x60_0000, 4 * MIB, Perm::READ_WRITE), // 2 MiB pages
+        (0x70_0000, 0x1_2345_6000, 0x2_0000, Perm::READ),  // unaligned pa: 4 KiB pages
+        (0x80_0000, 0xa0_0000, 2 * MIB + 0x1000, Perm::READ_WRITE), // 2 MiB + one 4 KiB
+    ];
+    let mut reference = BTreeMap::new();
+    for (iova, pa, len, perm) in ranges {
+        t.map(&mut mem, 3, iova, pa, len, perm).unwrap();
+        for off in (0..len).step_by(4096) {
+            reference.insert(iova + off, (pa + off, perm));
+        }
+    }
+    let far = [1u64 << 30, (1 << 39) - 4096];
+    for page in (0..10 * MIB).step_by(4096).chain(far) {
+        for access in [Access::Read, Access::Write] {
+            let got = translate(&mem, &t, cap, EDU, page + 0x18, access);
+            let want = match reference.get(&page) {
+                Some(&(pa, perm)) if perm.allows(access) => Ok(pa + 0x18),
+                _ if access == Access::Read => Err(FaultReason::READ_DENIED),
+                _ => Err(FaultReason::WRITE_DENIED),
+            };
+            assert_eq!(got, want, "{page:#x} {access:?}");
+        }
+    }
+    // Large pages where both sides are 2 MiB-aligned, small ones elsewhere.
+    let m = model(cap);
+    let ctx = m.context(&mem.unit_memory(), t.root(), EDU).unwrap();
+    let size = |iova| {
+        m.walk(&mem.unit_memory(), &ctx, iova, Access::Read)
+            .unwrap()
+            .page_bytes
+    };
+    assert_eq!(size(0x20_0000), 2 * MIB);
+    assert_eq!(size(0x40_0000), 2 * MIB);
+    assert_eq!(size(0x70_0000), 4096);
+    assert_eq!(size(0x80_0000), 2 * MIB);
+    assert_eq!(size(0xa0_0000), 4096);
+    // Beyond the width: faults as such, and cannot be mapped.
+    let width = levels * 9 + 12;
+    for access in [Access::Read, Access::Write] {
+        assert_eq!(
+            translate(&mem, &t, cap, EDU, 1 << width, access),
+            Err(FaultReason::ADDRESS_BEYOND_WIDTH)
+        );
+    }
+    assert_eq!(
+        t.map(&mut mem, 3, (1 << width) - 4096, 0, 8192, Perm::READ)
+            .map_err(|f| f.error),
+        Err(Error::BeyondWidth {
+            iova: (1 << width) - 4096,
+            width_bits: width
+        })
+    );
+}
+
+#[test]
+fn three_level_translations_match_the_reference() {
+    check_against_reference(QEMU_CAP, 3);
+}
+
+#[test]
+fn four_level_translations_match_the_reference() {
+    check_against_reference(QEMU_CAP_AW48, 4);
+    // 4-level reaches above 2^39; 3-level on the same unit does not.
+    let (mut mem, mut t) = tables(QEMU_CAP_AW48);
+    t.add_domain(&mut mem, 1, 4).unwrap();
+    t.add_domain(&mut mem, 2, 3).unwrap();
+    t.attach(&mut mem, BLK, 1).unwrap();
+    t.attach(&mut mem, NET, 2).unwrap();
+    t.map(&mut mem, 1, 1 << 40, 0x1000, 4096, Perm::READ)
+        .unwrap();
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP_AW48, BLK, (1 << 40) + 8, Access::Read),
+        Ok(0x1008)
+    );
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP_AW48, NET, 1 << 40, Access::Read),
+        Err(FaultReason::ADDRESS_BEYOND_WIDTH)
+    );
+    assert_eq!(
+        t.add_domain(&mut mem, 3, 5),
+        Err(Error::LevelsUnsupported(5))
+    );
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    assert_eq!(
+        t.add_domain(&mut mem, 1, 4),
+        Err(Error::LevelsUnsupported(4))
+    );
+}
+
+#[test]
+fn unmap_faults_and_refuses_to_split_large_pages() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    t.attach(&mut mem, BLK, 1).unwrap();
+    t.map(&mut mem, 1, 0x20_0000, 0x40_0000, 2 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    t.map(&mut mem, 1, 0x1000, 0x5000, 0x3000, Perm::READ_WRITE)
+        .unwrap();
+    // Part of a large page: refused, nothing changed.
+    assert_eq!(
+        t.unmap(&mut mem, 1, 0x20_0000, 0x1000),
+        Err(Error::SplitsLargePage { iova: 0x20_0000 })
+    );
+    assert_eq!(
+        t.unmap(&mut mem, 1, 0x1000, 0x20_0000),
+        Err(Error::SplitsLargePage { iova: 0x20_0000 })
+    );
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0x1000, Access::Read),
+        Ok(0x5000)
+    );
+    assert_eq!(
+        t.map(&mut mem, 1, 0x30_0000, 0, 4096, Perm::READ)
+            .map_err(|f| f.error),
+        Err(Error::SplitsLargePage { iova: 0x30_0000 })
+    );
+    // A 4 KiB page in the middle; the range may include unmapped space.
+    let u = t.unmap(&mut mem, 1, 0, 0x3000).unwrap();
+    assert_eq!((u.did, u.iova, u.len, u.bytes), (1, 0, 0x3000, 0x2000));
+    for (iova, want) in [
+        (0x1000, Err(FaultReason::READ_DENIED)),
+        (0x2000, Err(FaultReason::READ_DENIED)),
+        (0x3000, Ok(0x7000)),
+        (0x20_0000, Ok(0x40_0000)),
+    ] {
+        assert_eq!(translate(&mem, &t, QEMU_CAP, BLK, iova, Access::Read), want);
+    }
+    assert_eq!(
+        t.unmap(&mut mem, 1, 0, 4 * MIB).unwrap().bytes,
+        2 * MIB + 0x1000
+    );
+    for iova in [0x3000, 0x20_0000, 0x3f_f000] {
+        assert_eq!(
+            translate(&mem, &t, QEMU_CAP, BLK, iova, Access::Write),
+            Err(FaultReason::WRITE_DENIED)
+        );
+    }
+    assert_eq!(t.unmap(&mut mem, 1, 0, 4 * MIB).unwrap().bytes, 0);
+}
+
+#[test]
+fn remapping_reports_replacement_and_large_pages_fall_back() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    let first = t
+        .map(&mut mem, 1, 0x1000, 0x1000, 0x1000, Perm::READ)
+        .unwrap();
+    assert!(!first.replaced);
+    let again = t
+        .map(&mut mem, 1, 0x1000, 0x9000, 0x1000, Perm::READ_WRITE)
+        .unwrap();
+    assert!(again.replaced);
+    // A page table already sits where a 2 MiB page would go: 4 KiB pages instead.
+    let big = t
+        .map(&mut mem, 1, 0, 0x40_0000, 2 * MIB, Perm::READ)
+        .unwrap();
+    assert!(big.replaced && big.bytes == 2 * MIB);
+    t.attach(&mut mem, BLK, 1).unwrap();
+    let m = model(QEMU_CAP);
+    let ctx = m.context(&mem.unit_memory(), t.root(), BLK).unwrap();
+    let walk = m
+        .walk(&mem.unit_memory(), &ctx, 0x1_f000, Access::Read)
+        .unwrap();
+    assert_eq!((walk.pa, walk.page_bytes), (0x41_f000, 4096));
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    assert_eq!(t.add_domain(&mut mem, 0, 3), Err(Error::BadDomainId(0)));
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    assert_eq!(t.add_domain(&mut mem, 1, 3), Err(Error::DomainExists(1)));
+    let err = |r: Result<_, MapFailed>| r.map_err(|f| f.error);
+    assert_eq!(
+        err(t.map(&mut mem, 1, 0x800, 0, 4096, Perm::READ)),
+        Err(Error::Unaligned)
+    );
+    assert_eq!(
+        err(t.map(&mut mem, 1, 0, 0x800, 4096, Perm::READ)),
+        Err(Error::Unaligned)
+    );
+    assert_eq!(
+        err(t.map(&mut mem, 1, 0, 0, 0, Perm::READ)),
+        Err(Error::Unaligned)
+    );
+    assert_eq!(
+        err(t.map(&mut mem, 1, 0, 1 << 39, 4096, Perm::READ)),
+        Err(Error::BeyondHostWidth { pa: 1 << 39 })
+    );
+    assert_eq!(
+        err(t.map(&mut mem, 2, 0, 0, 4096, Perm::READ)),
+        Err(Error::NoDomain(2))
+    );
+    assert_eq!(t.attach(&mut mem, BLK, 2), Err(Error::NoDomain(2)));
+    t.attach(&mut mem, BLK, 1).unwrap();
+    assert_eq!(t.remove_domain(&mut mem, 1), Err(Error::DomainInUse(1)));
+}
+
+#[test]
+fn running_out_of_frames_reports_what_was_mapped() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    mem.frame_limit = Some(mem.frames_in_use() + 2); // L2 + one L1 table
+    let failed = t
+        .map(&mut mem, 1, 0x1f_e000, 0, 0x4000, Perm::READ)
+        .unwrap_err();
+    assert_eq!(failed.error, Error::OutOfFrames);
+    assert_eq!(failed.done.bytes, 0x2000, "the pages before the next 2 MiB");
+}
+
+#[test]
+fn removing_a_domain_frees_every_table() {
+    let (mut mem, mut t) = tables(QEMU_CAP_AW48);
+    let before = mem.frames_in_use();
+    t.add_domain(&mut mem, 9, 4).unwrap();
+    t.map(&mut mem, 9, 0, 0, 8 * MIB, Perm::READ_WRITE).unwrap();
+    t.map(&mut mem, 9, 1 << 40, 0x1000, 0x5000, Perm::READ)
+        .unwrap();
+    assert!(mem.frames_in_use() > before + 4);
+    t.remove_domain(&mut mem, 9).unwrap();
+    assert_eq!(mem.frames_in_use(), before);
+    assert_eq!(t.domain(9), None);
+}
+
+#[test]
+fn the_unit_sees_only_flushed_writes() {
+    // The fake itself: an unflushed table write is invisible to the unit.
+    let (mut mem, _regs) = FakePlatform::new(QEMU_CAP, QEMU_ECAP);
+    let frame = mem.alloc_frame().unwrap();
+    assert_eq!(mem.unit_memory().read_u64(frame), fake::GARBAGE);
+    mem.frame(frame)[3] = 42;
+    assert_eq!(mem.unit_memory().read_u64(frame + 24), fake::GARBAGE);
+    mem.flush(frame + 24, 8);
+    assert_eq!(mem.unit_memory().read_u64(frame + 24), 42);
+    assert_eq!(mem.unit_memory().read_u64(frame), 0, "the whole line went");
+    // A coherent unit reads what the CPU wrote.
+    let (mut mem, _regs) = FakePlatform::new(QEMU_CAP, QEMU_ECAP | 1);
+    let frame = mem.alloc_frame().unwrap();
+    mem.frame(frame)[0] = 7;
+    assert_eq!(mem.unit_memory().read_u64(frame), 7);
+}
+
+#[test]
+fn model_checks_reserved_bits_and_bad_contexts() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    t.map(&mut mem, 1, 0, 0x1000, 0x1000, Perm::READ).unwrap();
+    t.attach(&mut mem, BLK, 1).unwrap();
+    let ctx_addr = {
+        let root = mem.frame(t.root())[0];
+        (root & !0xfff) + u64::from(BLK.devfn()) * 16
+    };
+    let poke = |mem: &mut FakePlatform, addr: u64, value: u64| {
+        mem.frame(addr & !0xfff)[((addr & 0xfff) / 8) as usize] = value;
+        mem.flush(addr, 8);
+    };
+    let lo = mem.frame(ctx_addr & !0xfff)[((ctx_addr & 0xfff) / 8) as usize];
+    let hi = mem.frame(ctx_addr & !0xfff)[((ctx_addr & 0xfff) / 8 + 1) as usize];
+    // AW 2 (4-level) on a 3-level-only unit.
+    poke(&mut mem, ctx_addr + 8, (hi & !7) | 2);
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0, Access::Read),
+        Err(FaultReason::CONTEXT_INVALID)
+    );
+    // A reserved bit in the context entry.
+    poke(&mut mem, ctx_addr + 8, hi | 1 << 40);
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0, Access::Read),
+        Err(FaultReason::CONTEXT_RESERVED)
+    );
+    // Pass-through (ECAP.PT) translates 1:1.
+    poke(&mut mem, ctx_addr + 8, hi);
+    poke(&mut mem, ctx_addr, lo | 2 << 2);
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0x1234_5000, Access::Write),
+        Ok(0x1234_5000)
+    );
+    // A reserved bit in the root entry.
+    poke(&mut mem, ctx_addr, lo);
+    let root_lo = mem.frame(t.root())[0];
+    poke(&mut mem, t.root(), root_lo | 0x10);
+    assert_eq!(
+        translate(&mem, &t, QEMU_CAP, BLK, 0, Access::Read),
+        Err(FaultReason::ROOT_RESERVED)
+    );
+}
+
+// ---------------------------------------------------------------- the driver on the fake unit
+
+const CONFIG: Config = Config {
+    fault_vector: 0x40,
+    fault_apic_id: 1,
+    queued: true,
+};
+
+fn enabled(cap: u64, ecap: u64, config: &Config) -> (FakePlatform, Vtd<FakeRegs>) {
+    let (mut mem, regs) = FakePlatform::new(cap, ecap);
+    let mut vtd = Vtd::new(regs);
+    vtd.enable(&mut mem, config).unwrap();
+    (mem, vtd)
+}
+
+fn qemu() -> (FakePlatform, Vtd<FakeRegs>) {
+    enabled(QEMU_CAP | CAP_CM, QEMU_ECAP, &CONFIG)
+}
+
+fn assert_clean(mem: &FakePlatform) {
+    assert_eq!(mem.unit().violations, Vec::<std::string::String>::new());
+}
+
+#[test]
+fn enable_sequence_queued() {
+    let (mem, mut vtd) = qemu();
+    assert_eq!(vtd.version().major(), 1);
+    let unit = mem.unit();
+    // One command per GCMD write, the persistent enables carried from GSTS.
+    assert_eq!(
+        unit.gcmd_writes,
+        [gcmd::QIE, gcmd::QIE | gcmd::SRTP, gcmd::QIE | gcmd::TE]
+    );
+    assert_eq!(
+        unit.invalidations,
+        [Invalidation::ContextGlobal, Invalidation::IotlbGlobal]
+    );
+    assert_eq!(unit.waits, 1);
+    assert_eq!(unit.root, vtd.tables().map(|t| t.root()));
+    drop(unit);
+    let status = vtd.gsts();
+    assert_eq!(
+        status & (gsts::TES | gsts::QIES | gsts::RTPS | gsts::IRES | gsts::CFIS),
+        gsts::TES | gsts::QIES | gsts::RTPS
+    );
+    assert_eq!(vtd.invalidation(), Some(InvalidationMode::Queued));
+    // The fault event: vector 0x40 to APIC 1, unmasked.
+    let regs = vtd.regs();
+    assert_eq!(regs.read32(regs::FEDATA.0), 0x40);
+    assert_eq!(regs.read32(regs::FEADDR.0), 0xfee0_1000);
+    assert_eq!(regs.read32(regs::FECTL.0), 0);
+    assert_clean(&mem);
+    assert_eq!(
+        vtd.enable(&mut FakePlatform::qemu(false).0, &CONFIG),
+        Err(Error::AlreadyEnabled)
+    );
+}
+
+#[test]
+fn enable_sequence_register_based() {
+    let config = Config {
+        queued: false,
+        ..CONFIG
+    };
+    let (mem, mut vtd) = enabled(QEMU_CAP, QEMU_ECAP, &config);
+    let unit = mem.unit();
+    assert_eq!(unit.gcmd_writes, [gcmd::SRTP, gcmd::TE]);
+    assert_eq!(
+        unit.invalidations,
+        [Invalidation::ContextGlobal, Invalidation::IotlbGlobal]
+    );
+    assert_eq!(unit.waits, 0);
+    drop(unit);
+    assert_eq!(vtd.invalidation(), Some(InvalidationMode::Register));
+    assert_eq!(vtd.gsts() & gsts::QIES, 0);
+    // CCMD and the IOTLB register report done with the granularity used.
+    let ecap = vtd.ecap();
+    let regs = vtd.regs();
+    assert_eq!(regs.read64(regs::CCMD.0) >> 59 & 3, 1);
+    assert_eq!(regs.read64(ecap.iotlb_offset()) >> 57 & 3, 1);
+    assert_clean(&mem);
+}
+
+#[test]
+fn write_buffer_flush_where_cap_asks() {
+    let rwbf = 1 << 4;
+    let (mem, _vtd) = enabled(QEMU_CAP | rwbf, QEMU_ECAP, &CONFIG);
+    assert_eq!(
+        mem.unit().gcmd_writes,
+        [
+            gcmd::QIE,
+            gcmd::QIE | gcmd::WBF,
+            gcmd::QIE | gcmd::SRTP,
+            gcmd::QIE | gcmd::TE
+        ]
+    );
+    assert_clean(&mem);
+}
+
+#[test]
+fn fake_refuses_register_commands_once_queued_invalidation_is_on() {
+    let (mem, mut vtd) = qemu();
+    let regs = vtd.regs();
+    regs.write64(regs::CCMD.0, regs::ccmd::ICC | regs::ccmd::GLOBAL);
+    assert_ne!(regs.read64(regs::CCMD.0) & regs::ccmd::ICC, 0, "still busy");
+    assert_eq!(mem.unit().violations.len(), 1);
+}
+
+#[test]
+#[should_panic(expected = "QEMU aborts")]
+fn fake_aborts_on_a_64_bit_write_to_a_32_bit_register() {
+    let (_mem, mut vtd) = qemu();
+    vtd.regs().write64(regs::FSTS.0, 1);
+}
+
+#[test]
+fn levels_for_widths() {
+    let (_mem, vtd) = qemu();
+    let levels = |bits| Iommu::<FakePlatform>::levels_for(&vtd, bits);
+    assert_eq!(levels(32), Some(3));
+    assert_eq!(levels(39), Some(3));
+    assert_eq!(levels(48), None);
+    let (_mem, vtd) = enabled(QEMU_CAP_AW48, QEMU_ECAP, &CONFIG);
+    assert_eq!(Iommu::<FakePlatform>::levels_for(&vtd, 48), Some(4));
+}
+
+/// Drives any [`Iommu`]: what the hypervisor will do.
+fn give_device<I: Iommu<FakePlatform>>(
+    iommu: &mut I,
+    mem: &mut FakePlatform,
+    bdf: Bdf,
+    did: u16,
+    base: u64,
+) {
+    let levels = iommu.levels_for(32).unwrap();
+    iommu.add_domain(mem, did, levels).unwrap();
+    iommu
+        .map(mem, did, 0x40_0000, base, 4 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    iommu.attach(mem, bdf, did).unwrap();
+}
+
+#[test]
+fn caching_mode_attach_map_unmap_detach() {
+    let (mut mem, mut vtd) = qemu();
+    // Before attach: nothing on bus 0 has an entry yet, and (caching mode) the fault is
+    // cached.
+    assert_eq!(
+        mem.dma(BLK, 0x40_0000, Access::Read),
+        Err(FaultReason::ROOT_NOT_PRESENT)
+    );
+    mem.unit_mut().invalidations.clear();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    let unit = mem.unit();
+    assert_eq!(
+        unit.invalidations,
+        [
+            // The map (not-present to present, caching mode): two 2 MiB pages.
+            Invalidation::IotlbPages {
+                did: 1,
+                addr: 0x40_0000,
+                am: 10
+            },
+            // The attach: the not-present entry cached under domain 0.
+            Invalidation::ContextDevice {
+                did: 0,
+                source: BLK
+            },
+            Invalidation::IotlbDomain { did: 0 },
+        ]
+    );
+    drop(unit);
+    assert_eq!(mem.dma(BLK, 0x40_0010, Access::Write), Ok(0x100_0010));
+    assert_eq!(mem.dma(BLK, 0x7f_f000, Access::Read), Ok(0x13f_f000));
+    assert_eq!(
+        vtd.attachment(&mut mem, BLK),
+        Some(Attachment {
+            did: 1,
+            levels: 3,
+            table: vtd.tables().unwrap().domain(1).unwrap().table
+        })
+    );
+    // Caching mode: a fault on a not-yet-mapped page is cached; map invalidates it.
+    assert_eq!(
+        mem.dma(BLK, 0x80_0000, Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    vtd.map(&mut mem, 1, 0x80_0000, 0x200_0000, 4096, Perm::READ)
+        .unwrap();
+    assert_eq!(mem.dma(BLK, 0x80_0000, Access::Read), Ok(0x200_0000));
+    assert_eq!(
+        mem.dma(BLK, 0x80_0000, Access::Write),
+        Err(FaultReason::WRITE_DENIED)
+    );
+    // Unmap: page-selective invalidation, then faults.
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.unmap(&mut mem, 1, 0x40_0000, 2 * MIB), Ok(2 * MIB));
+    assert_eq!(
+        mem.unit().invalidations,
+        [Invalidation::IotlbPages {
+            did: 1,
+            addr: 0x40_0000,
+            am: 9
+        }]
+    );
+    assert_eq!(
+        mem.dma(BLK, 0x40_0010, Access::Write),
+        Err(FaultReason::WRITE_DENIED)
+    );
+    assert_eq!(mem.dma(BLK, 0x60_0000, Access::Write), Ok(0x120_0000));
+    // Detach: device-selective context and domain-selective IOTLB invalidation.
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.detach(&mut mem, BLK), Ok(1));
+    assert_eq!(
+        mem.unit().invalidations,
+        [
+            Invalidation::ContextDevice {
+                did: 1,
+                source: BLK
+            },
+            Invalidation::IotlbDomain { did: 1 },
+        ]
+    );
+    assert_eq!(
+        mem.dma(BLK, 0x60_0000, Access::Write),
+        Err(FaultReason::CONTEXT_NOT_PRESENT)
+    );
+    assert_eq!(vtd.attachment(&mut mem, BLK), None);
+    // Remove the domain: its tables go back.
+    let frames = mem.frames_in_use();
+    vtd.remove_domain(&mut mem, 1).unwrap();
+    assert!(mem.frames_in_use() < frames);
+    assert_clean(&mem);
+}
+
+#[test]
+fn without_invalidation_the_unit_would_keep_a_stale_translation() {
+    // The control that shows the fake's IOTLB is real: clear a PTE behind the driver's back
+    // and the device still reaches the page; the driver's unmap makes it fault.
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, NET, 2, 0x100_0000);
+    vtd.map(&mut mem, 2, 0x1000, 0x5000, 4096, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(mem.dma(NET, 0x1000, Access::Read), Ok(0x5000));
+    let walk = vtd.tables().unwrap().domain(2).map(|d| d.table).unwrap();
+    // Find the L1 entry by hand: L3[0] -> L2[0] -> L1[1].
+    let l2 = mem.frame(walk)[0] & tables::pte::ADDR;
+    let l1 = mem.frame(l2)[0] & tables::pte::ADDR;
+    mem.frame(l1)[1] = 0;
+    mem.flush(l1 + 8, 8);
+    assert_eq!(mem.dma(NET, 0x1000, Access::Read), Ok(0x5000), "stale");
+    vtd.unmap(&mut mem, 2, 0x1000, 4096).unwrap_or(0);
+    // Nothing was mapped any more, so unmap had nothing to invalidate: do it as a remap.
+    vtd.map(&mut mem, 2, 0x1000, 0x5000, 4096, Perm::READ)
+        .unwrap();
+    vtd.unmap(&mut mem, 2, 0x1000, 4096).unwrap();
+    assert_eq!(
+        mem.dma(NET, 0x1000, Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    assert_clean(&mem);
+}
+
+#[test]
+fn without_caching_mode_a_new_mapping_needs_no_invalidation_but_a_change_does() {
+    let (mut mem, mut vtd) = enabled(QEMU_CAP, QEMU_ECAP, &CONFIG);
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    assert_eq!(mem.unit().invalidations.len(), 2, "only the enable's");
+    assert_eq!(mem.dma(BLK, 0x40_0000, Access::Read), Ok(0x100_0000));
+    // Change a present mapping: page-selective invalidation.
+    vtd.map(&mut mem, 1, 0x40_0000, 0x300_0000, 2 * MIB, Perm::READ)
+        .unwrap();
+    assert_eq!(
+        mem.unit().invalidations.last(),
+        Some(&Invalidation::IotlbPages {
+            did: 1,
+            addr: 0x40_0000,
+            am: 9
+        })
+    );
+    assert_eq!(mem.dma(BLK, 0x40_0000, Access::Read), Ok(0x300_0000));
+    assert_clean(&mem);
+}
+
+#[test]
+fn large_unmaps_become_domain_selective_and_register_mode_works_too() {
+    let config = Config {
+        queued: false,
+        ..CONFIG
+    };
+    let (mut mem, mut vtd) = enabled(QEMU_CAP | CAP_CM, QEMU_ECAP, &config);
+    give_device(&mut vtd, &mut mem, EDU, 4, 0x100_0000);
+    for i in 0..33u64 {
+        vtd.map(
+            &mut mem,
+            4,
+            0x100_0000 + i * 0x2000,
+            0x800_0000,
+            4096,
+            Perm::READ,
+        )
+        .unwrap();
+    }
+    assert_eq!(mem.dma(EDU, 0x100_0000, Access::Read), Ok(0x800_0000));
+    // An aligned range is a few page-selective blocks.
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.unmap(&mut mem, 4, 0x100_0000, 64 * 4096), Ok(32 * 4096));
+    assert_eq!(
+        mem.unit().invalidations,
+        [Invalidation::IotlbPages {
+            did: 4,
+            addr: 0x100_0000,
+            am: 6
+        }]
+    );
+    // 0x1000..0x2000_0000 needs 17 blocks (1, 2, 4, ... 2^16 pages): domain-selective.
+    mem.unit_mut().invalidations.clear();
+    let bytes = vtd.unmap(&mut mem, 4, 0x1000, 0x1fff_f000).unwrap();
+    assert_eq!(bytes, 4 * MIB + 4096);
+    assert_eq!(
+        mem.unit().invalidations,
+        [Invalidation::IotlbDomain { did: 4 }]
+    );
+    for iova in [0x40_0000, 0x100_0000, 0x104_0000] {
+        assert_eq!(
+            mem.dma(EDU, iova, Access::Read),
+            Err(FaultReason::READ_DENIED)
+        );
+    }
+    assert_eq!(
+        vtd.enable_interrupt_remapping(&mut mem, 64),
+        Err(Error::Unsupported(
+            "interrupt remapping without queued invalidation"
+        ))
+    );
+    assert_clean(&mem);
+}
+
+#[test]
+fn the_queue_wraps() {
+    let (mut mem, mut vtd) = qemu();
+    vtd.add_domain(&mut mem, 1, 3).unwrap();
+    for i in 0..300u64 {
+        vtd.map(&mut mem, 1, i * 4096, 0x10_0000, 4096, Perm::READ)
+            .unwrap();
+    }
+    // 1 enable batch + 300 map batches, each an invalidation and a wait.
+    assert_eq!(mem.unit().waits, 301);
+    assert_eq!(mem.unit().invalidations.len(), 302);
+    assert_eq!(mem.unit().iq_head, (302 + 301) % 256);
+    assert_clean(&mem);
+}
+
+#[test]
+fn a_refused_descriptor_is_reported_and_the_queue_recovers() {
+    let (mut mem, mut vtd) = qemu();
+    let bad = Invalidation::IotlbPages {
+        did: 1,
+        addr: 0,
+        am: 40,
+    };
+    let head = mem.unit().iq_head;
+    assert_eq!(
+        vtd.invalidate(&mut mem, &[bad]),
+        Err(Error::QueueError { head })
+    );
+    assert_eq!(vtd.regs().read32(regs::FSTS.0) & fsts::IQE, 0, "cleared");
+    mem.unit_mut().violations.clear();
+    vtd.invalidate(&mut mem, &[Invalidation::IotlbGlobal])
+        .unwrap();
+    assert_clean(&mem);
+}
+
+#[test]
+fn faults_are_signalled_decoded_and_cleared() {
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    assert_eq!(mem.dma(EDU, 0x7f123, Access::Write), Err(FaultReason(2)));
+    // Same source again: compressed, no second interrupt.
+    assert_eq!(mem.dma(EDU, 0x8000, Access::Read), Err(FaultReason(2)));
+    assert_eq!(mem.unit().fault_interrupts, [(0xfee0_1000, 0x40)]);
+    assert_ne!(vtd.regs().read32(regs::FSTS.0) & fsts::PPF, 0);
+    let mut seen = Vec::new();
+    let summary = vtd.take_faults(|f| seen.push(f));
+    assert_eq!(summary.taken, 1);
+    assert!(!summary.overflowed);
+    let f = seen[0];
+    assert_eq!((f.source, f.addr, f.access), (EDU, 0x7f000, Access::Write));
+    assert_eq!((f.reason, f.reason_name), (2, "context-not-present"));
+    assert_eq!(f.raw, [0x7f000, 0x8000_0002_0000_0028]);
+    assert_eq!(vtd.regs().read32(regs::FSTS.0), 0);
+    assert_eq!(vtd.take_faults(|_| panic!("nothing left")).taken, 0);
+    // A write to a read-only page of an attached function: reason 5, a new interrupt.
+    vtd.map(&mut mem, 1, 0x1000, 0x2000, 4096, Perm::READ)
+        .unwrap();
+    assert_eq!(mem.dma(BLK, 0x1008, Access::Write), Err(FaultReason(5)));
+    assert_eq!(mem.unit().fault_interrupts.len(), 2);
+    let mut seen = Vec::new();
+    vtd.take_faults(|f| seen.push(f));
+    assert_eq!((seen[0].source, seen[0].reason_name), (BLK, "write-denied"));
+    assert_eq!(seen[0].addr, 0x1000);
+    assert_clean(&mem);
+}
+
+#[test]
+fn a_second_fault_with_one_record_overflows() {
+    let (mut mem, mut vtd) = qemu();
+    assert!(mem.dma(EDU, 0x1000, Access::Read).is_err());
+    assert!(mem.dma(NET, 0x2000, Access::Read).is_err());
+    assert_ne!(vtd.regs().read32(regs::FSTS.0) & fsts::PFO, 0);
+    let mut seen = Vec::new();
+    let summary = vtd.take_faults(|f| seen.push(f));
+    assert_eq!(summary.taken, 1);
+    assert!(summary.overflowed);
+    assert_eq!((seen[0].source, seen[0].access), (EDU, Access::Read));
+    assert_eq!(vtd.regs().read32(regs::FSTS.0), 0, "PFO cleared");
+}
+
+#[test]
+fn several_records_are_read_from_fri_on() {
+    let nfr3 = (QEMU_CAP & !(0xff << 40)) | 3 << 40;
+    let (mem, mut vtd) = enabled(nfr3 | CAP_CM, QEMU_ECAP, &CONFIG);
+    let faults = [
+        (BLK, 0x1000, Access::Read, FaultReason::READ_DENIED),
+        (
+            NET,
+            0x2000,
+            Access::Write,
+            FaultReason::ADDRESS_BEYOND_WIDTH,
+        ),
+        (EDU, 0x3000, Access::Write, FaultReason::PAGING_RESERVED),
+    ];
+    {
+        let mut unit = mem.unit_mut();
+        for (source, addr, access, reason) in faults {
+            unit.record_fault(source, addr, access, reason);
+        }
+        // Take the first out of order so FRI moves on.
+    }
+    let mut seen = Vec::new();
+    assert_eq!(vtd.take_faults(|f| seen.push(f)).taken, 3);
+    let got: Vec<_> = seen
+        .iter()
+        .map(|f| (f.source, f.addr, f.access, FaultReason(f.reason)))
+        .collect();
+    assert_eq!(got, faults);
+    assert_eq!(
+        seen.iter().map(|f| f.reason_name).collect::<Vec<_>>(),
+        [
+            "read-denied",
+            "address-beyond-width",
+            "paging-reserved-bits"
+        ]
+    );
+    assert_eq!(seen.iter().map(|f| f.index).collect::<Vec<_>>(), [0, 1, 2]);
+    // The next fault goes to record 3, and FRI points there.
+    mem.unit_mut()
+        .record_fault(BLK, 0x9000, Access::Read, FaultReason::IR_SOURCE_INVALID);
+    let mut seen = Vec::new();
+    vtd.take_faults(|f| seen.push(f));
+    assert_eq!(seen[0].index, 3);
+    assert_eq!(seen[0].reason_name, "ir-source-invalid");
+}
+
+#[test]
+fn interrupt_remapping_setup() {
+    let (mut mem, mut vtd) = qemu();
+    vtd.enable_interrupt_remapping(&mut mem, 64).unwrap();
+    let status = vtd.gsts();
+    assert_eq!(
+        status & (gsts::TES | gsts::QIES | gsts::IRES | gsts::IRTPS | gsts::CFIS),
+        gsts::TES | gsts::QIES | gsts::IRES | gsts::IRTPS,
+        "compatibility format blocked"
+    );
+    let irta = vtd.irta();
+    assert_eq!(irta & 0xf, 5, "2^(5+1) = 64 entries");
+    assert_eq!(irta & regs::irta::EIME, 0, "xAPIC mode");
+    assert_eq!(mem.unit().irta, Some(irta));
+    assert_eq!(vtd.ir_entries(), 64);
+    assert_eq!(
+        mem.unit().invalidations.last(),
+        Some(&Invalidation::IecGlobal)
+    );
+    let gcmds = mem.unit().gcmd_writes.clone();
+    assert_eq!(
+        gcmds[gcmds.len() - 2..],
+        [
+            gcmd::QIE | gcmd::TE | gcmd::SIRTP,
+            gcmd::QIE | gcmd::TE | gcmd::IRE
+        ]
+    );
+    // An entry: vector 0x51 to APIC 0, only from 00:03.0.
+    let irte = Irte {
+        vector: 0x51,
+        dest_apic_id: 0,
+        source: BLK,
+    };
+    vtd.set_irte(&mut mem, 5, irte).unwrap();
+    assert_eq!(
+        mem.unit().invalidations.last(),
+        Some(&Invalidation::IecIndex { index: 5, im: 0 })
+    );
+    assert_eq!(vtd.irte(&mut mem, 5), Some(irte));
+    let base = irta & !0xfff;
+    assert_eq!(mem.read_u64(base + 5 * 16), 0x0051_0001);
+    assert_eq!(
+        mem.read_u64(base + 5 * 16 + 8),
+        0x4_0018,
+        "SVT 1, SQ 0, SID"
+    );
+    let irte_apic3 = Irte {
+        dest_apic_id: 3,
+        ..irte
+    };
+    assert_eq!(irte_apic3.encode()[0], 0x0000_0300_0051_0001);
+    vtd.clear_irte(&mut mem, 5).unwrap();
+    assert_eq!(vtd.irte(&mut mem, 5), None);
+    assert_eq!(vtd.set_irte(&mut mem, 64, irte), Err(Error::BadIndex(64)));
+    assert_eq!(
+        vtd.enable_interrupt_remapping(&mut mem, 64),
+        Err(Error::AlreadyEnabled)
+    );
+    assert_clean(&mem);
+}
+
+#[test]
+fn interrupt_remapping_turns_compatibility_format_off() {
+    let (mut mem, mut vtd) = qemu();
+    // Firmware left CFI on.
+    let on = vtd.gsts() & gsts::PERSISTENT;
+    vtd.regs().write32(regs::GCMD.0, on | gcmd::CFI);
+    assert_ne!(vtd.gsts() & gsts::CFIS, 0);
+    vtd.enable_interrupt_remapping(&mut mem, 2).unwrap();
+    assert_eq!(vtd.gsts() & gsts::CFIS, 0);
+    assert_ne!(vtd.gsts() & gsts::IRES, 0);
+    assert_eq!(vtd.irta() & 0xf, 0);
+    assert_eq!(
+        vtd.enable_interrupt_remapping(&mut mem, 3),
+        Err(Error::BadTableSize(3))
+    );
+    assert_clean(&mem);
+}
+
+#[test]
+fn bad_table_sizes() {
+    let (mut mem, mut vtd) = qemu();
+    for n in [0, 1, 3, 512] {
+        assert_eq!(
+            vtd.enable_interrupt_remapping(&mut mem, n),
+            Err(Error::BadTableSize(n))
+        );
+    }
+}
+
+#[test]
+fn remappable_msi_format() {
+    assert_eq!(
+        remappable_msi(0),
+        Msi {
+            address: 0xfee0_0018,
+            data: 0
+        }
+    );
+    assert_eq!(remappable_msi(5).address, 0xfee0_00b8);
+    assert_eq!(remappable_msi(0x7fff).address, 0xfeef_fff8);
+    assert_eq!(
+        remappable_msi(0x8000).address,
+        0xfee0_001c,
+        "handle bit 15 in bit 2"
+    );
+}
+
+#[test]
+fn coherent_units_get_no_flushes() {
+    let (mut mem, mut vtd) = enabled(QEMU_CAP | CAP_CM, QEMU_ECAP | 1, &CONFIG);
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    vtd.enable_interrupt_remapping(&mut mem, 16).unwrap();
+    assert_eq!(mem.flushes, 0);
+    assert_eq!(mem.dma(BLK, 0x40_0000, Access::Read), Ok(0x100_0000));
+    assert_clean(&mem);
+}
+
+#[test]
+fn not_enabled() {
+    let (mut mem, regs) = FakePlatform::qemu(false);
+    let mut vtd = Vtd::new(regs);
+    assert_eq!(vtd.invalidation(), None);
+    assert_eq!(vtd.add_domain(&mut mem, 1, 3), Err(Error::NotEnabled));
+    assert_eq!(
+        vtd.enable_interrupt_remapping(&mut mem, 2),
+        Err(Error::NotEnabled)
+    );
+    assert_eq!(vtd.gsts(), 0);
+    // Translation is off: DMA passes through untouched.
+    assert_eq!(mem.dma(BLK, 0x1234, Access::Read), Ok(0x1234));
+}
