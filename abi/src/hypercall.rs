@@ -239,11 +239,19 @@ pub const PORT_WORDS: usize = NR_PORTS / 64;
 /// `wait` flag: return 0 at once instead of blocking.
 pub const WAIT_NONBLOCK: u64 = 1;
 
-/// Virtual interrupts a domain can bind a port to.
+/// Virtual interrupts: sources the hypervisor raises on a domain's port.
 pub mod virq {
-    /// Fires when the deadline given to `set_timer` passes.
+    /// Fires when the deadline given to `set_timer` passes. The only one
+    /// `evtchn_bind_virq` accepts.
     pub const TIMER: u64 = 0;
-    pub const COUNT: u64 = 1;
+    /// Device `i` of the start-info device list interrupted; bound only
+    /// through `dev_irq_bind`.
+    pub const fn device(i: usize) -> u64 {
+        1 + i as u64
+    }
+    pub const COUNT: u64 = 1 + crate::domain::MAX_DEVICES as u64;
+    /// VIRQs below this `evtchn_bind_virq` accepts.
+    pub const BINDABLE: u64 = 1;
 }
 
 const _: () = assert!(NR_PORTS.is_multiple_of(64));

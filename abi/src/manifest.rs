@@ -6,20 +6,21 @@
 //! protects it, so it has no checksum of its own.
 //!
 //! ```text
-//!  0      header (64 bytes)
-//!  64     device records   (device count  x  8 bytes)
-//!  ..     domain records   (domain count  x 240 bytes)
+//!  0      header (72 bytes)
+//!  72     device records   (device count  x  8 bytes)
+//!  ..     domain records   (domain count  x 256 bytes)
 //!  ..     channel records  (channel count x 32 bytes)
+//!  ..     watch records    (watch count   x 48 bytes)
 //!         <- total size: nothing follows
 //! ```
 //!
-//! Header (version 2), little-endian:
+//! Header (version 3), little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0  | 8  | magic `b"AIRLOCKM"` |
-//! | 8  | 2  | format version, 2 |
-//! | 10 | 2  | header size, 64 |
+//! | 8  | 2  | format version, 3 |
+//! | 10 | 2  | header size, 72 |
 //! | 12 | 2  | device record size, 8 |
 //! | 14 | 2  | device count, at most [`MAX_DEVICES`] |
 //! | 16 | 2  | domain count, at most [`MAX_DOMAINS`] |
@@ -31,8 +32,12 @@
 //! | 58 | 2  | domain record size, 240 |
 //! | 60 | 2  | channel record size, 32 |
 //! | 62 | 2  | channel count, at most [`MAX_CHANNELS`] |
+//! | 64 | 2  | watch record size, 48 |
+//! | 66 | 2  | watch count, at most [`MAX_WATCHES`] |
+//! | 68 | 4  | reserved, zero |
 //!
-//! Device record (8 bytes), `device count` of them from offset 64:
+//! Device record (8 bytes), `device count` of them from offset 72; a
+//! device's index is its position (0-based), which domain records use:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -41,8 +46,9 @@
 //! | 4 | 2 | PCI vendor id the device must show |
 //! | 6 | 2 | PCI device id the device must show |
 //!
-//! Domain record (240 bytes), `domain count` of them after the devices; a
-//! domain's index is its position (0-based), which channel records use:
+//! Domain record (256 bytes), `domain count` of them after the devices; a
+//! domain's index is its position (0-based), which channel and watch
+//! records use:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -57,6 +63,15 @@
 //! | 48  | 32  | image: the name of the bundle's image entry, `[a-z0-9_-]`, zero-padded |
 //! | 80  | 32  | security label, `[a-z0-9_-]`, zero-padded |
 //! | 112 | 128 | args: printable ASCII (0x20..=0x7e), zero-padded |
+//! | 240 | 1   | DMA mode: 1 static, 2 strict ([`dma_mode_code`]) |
+//! | 241 | 1   | on a DMA fault of its devices ([`DmaFault::code`]): 1 stop the domain, 2 report only |
+//! | 242 | 1   | device count, 0..=[`MAX_DOMAIN_DEVICES`] |
+//! | 243 | 1   | reserved, zero |
+//! | 244 | 8   | 4 device indices (`u16`, into the device records); unused slots zero |
+//! | 252 | 4   | reserved, zero |
+//!
+//! A device index is below the device count, listed once per domain, and
+//! assigned to at most one domain.
 //!
 //! Channel record (32 bytes), `channel count` of them after the domains:
 //!
@@ -68,6 +83,20 @@
 //! | 5 | 3  | reserved, zero |
 //! | 8 | 24 | name: `[a-z0-9_-]`, unique among the channels, zero-padded |
 //!
+//! Watch record (48 bytes), `watch count` of them after the channels: a
+//! range whose CRC-32 the hypervisor prints before the domains run and
+//! after they have all ended.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0  | 1  | target kind: 1 a physical address, 2 a domain's memory |
+//! | 1  | 1  | name length, 1..=24 |
+//! | 2  | 2  | kind 2: the domain's index; kind 1: zero |
+//! | 4  | 4  | reserved, zero |
+//! | 8  | 8  | kind 1: the physical address; kind 2: zero |
+//! | 16 | 8  | length in bytes, 1..=[`WATCH_LEN_MAX`]; kind 1: the range stays below [`WATCH_PHYS_LIMIT`]; kind 2: at most the domain's memory (the watch covers its first `len` bytes) |
+//! | 24 | 24 | name: `[a-z0-9_-]`, unique among the watches, zero-padded |
+//!
 //! Every rule above is checked by [`Manifest::parse`], one
 //! [`ManifestError`] variant per check; besides them: no domain is an end
 //! of more than [`MAX_PORTS`] channels (each end is a port in its start
@@ -75,26 +104,41 @@
 //! [`encode`] refuses whatever `parse` would refuse.
 //!
 //! Version 1 had no domain or channel records (its domain count had to be
-//! 0): a version-1 reader refuses a version-2 manifest by its version.
+//! 0); version 2 had a 64-byte header, 240-byte domain records (no devices,
+//! DMA mode or fault rule) and no watches. A reader refuses a manifest of
+//! another version by its version.
 
 use core::fmt;
 
 use crate::bundle::{le, NAME_MAX};
-use crate::domain::{ARGS_MAX, MAX_PEERS, MAX_PORTS, PORT_NAME_MAX};
+use crate::domain::{DmaMode, ARGS_MAX, MAX_PEERS, MAX_PORTS, PORT_NAME_MAX};
 use crate::pci::Bdf;
 
 /// The first eight bytes of a compiled manifest.
 pub const MAGIC: [u8; 8] = *b"AIRLOCKM";
 /// The format version this crate reads and writes.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the header in bytes.
-pub const HEADER_SIZE: usize = 64;
+pub const HEADER_SIZE: usize = 72;
 /// Size of one device record in bytes.
 pub const DEVICE_SIZE: usize = 8;
 /// Size of one domain record in bytes.
-pub const DOMAIN_SIZE: usize = 240;
+pub const DOMAIN_SIZE: usize = 256;
 /// Size of one channel record in bytes.
 pub const CHANNEL_SIZE: usize = 32;
+/// Size of one watch record in bytes.
+pub const WATCH_SIZE: usize = 48;
+/// Most watches a manifest may list.
+pub const MAX_WATCHES: usize = 16;
+/// Longest watch name in bytes.
+pub const WATCH_NAME_MAX: usize = 24;
+/// Most bytes one watch covers.
+pub const WATCH_LEN_MAX: u64 = 16 << 20;
+/// A physical watch ends at or below this address (52 bits, the most
+/// x86-64 page tables can name).
+pub const WATCH_PHYS_LIMIT: u64 = 1 << 52;
+/// Most devices one domain may own (as many as its start info holds).
+pub const MAX_DOMAIN_DEVICES: usize = crate::domain::MAX_DEVICES;
 /// Most devices a manifest may list (one per slot of bus 0 would be 32).
 pub const MAX_DEVICES: usize = 256;
 /// Most domains: each domain's start info lists every other as a peer.
@@ -114,7 +158,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Highest scheduling weight.
 pub const WEIGHT_MAX: u16 = 1000;
 
-const _: () = assert!(HEADER_SIZE == 64 && DOMAIN_SIZE == 16 + 3 * 32 + ARGS_MAX);
+const _: () = assert!(HEADER_SIZE == 72 && DOMAIN_SIZE == 16 + 3 * 32 + ARGS_MAX + 16);
+const _: () = assert!(MAX_DOMAIN_DEVICES == 4);
+const _: () = assert!(WATCH_SIZE == 24 + WATCH_NAME_MAX);
 const _: () = assert!(CHANNEL_SIZE == 8 + PORT_NAME_MAX);
 const _: () = assert!(DOMAIN_NAME_MAX <= NAME_MAX);
 const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);
@@ -312,6 +358,128 @@ impl Expect {
     }
 }
 
+/// What the hypervisor does when a domain's device makes a DMA the IOMMU
+/// refuses (it reports every such fault as `iommu_fault` either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DmaFault {
+    /// End the domain (`domain_exit` with reason "dma-fault").
+    Stop,
+    /// Report the fault and let the domain run on.
+    Report,
+}
+
+impl DmaFault {
+    pub const ALL: [DmaFault; 2] = [DmaFault::Stop, DmaFault::Report];
+
+    pub const fn code(self) -> u8 {
+        match self {
+            DmaFault::Stop => 1,
+            DmaFault::Report => 2,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(DmaFault::Stop),
+            2 => Some(DmaFault::Report),
+            _ => None,
+        }
+    }
+
+    /// The manifest's spelling (`on_dma_fault = "stop"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DmaFault::Stop => "stop",
+            DmaFault::Report => "report",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+/// Every DMA mode, in code order.
+pub const DMA_MODES: [DmaMode; 2] = [DmaMode::Static, DmaMode::Strict];
+
+/// A DMA mode's code in the domain record.
+pub const fn dma_mode_code(m: DmaMode) -> u8 {
+    match m {
+        DmaMode::Static => 1,
+        DmaMode::Strict => 2,
+    }
+}
+
+pub const fn dma_mode_from_code(code: u8) -> Option<DmaMode> {
+    match code {
+        1 => Some(DmaMode::Static),
+        2 => Some(DmaMode::Strict),
+        _ => None,
+    }
+}
+
+/// The manifest's spelling of a DMA mode (`dma = "static"`).
+pub const fn dma_mode_name(m: DmaMode) -> &'static str {
+    match m {
+        DmaMode::Static => "static",
+        DmaMode::Strict => "strict",
+    }
+}
+
+pub fn dma_mode_from_name(name: &str) -> Option<DmaMode> {
+    DMA_MODES.into_iter().find(|&m| dma_mode_name(m) == name)
+}
+
+/// The devices a domain owns: indices into the manifest's device records,
+/// at most [`MAX_DOMAIN_DEVICES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeviceList {
+    len: u8,
+    /// `indices[len..]` are zero, so equality is equality of the lists.
+    indices: [u16; MAX_DOMAIN_DEVICES],
+}
+
+impl DeviceList {
+    /// No devices.
+    pub const EMPTY: DeviceList = DeviceList {
+        len: 0,
+        indices: [0; MAX_DOMAIN_DEVICES],
+    };
+
+    /// The list of `indices`; `None` if there are more than
+    /// [`MAX_DOMAIN_DEVICES`].
+    pub fn new(indices: &[u16]) -> Option<Self> {
+        if indices.len() > MAX_DOMAIN_DEVICES {
+            return None;
+        }
+        let mut l = DeviceList::EMPTY;
+        l.indices[..indices.len()].copy_from_slice(indices);
+        l.len = indices.len() as u8;
+        Some(l)
+    }
+
+    pub fn as_slice(&self) -> &[u16] {
+        &self.indices[..usize::from(self.len)]
+    }
+
+    /// The device indices, in the manifest's order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.as_slice().iter().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, device: u16) -> bool {
+        self.as_slice().contains(&device)
+    }
+}
+
 /// One device record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Device {
@@ -350,6 +518,31 @@ pub struct Domain<'a> {
     pub memory: u64,
     pub weight: u16,
     pub expect: Expect,
+    /// The devices it owns (indices into [`Manifest::devices`]).
+    pub devices: DeviceList,
+    /// How its devices reach its memory.
+    pub dma: DmaMode,
+    /// What a DMA fault of one of its devices does to it.
+    pub on_dma_fault: DmaFault,
+}
+
+/// What a watch covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchTarget {
+    /// `len` bytes from this physical address.
+    Phys(u64),
+    /// The first `len` bytes of the memory of the domain with this index
+    /// (its first frame is its start-info page).
+    Domain(u16),
+}
+
+/// One watch record: a range whose CRC-32 the hypervisor prints (`EV
+/// watch`) before the domains run and after they have all ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch<'a> {
+    pub name: &'a str,
+    pub target: WatchTarget,
+    pub len: u64,
 }
 
 /// One channel record: an interdomain event channel bound before the two
@@ -367,6 +560,7 @@ pub struct Channel<'a> {
 pub enum Record {
     Domain(u16),
     Channel(u16),
+    Watch(u16),
 }
 
 impl fmt::Display for Record {
@@ -374,6 +568,7 @@ impl fmt::Display for Record {
         match self {
             Record::Domain(i) => write!(f, "domain {i}"),
             Record::Channel(i) => write!(f, "channel {i}"),
+            Record::Watch(i) => write!(f, "watch {i}"),
         }
     }
 }
@@ -434,6 +629,9 @@ pub enum ManifestError {
     BadChannelSize {
         found: u16,
     },
+    BadWatchSize {
+        found: u16,
+    },
     /// The device count is over [`MAX_DEVICES`].
     TooManyDevices {
         count: u16,
@@ -444,6 +642,10 @@ pub enum ManifestError {
     },
     /// The channel count is over [`MAX_CHANNELS`].
     TooManyChannels {
+        count: u16,
+    },
+    /// The watch count is over [`MAX_WATCHES`].
+    TooManyWatches {
         count: u16,
     },
     /// The total size field disagrees with the header and record counts, or
@@ -538,6 +740,80 @@ pub enum ManifestError {
         domain: u16,
         channel: u16,
     },
+    /// A DMA mode code that is neither static nor strict.
+    UnknownDmaMode {
+        index: u16,
+        code: u8,
+    },
+    /// An `on_dma_fault` code that is neither stop nor report.
+    UnknownDmaFault {
+        index: u16,
+        code: u8,
+    },
+    /// A domain's device count is over [`MAX_DOMAIN_DEVICES`].
+    TooManyDomainDevices {
+        index: u16,
+        count: u8,
+    },
+    /// A domain names a device index that does not exist.
+    DomainDeviceOutOfRange {
+        index: u16,
+        device: u16,
+        count: u16,
+    },
+    /// A domain lists one device twice.
+    DomainDeviceListedTwice {
+        index: u16,
+        device: u16,
+    },
+    /// Two domains own one device: `first` and `index` are their indices.
+    DeviceAssignedTwice {
+        device: u16,
+        first: u16,
+        index: u16,
+    },
+    /// A domain record's reserved bytes or unused device slots are not zero.
+    DomainReservedNotZero {
+        index: u16,
+    },
+    UnknownWatchKind {
+        index: u16,
+        code: u8,
+    },
+    /// A watch record's reserved bytes, or the field its kind does not
+    /// use, are not zero.
+    WatchReservedNotZero {
+        index: u16,
+    },
+    /// A watch names a domain index that does not exist.
+    WatchDomainOutOfRange {
+        index: u16,
+        domain: u16,
+        count: u16,
+    },
+    /// A watch length of 0 or over [`WATCH_LEN_MAX`].
+    BadWatchLen {
+        index: u16,
+        len: u64,
+    },
+    /// A physical watch that wraps or reaches [`WATCH_PHYS_LIMIT`].
+    WatchPastPhysLimit {
+        index: u16,
+        addr: u64,
+        len: u64,
+    },
+    /// A domain watch longer than the domain's memory.
+    WatchPastDomain {
+        index: u16,
+        domain: u16,
+        len: u64,
+        memory: u64,
+    },
+    /// Two watches with one name.
+    DuplicateWatch {
+        first: u16,
+        index: u16,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -584,6 +860,13 @@ impl fmt::Display for ManifestError {
             TooManyDevices { count } => write!(f, "{count} devices, at most {MAX_DEVICES}"),
             TooManyDomains { count } => write!(f, "{count} domains, at most {MAX_DOMAINS}"),
             TooManyChannels { count } => write!(f, "{count} channels, at most {MAX_CHANNELS}"),
+            BadWatchSize { found } => {
+                write!(
+                    f,
+                    "watch record size {found} is not version {VERSION}'s {WATCH_SIZE}"
+                )
+            }
+            TooManyWatches { count } => write!(f, "{count} watches, at most {MAX_WATCHES}"),
             SizeMismatch {
                 declared,
                 expected,
@@ -666,6 +949,73 @@ impl fmt::Display for ManifestError {
                 f,
                 "channel {channel}: domain {domain} would be an end of more than {MAX_PORTS} channels"
             ),
+            UnknownDmaMode { index, code } => {
+                write!(f, "domain {index}: unknown DMA mode {code}")
+            }
+            UnknownDmaFault { index, code } => {
+                write!(f, "domain {index}: unknown DMA fault rule {code}")
+            }
+            TooManyDomainDevices { index, count } => write!(
+                f,
+                "domain {index}: {count} devices, at most {MAX_DOMAIN_DEVICES}"
+            ),
+            DomainDeviceOutOfRange {
+                index,
+                device,
+                count,
+            } => write!(
+                f,
+                "domain {index}: device {device} does not exist ({count} devices)"
+            ),
+            DomainDeviceListedTwice { index, device } => {
+                write!(f, "domain {index}: device {device} listed twice")
+            }
+            DeviceAssignedTwice {
+                device,
+                first,
+                index,
+            } => write!(
+                f,
+                "domain {index}: device {device} is already assigned to domain {first}"
+            ),
+            DomainReservedNotZero { index } => {
+                write!(f, "domain {index}: reserved bytes or unused device slots are not zero")
+            }
+            UnknownWatchKind { index, code } => {
+                write!(f, "watch {index}: unknown target kind {code}")
+            }
+            WatchReservedNotZero { index } => write!(
+                f,
+                "watch {index}: reserved bytes or the field its kind does not use are not zero"
+            ),
+            WatchDomainOutOfRange {
+                index,
+                domain,
+                count,
+            } => write!(
+                f,
+                "watch {index}: domain {domain} does not exist ({count} domains)"
+            ),
+            BadWatchLen { index, len } => write!(
+                f,
+                "watch {index}: length {len} is outside 1..={WATCH_LEN_MAX}"
+            ),
+            WatchPastPhysLimit { index, addr, len } => write!(
+                f,
+                "watch {index}: {len} bytes at {addr:#x} reach past {WATCH_PHYS_LIMIT:#x}"
+            ),
+            WatchPastDomain {
+                index,
+                domain,
+                len,
+                memory,
+            } => write!(
+                f,
+                "watch {index}: {len} bytes, more than domain {domain}'s {memory} bytes of memory"
+            ),
+            DuplicateWatch { first, index } => {
+                write!(f, "watch {index}: name already used by watch {first}")
+            }
         }
     }
 }
@@ -736,8 +1086,32 @@ const C_NAME: StrField = StrField {
     ok: is_name_byte,
 };
 const C_RESERVED: core::ops::Range<usize> = 5..8;
+const D_DMA: usize = 240;
+const D_ON_FAULT: usize = 241;
+const D_NDEV: usize = 242;
+const D_RESERVED: usize = 243;
+const D_DEVICES: usize = 244;
+const D_TAIL: core::ops::Range<usize> = 252..256;
+const W_KIND: usize = 0;
+const W_DOMAIN: usize = 2;
+const W_RESERVED: core::ops::Range<usize> = 4..8;
+const W_ADDR: usize = 8;
+const W_LEN: usize = 16;
+const W_NAME: StrField = StrField {
+    name: "name",
+    len_at: 1,
+    at: 24,
+    max: WATCH_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const W_KIND_PHYS: u8 = 1;
+const W_KIND_DOMAIN: u8 = 2;
 
-const _: () = assert!(D_ARGS.at + D_ARGS.max == DOMAIN_SIZE);
+const _: () = assert!(D_ARGS.at + D_ARGS.max == D_DMA);
+const _: () = assert!(D_DEVICES + 2 * MAX_DOMAIN_DEVICES == D_TAIL.start);
+const _: () = assert!(D_TAIL.end == DOMAIN_SIZE);
+const _: () = assert!(W_NAME.at + W_NAME.max == WATCH_SIZE);
 const _: () = assert!(C_NAME.at + C_NAME.max == CHANNEL_SIZE);
 
 impl StrField {
@@ -794,6 +1168,7 @@ pub struct Manifest<'a> {
     devices: &'a [u8],
     domains: &'a [u8],
     channels: &'a [u8],
+    watches: &'a [u8],
 }
 
 fn read_device(records: &[u8], i: usize) -> (u16, Bdf, u16, u16) {
@@ -814,6 +1189,21 @@ fn channel_record(records: &[u8], i: usize) -> &[u8] {
     &records[i * CHANNEL_SIZE..(i + 1) * CHANNEL_SIZE]
 }
 
+fn watch_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * WATCH_SIZE..(i + 1) * WATCH_SIZE]
+}
+
+/// The device list of a domain record (whatever its count byte says, cut
+/// to the slots there are).
+fn domain_devices(rec: &[u8]) -> DeviceList {
+    let n = usize::from(rec[D_NDEV]).min(MAX_DOMAIN_DEVICES);
+    let mut idx = [0u16; MAX_DOMAIN_DEVICES];
+    for (k, slot) in idx.iter_mut().enumerate().take(n) {
+        *slot = le::u16_at(rec, D_DEVICES + 2 * k);
+    }
+    DeviceList::new(&idx[..n]).unwrap_or_default()
+}
+
 /// Decodes the domain record `i` of records that passed `parse`.
 fn decode_domain(records: &[u8], i: usize) -> Domain<'_> {
     let rec = domain_record(records, i);
@@ -826,6 +1216,23 @@ fn decode_domain(records: &[u8], i: usize) -> Domain<'_> {
         memory: le::u64_at(rec, D_MEMORY),
         weight: le::u16_at(rec, D_WEIGHT),
         expect: Expect::from_code(le::u16_at(rec, D_EXPECT)).unwrap_or(Expect::Exit),
+        devices: domain_devices(rec),
+        dma: dma_mode_from_code(rec[D_DMA]).unwrap_or(DmaMode::Static),
+        on_dma_fault: DmaFault::from_code(rec[D_ON_FAULT]).unwrap_or(DmaFault::Stop),
+    }
+}
+
+/// Decodes the watch record `i` of records that passed `parse`.
+fn decode_watch(records: &[u8], i: usize) -> Watch<'_> {
+    let rec = watch_record(records, i);
+    Watch {
+        name: W_NAME.get(rec),
+        target: if rec[W_KIND] == W_KIND_DOMAIN {
+            WatchTarget::Domain(le::u16_at(rec, W_DOMAIN))
+        } else {
+            WatchTarget::Phys(le::u64_at(rec, W_ADDR))
+        },
+        len: le::u64_at(rec, W_LEN),
     }
 }
 
@@ -880,12 +1287,25 @@ impl<'a> Manifest<'a> {
         if n_domains as usize > MAX_DOMAINS {
             return Err(TooManyDomains { count: n_domains });
         }
+        let watch_size = le::u16_at(bytes, 64);
+        if watch_size as usize != WATCH_SIZE {
+            return Err(BadWatchSize { found: watch_size });
+        }
         let n_channels = le::u16_at(bytes, 62);
         if n_channels as usize > MAX_CHANNELS {
             return Err(TooManyChannels { count: n_channels });
         }
+        let n_watches = le::u16_at(bytes, 66);
+        if n_watches as usize > MAX_WATCHES {
+            return Err(TooManyWatches { count: n_watches });
+        }
         let declared = le::u32_at(bytes, 20);
-        let expected = encoded_size(n_devices as usize, n_domains as usize, n_channels as usize);
+        let expected = encoded_size(
+            n_devices as usize,
+            n_domains as usize,
+            n_channels as usize,
+            n_watches as usize,
+        );
         if declared as usize != expected || bytes.len() != expected {
             return Err(SizeMismatch {
                 declared,
@@ -910,12 +1330,15 @@ impl<'a> Manifest<'a> {
         let Ok(name) = core::str::from_utf8(&bytes[25..25 + name_len as usize]) else {
             return Err(NameNotUtf8);
         };
-        if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0) {
+        if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0)
+            || bytes[68..72].iter().any(|&b| b != 0)
+        {
             return Err(ReservedNotZero);
         }
 
         let (devices, rest) = bytes[HEADER_SIZE..].split_at(n_devices as usize * DEVICE_SIZE);
-        let (domains, channels) = rest.split_at(n_domains as usize * DOMAIN_SIZE);
+        let (domains, rest) = rest.split_at(n_domains as usize * DOMAIN_SIZE);
+        let (channels, watches) = rest.split_at(n_channels as usize * CHANNEL_SIZE);
         for i in 0..n_devices as usize {
             let (code, bdf, vendor, device) = read_device(devices, i);
             let index = i as u16;
@@ -968,6 +1391,47 @@ impl<'a> Manifest<'a> {
                     index,
                 });
             }
+            let code = rec[D_DMA];
+            if dma_mode_from_code(code).is_none() {
+                return Err(UnknownDmaMode { index, code });
+            }
+            let code = rec[D_ON_FAULT];
+            if DmaFault::from_code(code).is_none() {
+                return Err(UnknownDmaFault { index, code });
+            }
+            let count = rec[D_NDEV];
+            if usize::from(count) > MAX_DOMAIN_DEVICES {
+                return Err(TooManyDomainDevices { index, count });
+            }
+            let unused = &rec[D_DEVICES + 2 * usize::from(count)..D_TAIL.start];
+            if rec[D_RESERVED] != 0
+                || unused.iter().any(|&b| b != 0)
+                || rec[D_TAIL].iter().any(|&b| b != 0)
+            {
+                return Err(DomainReservedNotZero { index });
+            }
+            let list = domain_devices(rec);
+            for (k, device) in list.iter().enumerate() {
+                if device >= n_devices {
+                    return Err(DomainDeviceOutOfRange {
+                        index,
+                        device,
+                        count: n_devices,
+                    });
+                }
+                if list.as_slice()[..k].contains(&device) {
+                    return Err(DomainDeviceListedTwice { index, device });
+                }
+                if let Some(first) =
+                    (0..i).find(|&j| domain_devices(domain_record(domains, j)).contains(device))
+                {
+                    return Err(DeviceAssignedTwice {
+                        device,
+                        first: first as u16,
+                        index,
+                    });
+                }
+            }
         }
 
         let mut ports = [0u8; MAX_DOMAINS];
@@ -1009,12 +1473,66 @@ impl<'a> Manifest<'a> {
             }
         }
 
+        for i in 0..n_watches as usize {
+            let index = i as u16;
+            let rec = watch_record(watches, i);
+            let name = W_NAME.read(rec, Record::Watch(index))?;
+            let (domain, addr, len) = (
+                le::u16_at(rec, W_DOMAIN),
+                le::u64_at(rec, W_ADDR),
+                le::u64_at(rec, W_LEN),
+            );
+            let unused_set = match rec[W_KIND] {
+                W_KIND_PHYS => domain != 0,
+                W_KIND_DOMAIN => addr != 0,
+                code => return Err(UnknownWatchKind { index, code }),
+            };
+            if unused_set || rec[W_RESERVED].iter().any(|&b| b != 0) {
+                return Err(WatchReservedNotZero { index });
+            }
+            if len == 0 || len > WATCH_LEN_MAX {
+                return Err(BadWatchLen { index, len });
+            }
+            if rec[W_KIND] == W_KIND_PHYS {
+                if addr
+                    .checked_add(len)
+                    .is_none_or(|end| end > WATCH_PHYS_LIMIT)
+                {
+                    return Err(WatchPastPhysLimit { index, addr, len });
+                }
+            } else {
+                if domain >= n_domains {
+                    return Err(WatchDomainOutOfRange {
+                        index,
+                        domain,
+                        count: n_domains,
+                    });
+                }
+                let memory = le::u64_at(domain_record(domains, domain.into()), D_MEMORY);
+                if len > memory {
+                    return Err(WatchPastDomain {
+                        index,
+                        domain,
+                        len,
+                        memory,
+                    });
+                }
+            }
+            if let Some(first) = (0..i).find(|&j| W_NAME.get(watch_record(watches, j)) == name) {
+                return Err(DuplicateWatch {
+                    first: first as u16,
+                    index,
+                });
+            }
+        }
+
         Ok(Manifest {
             name,
             exit,
             devices,
             domains,
             channels,
+            watches,
         })
     }
 
@@ -1077,6 +1595,48 @@ impl<'a> Manifest<'a> {
             records: self.channels,
             next: 0,
         }
+    }
+
+    /// The device with this index.
+    pub fn device(&self, index: u16) -> Option<Device> {
+        self.devices().nth(index.into())
+    }
+
+    /// The domain that owns the device with this index, if any.
+    pub fn device_owner(&self, device: u16) -> Option<Domain<'a>> {
+        self.domains().find(|d| d.devices.contains(device))
+    }
+
+    pub fn watch_count(&self) -> usize {
+        self.watches.len() / WATCH_SIZE
+    }
+
+    /// Every watch, in manifest order.
+    pub fn watches(&self) -> Watches<'a> {
+        Watches {
+            records: self.watches,
+            next: 0,
+        }
+    }
+}
+
+/// Iterator over a manifest's watches.
+#[derive(Clone, Debug)]
+pub struct Watches<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Watches<'a> {
+    type Item = Watch<'a>;
+
+    fn next(&mut self) -> Option<Watch<'a>> {
+        if (self.next + 1) * WATCH_SIZE > self.records.len() {
+            return None;
+        }
+        let w = decode_watch(self.records, self.next);
+        self.next += 1;
+        Some(w)
     }
 }
 
@@ -1204,8 +1764,17 @@ impl fmt::Display for EncodeError {
 }
 
 /// The size [`encode`] writes for these counts of records.
-pub const fn encoded_size(devices: usize, domains: usize, channels: usize) -> usize {
-    HEADER_SIZE + devices * DEVICE_SIZE + domains * DOMAIN_SIZE + channels * CHANNEL_SIZE
+pub const fn encoded_size(
+    devices: usize,
+    domains: usize,
+    channels: usize,
+    watches: usize,
+) -> usize {
+    HEADER_SIZE
+        + devices * DEVICE_SIZE
+        + domains * DOMAIN_SIZE
+        + channels * CHANNEL_SIZE
+        + watches * WATCH_SIZE
 }
 
 /// Writes the compiled manifest at the start of `out`; returns its size.
@@ -1217,6 +1786,7 @@ pub fn encode(
     devices: &[Device],
     domains: &[Domain<'_>],
     channels: &[Channel<'_>],
+    watches: &[Watch<'_>],
     out: &mut [u8],
 ) -> Result<usize, EncodeError> {
     use EncodeError::*;
@@ -1224,6 +1794,7 @@ pub fn encode(
         ("devices", devices.len(), MAX_DEVICES),
         ("domains", domains.len(), MAX_DOMAINS),
         ("channels", channels.len(), MAX_CHANNELS),
+        ("watches", watches.len(), MAX_WATCHES),
     ] {
         if count > max {
             return Err(TooMany { what, count, max });
@@ -1263,7 +1834,12 @@ pub fn encode(
             return Err(e);
         }
     }
-    let need = encoded_size(devices.len(), domains.len(), channels.len());
+    for (i, w) in watches.iter().enumerate() {
+        if let Some(e) = too_long("watch name", i, w.name, WATCH_NAME_MAX) {
+            return Err(e);
+        }
+    }
+    let need = encoded_size(devices.len(), domains.len(), channels.len(), watches.len());
     let have = out.len();
     let Some(out) = out.get_mut(..need) else {
         return Err(BufferTooSmall { need, have });
@@ -1282,6 +1858,8 @@ pub fn encode(
     le::put(out, 58, &(DOMAIN_SIZE as u16).to_le_bytes());
     le::put(out, 60, &(CHANNEL_SIZE as u16).to_le_bytes());
     le::put(out, 62, &(channels.len() as u16).to_le_bytes());
+    le::put(out, 64, &(WATCH_SIZE as u16).to_le_bytes());
+    le::put(out, 66, &(watches.len() as u16).to_le_bytes());
     let mut at = HEADER_SIZE;
     for d in devices {
         le::put(out, at, &d.kind.code().to_le_bytes());
@@ -1299,6 +1877,12 @@ pub fn encode(
         D_IMAGE.put(rec, d.image);
         D_LABEL.put(rec, d.label);
         D_ARGS.put(rec, d.args);
+        rec[D_DMA] = dma_mode_code(d.dma);
+        rec[D_ON_FAULT] = d.on_dma_fault.code();
+        rec[D_NDEV] = d.devices.len() as u8;
+        for (k, dev) in d.devices.iter().enumerate() {
+            le::put(rec, D_DEVICES + 2 * k, &dev.to_le_bytes());
+        }
         at += DOMAIN_SIZE;
     }
     for c in channels {
@@ -1307,6 +1891,22 @@ pub fn encode(
         le::put(rec, C_B, &c.b.to_le_bytes());
         C_NAME.put(rec, c.name);
         at += CHANNEL_SIZE;
+    }
+    for w in watches {
+        let rec = &mut out[at..at + WATCH_SIZE];
+        match w.target {
+            WatchTarget::Phys(addr) => {
+                rec[W_KIND] = W_KIND_PHYS;
+                le::put(rec, W_ADDR, &addr.to_le_bytes());
+            }
+            WatchTarget::Domain(d) => {
+                rec[W_KIND] = W_KIND_DOMAIN;
+                le::put(rec, W_DOMAIN, &d.to_le_bytes());
+            }
+        }
+        le::put(rec, W_LEN, &w.len.to_le_bytes());
+        W_NAME.put(rec, w.name);
+        at += WATCH_SIZE;
     }
     Manifest::parse(out).map_err(Invalid)?;
     Ok(need)
@@ -1338,6 +1938,9 @@ mod tests {
                 memory: 4 << 20,
                 weight: 1,
                 expect: Expect::Exit,
+                devices: DeviceList::new(&[2]).unwrap(),
+                dma: DmaMode::Strict,
+                on_dma_fault: DmaFault::Report,
             },
             Domain {
                 index: 1,
@@ -1348,6 +1951,9 @@ mod tests {
                 memory: 8 << 20,
                 weight: 1000,
                 expect: Expect::Exit,
+                devices: DeviceList::new(&[1, 0]).unwrap(),
+                dma: DmaMode::Static,
+                on_dma_fault: DmaFault::Stop,
             },
             Domain {
                 index: 2,
@@ -1358,6 +1964,9 @@ mod tests {
                 memory: 1 << 20,
                 weight: 2,
                 expect: Expect::Fault,
+                devices: DeviceList::EMPTY,
+                dma: DmaMode::Static,
+                on_dma_fault: DmaFault::Stop,
             },
         ]
     }
@@ -1377,13 +1986,32 @@ mod tests {
         ]
     }
 
-    const SIZE: usize = encoded_size(3, 3, 2);
-    /// Where domain `i`'s and channel `i`'s records start in `good()`.
+    fn watches() -> [Watch<'static>; 2] {
+        [
+            Watch {
+                name: "hv",
+                target: WatchTarget::Phys(0x10_0000),
+                len: 4096,
+            },
+            Watch {
+                name: "pong-mem",
+                target: WatchTarget::Domain(1),
+                len: 8 << 20,
+            },
+        ]
+    }
+
+    const SIZE: usize = encoded_size(3, 3, 2, 2);
+    /// Where domain `i`'s, channel `i`'s and watch `i`'s records start in
+    /// `good()`.
     const fn dom(i: usize) -> usize {
         HEADER_SIZE + 3 * DEVICE_SIZE + i * DOMAIN_SIZE
     }
     const fn chan(i: usize) -> usize {
         dom(3) + i * CHANNEL_SIZE
+    }
+    const fn watch(i: usize) -> usize {
+        chan(2) + i * WATCH_SIZE
     }
 
     fn good() -> Vec<u8> {
@@ -1395,6 +2023,7 @@ mod tests {
                 &devices(),
                 &domains(),
                 &channels(),
+                &watches(),
                 &mut buf
             ),
             Ok(SIZE)
@@ -1411,7 +2040,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let buf = good();
-        assert_eq!(SIZE, 64 + 24 + 720 + 64);
+        assert_eq!(SIZE, 72 + 24 + 768 + 64 + 96);
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!(m.name(), "default");
         assert_eq!(m.exit_rule(), ExitRule::AllExited);
@@ -1450,11 +2079,11 @@ mod tests {
                 le::u16_at(&buf, 60),
                 le::u16_at(&buf, 62)
             ),
-            (240, 32, 2)
+            (256, 32, 2)
         );
         // No devices or domains at all is a valid (if dull) system.
-        let mut buf = vec![0; encoded_size(0, 0, 0)];
-        encode("x", ExitRule::Never, &[], &[], &[], &mut buf).unwrap();
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0)];
+        encode("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!((m.device_count(), m.exit_rule()), (0, ExitRule::Never));
         assert_eq!((m.domains().count(), m.channels().count()), (0, 0));
@@ -1483,6 +2112,9 @@ mod tests {
                 },
                 weight: if i % 2 == 0 { 1 } else { WEIGHT_MAX },
                 expect: Expect::Fault,
+                devices: DeviceList::EMPTY,
+                dma: DmaMode::Strict,
+                on_dma_fault: DmaFault::Report,
             })
             .collect();
         let cnames: Vec<std::string::String> = (0..MAX_CHANNELS)
@@ -1500,8 +2132,17 @@ mod tests {
                 b: ((k % n + 1 + k / n) % n) as u16,
             })
             .collect();
-        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS)];
-        encode("max", ExitRule::AllExited, &[], &doms, &chans, &mut buf).unwrap();
+        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS, 0)];
+        encode(
+            "max",
+            ExitRule::AllExited,
+            &[],
+            &doms,
+            &chans,
+            &[],
+            &mut buf,
+        )
+        .unwrap();
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!(m.domains().collect::<Vec<_>>(), doms);
         assert_eq!(m.channels().collect::<Vec<_>>(), chans);
@@ -1541,7 +2182,10 @@ mod tests {
         assert_eq!(err(|b| b[8] = 1), UnknownVersion { found: 1 });
         assert_eq!(err(|b| b[10] = 32), BadHeaderSize { found: 32 });
         assert_eq!(err(|b| b[12] = 16), BadDeviceSize { found: 16 });
-        assert_eq!(err(|b| b[58] = 16), BadDomainSize { found: 16 });
+        assert_eq!(err(|b| b[58] = 16), BadDomainSize { found: 272 });
+        assert_eq!(err(|b| b[64] = 47), BadWatchSize { found: 47 });
+        assert_eq!(err(|b| b[66] = 17), TooManyWatches { count: 17 });
+        assert_eq!(err(|b| b[70] = 1), ReservedNotZero);
         assert_eq!(err(|b| b[60] = 33), BadChannelSize { found: 33 });
         assert_eq!(err(|b| b[15] = 2), TooManyDevices { count: 0x203 });
         assert_eq!(err(|b| b[16] = 18), TooManyDomains { count: 18 });
@@ -1559,7 +2203,7 @@ mod tests {
             err(|b| b[16] = 2),
             SizeMismatch {
                 declared: n,
-                expected: SIZE - 240,
+                expected: SIZE - 256,
                 len: SIZE
             }
         );
@@ -1594,8 +2238,8 @@ mod tests {
         assert_eq!(err(|b| b[57] = 1), ReservedNotZero);
         assert_eq!(err(|b| b[56] = 1), ReservedNotZero);
         // all-exited with no domains.
-        let mut buf = vec![0; encoded_size(0, 0, 0)];
-        encode("x", ExitRule::Never, &[], &[], &[], &mut buf).unwrap();
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0)];
+        encode("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         buf[18] = ExitRule::AllExited.code() as u8;
         assert_eq!(Manifest::parse(&buf), Err(AllExitedWithoutDomains));
     }
@@ -1604,11 +2248,11 @@ mod tests {
     fn each_device_corruption_is_named() {
         use ManifestError::*;
         assert_eq!(
-            err(|b| b[64 + 8] = 9),
+            err(|b| b[72 + 8] = 9),
             UnknownDeviceKind { index: 1, code: 9 }
         );
         assert_eq!(
-            err(|b| b[64 + 8 + 6] = 0x42),
+            err(|b| b[72 + 8 + 6] = 0x42),
             IdsDoNotMatchKind {
                 index: 1,
                 kind: DeviceKind::VirtioNet,
@@ -1617,7 +2261,7 @@ mod tests {
             }
         );
         assert_eq!(
-            err(|b| b[64 + 16 + 2] = 0x18),
+            err(|b| b[72 + 16 + 2] = 0x18),
             DuplicateAddress {
                 first: 0,
                 index: 2,
@@ -1808,25 +2452,247 @@ mod tests {
             .iter()
             .map(|name| Channel { name, a: 0, b: 1 })
             .collect();
-        let mut buf = vec![0; encoded_size(0, 3, chans.len())];
+        let mut buf = vec![0; encoded_size(3, 3, chans.len(), 0)];
         assert_eq!(
-            encode("x", ExitRule::AllExited, &[], &d, &chans, &mut buf),
+            encode(
+                "x",
+                ExitRule::AllExited,
+                &devices(),
+                &d,
+                &chans,
+                &[],
+                &mut buf
+            ),
             Err(EncodeError::Invalid(ManifestError::TooManyPorts {
                 domain: 0,
                 channel: 16
             }))
         );
-        assert!(encode("x", ExitRule::AllExited, &[], &d, &chans[..16], &mut buf).is_ok());
+        assert!(encode(
+            "x",
+            ExitRule::AllExited,
+            &devices(),
+            &d,
+            &chans[..16],
+            &[],
+            &mut buf
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn devices_dma_and_watches_round_trip() {
+        let buf = good();
+        let m = Manifest::parse(&buf).unwrap();
+        let ping = m.domain(0).unwrap();
+        assert_eq!(ping.devices.as_slice(), [2]);
+        assert_eq!(
+            (ping.dma, ping.on_dma_fault),
+            (DmaMode::Strict, DmaFault::Report)
+        );
+        let pong = m.domain(1).unwrap();
+        assert_eq!(pong.devices.iter().collect::<Vec<_>>(), [1, 0]);
+        assert_eq!(
+            (pong.dma, pong.on_dma_fault),
+            (DmaMode::Static, DmaFault::Stop)
+        );
+        assert!(m.domain(2).unwrap().devices.is_empty());
+        assert_eq!(m.device_owner(0).unwrap().name, "pong");
+        assert_eq!(m.device_owner(2).unwrap().name, "ping");
+        assert_eq!(m.device(2).unwrap().kind, DeviceKind::Edu);
+        assert_eq!(m.device(3), None);
+        assert_eq!(m.watch_count(), 2);
+        assert_eq!(m.watches().collect::<Vec<_>>(), watches());
+        // The layout the module doc gives.
+        let d = &buf[dom(1)..dom(2)];
+        assert_eq!(
+            &d[240..256],
+            &[1, 1, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let w = &buf[watch(0)..watch(1)];
+        assert_eq!(
+            (w[0], w[1], le::u64_at(w, 8), le::u64_at(w, 16)),
+            (1, 2, 0x10_0000, 4096)
+        );
+        assert_eq!(&w[24..26], b"hv");
+        let w = &buf[watch(1)..];
+        assert_eq!((w[0], le::u16_at(w, 2), le::u64_at(w, 8)), (2, 1, 0));
+        assert_eq!((le::u16_at(&buf, 64), le::u16_at(&buf, 66)), (48, 2));
+        assert_eq!(DeviceList::new(&[0, 1, 2, 3, 4]), None);
+        for m in DMA_MODES {
+            assert_eq!(dma_mode_from_code(dma_mode_code(m)), Some(m));
+            assert_eq!(dma_mode_from_name(dma_mode_name(m)), Some(m));
+        }
+        for f in DmaFault::ALL {
+            assert_eq!(DmaFault::from_code(f.code()), Some(f));
+            assert_eq!(DmaFault::from_name(f.name()), Some(f));
+        }
+    }
+
+    #[test]
+    fn each_device_assignment_corruption_is_named() {
+        use ManifestError::*;
+        let d = dom(1);
+        assert_eq!(
+            err(|b| b[dom(0) + 240] = 3),
+            UnknownDmaMode { index: 0, code: 3 }
+        );
+        assert_eq!(
+            err(|b| b[d + 241] = 0),
+            UnknownDmaFault { index: 1, code: 0 }
+        );
+        assert_eq!(
+            err(|b| b[d + 242] = 5),
+            TooManyDomainDevices { index: 1, count: 5 }
+        );
+        assert_eq!(err(|b| b[d + 243] = 1), DomainReservedNotZero { index: 1 });
+        assert_eq!(err(|b| b[d + 250] = 1), DomainReservedNotZero { index: 1 });
+        assert_eq!(err(|b| b[d + 255] = 1), DomainReservedNotZero { index: 1 });
+        assert_eq!(
+            err(|b| b[d + 244] = 3),
+            DomainDeviceOutOfRange {
+                index: 1,
+                device: 3,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[d + 244] = 0),
+            DomainDeviceListedTwice {
+                index: 1,
+                device: 0
+            }
+        );
+        // Domain 1 takes domain 0's edu too.
+        assert_eq!(
+            err(|b| {
+                b[d + 242] = 3;
+                b[d + 248] = 2;
+            }),
+            DeviceAssignedTwice {
+                device: 2,
+                first: 0,
+                index: 1
+            }
+        );
+        let e = err(|b| {
+            b[d + 242] = 3;
+            b[d + 248] = 2;
+        });
+        assert_eq!(
+            e.to_string(),
+            "domain 1: device 2 is already assigned to domain 0"
+        );
+    }
+
+    #[test]
+    fn each_watch_corruption_is_named() {
+        use ManifestError::*;
+        let (w0, w1) = (watch(0), watch(1));
+        let put64 = |b: &mut Vec<u8>, at: usize, v: u64| le::put(b, at, &v.to_le_bytes());
+        assert_eq!(err(|b| b[w0] = 3), UnknownWatchKind { index: 0, code: 3 });
+        assert_eq!(
+            err(|b| b[w0 + 1] = 0),
+            BadString {
+                record: Record::Watch(0),
+                field: "name",
+                problem: StrProblem::Empty
+            }
+        );
+        assert_eq!(
+            err(|b| b[w1 + 24] = b'P'),
+            BadString {
+                record: Record::Watch(1),
+                field: "name",
+                problem: StrProblem::BadChar { at: 0 }
+            }
+        );
+        assert_eq!(err(|b| b[w0 + 2] = 1), WatchReservedNotZero { index: 0 });
+        assert_eq!(err(|b| b[w1 + 8] = 1), WatchReservedNotZero { index: 1 });
+        assert_eq!(err(|b| b[w1 + 5] = 1), WatchReservedNotZero { index: 1 });
+        assert_eq!(
+            err(|b| put64(b, w0 + 16, 0)),
+            BadWatchLen { index: 0, len: 0 }
+        );
+        assert_eq!(
+            err(|b| put64(b, w0 + 16, WATCH_LEN_MAX + 1)),
+            BadWatchLen {
+                index: 0,
+                len: WATCH_LEN_MAX + 1
+            }
+        );
+        assert_eq!(
+            err(|b| put64(b, w0 + 8, WATCH_PHYS_LIMIT - 4095)),
+            WatchPastPhysLimit {
+                index: 0,
+                addr: WATCH_PHYS_LIMIT - 4095,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            err(|b| put64(b, w0 + 8, u64::MAX)),
+            WatchPastPhysLimit {
+                index: 0,
+                addr: u64::MAX,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            err(|b| b[w1 + 2] = 3),
+            WatchDomainOutOfRange {
+                index: 1,
+                domain: 3,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| put64(b, w1 + 16, (8 << 20) + 1)),
+            WatchPastDomain {
+                index: 1,
+                domain: 1,
+                len: (8 << 20) + 1,
+                memory: 8 << 20
+            }
+        );
+        assert_eq!(
+            err(|b| {
+                b[w1 + 1] = 2;
+                b[w1 + 24..w1 + 48].fill(0);
+                b[w1 + 24..w1 + 26].copy_from_slice(b"hv");
+            }),
+            DuplicateWatch { first: 0, index: 1 }
+        );
+        let long = "w".repeat(25);
+        let mut buf = [0u8; 4096];
+        assert!(matches!(
+            encode(
+                "x",
+                ExitRule::Never,
+                &[],
+                &[],
+                &[],
+                &[Watch {
+                    name: &long,
+                    target: WatchTarget::Phys(0),
+                    len: 1
+                }],
+                &mut buf
+            ),
+            Err(EncodeError::TooLong {
+                what: "watch name",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn errors_display_their_check() {
-        let e = err(|b| b[64 + 16 + 2] = 0x18);
+        let e = err(|b| b[72 + 16 + 2] = 0x18);
         assert_eq!(
             e.to_string(),
             "device 2: address 00:03.0 already used by device 0"
         );
-        let e = err(|b| b[64 + 8 + 6] = 0x42);
+        let e = err(|b| b[72 + 8 + 6] = 0x42);
         assert_eq!(
             e.to_string(),
             "device 1 (virtio-net): ids 1af4:1042, the kind has 1af4:1041"
@@ -1851,12 +2717,12 @@ mod tests {
         let doms = domains();
         let ch = channels();
         assert_eq!(
-            encode("", ExitRule::Never, &d, &[], &[], &mut buf),
+            encode("", ExitRule::Never, &d, &[], &[], &[], &mut buf),
             Err(Invalid(M::EmptyName))
         );
         let long = "n".repeat(33);
         assert_eq!(
-            encode(&long, ExitRule::Never, &d, &[], &[], &mut buf),
+            encode(&long, ExitRule::Never, &d, &[], &[], &[], &mut buf),
             Err(TooLong {
                 what: "system name",
                 index: 0,
@@ -1866,7 +2732,7 @@ mod tests {
         );
         let dup = [d[0], d[0]];
         assert!(matches!(
-            encode("x", ExitRule::Never, &dup, &[], &[], &mut buf),
+            encode("x", ExitRule::Never, &dup, &[], &[], &[], &mut buf),
             Err(Invalid(M::DuplicateAddress {
                 first: 0,
                 index: 1,
@@ -1875,21 +2741,21 @@ mod tests {
         ));
         let bad = [Device { vendor: 1, ..d[0] }];
         assert!(matches!(
-            encode("x", ExitRule::Never, &bad, &[], &[], &mut buf),
+            encode("x", ExitRule::Never, &bad, &[], &[], &[], &mut buf),
             Err(Invalid(M::IdsDoNotMatchKind { index: 0, .. }))
         ));
         assert_eq!(
-            encode("x", ExitRule::Never, &d, &[], &[], &mut buf[..70]),
-            Err(BufferTooSmall { need: 88, have: 70 })
+            encode("x", ExitRule::Never, &d, &[], &[], &[], &mut buf[..70]),
+            Err(BufferTooSmall { need: 96, have: 70 })
         );
         assert_eq!(
-            encode("x", ExitRule::AllExited, &d, &[], &[], &mut buf),
+            encode("x", ExitRule::AllExited, &d, &[], &[], &[], &mut buf),
             Err(Invalid(M::AllExitedWithoutDomains))
         );
         let mut wrong = doms;
         wrong[1].index = 0;
         assert_eq!(
-            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(WrongIndex {
                 position: 1,
                 index: 0
@@ -1899,7 +2765,7 @@ mod tests {
         let args = "a".repeat(129);
         wrong[2].args = &args;
         assert_eq!(
-            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(TooLong {
                 what: "domain args",
                 index: 2,
@@ -1910,19 +2776,19 @@ mod tests {
         let mut wrong = doms;
         wrong[2].name = "ping";
         assert_eq!(
-            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(Invalid(M::DuplicateDomain { first: 0, index: 2 }))
         );
         let mut wrong = doms;
         wrong[0].memory = 3 << 30;
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &[], &wrong, &ch, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(Invalid(M::MemoryOutOfRange { index: 0, .. }))
         ));
         let mut wrong = ch;
         wrong[1].b = 7;
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &[], &doms, &wrong, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
             Err(Invalid(M::ChannelEndOutOfRange { index: 1, .. }))
         ));
         let long = "c".repeat(25);
@@ -1932,7 +2798,7 @@ mod tests {
             b: 1,
         }];
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &[], &doms, &wrong, &mut buf),
+            encode("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
             Err(TooLong {
                 what: "channel name",
                 ..

@@ -137,6 +137,8 @@ mod tests {
             mem_bytes: 2 << 20,
             ports: [None; MAX_PORTS],
             peers: [None; MAX_PEERS],
+            dma: abi::domain::DmaMode::Static,
+            devices: [None; abi::domain::MAX_DEVICES],
         };
         for own in [
             START_INFO_VA,

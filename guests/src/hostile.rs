@@ -139,6 +139,11 @@ pub fn table(env: &Env) -> Vec<Case> {
     let bind = Call::EvtchnBindInterdomain as u64;
     let alloc = Call::EvtchnAllocUnbound as u64;
     let virq_ = Call::EvtchnBindVirq as u64;
+    let cfg_r = Call::DevConfigRead as u64;
+    let cfg_w = Call::DevConfigWrite as u64;
+    let irq = Call::DevIrqBind as u64;
+    let dmap = Call::DmaMap as u64;
+    let dunmap = Call::DmaUnmap as u64;
     let nb = WAIT_NONBLOCK;
     let words = PORT_WORDS as u64;
     let nr_ports = NR_PORTS as u64;
@@ -480,6 +485,29 @@ pub fn table(env: &Env) -> Vec<Case> {
         c("bind-virq-99", virq_, [99, 0, 0], E(Invalid)),
         c("bind-virq-count", virq_, [virq::COUNT, 0, 0], E(Invalid)),
         c("bind-virq-max", virq_, [u64::MAX, 0, 0], E(Invalid)),
+        // Device calls from a domain the manifest gives no device, in the
+        // static DMA mode.
+        c("config-read-no-device", cfg_r, [0, 0, 4], E(BadDevice)),
+        c("config-write-no-device", cfg_w, [0, 4, 2], E(BadDevice)),
+        c("irq-bind-no-device", irq, [0, 0, 0], E(BadDevice)),
+        c(
+            "config-read-device-max",
+            cfg_r,
+            [u64::MAX, 0, 4],
+            E(BadDevice)
+        ),
+        c(
+            "dma-map-kernel-half",
+            dmap,
+            [USER_TOP, 4096, 0],
+            E(BadAddress)
+        ),
+        c(
+            "dma-unmap-static",
+            dunmap,
+            [START_INFO_VA, 4096, 0],
+            E(Invalid)
+        ),
     ];
     // A port offered to the peer: it cannot be sent on until bound; closed,
     // it is gone.
@@ -603,8 +631,8 @@ mod tests {
             let provoked = t.iter().any(|c| c.expect == Expected::Err(e));
             assert_eq!(provoked, e != Error::NoSpace, "{}", e.name());
         }
-        assert_eq!(t.len(), 87);
-        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 76);
+        assert_eq!(t.len(), 93);
+        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 82);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | `work=spin until_ms=T` | spins until T ms after the hypervisor's entry |
 //! | `work=bystander` | a fixed amount of checked CPU and heap work, with yields |
 //! | `attack=hvmem` / `attack=peer target=NAME` / `attack=code` / `attack=stack` | one isolation attack ([`attack`]) that must fault |
+//! | `role=dma-attack [hv=ADDR] [peer=NAME] [unmapped=ADDR] [stale=1]` | owns an `edu`: a DMA control, then device writes at each target ([`dma`]) |
 //!
 //! Each reports its result as an event (`pingpong`, `work_done`,
 //! `attack`, `hypercall_table`) and exits 0 on success, 1 on failure;
@@ -26,6 +27,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod attack;
+pub mod dma;
 pub mod hostile;
 pub mod pingpong;
 pub mod work;
@@ -63,6 +65,7 @@ pub enum Role<'a> {
     Spin { until_ms: u64 },
     Bystander,
     Attack(Attack<'a>),
+    DmaAttack(dma::Targets<'a>),
 }
 
 fn arg_err(e: ArgError<'_>) -> String {
@@ -95,6 +98,24 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 ms: a.u64_or("ms", 1000).map_err(arg_err)?,
             }
         }
+        [Some("dma-attack"), _, _] => {
+            a.only(&["role", "hv", "peer", "unmapped", "stale"])
+                .map_err(arg_err)?;
+            let num = |key: &str| -> Result<Option<u64>, String> {
+                match a.get(key) {
+                    None => Ok(None),
+                    Some(v) => dma::parse_num(v)
+                        .map(Some)
+                        .ok_or_else(|| format!("argument {key}=\"{v}\" is not a number")),
+                }
+            };
+            Role::DmaAttack(dma::Targets {
+                hv: num("hv")?,
+                peer: a.get("peer"),
+                unmapped: num("unmapped")?,
+                stale: a.u64_or("stale", 0).map_err(arg_err)? != 0,
+            })
+        }
         [Some("hostile"), _, _] => {
             a.only(&["role", "peer"]).map_err(arg_err)?;
             Role::Hostile {
@@ -125,7 +146,11 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 _ => Attack::Stack,
             })
         }
-        [Some(r), _, _] => return Err(format!("unknown role \"{r}\" (ping, pong, idle, hostile)")),
+        [Some(r), _, _] => {
+            return Err(format!(
+                "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack)"
+            ))
+        }
         [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
         [_, _, Some(x)] => {
             return Err(format!("unknown attack \"{x}\" (hvmem, peer, code, stack)"))
@@ -152,6 +177,7 @@ pub fn testdom(si: &StartInfo<'_>) -> i64 {
         Role::Spin { until_ms } => work::spin(until_ms),
         Role::Bystander => work::bystander(),
         Role::Attack(a) => attack::run(si, a),
+        Role::DmaAttack(t) => dma::run(si, t),
     }
 }
 
@@ -186,6 +212,22 @@ mod tests {
             Ok(Role::Spin { until_ms: 1500 })
         );
         assert_eq!(role("work=bystander"), Ok(Role::Bystander));
+        assert_eq!(
+            role("role=dma-attack hv=0x100000 peer=bystander unmapped=0x8000000"),
+            Ok(Role::DmaAttack(dma::Targets {
+                hv: Some(0x10_0000),
+                peer: Some("bystander"),
+                unmapped: Some(0x800_0000),
+                stale: false
+            }))
+        );
+        assert_eq!(
+            role("role=dma-attack stale=1"),
+            Ok(Role::DmaAttack(dma::Targets {
+                stale: true,
+                ..Default::default()
+            }))
+        );
         assert_eq!(role("attack=hvmem"), Ok(Role::Attack(Attack::HvMem)));
         assert_eq!(role("attack=code"), Ok(Role::Attack(Attack::Code)));
         assert_eq!(role("attack=stack"), Ok(Role::Attack(Attack::Stack)));
@@ -217,6 +259,11 @@ mod tests {
             ("attack=peer", "argument \"target\" is missing"),
             ("attack=hvmem target=x", "unknown argument \"target\""),
             ("role=hostile", "argument \"peer\" is missing"),
+            (
+                "role=dma-attack hv=lots",
+                "argument hv=\"lots\" is not a number",
+            ),
+            ("role=dma-attack target=x", "unknown argument \"target\""),
             ("role", "argument \"role\" is not key=value"),
         ] {
             let e = role(args).unwrap_err();

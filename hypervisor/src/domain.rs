@@ -363,9 +363,17 @@ impl Domain {
     /// Maps a device's BARs (as `passthrough::bar_layout` placed them) into
     /// the domain, uncached, leaving the holes unmapped; returns what its
     /// start info says about them.
-    pub fn map_bars(&mut self, layout: &[(crate::pci::BarInfo, u64, Vec<(u64, u64)>)]) -> [Option<abi::domain::BarMap>; 6] {
+    pub fn map_bars(
+        &mut self,
+        layout: &[(crate::pci::BarInfo, u64, Vec<(u64, u64)>)],
+    ) -> [Option<abi::domain::BarMap>; 6] {
         let mut out = [None; 6];
-        let flags = F::PRESENT | F::WRITABLE | F::NO_EXECUTE | F::NO_CACHE | F::WRITE_THROUGH | F::USER_ACCESSIBLE;
+        let flags = F::PRESENT
+            | F::WRITABLE
+            | F::NO_EXECUTE
+            | F::NO_CACHE
+            | F::WRITE_THROUGH
+            | F::USER_ACCESSIBLE;
         let parents = F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE;
         for (slot, (bar, va, holes)) in out.iter_mut().zip(layout) {
             let len = bar.size.max(PAGE_SIZE);
@@ -378,13 +386,25 @@ impl Domain {
                     let frame = PhysFrame::containing_address(PhysAddr::new(bar.addr + off));
                     // SAFETY: the device window of a fresh address space, onto
                     // the BAR of a device this domain owns.
-                    unsafe { m.map_to_with_table_flags(page, frame, flags, parents, &mut TrackedFrames(&mut self.table_frames)) }
-                        .expect("fresh device mapping")
-                        .ignore();
+                    unsafe {
+                        m.map_to_with_table_flags(
+                            page,
+                            frame,
+                            flags,
+                            parents,
+                            &mut TrackedFrames(&mut self.table_frames),
+                        )
+                    }
+                    .expect("fresh device mapping")
+                    .ignore();
                 }
                 off += PAGE_SIZE;
             }
-            *slot = Some(abi::domain::BarMap { index: bar.index, va: *va, len });
+            *slot = Some(abi::domain::BarMap {
+                index: bar.index,
+                va: *va,
+                len,
+            });
         }
         out
     }

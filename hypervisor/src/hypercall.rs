@@ -147,7 +147,8 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 4]) -> Result<Outco
         Call::DevConfigRead => {
             let rec = device_arg(sys, idx, a[0])?;
             let pt = sys.pt.as_ref().ok_or(Error::BadDevice)?;
-            pt.config_read(rec, a[1], a[2]).map(|v| Outcome::Return(v as i64))
+            pt.config_read(rec, a[1], a[2])
+                .map(|v| Outcome::Return(v as i64))
         }
         Call::DevConfigWrite => {
             let rec = device_arg(sys, idx, a[0])?;
@@ -158,7 +159,9 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 4]) -> Result<Outco
         Call::DevIrqBind => {
             let dev = device_arg(sys, idx, a[0]).map(|_| a[0] as usize)?;
             let virq = abi::hypercall::virq::device(dev) as u32;
-            sys.evtchn.bind_virq(domid, virq).map(|p| Outcome::Return(i64::from(p)))
+            sys.evtchn
+                .bind_virq(domid, virq)
+                .map(|p| Outcome::Return(i64::from(p)))
         }
         Call::DmaMap => dma_map(sys, idx, a[0], a[1]).map(|iova| Outcome::Return(iova as i64)),
         Call::DmaUnmap => {
@@ -174,7 +177,10 @@ fn device_arg(sys: &System, idx: usize, dev: u64) -> Result<usize, Error> {
     if dev >= sys.domains[idx].devices.len() {
         return Err(Error::BadDevice);
     }
-    sys.pt.as_ref().and_then(|pt| pt.record(idx, dev)).ok_or(Error::BadDevice)
+    sys.pt
+        .as_ref()
+        .and_then(|pt| pt.record(idx, dev))
+        .ok_or(Error::BadDevice)
 }
 
 const PAGE: u64 = 4096;
@@ -201,10 +207,14 @@ fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error
     // Map each piece of the range with the permission its pages have.
     let mut at = va;
     while at < va + len {
-        let &(rva, rpa, rlen, writable) =
-            d.memory_map.iter().find(|&&(rva, _, rlen, _)| at >= rva && at < rva + rlen).ok_or(Error::BadAddress)?;
+        let &(rva, rpa, rlen, writable) = d
+            .memory_map
+            .iter()
+            .find(|&&(rva, _, rlen, _)| at >= rva && at < rva + rlen)
+            .ok_or(Error::BadAddress)?;
         let n = (rva + rlen).min(va + len) - at;
-        crate::iommu_hw::map(d.domid, at, rpa + (at - rva), n, writable).map_err(|_| Error::NoSpace)?;
+        crate::iommu_hw::map(d.domid, at, rpa + (at - rva), n, writable)
+            .map_err(|_| Error::NoSpace)?;
         at += n;
     }
     sys.domains[idx].dma_maps.push((va, len));
@@ -218,7 +228,11 @@ fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Er
     if d.dma == abi::domain::DmaMode::Static || d.devices.is_empty() {
         return Err(Error::Invalid);
     }
-    let i = d.dma_maps.iter().position(|&m| m == (iova, len)).ok_or(Error::Invalid)?;
+    let i = d
+        .dma_maps
+        .iter()
+        .position(|&m| m == (iova, len))
+        .ok_or(Error::Invalid)?;
     crate::iommu_hw::unmap(d.domid, iova, len);
     d.dma_maps.swap_remove(i);
     Ok(())

@@ -107,7 +107,11 @@ static UNIT: Lock<Option<Hw>> = Lock::new(None);
 /// the fault event on `FAULT_VECTOR`, interrupt remapping. Reports what
 /// the unit's registers say afterwards.
 pub fn init(units: &[Unit]) -> Result<(), &'static str> {
-    let Some((i, unit)) = units.iter().enumerate().find(|(_, u)| matches!(u.kind, Kind::VtD { .. })) else {
+    let Some((i, unit)) = units
+        .iter()
+        .enumerate()
+        .find(|(_, u)| matches!(u.kind, Kind::VtD { .. }))
+    else {
         if !units.is_empty() {
             log!("no VT-d unit: AMD-Vi is listed but not driven yet; devices cannot be assigned");
         }
@@ -118,10 +122,18 @@ pub fn init(units: &[Unit]) -> Result<(), &'static str> {
     let mut mem = Frames;
     // Domain memory lies below 4 GiB: 3 levels (39 bits) where offered.
     let depth = |v: &Vtd<Mmio>, bits| <Vtd<Mmio> as Iommu<Frames>>::levels_for(v, bits);
-    let levels = depth(&vtd, 39).or_else(|| depth(&vtd, 48)).ok_or("no usable page-table depth")?;
-    let cfg = Config { fault_vector: FAULT_VECTOR, fault_apic_id: 0, queued: true };
-    vtd.enable(&mut mem, &cfg).map_err(|_| "VT-d enable failed")?;
-    vtd.enable_interrupt_remapping(&mut mem, IR_ENTRIES).map_err(|_| "interrupt remapping failed")?;
+    let levels = depth(&vtd, 39)
+        .or_else(|| depth(&vtd, 48))
+        .ok_or("no usable page-table depth")?;
+    let cfg = Config {
+        fault_vector: FAULT_VECTOR,
+        fault_apic_id: 0,
+        queued: true,
+    };
+    vtd.enable(&mut mem, &cfg)
+        .map_err(|_| "VT-d enable failed")?;
+    vtd.enable_interrupt_remapping(&mut mem, IR_ENTRIES)
+        .map_err(|_| "interrupt remapping failed")?;
     let gsts = vtd.gsts();
     use iommu::vtd::regs::gsts as g;
     console::event(&ev::IommuEnabled {
@@ -136,7 +148,13 @@ pub fn init(units: &[Unit]) -> Result<(), &'static str> {
         ir_entries: vtd.ir_entries(),
         invalidation: vtd.invalidation().map_or("none", |m| m.name()),
     });
-    *UNIT.lock() = Some(Hw { unit: i as u32, vtd, mem, levels, next_irte: 0 });
+    *UNIT.lock() = Some(Hw {
+        unit: i as u32,
+        vtd,
+        mem,
+        levels,
+        next_irte: 0,
+    });
     Ok(())
 }
 
@@ -148,13 +166,18 @@ pub fn levels() -> u8 {
 /// Puts `bdf` into IOMMU domain `did` (created on first use).
 pub fn attach(bdf: Bdf, did: u16) -> Result<(), &'static str> {
     let mut g = UNIT.lock();
-    let h = g.as_mut().ok_or("no DMA remapping unit: a device cannot be confined")?;
-    let Hw { vtd, mem, levels, .. } = h;
+    let h = g
+        .as_mut()
+        .ok_or("no DMA remapping unit: a device cannot be confined")?;
+    let Hw {
+        vtd, mem, levels, ..
+    } = h;
     match vtd.add_domain(mem, did, *levels) {
         Ok(()) | Err(iommu::Error::DomainExists(_)) => {}
         Err(_) => return Err("cannot create the IOMMU domain"),
     }
-    vtd.attach(mem, bdf, did).map_err(|_| "cannot attach the function")
+    vtd.attach(mem, bdf, did)
+        .map_err(|_| "cannot attach the function")
 }
 
 /// Takes `bdf` out of its IOMMU domain; its DMA faults from now on.
@@ -168,8 +191,14 @@ pub fn detach(bdf: Bdf) {
 pub fn map(did: u16, iova: u64, pa: u64, len: u64, writable: bool) -> Result<(), &'static str> {
     let mut g = UNIT.lock();
     let h = g.as_mut().ok_or("no DMA remapping unit")?;
-    let perm = if writable { Perm::READ_WRITE } else { Perm::READ };
-    h.vtd.map(&mut h.mem, did, iova, pa, len, perm).map_err(|_| "IOMMU mapping failed")
+    let perm = if writable {
+        Perm::READ_WRITE
+    } else {
+        Perm::READ
+    };
+    h.vtd
+        .map(&mut h.mem, did, iova, pa, len, perm)
+        .map_err(|_| "IOMMU mapping failed")
 }
 
 /// Unmaps a range; the IOTLB is invalidated before this returns.
@@ -200,7 +229,15 @@ pub fn route_interrupt(vector: u8, source: Bdf) -> Result<(u64, u32), &'static s
     let index = h.next_irte;
     h.next_irte += 1;
     h.vtd
-        .set_irte(&mut h.mem, index, Irte { vector, dest_apic_id: 0, source })
+        .set_irte(
+            &mut h.mem,
+            index,
+            Irte {
+                vector,
+                dest_apic_id: 0,
+                source,
+            },
+        )
         .map_err(|_| "cannot write the interrupt-remapping entry")?;
     let msi = remappable_msi(index);
     Ok((u64::from(msi.address), msi.data))

@@ -27,9 +27,9 @@ mod iommu_hw;
 #[cfg(target_os = "none")]
 mod iommu_units;
 #[cfg(target_os = "none")]
-mod passthrough;
-#[cfg(target_os = "none")]
 mod mm;
+#[cfg(target_os = "none")]
+mod passthrough;
 #[cfg(target_os = "none")]
 mod pci;
 #[cfg(target_os = "none")]

@@ -45,7 +45,13 @@ pub struct Passthrough {
 
 impl Passthrough {
     pub fn new(ecam: Ecam) -> Self {
-        Passthrough { ecam, assigned: Vec::new(), owner_of: [None; 256], next_vector: DEVICE_VECTORS.start, stray: [0; 256] }
+        Passthrough {
+            ecam,
+            assigned: Vec::new(),
+            owner_of: [None; 256],
+            next_vector: DEVICE_VECTORS.start,
+            stray: [0; 256],
+        }
     }
 
     fn addr(bdf: Bdf) -> PciAddress {
@@ -64,7 +70,13 @@ impl Passthrough {
 
     /// Takes `f` for domain `owner` (its `dev`-th device): IOMMU context,
     /// interrupt routing, bus mastering. Returns the index of the record.
-    pub fn assign(&mut self, f: &Function, owner: usize, dev: usize, did: u16) -> Result<usize, &'static str> {
+    pub fn assign(
+        &mut self,
+        f: &Function,
+        owner: usize,
+        dev: usize,
+        did: u16,
+    ) -> Result<usize, &'static str> {
         iommu_hw::attach(f.bdf, did)?;
         let idx = self.assigned.len();
         let mut a = Assigned {
@@ -91,8 +103,16 @@ impl Passthrough {
     /// message whose IRTE names a vector of ours and the function as the only
     /// valid source, then enables MSI-X.
     fn route_msix(&mut self, a: &mut Assigned, idx: usize, m: &Msix) -> Result<(), &'static str> {
-        let bar = a.bars.iter().find(|b| b.index == m.table_bar && b.kind != "io").ok_or("MSI-X table BAR missing")?;
-        let table = crate::mm::map_device(bar.addr + u64::from(m.table_offset), u64::from(m.entries) * 16, crate::mm::Cache::Uncached);
+        let bar = a
+            .bars
+            .iter()
+            .find(|b| b.index == m.table_bar && b.kind != "io")
+            .ok_or("MSI-X table BAR missing")?;
+        let table = crate::mm::map_device(
+            bar.addr + u64::from(m.table_offset),
+            u64::from(m.entries) * 16,
+            crate::mm::Cache::Uncached,
+        );
         for i in 0..usize::from(m.entries).min(MAX_VECTORS_PER_FUNCTION) {
             if self.next_vector >= DEVICE_VECTORS.end {
                 return Err("out of device interrupt vectors");
@@ -122,21 +142,41 @@ impl Passthrough {
     pub fn config_read(&self, rec: usize, offset: u64, size: u64) -> Result<u64, Error> {
         let (off, size) = pcicfg::check_access(offset, size)?;
         let v = self.read(self.assigned[rec].bdf, off) >> (8 * (off & 3));
-        let mask = if size == 4 { u32::MAX } else { (1u32 << (8 * size)) - 1 };
+        let mask = if size == 4 {
+            u32::MAX
+        } else {
+            (1u32 << (8 * size)) - 1
+        };
         Ok(u64::from(v & mask))
     }
 
     /// `dev_config_write`: applied, masked or refused as `pcicfg` says; a
     /// refusal is an audit event.
-    pub fn config_write(&self, rec: usize, offset: u64, size: u64, value: u64, domain: &str) -> Result<(), Error> {
+    pub fn config_write(
+        &self,
+        rec: usize,
+        offset: u64,
+        size: u64,
+        value: u64,
+        domain: &str,
+    ) -> Result<(), Error> {
         let (off, size) = pcicfg::check_access(offset, size)?;
         let a = &self.assigned[rec];
         let shift = 8 * u32::from(off & 3);
-        let mask = if size == 4 { u32::MAX } else { ((1u32 << (8 * size)) - 1) << shift };
+        let mask = if size == 4 {
+            u32::MAX
+        } else {
+            ((1u32 << (8 * size)) - 1) << shift
+        };
         let new = ((value as u32) << shift) & mask;
         match pcicfg::classify_write(&a.caps, off, size) {
             Verdict::Deny { what } => {
-                console::event(&ev::ConfigRefused { domain, bdf: a.bdf, offset: ev::Hex(u64::from(off)), what });
+                console::event(&ev::ConfigRefused {
+                    domain,
+                    bdf: a.bdf,
+                    offset: ev::Hex(u64::from(off)),
+                    what,
+                });
                 Err(Error::Denied)
             }
             verdict => {
@@ -159,7 +199,9 @@ impl Passthrough {
 
     /// The record of domain `owner`'s `dev`-th function.
     pub fn record(&self, owner: usize, dev: usize) -> Option<usize> {
-        self.assigned.iter().position(|a| a.owner == owner && a.dev == dev)
+        self.assigned
+            .iter()
+            .position(|a| a.owner == owner && a.dev == dev)
     }
 
     /// The domain that owns `bdf`.
@@ -201,7 +243,10 @@ impl Passthrough {
     pub fn report_stray(&self) {
         for (v, &count) in self.stray.iter().enumerate() {
             if count > 0 {
-                console::event(&ev::StrayInterrupt { vector: v as u8, count });
+                console::event(&ev::StrayInterrupt {
+                    vector: v as u8,
+                    count,
+                });
             }
         }
     }
@@ -219,11 +264,17 @@ pub fn bar_layout(f: &Function, mut va: u64) -> (Vec<(BarInfo, u64, Vec<(u64, u6
         if let Some(m) = f.msix {
             let table_len = u64::from(m.entries) * 16;
             if m.table_bar == b.index {
-                holes.push((u64::from(m.table_offset) & !0xfff, (u64::from(m.table_offset) + table_len + 0xfff) & !0xfff));
+                holes.push((
+                    u64::from(m.table_offset) & !0xfff,
+                    (u64::from(m.table_offset) + table_len + 0xfff) & !0xfff,
+                ));
             }
             if m.pba_bar == b.index {
                 let pba_len = u64::from(m.entries).div_ceil(64) * 8;
-                holes.push((u64::from(m.pba_offset) & !0xfff, (u64::from(m.pba_offset) + pba_len + 0xfff) & !0xfff));
+                holes.push((
+                    u64::from(m.pba_offset) & !0xfff,
+                    (u64::from(m.pba_offset) + pba_len + 0xfff) & !0xfff,
+                ));
             }
         }
         out.push((BarInfo { ..*b }, va, holes));

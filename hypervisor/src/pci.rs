@@ -197,7 +197,11 @@ fn capabilities(ecam: &Ecam, addr: PciAddress) -> (Vec<Capability>, Option<Msix>
             CAP_PCIE => 0x3c,
             _ => 4,
         };
-        caps.push(Capability { id, offset: ptr, len: len.max(4) });
+        caps.push(Capability {
+            id,
+            offset: ptr,
+            len: len.max(4),
+        });
         ptr = ((head >> 8) & 0xfc) as u16;
     }
     (caps, msix)

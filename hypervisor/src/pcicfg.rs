@@ -100,9 +100,21 @@ mod tests {
     use super::*;
 
     const CAPS: [Capability; 3] = [
-        Capability { id: CAP_MSIX, offset: 0x98, len: 12 },
-        Capability { id: CAP_VENDOR, offset: 0x84, len: 20 },
-        Capability { id: CAP_MSI, offset: 0x50, len: 24 },
+        Capability {
+            id: CAP_MSIX,
+            offset: 0x98,
+            len: 12,
+        },
+        Capability {
+            id: CAP_VENDOR,
+            offset: 0x84,
+            len: 20,
+        },
+        Capability {
+            id: CAP_MSI,
+            offset: 0x50,
+            len: 24,
+        },
     ];
 
     #[test]
@@ -119,19 +131,46 @@ mod tests {
         for off in (0x10..0x28).step_by(4) {
             assert_eq!(classify_write(&CAPS, off, 4), Verdict::Deny { what: "bar" });
         }
-        assert_eq!(classify_write(&CAPS, 0x27, 1), Verdict::Deny { what: "bar" });
-        assert_eq!(classify_write(&CAPS, 0x30, 4), Verdict::Deny { what: "rom" });
-        assert_eq!(classify_write(&CAPS, 0x98, 2), Verdict::Deny { what: "msix" });
-        assert_eq!(classify_write(&CAPS, 0xa0, 4), Verdict::Deny { what: "msix" });
-        assert_eq!(classify_write(&CAPS, 0x54, 4), Verdict::Deny { what: "msi" });
-        assert_eq!(classify_write(&CAPS, 0xf0, 4), Verdict::Deny { what: "unknown" });
+        assert_eq!(
+            classify_write(&CAPS, 0x27, 1),
+            Verdict::Deny { what: "bar" }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0x30, 4),
+            Verdict::Deny { what: "rom" }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0x98, 2),
+            Verdict::Deny { what: "msix" }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0xa0, 4),
+            Verdict::Deny { what: "msix" }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0x54, 4),
+            Verdict::Deny { what: "msi" }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0xf0, 4),
+            Verdict::Deny { what: "unknown" }
+        );
     }
 
     #[test]
     fn command_keeps_the_enables() {
-        assert_eq!(classify_write(&CAPS, 0x04, 2), Verdict::Masked { keep: 0b111 });
-        assert_eq!(classify_write(&CAPS, 0x04, 4), Verdict::Masked { keep: 0b111 });
-        assert_eq!(classify_write(&CAPS, 0x04, 1), Verdict::Masked { keep: 0b111 });
+        assert_eq!(
+            classify_write(&CAPS, 0x04, 2),
+            Verdict::Masked { keep: 0b111 }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0x04, 4),
+            Verdict::Masked { keep: 0b111 }
+        );
+        assert_eq!(
+            classify_write(&CAPS, 0x04, 1),
+            Verdict::Masked { keep: 0b111 }
+        );
         // The command register's high byte (INTx disable...) is the driver's.
         assert_eq!(classify_write(&CAPS, 0x05, 1), Verdict::Allow);
         // The status register half of a dword write at 0x04 is the driver's.

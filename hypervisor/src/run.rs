@@ -11,12 +11,12 @@
 use crate::arch::{self, lapic, trap, tsc};
 use crate::domain::{self, Domain, State};
 use crate::hypercall::{self, Outcome};
-use crate::sync::Lock;
-use crate::{boot, console, log};
-use abi::bundle::{Bundle, EntryKind};
 use crate::iommu_hw;
 use crate::passthrough::{self, Passthrough};
 use crate::pci::Function;
+use crate::sync::Lock;
+use crate::{boot, console, log};
+use abi::bundle::{Bundle, EntryKind};
 use abi::domain::{DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind};
 use abi::ev;
 use abi::manifest::{DmaFault, ExitRule, Expect, Manifest, WatchTarget};
@@ -65,7 +65,12 @@ impl System {
 
 /// Builds every domain of the manifest, gives them their devices and
 /// starts running them. Returns only if the manifest has no domains.
-pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>, functions: &[Function], pt: Option<Passthrough>) {
+pub fn start(
+    manifest: &Manifest<'_>,
+    bundle: &Bundle<'_>,
+    functions: &[Function],
+    pt: Option<Passthrough>,
+) {
     let specs: Vec<_> = manifest.domains().collect();
     if specs.is_empty() {
         return;
@@ -119,7 +124,12 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>, functions: &[Function
     assign_devices(&mut sys, manifest, &specs, functions);
     for f in functions {
         let did = iommu_hw::context(f.bdf);
-        console::event(&ev::IommuContext { unit: 0, bdf: f.bdf, present: did.is_some(), did: did.map_or(0, u32::from) });
+        console::event(&ev::IommuContext {
+            unit: 0,
+            bdf: f.bdf,
+            present: did.is_some(),
+            did: did.map_or(0, u32::from),
+        });
     }
     // Channels the manifest declares are bound before anyone runs.
     let mut ports: Vec<Vec<(u16, u16, &str)>> = specs.iter().map(|_| Vec::new()).collect();
@@ -183,8 +193,15 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>, functions: &[Function
             WatchTarget::Domain(i) => sys.domains.get(usize::from(i)).map_or(0, |d| d.mem_phys),
         };
         let crc = watch_crc(addr, w.len);
-        console::event(&ev::Watch { name: w.name, addr: ev::Hex(addr), len: w.len, crc32: ev::Hex(u64::from(crc)), when: "before" });
-        sys.watches.push((alloc::string::String::from(w.name), addr, w.len, crc));
+        console::event(&ev::Watch {
+            name: w.name,
+            addr: ev::Hex(addr),
+            len: w.len,
+            crc32: ev::Hex(u64::from(crc)),
+            when: "before",
+        });
+        sys.watches
+            .push((alloc::string::String::from(w.name), addr, w.len, crc));
     }
     for i in 0..sys.domains.len() {
         sys.sched.set_runnable(i, true);
@@ -196,28 +213,47 @@ pub fn start(manifest: &Manifest<'_>, bundle: &Bundle<'_>, functions: &[Function
 /// Gives each domain the functions the manifest assigns it: BARs mapped,
 /// IOMMU context, its memory mirrored for DMA in static mode, interrupts
 /// routed.
-fn assign_devices(sys: &mut System, manifest: &Manifest<'_>, specs: &[abi::manifest::Domain<'_>], functions: &[Function]) {
+fn assign_devices(
+    sys: &mut System,
+    manifest: &Manifest<'_>,
+    specs: &[abi::manifest::Domain<'_>],
+    functions: &[Function],
+) {
     let devices: Vec<_> = manifest.devices().collect();
     for (i, spec) in specs.iter().enumerate() {
         let mut va = abi::domain::DEVICE_VA;
         for (n, dev_index) in spec.devices.iter().enumerate() {
             let Some(md) = devices.get(usize::from(dev_index)) else {
-                boot::fail("manifest", format_args!("{}: device index {dev_index} out of range", spec.name))
+                boot::fail(
+                    "manifest",
+                    format_args!("{}: device index {dev_index} out of range", spec.name),
+                )
             };
             let Some(f) = functions.iter().find(|f| f.bdf == md.bdf) else {
-                boot::fail("manifest", format_args!("{}: {} is not present", spec.name, md.bdf))
+                boot::fail(
+                    "manifest",
+                    format_args!("{}: {} is not present", spec.name, md.bdf),
+                )
             };
             let Some(pt) = sys.pt.as_mut() else {
-                boot::fail("iommu", format_args!("{}: devices need a DMA remapping unit and ECAM", spec.name))
+                boot::fail(
+                    "iommu",
+                    format_args!("{}: devices need a DMA remapping unit and ECAM", spec.name),
+                )
             };
             let (layout, next) = passthrough::bar_layout(f, va);
             va = next;
             let d = &mut sys.domains[i];
             let bars = d.map_bars(&layout);
-            d.devices.push(DeviceInfo { bdf: f.bdf, vendor: f.vendor, device: f.device, bars });
-            let rec = pt
-                .assign(f, i, n, d.domid)
-                .unwrap_or_else(|e| boot::fail("iommu", format_args!("{}: {}: {e}", d.name, f.bdf)));
+            d.devices.push(DeviceInfo {
+                bdf: f.bdf,
+                vendor: f.vendor,
+                device: f.device,
+                bars,
+            });
+            let rec = pt.assign(f, i, n, d.domid).unwrap_or_else(|e| {
+                boot::fail("iommu", format_args!("{}: {}: {e}", d.name, f.bdf))
+            });
             let mut mapped = 0;
             if d.dma == DmaMode::Static && n == 0 {
                 for &(va, pa, len, w) in &d.memory_map {
@@ -230,7 +266,11 @@ fn assign_devices(sys: &mut System, manifest: &Manifest<'_>, specs: &[abi::manif
                 bdf: f.bdf,
                 domain: &d.name,
                 did: iommu_hw::context(f.bdf).map_or(0, u32::from),
-                dma: if d.dma == DmaMode::Static { "static" } else { "strict" },
+                dma: if d.dma == DmaMode::Static {
+                    "static"
+                } else {
+                    "strict"
+                },
                 levels: iommu_hw::levels(),
                 mapped_bytes: mapped,
                 irtes: pt.assigned[rec].vectors.len() as u32,
@@ -263,7 +303,11 @@ fn interrupt(sys: &mut System, vector: u8) {
     };
     let (owner, dev) = (a.owner, a.dev);
     let domid = sys.domains[owner].domid;
-    if !sys.domains[owner].is_dead() && sys.evtchn.raise_virq(domid, abi::hypercall::virq::device(dev) as u32) {
+    if !sys.domains[owner].is_dead()
+        && sys
+            .evtchn
+            .raise_virq(domid, abi::hypercall::virq::device(dev) as u32)
+    {
         sys.wake(Some(domid));
     }
 }
@@ -281,7 +325,10 @@ fn iommu_faults(sys: &mut System) {
             unit,
             source: rec.source,
             addr: ev::Hex(rec.addr),
-            reason: ev::Code { raw: u64::from(rec.reason), name: rec.reason_name },
+            reason: ev::Code {
+                raw: u64::from(rec.reason),
+                name: rec.reason_name,
+            },
             access: rec.access.name(),
             domain: name,
             record_lo: ev::Hex(rec.raw[0]),
@@ -372,7 +419,6 @@ pub fn on_user_entry() -> ! {
     drop(guard);
     schedule()
 }
-
 
 fn ns(tsc_delta: u64) -> u64 {
     (u128::from(tsc_delta) * 1_000_000 / u128::from(tsc::khz().max(1))) as u64
@@ -487,7 +533,13 @@ fn schedule() -> ! {
 fn finish(sys: &mut System) -> ! {
     for (name, addr, len, _) in &sys.watches {
         let crc = watch_crc(*addr, *len);
-        console::event(&ev::Watch { name, addr: ev::Hex(*addr), len: *len, crc32: ev::Hex(u64::from(crc)), when: "after" });
+        console::event(&ev::Watch {
+            name,
+            addr: ev::Hex(*addr),
+            len: *len,
+            crc32: ev::Hex(u64::from(crc)),
+            when: "after",
+        });
     }
     if let Some(pt) = sys.pt.as_ref() {
         pt.report_stray();

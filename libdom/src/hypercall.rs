@@ -169,3 +169,51 @@ pub fn evtchn_send(port: u16) -> Result<(), Error> {
 pub fn evtchn_close(port: u16) -> Result<(), Error> {
     call(Call::EvtchnClose, [port.into(), 0, 0]).map(drop)
 }
+
+/// Reads `size` (1, 2 or 4) bytes of config space at `offset` of device
+/// `dev` (an index into the start info's device list).
+pub fn dev_config_read(dev: usize, offset: u16, size: u8) -> Result<u32, Error> {
+    call(
+        Call::DevConfigRead,
+        [dev as u64, offset.into(), size.into()],
+    )
+    .map(|v| v as u32)
+}
+
+/// Writes `size` (1, 2 or 4) bytes of config space at `offset` of device
+/// `dev`. The hypervisor keeps BARs, MSI/MSI-X and bus mastering to itself
+/// ([`Error::Denied`]).
+pub fn dev_config_write(dev: usize, offset: u16, size: u8, value: u32) -> Result<(), Error> {
+    // SAFETY: only numbers are passed; the hypervisor writes no memory of
+    // ours for this call.
+    decode(unsafe {
+        raw_hypercall(
+            Call::DevConfigWrite as u64,
+            dev as u64,
+            offset.into(),
+            size.into(),
+            value.into(),
+            0,
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// A port that becomes pending whenever device `dev` raises one of its
+/// MSI-X vectors.
+pub fn dev_irq_bind(dev: usize) -> Result<u16, Error> {
+    call(Call::DevIrqBind, [dev as u64, 0, 0]).map(port)
+}
+
+/// Makes `[va, va + len)` (page-aligned, our own memory) reachable by our
+/// devices; returns its I/O address (`va` itself in static mode).
+pub fn dma_map(va: u64, len: u64) -> Result<u64, Error> {
+    call(Call::DmaMap, [va, len, 0])
+}
+
+/// Removes a strict-mode mapping; the IOTLB is invalidated before it
+/// returns. `Invalid` in static mode.
+pub fn dma_unmap(iova: u64, len: u64) -> Result<(), Error> {
+    call(Call::DmaUnmap, [iova, len, 0]).map(drop)
+}

@@ -22,6 +22,14 @@
 //! - **Waiting**: [`EventLoop`] hands out pending ports one by one around a
 //!   blocking `wait`.
 //! - **Arguments**: [`Args`] reads the manifest's `args` (`key=value` words).
+//! - **Devices** ([`device`]): the devices the manifest assigns, their
+//!   mapped BARs as [`device::Mmio`], config space through the mediating
+//!   hypercalls, and page-aligned DMA buffers ([`device::DmaBuf`]) whose I/O
+//!   address is the virtual one (static mode) or what `dma_map` returned
+//!   (strict mode).
+//! - **virtio** ([`virtio`]): virtio-drivers' `Hal` over those calls, a PCI
+//!   transport over the mediated config space, and the wrapper that accepts
+//!   VIRTIO_F_ACCESS_PLATFORM.
 //!
 //! On the host the crate builds too, so that a domain's logic can be tested
 //! there: [`entry!`] then makes a `main` that says the binary runs only under
@@ -30,24 +38,28 @@
 #![no_std]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
 #[cfg(not(target_os = "none"))]
 extern crate std;
 
 pub mod args;
 pub mod buf;
 pub mod console;
+pub mod device;
 pub mod hypercall;
 pub mod ports;
 #[cfg(target_os = "none")]
 mod rt;
+pub mod virtio;
 
 pub use abi::domain::StartInfo;
 pub use abi::hypercall::Error;
 pub use args::Args;
 pub use console::event;
 pub use hypercall::{
-    console_write, evtchn_alloc_unbound, evtchn_bind_interdomain, evtchn_bind_virq, evtchn_close,
-    evtchn_send, exit, raw_hypercall, set_timer, time_ns, wait, yield_now,
+    console_write, dev_config_read, dev_config_write, dev_irq_bind, dma_map, dma_unmap,
+    evtchn_alloc_unbound, evtchn_bind_interdomain, evtchn_bind_virq, evtchn_close, evtchn_send,
+    exit, raw_hypercall, set_timer, time_ns, wait, yield_now,
 };
 pub use ports::{EventLoop, Pending};
 

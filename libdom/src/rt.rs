@@ -54,6 +54,7 @@ extern "C" fn start(start_info: u64) -> ! {
             exit(EXIT_BAD_START_INFO)
         }
     };
+    crate::device::set_dma_mode(si.dma);
     if si.heap_end > si.heap_start {
         // SAFETY: the start info says heap_start..heap_end is this domain's
         // own RW memory, which nothing else uses; it is handed over once,

@@ -259,6 +259,12 @@ pub fn check_log(scenario: &Scenario, log: &str, outcome: &Outcome) -> Verdict {
         }
     }
     for (i, e) in scenario.equals.iter().enumerate() {
+        if e.any {
+            if let Err(why) = check_equal_any(&events, e) {
+                failures.push(format!("equal[{i}]: {why}"));
+            }
+            continue;
+        }
         let (a, b) = match (select(&events, &e.a), select(&events, &e.b)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(why), _) | (_, Err(why)) => {
@@ -304,6 +310,41 @@ pub fn select<'e>(events: &'e [Event], sel: &Selector) -> Result<&'e Value, Stri
             one.line, sel.field
         )
     })
+}
+
+/// An `[[test.equal]]` with `any`: some event `a` matches has the value
+/// `b` selects.
+pub fn check_equal_any(events: &[Event], e: &crate::Equal) -> Result<(), String> {
+    let want = select(events, &e.b)?;
+    let candidates: Vec<&Event> = events
+        .iter()
+        .filter(|ev| pattern_matches(&e.a.pattern, ev))
+        .collect();
+    if candidates.is_empty() {
+        return Err(format!("{}: no event matches", e.a));
+    }
+    if candidates.iter().any(|ev| {
+        ev.fields
+            .get(&e.a.field)
+            .is_some_and(|v| value_matches(v, want))
+    }) {
+        return Ok(());
+    }
+    let seen: Vec<String> = candidates
+        .iter()
+        .map(|ev| {
+            ev.fields
+                .get(&e.a.field)
+                .map_or_else(|| "(none)".to_owned(), Value::to_string)
+        })
+        .collect();
+    Err(format!(
+        "none of the {} events {} (values {}) equals {} = {want}",
+        candidates.len(),
+        e.a,
+        seen.join(", "),
+        e.b
+    ))
 }
 
 fn number(sel: &Selector, v: &Value) -> Result<f64, String> {
@@ -712,6 +753,7 @@ mod tests {
                 json!({"from": "hostile"}),
                 "expected_refusals",
             ),
+            any: false,
         };
         let s = scenario_with(Vec::new(), vec![refused()]);
         assert_eq!(
@@ -732,6 +774,46 @@ mod tests {
         assert_eq!(
             f,
             ["equal[0]: hypercalls{}.refused: 2 events match, expected exactly 1 (console lines 3, 4)"]
+        );
+    }
+
+    const DMA_LOG: &str = concat!(
+        "EV {\"ev\":\"domain_start\",\"domain\":\"bystander\",\"domid\":2,\"label\":\"l\",\"image\":\"testdom\",\"mem_bytes\":4194304,\"mem_phys\":\"0x02a00000\",\"weight\":1}\n",
+        "EV {\"ev\":\"iommu_fault\",\"unit\":0,\"source\":\"00:05.0\",\"addr\":\"0x0000000000100000\",\"reason\":\"not-present\",\"reason_raw\":\"0x6\",\"access\":\"write\",\"domain\":\"attacker\",\"record_lo\":\"0x100000\",\"record_hi\":\"0x1\"}\n",
+        "EV {\"ev\":\"iommu_fault\",\"unit\":0,\"source\":\"00:05.0\",\"addr\":\"0x0000000002a00000\",\"reason\":\"not-present\",\"reason_raw\":\"0x6\",\"access\":\"write\",\"domain\":\"attacker\",\"record_lo\":\"0x2a00000\",\"record_hi\":\"0x1\"}\n",
+    );
+
+    #[test]
+    fn an_any_equality_finds_one_of_several() {
+        let peer = || crate::Equal {
+            a: sel("iommu_fault", json!({"source": "00:05.0"}), "addr"),
+            b: sel("domain_start", json!({"domain": "bystander"}), "mem_phys"),
+            any: true,
+        };
+        let s = scenario_with(Vec::new(), vec![peer()]);
+        assert_eq!(check_log(&s, DMA_LOG, &OK).failures, Vec::<String>::new());
+        // Without `any`, two faults match and that is an error.
+        let mut e = peer();
+        e.any = false;
+        let f = check_log(&scenario_with(Vec::new(), vec![e]), DMA_LOG, &OK).failures;
+        assert!(f[0].contains("2 events match, expected exactly 1"), "{f:?}");
+        // No fault at the bystander's address.
+        let log = DMA_LOG.replace("0x0000000002a00000", "0x0000000002b00000");
+        let f = check_log(&s, &log, &OK).failures;
+        assert_eq!(
+            f,
+            [
+                "equal[0]: none of the 2 events iommu_fault{\"source\":\"00:05.0\"}.addr \
+              (values \"0x0000000000100000\", \"0x0000000002b00000\") equals \
+              domain_start{\"domain\":\"bystander\"}.mem_phys = \"0x02a00000\""
+            ]
+        );
+        let mut e = peer();
+        e.a.pattern.fields.insert("source".into(), json!("00:06.0"));
+        let f = check_log(&scenario_with(Vec::new(), vec![e]), DMA_LOG, &OK).failures;
+        assert_eq!(
+            f,
+            ["equal[0]: iommu_fault{\"source\":\"00:06.0\"}.addr: no event matches"]
         );
     }
 

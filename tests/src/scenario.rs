@@ -101,11 +101,15 @@ pub struct Ratio {
 
 /// `[[test.equal]]`: two values that must be equal (numbers by value, hex
 /// strings by number, anything else as JSON). Each selector must match
-/// exactly one event.
+/// exactly one event, except that with `any` the `a` side may match
+/// several, and one of them must hold a value equal to `b`'s (how a
+/// scenario finds, among a domain's DMA faults, the one at an address it
+/// only learns from another event).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Equal {
     pub a: Selector,
     pub b: Selector,
+    pub any: bool,
 }
 
 /// A way to damage the packed bundle before boot, to test the checks that

@@ -356,8 +356,23 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     .domains
                     .iter()
                     .map(|d| {
+                        let devs = if d.devices.is_empty() {
+                            String::new()
+                        } else {
+                            let bdfs: Vec<String> = d
+                                .devices
+                                .iter()
+                                .map(|&i| s.devices[i].bdf.to_string())
+                                .collect();
+                            format!(
+                                ", devices {}, dma {}, on_dma_fault {}",
+                                bdfs.join(" "),
+                                abi::manifest::dma_mode_name(d.dma),
+                                d.on_dma_fault.name()
+                            )
+                        };
                         format!(
-                            "{} ({}, {} KiB, weight {}, label {}, expect {})",
+                            "{} ({}, {} KiB, weight {}, label {}, expect {}{devs})",
                             d.name,
                             d.image,
                             d.memory >> 10,
@@ -384,9 +399,10 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                         format!(": {}", v.join(", "))
                     }
                 };
+                let watches: Vec<String> = s.watches.iter().map(|w| w.name.clone()).collect();
                 println!(
                     "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}; {} domain(s){}; \
-                     {} channel(s){}; compiled manifest {} bytes{}",
+                     {} channel(s){}; {} watch(es){}; compiled manifest {} bytes{}",
                     s.name,
                     s.memory >> 20,
                     s.exit.name(),
@@ -396,6 +412,8 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     list(&domains),
                     channels.len(),
                     list(&channels),
+                    watches.len(),
+                    list(&watches),
                     compiled.len(),
                     if s.test.is_some() {
                         "; has a [test] table"

@@ -30,10 +30,26 @@
 //! label = "guest_a"         # security label, 1-32 of a-z 0-9 _ -
 //! args = "role=ping"        # up to 128 printable ASCII bytes, in the start info; default ""
 //! expect = "exit"           # "exit" (status 0, default) or "fault"
+//! devices = ["05.0"]        # PCI functions it owns: addresses of [[device]]s, at most 4;
+//!                           # each device is owned by at most one domain; default none
+//! dma = "static"            # "static" (default): all its memory at I/O address = virtual
+//!                           # address; "strict": only what it dma_maps, unmapped on dma_unmap
+//! on_dma_fault = "stop"     # "stop" (default): a DMA fault of its device ends it;
+//!                           # "report": the fault is reported and it runs on
 //!
 //! [[channel]]               # an interdomain event channel bound before the domains start
 //! name = "pp"               # unique, 1-24 of a-z 0-9 _ -; names the port in each start info
 //! between = ["ping", "pong"]  # two distinct domains, each an end of at most 16 channels
+//!
+//! [[watch]]                 # a range whose CRC-32 the hypervisor prints (EV watch) before
+//! name = "hv"               # the domains run and after they end; unique, 1-24 of a-z 0-9 _ -
+//! addr = "0x100000"         # a physical address (hex), the range inside the machine's RAM
+//! len = "4K"                # 1 byte..=16M
+//!
+//! [[watch]]
+//! name = "bystander"
+//! domain = "bystander"      # instead of addr: the first `len` bytes of that domain's memory
+//! len = "4K"                # (its first page is its start info), at most its memory
 //!
 //! [test]                    # scenarios only (tests/scenarios/); `run` ignores it
 //! ```
@@ -61,6 +77,7 @@
 //! [[test.equal]]            # two fields of two events (each matched exactly once) are equal
 //! a = { ev = "hypercalls", fields = { domain = "hostile" }, field = "refused" }
 //! b = { ev = "hypercall_table", fields = { from = "hostile" }, field = "expected_refusals" }
+//! any = false                # true: `a` may match several events; one of them must equal `b`
 //! ```
 //!
 //! Structure errors (unknown fields and tables, wrong types, missing fields,
@@ -74,7 +91,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use abi::manifest::{self as compiled, Device, DeviceKind, ExitRule};
+use abi::domain::DmaMode;
+use abi::manifest::{self as compiled, Device, DeviceKind, DmaFault, ExitRule};
 use abi::pci::Bdf;
 use harness::{Corruption, Equal, Expect, ExpectedExit, Pattern, Ratio, Scenario, Selector};
 use serde::Deserialize;
@@ -109,7 +127,18 @@ struct Doc {
     domain: Vec<DomainToml>,
     #[serde(default)]
     channel: Vec<ChannelToml>,
+    #[serde(default)]
+    watch: Vec<WatchToml>,
     test: Option<TestToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchToml {
+    name: Spanned<String>,
+    addr: Option<Spanned<String>>,
+    domain: Option<Spanned<String>>,
+    len: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +174,9 @@ struct DomainToml {
     label: Spanned<String>,
     args: Option<Spanned<String>>,
     expect: Option<Spanned<String>>,
+    devices: Option<Spanned<Vec<Spanned<String>>>>,
+    dma: Option<Spanned<String>>,
+    on_dma_fault: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +246,7 @@ struct SelectorToml {
 struct EqualToml {
     a: SelectorToml,
     b: SelectorToml,
+    any: Option<bool>,
 }
 
 // ---- what a checked manifest says ----
@@ -249,6 +282,26 @@ pub struct PlannedDomain {
     pub label: String,
     pub args: String,
     pub expect: compiled::Expect,
+    /// The devices it owns: indices into `System::devices`.
+    pub devices: Vec<usize>,
+    pub dma: DmaMode,
+    pub on_dma_fault: DmaFault,
+}
+
+/// One watch, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedWatch {
+    pub name: String,
+    pub target: PlannedWatchTarget,
+    pub len: u64,
+}
+
+/// What a watch covers: a physical address, or a domain (an index into
+/// `System::domains`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlannedWatchTarget {
+    Phys(u64),
+    Domain(usize),
 }
 
 /// One channel, checked: `a` and `b` index `System::domains`.
@@ -268,6 +321,7 @@ pub struct System {
     pub devices: Vec<PlannedDevice>,
     pub domains: Vec<PlannedDomain>,
     pub channels: Vec<PlannedChannel>,
+    pub watches: Vec<PlannedWatch>,
     /// The scenario, when the file has a `[test]` table (named after the file).
     pub test: Option<Scenario>,
 }
@@ -294,6 +348,12 @@ impl System {
                 memory: d.memory,
                 weight: d.weight,
                 expect: d.expect,
+                devices: compiled::DeviceList::new(
+                    &d.devices.iter().map(|&i| i as u16).collect::<Vec<_>>(),
+                )
+                .unwrap_or_default(),
+                dma: d.dma,
+                on_dma_fault: d.on_dma_fault,
             })
             .collect();
         let channels: Vec<compiled::Channel<'_>> = self
@@ -305,13 +365,30 @@ impl System {
                 b: c.b as u16,
             })
             .collect();
-        let mut out = vec![0; compiled::encoded_size(devices.len(), domains.len(), channels.len())];
+        let watches: Vec<compiled::Watch<'_>> = self
+            .watches
+            .iter()
+            .map(|w| compiled::Watch {
+                name: &w.name,
+                target: match w.target {
+                    PlannedWatchTarget::Phys(a) => compiled::WatchTarget::Phys(a),
+                    PlannedWatchTarget::Domain(i) => compiled::WatchTarget::Domain(i as u16),
+                },
+                len: w.len,
+            })
+            .collect();
+        let mut out =
+            vec![
+                0;
+                compiled::encoded_size(devices.len(), domains.len(), channels.len(), watches.len())
+            ];
         let n = compiled::encode(
             &self.name,
             exit.unwrap_or(self.exit),
             &devices,
             &domains,
             &channels,
+            &watches,
             &mut out,
         )
         .map_err(|e| format!("compiling the manifest: {e}"))?;
@@ -700,7 +777,8 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
         }
     }
 
-    let (domains, channels) = check_domains(&mut c, &doc, memory);
+    let (domains, channels) = check_domains(&mut c, &doc, memory, &devices);
+    let watches = check_watches(&mut c, &doc, memory);
     let exit = match (exit, &doc.system.exit) {
         (Some(ExitRule::AllExited), Some(e)) if domains.is_empty() && doc.domain.is_empty() => {
             c.err(
@@ -738,6 +816,7 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             devices,
             domains,
             channels,
+            watches,
             test,
         })
     } else {
@@ -762,8 +841,11 @@ fn check_domains(
     c: &mut Checker<'_>,
     doc: &Doc,
     machine: u64,
+    devices: &[PlannedDevice],
 ) -> (Vec<PlannedDomain>, Vec<PlannedChannel>) {
     let mut domains = Vec::new();
+    // Which domain (by position in the file) owns each device so far.
+    let mut owner: Vec<Option<usize>> = vec![None; devices.len()];
     let mut total: u64 = 0;
     let mut over_memory = false;
     for (i, d) in doc.domain.iter().enumerate() {
@@ -910,7 +992,53 @@ fn check_domains(
                 x
             }
         };
-        if let (true, Some(memory), Some(weight), Some(expect)) = (ok, memory, weight, expect) {
+        let owned = check_domain_devices(c, doc, i, devices, &mut owner);
+        let dma = match &d.dma {
+            None => Some(DmaMode::Static),
+            Some(m) => {
+                let x = compiled::dma_mode_from_name(m.get_ref());
+                if x.is_none() {
+                    c.err(
+                        m.span(),
+                        at("dma"),
+                        format!(
+                            "unknown DMA mode \"{}\" (expected one of {})",
+                            m.get_ref(),
+                            one_of(&compiled::DMA_MODES, compiled::dma_mode_name)
+                        ),
+                    );
+                }
+                x
+            }
+        };
+        let on_dma_fault = match &d.on_dma_fault {
+            None => Some(DmaFault::Stop),
+            Some(f) => {
+                let x = DmaFault::from_name(f.get_ref());
+                if x.is_none() {
+                    c.err(
+                        f.span(),
+                        at("on_dma_fault"),
+                        format!(
+                            "unknown DMA fault rule \"{}\" (expected one of {})",
+                            f.get_ref(),
+                            one_of(&DmaFault::ALL, DmaFault::name)
+                        ),
+                    );
+                }
+                x
+            }
+        };
+        if let (
+            true,
+            Some(memory),
+            Some(weight),
+            Some(expect),
+            Some(owned),
+            Some(dma),
+            Some(on_dma_fault),
+        ) = (ok, memory, weight, expect, owned, dma, on_dma_fault)
+        {
             domains.push(PlannedDomain {
                 name: name.clone(),
                 image: image.clone(),
@@ -919,6 +1047,9 @@ fn check_domains(
                 label: label.clone(),
                 args: args.to_owned(),
                 expect,
+                devices: owned,
+                dma,
+                on_dma_fault,
             });
         }
     }
@@ -1005,6 +1136,226 @@ fn check_domains(
         });
     }
     (domains, channels)
+}
+
+/// Checks domain `i`'s `devices`: each the address of a `[[device]]`, at
+/// most [`compiled::MAX_DOMAIN_DEVICES`], none listed twice or owned by an
+/// earlier domain (`owner` records who owns what). The indices into
+/// `devices`, or `None` after an error.
+fn check_domain_devices(
+    c: &mut Checker<'_>,
+    doc: &Doc,
+    i: usize,
+    devices: &[PlannedDevice],
+    owner: &mut [Option<usize>],
+) -> Option<Vec<usize>> {
+    let Some(list) = &doc.domain[i].devices else {
+        return Some(Vec::new());
+    };
+    let mut ok = true;
+    if list.get_ref().len() > compiled::MAX_DOMAIN_DEVICES {
+        c.err(
+            list.span(),
+            format!("domain[{i}].devices"),
+            format!(
+                "{} devices, at most {} per domain (its start info holds no more)",
+                list.get_ref().len(),
+                compiled::MAX_DOMAIN_DEVICES
+            ),
+        );
+        ok = false;
+    }
+    let name = doc.domain[i].name.get_ref();
+    let mut owned: Vec<usize> = Vec::new();
+    for (k, a) in list.get_ref().iter().enumerate() {
+        let path = format!("domain[{i}].devices[{k}]");
+        let bdf = match parse_addr(a.get_ref()) {
+            Ok(b) => b,
+            Err(m) => {
+                c.err(a.span(), path, m);
+                ok = false;
+                continue;
+            }
+        };
+        let Some(j) = devices.iter().position(|d| d.bdf == bdf) else {
+            c.err(
+                a.span(),
+                path,
+                format!("no [[device]] is at \"{}\"", a.get_ref()),
+            );
+            ok = false;
+            continue;
+        };
+        if owned.contains(&j) {
+            c.err(
+                a.span(),
+                path,
+                format!("device \"{}\" is listed twice", a.get_ref()),
+            );
+            ok = false;
+            continue;
+        }
+        if let Some(first) = owner[j] {
+            c.err(
+                a.span(),
+                path,
+                format!(
+                    "device \"{}\" ({}) is assigned twice: to domain \"{}\" (domain[{first}]) and to \"{name}\"",
+                    a.get_ref(),
+                    devices[j].kind,
+                    doc.domain[first].name.get_ref()
+                ),
+            );
+            ok = false;
+            continue;
+        }
+        owner[j] = Some(i);
+        owned.push(j);
+    }
+    ok.then_some(owned)
+}
+
+/// Parses a physical address: `0x` and hex digits.
+pub fn parse_phys(s: &str) -> Result<u64, String> {
+    let bad = || format!("bad address \"{s}\" (expected 0x and hex digits, e.g. \"0x100000\")");
+    let digits = s.strip_prefix("0x").ok_or_else(bad)?;
+    if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| bad())
+}
+
+/// Physical watches must lie in RAM below this (QEMU's q35 keeps RAM below
+/// 2 GiB contiguous from 0 whatever the machine's size).
+const WATCH_LOW_RAM: u64 = 2 << 30;
+
+/// Checks every `[[watch]]`; `machine` is the machine's memory.
+fn check_watches(c: &mut Checker<'_>, doc: &Doc, machine: u64) -> Vec<PlannedWatch> {
+    let mut watches = Vec::new();
+    if doc.watch.len() > compiled::MAX_WATCHES {
+        let w = &doc.watch[compiled::MAX_WATCHES];
+        c.err(
+            w.name.span(),
+            format!("watch[{}]", compiled::MAX_WATCHES),
+            format!("more than {} watches", compiled::MAX_WATCHES),
+        );
+    }
+    for (i, w) in doc.watch.iter().enumerate() {
+        let at = |field: &str| format!("watch[{i}].{field}");
+        let mut ok = true;
+        let name = w.name.get_ref();
+        if let Err(m) = check_ident(name, "watch name", compiled::WATCH_NAME_MAX) {
+            c.err(w.name.span(), at("name"), m);
+            ok = false;
+        } else if let Some(first) = doc.watch[..i].iter().position(|o| o.name.get_ref() == name) {
+            c.err(
+                w.name.span(),
+                at("name"),
+                format!("watch name \"{name}\" already used by watch[{first}]"),
+            );
+            ok = false;
+        }
+        let len = match parse_size(w.len.get_ref()) {
+            Ok(n) if n == 0 || n > compiled::WATCH_LEN_MAX => {
+                c.err(
+                    w.len.span(),
+                    at("len"),
+                    format!("{} is outside 1..=16M", w.len.get_ref()),
+                );
+                None
+            }
+            Ok(n) => Some(n),
+            Err(e) => {
+                c.err(w.len.span(), at("len"), e);
+                None
+            }
+        };
+        let target = match (&w.addr, &w.domain) {
+            (Some(_), Some(d)) => {
+                c.err(
+                    d.span(),
+                    at("domain"),
+                    "a watch takes addr or domain, not both",
+                );
+                None
+            }
+            (None, None) => {
+                c.err(
+                    w.name.span(),
+                    at("addr"),
+                    "a watch needs addr (a physical address) or domain (a domain's memory)",
+                );
+                None
+            }
+            (Some(a), None) => match parse_phys(a.get_ref()) {
+                Ok(addr) => {
+                    let limit = machine.min(WATCH_LOW_RAM);
+                    match len {
+                        Some(n) if addr.checked_add(n).is_none_or(|end| end > limit) => {
+                            c.err(
+                                a.span(),
+                                at("addr"),
+                                format!(
+                                    "{n} bytes at {} reach past the machine's RAM below {} MiB",
+                                    a.get_ref(),
+                                    limit >> 20
+                                ),
+                            );
+                            None
+                        }
+                        _ => Some(PlannedWatchTarget::Phys(addr)),
+                    }
+                }
+                Err(m) => {
+                    c.err(a.span(), at("addr"), m);
+                    None
+                }
+            },
+            (None, Some(d)) => {
+                match doc
+                    .domain
+                    .iter()
+                    .position(|x| x.name.get_ref() == d.get_ref())
+                {
+                    None => {
+                        c.err(
+                            d.span(),
+                            at("domain"),
+                            format!("no domain is called \"{}\"", d.get_ref()),
+                        );
+                        None
+                    }
+                    Some(j) => {
+                        let mem = parse_size(doc.domain[j].memory.get_ref()).ok();
+                        match (len, mem) {
+                            (Some(n), Some(m)) if n > m => {
+                                c.err(
+                                    w.len.span(),
+                                    at("len"),
+                                    format!(
+                                        "{} is more than domain \"{}\"'s {} of memory",
+                                        w.len.get_ref(),
+                                        d.get_ref(),
+                                        doc.domain[j].memory.get_ref()
+                                    ),
+                                );
+                                None
+                            }
+                            _ => Some(PlannedWatchTarget::Domain(j)),
+                        }
+                    }
+                }
+            }
+        };
+        if let (true, Some(target), Some(len)) = (ok, target, len) {
+            watches.push(PlannedWatch {
+                name: name.clone(),
+                target,
+                len,
+            });
+        }
+    }
+    watches
 }
 
 fn check_pattern(
@@ -1181,7 +1532,11 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
             };
             let a = sel("a", &e.a);
             let b = sel("b", &e.b);
-            Equal { a, b }
+            Equal {
+                a,
+                b,
+                any: e.any.unwrap_or(false),
+            }
         })
         .collect();
     Scenario {
@@ -1285,6 +1640,9 @@ mod tests {
                     label: "guest_a".into(),
                     args: "role=ping count=1000".into(),
                     expect: compiled::Expect::Exit,
+                    devices: vec![],
+                    dma: DmaMode::Static,
+                    on_dma_fault: DmaFault::Stop,
                 },
                 PlannedDomain {
                     name: "pong".into(),
@@ -1294,6 +1652,9 @@ mod tests {
                     label: "guest_b".into(),
                     args: "role=pong count=1000".into(),
                     expect: compiled::Expect::Exit,
+                    devices: vec![],
+                    dma: DmaMode::Static,
+                    on_dma_fault: DmaFault::Stop,
                 },
             ]
         );
@@ -1688,6 +2049,9 @@ mod tests {
                 label: "attacker".into(),
                 args: "attack=hvmem x=~!".into(),
                 expect: compiled::Expect::Fault,
+                devices: vec![],
+                dma: DmaMode::Static,
+                on_dma_fault: DmaFault::Stop,
             }
         );
         assert_eq!(
@@ -1771,7 +2135,7 @@ mod tests {
             "manifests/x.toml:10: domain[0].args: args of 129 bytes, at most 128"
         );
         let e = error(&format!("{HEAD}{DOM_PING}colour = \"red\"\n"));
-        assert!(e.starts_with("manifests/x.toml:10: domain[0].colour: unknown field (expected one of: name, image, memory, weight, label, args, expect)"), "{e}");
+        assert!(e.starts_with("manifests/x.toml:10: domain[0].colour: unknown field (expected one of: name, image, memory, weight, label, args, expect, devices, dma, on_dma_fault)"), "{e}");
         let e = error(&format!(
             "{HEAD}[[domain]]\nname = \"x\"\nimage = \"testdom\"\nmemory = \"1M\"\n"
         ));
@@ -1942,6 +2306,151 @@ mod tests {
         assert_eq!(bins, images, "IMAGES must list the bins of guests/src/bin");
         for i in IMAGES {
             check_ident(i, "image", compiled::DOMAIN_NAME_MAX).unwrap();
+        }
+    }
+
+    const EDU_NET: &str = "[[device]]\nkind = \"edu\"\naddr = \"05.0\"\n\n[[device]]\nkind = \"virtio-net\"\naddr = \"04.0\"\n\n";
+
+    /// `HEAD`, an edu at 05.0 and a net at 04.0 (lines 4-10), then two
+    /// domains "a" and "b" (from line 11, six lines each) with `a_extra`
+    /// and `b_extra` as their last lines, then `rest`.
+    fn with_owners(a_extra: &str, b_extra: &str, rest: &str) -> String {
+        let dom = |n: &str, extra: &str| {
+            format!("[[domain]]\nname = \"{n}\"\nimage = \"testdom\"\nmemory = \"2M\"\nlabel = \"l\"\n{extra}\n")
+        };
+        format!(
+            "{HEAD}{EDU_NET}{}{}{rest}",
+            dom("a", a_extra),
+            dom("b", b_extra)
+        )
+    }
+
+    #[test]
+    fn devices_dma_and_fault_rules() {
+        let src = with_owners(
+            "devices = [\"05.0\", \"04.0\"]\ndma = \"strict\"\non_dma_fault = \"report\"",
+            "",
+            "",
+        );
+        let s = check("x.toml", &src).unwrap();
+        assert_eq!(s.domains[0].devices, [0, 1]);
+        assert_eq!(
+            (s.domains[0].dma, s.domains[0].on_dma_fault),
+            (DmaMode::Strict, DmaFault::Report)
+        );
+        // Defaults: no devices, static, stop.
+        assert_eq!(
+            (
+                &s.domains[1].devices[..],
+                s.domains[1].dma,
+                s.domains[1].on_dma_fault
+            ),
+            (&[][..], DmaMode::Static, DmaFault::Stop)
+        );
+        let bytes = s.compile(None).unwrap();
+        let m = abi::manifest::Manifest::parse(&bytes)
+            .unwrap()
+            .domains()
+            .collect::<Vec<_>>();
+        assert_eq!(m[0].devices.as_slice(), [0, 1]);
+        assert_eq!(
+            (m[0].dma, m[0].on_dma_fault),
+            (DmaMode::Strict, DmaFault::Report)
+        );
+        assert!(m[1].devices.is_empty());
+    }
+
+    #[test]
+    fn bad_device_assignments() {
+        for (a, b, msg) in [
+            (
+                "devices = [\"05.0\"]",
+                "devices = [\"05.0\"]",
+                "x.toml:23: domain[1].devices[0]: device \"05.0\" (edu) is assigned twice: to domain \"a\" (domain[0]) and to \"b\"",
+            ),
+            (
+                "devices = [\"06.0\"]",
+                "",
+                "x.toml:17: domain[0].devices[0]: no [[device]] is at \"06.0\"",
+            ),
+            (
+                "devices = [\"5.0\", \"05.0\"]",
+                "",
+                "x.toml:17: domain[0].devices[1]: device \"05.0\" is listed twice",
+            ),
+            (
+                "devices = [\"zz\"]",
+                "",
+                "x.toml:17: domain[0].devices[0]: malformed address \"zz\"",
+            ),
+            (
+                "devices = [\"05.0\", \"04.0\", \"07.0\", \"08.0\", \"09.0\"]",
+                "",
+                "x.toml:17: domain[0].devices: 5 devices, at most 4 per domain",
+            ),
+            (
+                "dma = \"lazy\"",
+                "",
+                "x.toml:17: domain[0].dma: unknown DMA mode \"lazy\" (expected one of static, strict)",
+            ),
+            (
+                "on_dma_fault = \"panic\"",
+                "",
+                "x.toml:17: domain[0].on_dma_fault: unknown DMA fault rule \"panic\" (expected one of stop, report)",
+            ),
+        ] {
+            let e = check("x.toml", &with_owners(a, b, "")).unwrap_err().to_string();
+            assert!(e.starts_with(msg), "{a} / {b}: {e}");
+        }
+    }
+
+    #[test]
+    fn watches() {
+        let src = with_owners(
+            "",
+            "",
+            "[[watch]]\nname = \"hv\"\naddr = \"0x100000\"\nlen = \"4K\"\n\n[[watch]]\nname = \"b-first\"\ndomain = \"b\"\nlen = \"4K\"\n",
+        );
+        let s = check("x.toml", &src).unwrap();
+        assert_eq!(
+            s.watches,
+            [
+                PlannedWatch {
+                    name: "hv".into(),
+                    target: PlannedWatchTarget::Phys(0x10_0000),
+                    len: 4096
+                },
+                PlannedWatch {
+                    name: "b-first".into(),
+                    target: PlannedWatchTarget::Domain(1),
+                    len: 4096
+                }
+            ]
+        );
+        let bytes = s.compile(None).unwrap();
+        let m = abi::manifest::Manifest::parse(&bytes).unwrap();
+        let w: Vec<_> = m.watches().collect();
+        assert_eq!(w[0].target, compiled::WatchTarget::Phys(0x10_0000));
+        assert_eq!(
+            (w[1].name, w[1].target, w[1].len),
+            ("b-first", compiled::WatchTarget::Domain(1), 4096)
+        );
+        for (body, msg) in [
+            ("name = \"w\"\nlen = \"4K\"", "x.toml:25: watch[0].addr: a watch needs addr"),
+            ("name = \"w\"\naddr = \"0x0\"\ndomain = \"a\"\nlen = \"4K\"", "x.toml:27: watch[0].domain: a watch takes addr or domain, not both"),
+            ("name = \"w\"\naddr = \"100000\"\nlen = \"4K\"", "x.toml:26: watch[0].addr: bad address \"100000\""),
+            ("name = \"w\"\naddr = \"0xfffff000\"\nlen = \"8K\"", "x.toml:26: watch[0].addr: 8192 bytes at 0xfffff000 reach past the machine's RAM below 256 MiB"),
+            ("name = \"w\"\naddr = \"0x0\"\nlen = \"0\"", "x.toml:27: watch[0].len: 0 is outside 1..=16M"),
+            ("name = \"w\"\naddr = \"0x0\"\nlen = \"17M\"", "x.toml:27: watch[0].len: 17M is outside 1..=16M"),
+            ("name = \"w\"\ndomain = \"c\"\nlen = \"4K\"", "x.toml:26: watch[0].domain: no domain is called \"c\""),
+            ("name = \"w\"\ndomain = \"a\"\nlen = \"3M\"", "x.toml:27: watch[0].len: 3M is more than domain \"a\"'s 2M of memory"),
+            ("name = \"W\"\naddr = \"0x0\"\nlen = \"4K\"", "x.toml:25: watch[0].name: bad watch name \"W\""),
+            ("name = \"w\"\naddr = \"0x0\"\nlen = \"4K\"\n\n[[watch]]\nname = \"w\"\naddr = \"0x0\"\nlen = \"4K\"", "x.toml:30: watch[1].name: watch name \"w\" already used by watch[0]"),
+        ] {
+            let e = check("x.toml", &with_owners("", "", &format!("[[watch]]\n{body}\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(msg), "{body}: {e}");
         }
     }
 

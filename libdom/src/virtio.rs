@@ -1,0 +1,454 @@
+//! virtio-drivers (0.13) in ring 3: its `Hal` over the DMA hypercalls, a
+//! PCI `ConfigurationAccess` over the mediated config space, and a
+//! transport wrapper that accepts VIRTIO_F_ACCESS_PLATFORM.
+//!
+//! - [`DomHal`]: `dma_alloc` takes zeroed, page-aligned memory from the heap
+//!   ([`DmaBuf`]); its I/O address is the virtual one in static mode or
+//!   what `dma_map` returned in strict mode. `share` in static mode hands
+//!   the buffer's own address over (all of the domain's memory is
+//!   reachable); in strict mode it bounces through a fresh [`DmaBuf`]
+//!   (copied in for the device to read, copied back on `unshare` for the
+//!   driver), so two buffers sharing a page never share a mapping and an
+//!   `unshare` never takes a page away from another buffer.
+//!   `mmio_phys_to_virt` is the identity: the "physical" BAR addresses the
+//!   transport sees are the virtual addresses the start info gives.
+//! - [`DomainConfig`]: config-space reads go through `dev_config_read`;
+//!   the BARs are shadowed (their value is the domain's mapping, sizing
+//!   writes answer with the mapping's length), because the hypervisor
+//!   keeps the real BARs and the command register's decode bits to itself.
+//!   Other writes go through `dev_config_write`; a refused one is dropped.
+//! - [`AccessPlatform`]: virtio-drivers never accepts feature bit 33; QEMU
+//!   then silently refuses FEATURES_OK (PLATFORM.md). The wrapper adds the
+//!   bit to the driver features whenever the device offers it.
+
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use abi::domain::{DeviceInfo, DmaMode, DEVICE_VA, USER_LIMIT};
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::device::{dma_mode, pages_for, DmaBuf, PAGE};
+use crate::hypercall;
+
+/// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through an IOMMU.
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+const _: () = assert!(PAGE_SIZE == PAGE);
+
+/// A lock for state the `Hal`'s associated functions share. A domain has
+/// one thread; the lock only makes that an invariant rather than a hope.
+struct Global<T> {
+    busy: AtomicBool,
+    cell: UnsafeCell<T>,
+}
+
+// SAFETY: every access goes through `with`, which admits one caller at a
+// time (the flag is taken with acquire and released with release).
+unsafe impl<T: Send> Sync for Global<T> {}
+
+impl<T> Global<T> {
+    const fn new(v: T) -> Self {
+        Global {
+            busy: AtomicBool::new(false),
+            cell: UnsafeCell::new(v),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        while self
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the flag admits one caller at a time, so this is the
+        // only reference to the value until it is released below.
+        let r = f(unsafe { &mut *self.cell.get() });
+        self.busy.store(false, Ordering::Release);
+        r
+    }
+}
+
+/// DMA buffers the `Hal` handed out, by I/O address: what `dma_dealloc`
+/// and `unshare` find them by.
+static BUFFERS: Global<Vec<DmaBuf>> = Global::new(Vec::new());
+
+fn take_buffer(iova: u64) -> Option<DmaBuf> {
+    BUFFERS.with(|v| {
+        let i = v.iter().position(|b| b.iova() == iova)?;
+        Some(v.swap_remove(i))
+    })
+}
+
+/// virtio-drivers' `Hal` for an airlock domain.
+pub struct DomHal;
+
+// SAFETY: `dma_alloc` returns zeroed, page-aligned heap memory that nothing
+// else uses until `dma_dealloc` (a `DmaBuf` owns it); `mmio_phys_to_virt`
+// returns addresses inside the device window the hypervisor maps; `share`
+// returns an address the device can reach for the buffer's bytes (the
+// buffer itself in static mode, a bounce page in strict mode).
+unsafe impl Hal for DomHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let buf = match DmaBuf::new(pages) {
+            Ok(b) => b,
+            Err(e) => panic!("dma_alloc of {pages} pages: {}", e.name()),
+        };
+        let (iova, ptr) = (buf.iova(), buf.as_ptr());
+        BUFFERS.with(|v| v.push(buf));
+        (iova, NonNull::new(ptr).unwrap_or(NonNull::dangling()))
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) -> i32 {
+        // Dropping unmaps (strict mode) and frees.
+        match take_buffer(paddr) {
+            Some(b) => {
+                drop(b);
+                0
+            }
+            None => -1,
+        }
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        let end = paddr.checked_add(size as u64);
+        assert!(
+            paddr >= DEVICE_VA && end.is_some_and(|e| e <= USER_LIMIT),
+            "MMIO region {paddr:#x}+{size:#x} is outside the device window"
+        );
+        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling())
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {
+        let va = buffer.as_ptr() as *mut u8 as u64;
+        let len = buffer.len();
+        if dma_mode() == DmaMode::Static {
+            return va;
+        }
+        let mut bounce = match DmaBuf::new(pages_for(len)) {
+            Ok(b) => b,
+            Err(e) => panic!("share of {len} bytes: {}", e.name()),
+        };
+        if direction != BufferDirection::DeviceToDriver {
+            // SAFETY: the caller promises `buffer` is valid for `len` bytes
+            // and not used by anyone else during this call.
+            let src = unsafe { core::slice::from_raw_parts(va as *const u8, len) };
+            bounce.write(0, src);
+        }
+        let iova = bounce.iova();
+        BUFFERS.with(|v| v.push(bounce));
+        iova
+    }
+
+    unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
+        if dma_mode() == DmaMode::Static {
+            return;
+        }
+        let Some(bounce) = take_buffer(paddr) else {
+            return;
+        };
+        if direction != BufferDirection::DriverToDevice {
+            let len = buffer.len();
+            // SAFETY: as in `share`: the caller's buffer, valid for `len`
+            // bytes, ours alone during this call.
+            let dst = unsafe { core::slice::from_raw_parts_mut(buffer.as_ptr() as *mut u8, len) };
+            bounce.read(0, dst);
+        }
+    }
+}
+
+/// Offset of BAR0 in config space, and of the command register.
+const BAR0: u8 = 0x10;
+const COMMAND: u8 = 0x04;
+
+/// One BAR as the transport sees it: the domain's mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ShadowBar {
+    /// The low dword's type bits (memory, 64-bit, prefetchable).
+    flags: u32,
+    va: u64,
+    len: u64,
+    /// The transport wrote all ones to size it (low, high dword).
+    sizing: [bool; 2],
+}
+
+/// Config space of one assigned device, for virtio-drivers' `PciRoot`.
+pub struct DomainConfig {
+    dev: usize,
+    /// By BAR number; the upper half of a 64-bit BAR is slot `n + 1`'s
+    /// dword, answered from slot `n`.
+    bars: [Option<ShadowBar>; 6],
+    high_of: [Option<usize>; 6],
+}
+
+impl DomainConfig {
+    /// The config space of device `dev` (its index in the start info),
+    /// with its BARs shadowed by the mappings in `info`.
+    pub fn new(dev: usize, info: &DeviceInfo) -> Self {
+        let mut bars = [None; 6];
+        let mut high_of = [None; 6];
+        for b in info.bars.iter().flatten() {
+            let i = usize::from(b.index);
+            let raw = hypercall::dev_config_read(dev, u16::from(BAR0) + 4 * b.index as u16, 4)
+                .unwrap_or(0);
+            let flags = raw & 0xf;
+            bars[i] = Some(ShadowBar {
+                flags,
+                va: b.va,
+                len: b.len,
+                sizing: [false; 2],
+            });
+            if flags & 0b110 == 0b100 && i < 5 {
+                high_of[i + 1] = Some(i);
+            }
+        }
+        DomainConfig { dev, bars, high_of }
+    }
+
+    fn bar_slot(offset: u8) -> Option<usize> {
+        (BAR0..BAR0 + 24)
+            .contains(&offset)
+            .then(|| usize::from((offset - BAR0) / 4))
+    }
+
+    fn read_bar(&self, slot: usize) -> u32 {
+        if let Some(i) = self.high_of[slot] {
+            let Some(b) = self.bars[i] else { return 0 };
+            return if b.sizing[1] {
+                (!(b.len - 1) >> 32) as u32
+            } else {
+                (b.va >> 32) as u32
+            };
+        }
+        match self.bars[slot] {
+            None => 0,
+            Some(b) if b.sizing[0] => (!(b.len - 1) as u32 & !0xf) | b.flags,
+            Some(b) => (b.va as u32 & !0xf) | b.flags,
+        }
+    }
+
+    fn write_bar(&mut self, slot: usize, data: u32) {
+        let sizing = data == u32::MAX;
+        if let Some(i) = self.high_of[slot] {
+            if let Some(b) = self.bars[i].as_mut() {
+                b.sizing[1] = sizing;
+            }
+        } else if let Some(b) = self.bars[slot].as_mut() {
+            b.sizing[0] = sizing;
+        }
+    }
+}
+
+impl ConfigurationAccess for DomainConfig {
+    fn read_word(&self, _df: DeviceFunction, offset: u8) -> u32 {
+        if let Some(slot) = Self::bar_slot(offset) {
+            return self.read_bar(slot);
+        }
+        hypercall::dev_config_read(self.dev, offset.into(), 4).unwrap_or(u32::MAX)
+    }
+
+    fn write_word(&mut self, _df: DeviceFunction, offset: u8, data: u32) {
+        if let Some(slot) = Self::bar_slot(offset) {
+            self.write_bar(slot, data);
+            return;
+        }
+        // The transport toggles decoding around BAR sizing; the hypervisor
+        // owns those bits, and the status half is write-one-to-clear.
+        if offset == COMMAND {
+            return;
+        }
+        let _ = hypercall::dev_config_write(self.dev, offset.into(), 4, data);
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        DomainConfig {
+            dev: self.dev,
+            bars: self.bars,
+            high_of: self.high_of,
+        }
+    }
+}
+
+/// A virtio-drivers PCI transport for assigned device `dev`, accepting
+/// VIRTIO_F_ACCESS_PLATFORM.
+pub fn pci_transport(
+    dev: usize,
+    info: &DeviceInfo,
+) -> Result<AccessPlatform<PciTransport>, VirtioPciError> {
+    let mut root = PciRoot::new(DomainConfig::new(dev, info));
+    let df = DeviceFunction {
+        bus: info.bdf.bus(),
+        device: info.bdf.device(),
+        function: info.bdf.function(),
+    };
+    PciTransport::new::<DomHal, _>(&mut root, df).map(AccessPlatform::new)
+}
+
+/// A transport that accepts VIRTIO_F_ACCESS_PLATFORM when the device
+/// offers it (and otherwise passes everything through).
+pub struct AccessPlatform<T> {
+    inner: T,
+    offered: u64,
+}
+
+impl<T: Transport> AccessPlatform<T> {
+    pub fn new(inner: T) -> Self {
+        AccessPlatform { inner, offered: 0 }
+    }
+
+    pub fn inner(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+/// The driver features to write: `driver`'s, plus ACCESS_PLATFORM if the
+/// device offered it.
+pub fn with_access_platform(offered: u64, driver: u64) -> u64 {
+    driver | (offered & F_ACCESS_PLATFORM)
+}
+
+impl<T: Transport> Transport for AccessPlatform<T> {
+    fn device_type(&self) -> DeviceType {
+        self.inner.device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.offered = self.inner.read_device_features();
+        self.offered
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.inner
+            .write_driver_features(with_access_platform(self.offered, driver_features))
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.inner.max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        self.inner.notify(queue)
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.inner.get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.inner.set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.inner.set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.inner.requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.inner
+            .queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.inner.queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.inner.queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.inner.ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.inner.read_config_generation()
+    }
+    fn read_config_space<V: FromBytes + IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<V> {
+        self.inner.read_config_space(offset)
+    }
+    fn write_config_space<V: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: V,
+    ) -> virtio_drivers::Result<()> {
+        self.inner.write_config_space(offset, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_platform_is_added_only_when_offered() {
+        assert_eq!(
+            with_access_platform(F_ACCESS_PLATFORM | 1, 1),
+            F_ACCESS_PLATFORM | 1
+        );
+        assert_eq!(with_access_platform(1, 1), 1);
+        assert_eq!(
+            with_access_platform(F_ACCESS_PLATFORM, 0),
+            F_ACCESS_PLATFORM
+        );
+    }
+
+    fn config(bars: [Option<ShadowBar>; 6], high_of: [Option<usize>; 6]) -> DomainConfig {
+        DomainConfig {
+            dev: 0,
+            bars,
+            high_of,
+        }
+    }
+
+    #[test]
+    fn bars_are_shadowed_and_sized() {
+        let df = DeviceFunction {
+            bus: 0,
+            device: 3,
+            function: 0,
+        };
+        let mut bars = [None; 6];
+        bars[1] = Some(ShadowBar {
+            flags: 0,
+            va: 0xc000_1000,
+            len: 0x1000,
+            sizing: [false; 2],
+        });
+        // A 64-bit prefetchable BAR4 of 16 KiB.
+        bars[4] = Some(ShadowBar {
+            flags: 0b1100,
+            va: 0xc000_4000,
+            len: 0x4000,
+            sizing: [false; 2],
+        });
+        let mut high_of = [None; 6];
+        high_of[5] = Some(4);
+        let mut c = config(bars, high_of);
+        assert_eq!(c.read_word(df, 0x14), 0xc000_1000);
+        assert_eq!(c.read_word(df, 0x20), 0xc000_400c);
+        assert_eq!(c.read_word(df, 0x24), 0);
+        assert_eq!(c.read_word(df, 0x10), 0);
+        // Sizing: all ones in, the size mask out; then restored.
+        c.write_word(df, 0x14, u32::MAX);
+        assert_eq!(c.read_word(df, 0x14), 0xffff_f000);
+        c.write_word(df, 0x14, 0xc000_1000);
+        assert_eq!(c.read_word(df, 0x14), 0xc000_1000);
+        c.write_word(df, 0x20, u32::MAX);
+        c.write_word(df, 0x24, u32::MAX);
+        assert_eq!(c.read_word(df, 0x20), 0xffff_c00c);
+        assert_eq!(c.read_word(df, 0x24), u32::MAX);
+        c.write_word(df, 0x20, 0);
+        c.write_word(df, 0x24, 0);
+        assert_eq!(c.read_word(df, 0x20), 0xc000_400c);
+        assert_eq!(c.read_word(df, 0x24), 0);
+        assert_eq!(DomainConfig::bar_slot(0x0c), None);
+        assert_eq!(DomainConfig::bar_slot(0x28), None);
+    }
+}
