@@ -365,7 +365,7 @@ impl Domain {
     /// start info says about them.
     pub fn map_bars(
         &mut self,
-        layout: &[(crate::pci::BarInfo, u64, Vec<(u64, u64)>)],
+        layout: &[crate::passthrough::BarPlacement],
     ) -> [Option<abi::domain::BarMap>; 6] {
         let mut out = [None; 6];
         let flags = F::PRESENT
@@ -375,7 +375,8 @@ impl Domain {
             | F::WRITE_THROUGH
             | F::USER_ACCESSIBLE;
         let parents = F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE;
-        for (slot, (bar, va, holes)) in out.iter_mut().zip(layout) {
+        for (slot, p) in out.iter_mut().zip(layout) {
+            let (bar, va, holes) = (&p.bar, &p.va, &p.holes);
             let len = bar.size.max(PAGE_SIZE);
             // SAFETY: this domain's table, edited only while it is built.
             let mut m = unsafe { paging::mapper(self.pml4) };

@@ -563,8 +563,8 @@ fn is_int(lx: &Lexer<'_>, value: Value) -> bool {
 mod tests {
     use super::*;
     use abi::ev::{
-        Attack, DomainFault, Event, FieldSchema, Hex, HypercallMismatch, HypercallTable, Pingpong,
-        Ready, WorkDone,
+        Attack, DataCheck, DomainFault, Event, FieldSchema, Hex, HypercallMismatch, HypercallTable,
+        Pingpong, Ready, WorkDone,
     };
     use std::format;
     use std::string::String;
@@ -622,6 +622,11 @@ mod tests {
                 expected_refusals: 38,
                 mismatches: 0,
             }),
+            written(&DataCheck {
+                what: "dma-control",
+                bytes: 2048,
+                ok: false,
+            }),
         ];
         let names = [
             "pingpong",
@@ -629,6 +634,7 @@ mod tests {
             "attack",
             "hypercall_mismatch",
             "hypercall_table",
+            "data_check",
         ];
         for (line, name) in lines.iter().zip(names) {
             assert_eq!(ok(line), name);

@@ -187,10 +187,10 @@ const PAGE: u64 = 4096;
 
 /// `dma_map`: the range must be page-aligned and the caller's own memory.
 fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error> {
-    if len == 0 || len % PAGE != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE) {
         return Err(Error::BadLength);
     }
-    if va % PAGE != 0 {
+    if !va.is_multiple_of(PAGE) {
         return Err(Error::BadAddress);
     }
     let d = &sys.domains[idx];

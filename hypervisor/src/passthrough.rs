@@ -85,7 +85,7 @@ impl Passthrough {
             dev,
             caps: f.caps.clone(),
             msix: f.msix,
-            bars: f.bars.iter().map(|b| BarInfo { ..*b }).collect(),
+            bars: f.bars.clone(),
             vectors: Vec::new(),
         };
         if let Some(m) = f.msix {
@@ -252,10 +252,17 @@ impl Passthrough {
     }
 }
 
+/// Where one BAR goes in its owner's address space.
+pub struct BarPlacement {
+    pub bar: BarInfo,
+    pub va: u64,
+    /// Byte ranges of the BAR left unmapped (MSI-X table and PBA pages).
+    pub holes: Vec<(u64, u64)>,
+}
+
 /// Where a function's BARs go in its owner's address space from `va` on
-/// (each aligned to its size), which pages of them stay unmapped (MSI-X
-/// table and PBA, as offsets into the BAR), and the next free address.
-pub fn bar_layout(f: &Function, mut va: u64) -> (Vec<(BarInfo, u64, Vec<(u64, u64)>)>, u64) {
+/// (each aligned to its size), and the next free address.
+pub fn bar_layout(f: &Function, mut va: u64) -> (Vec<BarPlacement>, u64) {
     let mut out = Vec::new();
     for b in f.bars.iter().filter(|b| b.kind != "io" && b.size > 0) {
         let align = b.size.next_power_of_two().max(4096);
@@ -277,7 +284,7 @@ pub fn bar_layout(f: &Function, mut va: u64) -> (Vec<(BarInfo, u64, Vec<(u64, u6
                 ));
             }
         }
-        out.push((BarInfo { ..*b }, va, holes));
+        out.push(BarPlacement { bar: *b, va, holes });
         va += align;
     }
     (out, va)

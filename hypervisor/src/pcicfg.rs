@@ -47,7 +47,7 @@ pub enum Verdict {
 /// Checks the shape of an access: `size` 1, 2 or 4 and `offset` a multiple
 /// of it below 4096.
 pub fn check_access(offset: u64, size: u64) -> Result<(u16, u8), Error> {
-    if !matches!(size, 1 | 2 | 4) || offset >= 4096 || offset % size != 0 {
+    if !matches!(size, 1 | 2 | 4) || offset >= 4096 || !offset.is_multiple_of(size) {
         return Err(Error::Invalid);
     }
     Ok((offset as u16, size as u8))
