@@ -1,0 +1,5 @@
+//! Driver domains: each binary drives one kind of device that the manifest
+//! assigns to it, in ring 3, confined by the IOMMU. Logic that needs no
+//! device lives in modules here and is tested on the host.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_op_in_unsafe_fn)]
