@@ -11,6 +11,8 @@
 //! | `work=bystander` | a fixed amount of checked CPU and heap work, with yields |
 //! | `attack=hvmem` / `attack=peer target=NAME` / `attack=code` / `attack=stack` | one isolation attack ([`attack`]) that must fault |
 //! | `role=dma-attack [hv=ADDR] [peer=NAME] [unmapped=ADDR] [stale=1]` | owns an `edu`: a DMA control, then device writes at each target ([`dma`]) |
+//! | `role=msi-spoof irte=N vector=V hv_vector=H` | owns an `edu`: tries to raise interrupts it does not own ([`msi`]) |
+//! | `role=irq-victim [ms=1000]` | owns a device, binds its interrupt, counts the notifications it gets ([`msi`]) |
 //!
 //! Each reports its result as an event (`pingpong`, `work_done`,
 //! `attack`, `hypercall_table`) and exits 0 on success, 1 on failure;
@@ -29,6 +31,7 @@ extern crate std;
 pub mod attack;
 pub mod dma;
 pub mod hostile;
+pub mod msi;
 pub mod pingpong;
 pub mod work;
 
@@ -58,14 +61,34 @@ pub enum Attack<'a> {
 /// What a `testdom` does, from its args.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role<'a> {
-    Ping { count: u64, channel: &'a str },
-    Pong { count: u64, channel: &'a str },
-    Idle { ms: u64 },
-    Hostile { peer: &'a str },
-    Spin { until_ms: u64 },
+    Ping {
+        count: u64,
+        channel: &'a str,
+    },
+    Pong {
+        count: u64,
+        channel: &'a str,
+    },
+    Idle {
+        ms: u64,
+    },
+    Hostile {
+        peer: &'a str,
+    },
+    Spin {
+        until_ms: u64,
+    },
     Bystander,
     Attack(Attack<'a>),
     DmaAttack(dma::Targets<'a>),
+    MsiSpoof {
+        irte: u16,
+        vector: u8,
+        hv_vector: u8,
+    },
+    IrqVictim {
+        ms: u64,
+    },
 }
 
 fn arg_err(e: ArgError<'_>) -> String {
@@ -116,6 +139,27 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 stale: a.u64_or("stale", 0).map_err(arg_err)? != 0,
             })
         }
+        [Some("msi-spoof"), _, _] => {
+            a.only(&["role", "irte", "vector", "hv_vector"])
+                .map_err(arg_err)?;
+            let num = |key: &str, max: u64| -> Result<u64, String> {
+                let v = a.require(key).map_err(arg_err)?;
+                dma::parse_num(v)
+                    .filter(|n| *n <= max)
+                    .ok_or_else(|| format!("argument {key}=\"{v}\" is not a number up to {max:#x}"))
+            };
+            Role::MsiSpoof {
+                irte: num("irte", 0xffff)? as u16,
+                vector: num("vector", 0xff)? as u8,
+                hv_vector: num("hv_vector", 0xff)? as u8,
+            }
+        }
+        [Some("irq-victim"), _, _] => {
+            a.only(&["role", "ms"]).map_err(arg_err)?;
+            Role::IrqVictim {
+                ms: a.u64_or("ms", 1000).map_err(arg_err)?,
+            }
+        }
         [Some("hostile"), _, _] => {
             a.only(&["role", "peer"]).map_err(arg_err)?;
             Role::Hostile {
@@ -146,11 +190,9 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 _ => Attack::Stack,
             })
         }
-        [Some(r), _, _] => {
-            return Err(format!(
-                "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack)"
-            ))
-        }
+        [Some(r), _, _] => return Err(format!(
+            "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim)"
+        )),
         [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
         [_, _, Some(x)] => {
             return Err(format!("unknown attack \"{x}\" (hvmem, peer, code, stack)"))
@@ -178,6 +220,19 @@ pub fn testdom(si: &StartInfo<'_>) -> i64 {
         Role::Bystander => work::bystander(),
         Role::Attack(a) => attack::run(si, a),
         Role::DmaAttack(t) => dma::run(si, t),
+        Role::MsiSpoof {
+            irte,
+            vector,
+            hv_vector,
+        } => msi::spoof(
+            si,
+            msi::Targets {
+                irte,
+                vector,
+                hv_vector,
+            },
+        ),
+        Role::IrqVictim { ms } => msi::victim(si, ms),
     }
 }
 

@@ -8,7 +8,7 @@
 //! every config write (`hypervisor::pcicfg`).
 
 use crate::pci::{BarInfo, Ecam, Function, Msix};
-use crate::{console, iommu_hw, log};
+use crate::{console, iommu_hw};
 use abi::ev::{self, Bdf};
 use abi::hypercall::Error;
 use alloc::vec::Vec;
@@ -39,8 +39,6 @@ pub struct Passthrough {
     /// Which assigned function owns each vector.
     owner_of: [Option<usize>; 256],
     next_vector: u8,
-    /// Interrupts on vectors nobody owns.
-    pub stray: [u64; 256],
 }
 
 impl Passthrough {
@@ -50,7 +48,6 @@ impl Passthrough {
             assigned: Vec::new(),
             owner_of: [None; 256],
             next_vector: DEVICE_VECTORS.start,
-            stray: [0; 256],
         }
     }
 
@@ -226,27 +223,6 @@ impl Passthrough {
             iommu_hw::detach(bdf);
             for v in core::mem::take(&mut self.assigned[i].vectors) {
                 self.owner_of[usize::from(v)] = None;
-            }
-        }
-    }
-
-    /// Counts an interrupt nobody owns; the first on each vector is printed.
-    pub fn stray_interrupt(&mut self, vector: u8) {
-        let n = &mut self.stray[usize::from(vector)];
-        *n += 1;
-        if *n == 1 {
-            log!("interrupt on vector {vector:#x}, which nobody owns");
-        }
-    }
-
-    /// Prints the stray-interrupt counts (at shutdown).
-    pub fn report_stray(&self) {
-        for (v, &count) in self.stray.iter().enumerate() {
-            if count > 0 {
-                console::event(&ev::StrayInterrupt {
-                    vector: v as u8,
-                    count,
-                });
             }
         }
     }

@@ -28,6 +28,8 @@ pub struct System {
     pub domains: Vec<Domain>,
     /// Assigned PCI functions and config access, when there is ECAM.
     pub pt: Option<Passthrough>,
+    /// Interrupts on vectors nobody owns, per vector.
+    stray: [u64; 256],
     /// Watched ranges: name, physical address, bytes, CRC-32 before.
     watches: Vec<(alloc::string::String, u64, u64, u32)>,
     pub sched: Scheduler,
@@ -77,6 +79,7 @@ pub fn start(
     }
     let mut sys = System {
         pt,
+        stray: [0; 256],
         watches: Vec::new(),
         domains: Vec::new(),
         sched: Scheduler::new(),
@@ -296,9 +299,8 @@ fn interrupt(sys: &mut System, vector: u8) {
         iommu_faults(sys);
         return;
     }
-    let Some(pt) = sys.pt.as_mut() else { return };
-    let Some(a) = pt.owner_of(vector) else {
-        pt.stray_interrupt(vector);
+    let Some(a) = sys.pt.as_ref().and_then(|pt| pt.owner_of(vector)) else {
+        stray_interrupt(sys, vector);
         return;
     };
     let (owner, dev) = (a.owner, a.dev);
@@ -309,6 +311,16 @@ fn interrupt(sys: &mut System, vector: u8) {
             .raise_virq(domid, abi::hypercall::virq::device(dev) as u32)
     {
         sys.wake(Some(domid));
+    }
+}
+
+/// Counts an interrupt on a vector nobody owns; the first on each vector
+/// is logged, the counts are printed at shutdown.
+fn stray_interrupt(sys: &mut System, vector: u8) {
+    let n = &mut sys.stray[usize::from(vector)];
+    *n += 1;
+    if *n == 1 {
+        log!("interrupt on vector {vector:#x}, which nobody owns");
     }
 }
 
@@ -384,7 +396,10 @@ pub fn on_user_entry() -> ! {
         }
     } else if vector == u64::from(trap::TIMER_VECTOR) {
         lapic::eoi();
-    } else if (0x2f..0x50).contains(&vector) {
+    } else if vector == u64::from(trap::SPURIOUS_VECTOR) {
+        // Needs no EOI and wakes nobody.
+        resume_now = now < sys.slice_end;
+    } else if (32..256).contains(&vector) {
         interrupt(sys, vector as u8);
     } else if vector < 32 {
         let d = &sys.domains[cur];
@@ -402,9 +417,6 @@ pub fn on_user_entry() -> ! {
             addr: ev::Hex(addr),
         });
         end_domain(sys, cur, -1, "fault");
-    } else {
-        // The spurious vector from ring 3: nothing to do.
-        resume_now = true;
     }
     if resume_now && !sys.domains[cur].is_dead() {
         let ctx: *mut trap::UserContext = &mut *sys.domains[cur].ctx;
@@ -541,8 +553,13 @@ fn finish(sys: &mut System) -> ! {
             when: "after",
         });
     }
-    if let Some(pt) = sys.pt.as_ref() {
-        pt.report_stray();
+    for (v, &count) in sys.stray.iter().enumerate() {
+        if count > 0 {
+            console::event(&ev::StrayInterrupt {
+                vector: v as u8,
+                count,
+            });
+        }
     }
     for d in &sys.domains {
         console::event(&ev::DomainCpu {

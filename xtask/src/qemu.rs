@@ -170,6 +170,11 @@ pub fn args(c: &Config<'_>) -> Vec<String> {
     for (i, d) in c.system.devices.iter().enumerate() {
         let addr = format!("addr={:02x}.{:x}", d.bdf.device(), d.bdf.function());
         let mut dev = format!("{},{addr}", d.kind.qemu_device());
+        if d.kind == abi::manifest::DeviceKind::Edu {
+            // The attacker's DMA engine must reach every bus address, the
+            // interrupt window included (its default mask is 28 bits).
+            dev.push_str(",dma_mask=0xffffffffffffffff");
+        }
         match &d.backend {
             Backend::Disk { path, .. } => {
                 let file = disk_path(c.disk_dir, path);

@@ -176,41 +176,6 @@ global_asm!(
     stub!(29, err),
     stub!(30, err),
     stub!(31),
-    stub!(32),
-    stub!(255),
-    stub!(47),
-    stub!(48),
-    stub!(49),
-    stub!(50),
-    stub!(51),
-    stub!(52),
-    stub!(53),
-    stub!(54),
-    stub!(55),
-    stub!(56),
-    stub!(57),
-    stub!(58),
-    stub!(59),
-    stub!(60),
-    stub!(61),
-    stub!(62),
-    stub!(63),
-    stub!(64),
-    stub!(65),
-    stub!(66),
-    stub!(67),
-    stub!(68),
-    stub!(69),
-    stub!(70),
-    stub!(71),
-    stub!(72),
-    stub!(73),
-    stub!(74),
-    stub!(75),
-    stub!(76),
-    stub!(77),
-    stub!(78),
-    stub!(79),
     r#"
     /* Stack: vector, error, rip, cs, rflags, rsp, ss. */
 trap_common:
@@ -351,38 +316,46 @@ trap_stubs:
     .quad trap_8, trap_9, trap_10, trap_11, trap_12, trap_13, trap_14, trap_15
     .quad trap_16, trap_17, trap_18, trap_19, trap_20, trap_21, trap_22, trap_23
     .quad trap_24, trap_25, trap_26, trap_27, trap_28, trap_29, trap_30, trap_31
-    .quad trap_32, trap_255
-    .quad trap_47, trap_48, trap_49, trap_50, trap_51, trap_52, trap_53, trap_54, trap_55
-    .quad trap_56, trap_57, trap_58, trap_59, trap_60, trap_61, trap_62, trap_63, trap_64
-    .quad trap_65, trap_66, trap_67, trap_68, trap_69, trap_70, trap_71, trap_72, trap_73
-    .quad trap_74, trap_75, trap_76, trap_77, trap_78, trap_79
+
+    /* Vectors 32-255: one 16-byte stub each, so vector v's stub is at
+       irq_stubs + (v - 32) * 16. Every vector has one: an interrupt
+       nobody asked for is counted, never a fault in ring 0. */
+    .section .text.trap, "ax"
+    .balign 16
+    .global irq_stubs
+irq_stubs:
+    .set irq_vector, 32
+    .rept 224
+    .balign 16
+    push $0
+    push $irq_vector
+    jmp trap_common
+    .set irq_vector, irq_vector + 1
+    .endr
     "#,
     options(att_syntax)
 );
 
-/// Gates: 32 exceptions, timer, spurious, and 0x2f-0x4f.
-const GATES: usize = 34 + 33;
-
 extern "C" {
-    static trap_stubs: [u64; GATES];
+    static trap_stubs: [u64; 32];
+    static irq_stubs: [u8; 224 * 16];
     fn syscall_entry();
     fn return_to_user_asm(ctx: *const UserContext) -> !;
 }
 
-/// The IDT's gates: exceptions 0-31, the timer, the spurious vector, the
-/// IOMMU fault event and the device vectors (0x2f-0x4f).
-pub fn idt_gates() -> [(u8, u64); GATES] {
-    // SAFETY: `trap_stubs` is a read-only table of GATES addresses defined
-    // in the assembly above.
-    let stubs = unsafe { &trap_stubs };
-    let mut gates = [(0u8, 0u64); GATES];
-    for (i, g) in gates.iter_mut().enumerate().take(32) {
-        *g = (i as u8, stubs[i]);
-    }
-    gates[32] = (TIMER_VECTOR, stubs[32]);
-    gates[33] = (SPURIOUS_VECTOR, stubs[33]);
-    for (i, g) in gates.iter_mut().enumerate().skip(34) {
-        *g = (0x2f + (i - 34) as u8, stubs[i]);
+/// The IDT's gates: exceptions 0-31 and every interrupt vector 32-255.
+pub fn idt_gates() -> [(u8, u64); 256] {
+    // SAFETY: `trap_stubs` is a read-only table of 32 addresses defined in
+    // the assembly above; `irq_stubs` is only used for its address.
+    let (exceptions, irqs) = unsafe { (&trap_stubs, irq_stubs.as_ptr() as u64) };
+    let mut gates = [(0u8, 0u64); 256];
+    for (v, g) in gates.iter_mut().enumerate() {
+        let stub = if v < 32 {
+            exceptions[v]
+        } else {
+            irqs + (v as u64 - 32) * 16
+        };
+        *g = (v as u8, stub);
     }
     gates
 }
