@@ -3,3 +3,8 @@
 //! device lives in modules here and is tested on the host.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
+
+pub mod blk;
+pub mod blk_pattern;
+pub mod net;
+pub mod netframe;

@@ -190,9 +190,11 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 _ => Attack::Stack,
             })
         }
-        [Some(r), _, _] => return Err(format!(
+        [Some(r), _, _] => {
+            return Err(format!(
             "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim)"
-        )),
+        ))
+        }
         [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
         [_, _, Some(x)] => {
             return Err(format!("unknown attack \"{x}\" (hvmem, peer, code, stack)"))

@@ -97,6 +97,15 @@ impl Mmio {
         self.len == 0
     }
 
+    /// The part `[offset, offset + len)` of this window, if it lies inside.
+    pub fn sub(&self, offset: u64, len: u64) -> Option<Mmio> {
+        let end = offset.checked_add(len)?;
+        (end <= self.len).then_some(Mmio {
+            base: self.base + offset,
+            len,
+        })
+    }
+
     /// The address of `size` bytes at `offset`, naturally aligned and
     /// inside the window; panics otherwise (a driver bug, not the device's).
     fn at(&self, offset: u64, size: u64) -> u64 {
@@ -106,6 +115,30 @@ impl Mmio {
             self.len
         );
         self.base + offset
+    }
+
+    pub fn read8(&self, offset: u64) -> u8 {
+        let a = self.at(offset, 1);
+        // SAFETY: as for `read32`.
+        unsafe { core::ptr::read_volatile(a as *const u8) }
+    }
+
+    pub fn write8(&self, offset: u64, v: u8) {
+        let a = self.at(offset, 1);
+        // SAFETY: as for `write32`.
+        unsafe { core::ptr::write_volatile(a as *mut u8, v) }
+    }
+
+    pub fn read16(&self, offset: u64) -> u16 {
+        let a = self.at(offset, 2);
+        // SAFETY: as for `read32`.
+        unsafe { core::ptr::read_volatile(a as *const u16) }
+    }
+
+    pub fn write16(&self, offset: u64, v: u16) {
+        let a = self.at(offset, 2);
+        // SAFETY: as for `write32`.
+        unsafe { core::ptr::write_volatile(a as *mut u16, v) }
     }
 
     pub fn read32(&self, offset: u64) -> u32 {
@@ -305,6 +338,10 @@ mod tests {
         assert!(bar(&d, 1).is_none());
         let m = Mmio::from_bar(&b);
         assert_eq!(m.at(0x98, 8), 0xc000_0098);
+        let common = m.sub(0x3000, 0x38).unwrap();
+        assert_eq!((common.base(), common.len()), (0xc000_3000, 0x38));
+        assert_eq!(common.at(0x1a, 2), 0xc000_301a);
+        assert!(m.sub(0xf_fff0, 0x20).is_none() && m.sub(u64::MAX, 2).is_none());
     }
 
     #[test]

@@ -20,6 +20,15 @@
 //! - [`AccessPlatform`]: virtio-drivers never accepts feature bit 33; QEMU
 //!   then silently refuses FEATURES_OK (PLATFORM.md). The wrapper adds the
 //!   bit to the driver features whenever the device offers it.
+//! - MSI-X vectors ([`pci_transport_msix`]): virtio-drivers never writes
+//!   `queue_msix_vector` or `msix_config`, and the hypervisor has MSI-X
+//!   enabled on every assigned function, so a device left at reset's
+//!   NO_VECTOR raises nothing at all. The wrapper writes them through the
+//!   mapped common configuration where the virtio spec (1.2, 4.1.5.1.3
+//!   and 4.1.5.1.2) puts them: a queue's vector after `queue_select` and
+//!   before its addresses and `queue_enable`, the configuration vector
+//!   before DRIVER_OK. The hypervisor routes every MSI-X entry of the
+//!   function to the port `dev_irq_bind` returns.
 
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
@@ -33,7 +42,7 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Trans
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::device::{dma_mode, pages_for, DmaBuf, PAGE};
+use crate::device::{bar, dma_mode, pages_for, DmaBuf, Mmio, PAGE};
 use crate::hypercall;
 
 /// VIRTIO_F_ACCESS_PLATFORM: the device's DMA goes through an IOMMU.
@@ -276,6 +285,103 @@ impl ConfigurationAccess for DomainConfig {
     }
 }
 
+/// A virtio PCI capability (virtio 1.2, 4.1.4): where one configuration
+/// structure lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioCap {
+    /// `VIRTIO_PCI_CAP_*_CFG`.
+    pub cfg_type: u8,
+    pub bar: u8,
+    pub offset: u32,
+    pub length: u32,
+}
+
+/// `cfg_type` of the common configuration structure.
+pub const CAP_COMMON_CFG: u8 = 1;
+/// The vendor-specific capability id virtio uses.
+const CAP_ID_VENDOR: u8 = 0x09;
+
+/// The first virtio capability of type `cfg_type`, walking the capability
+/// list with `read_dword(offset)` (an aligned config-space dword).
+pub fn find_virtio_cap(read_dword: impl Fn(u16) -> u32, cfg_type: u8) -> Option<VirtioCap> {
+    let byte = |off: u16| (read_dword(off & !3) >> (8 * (off & 3))) as u8;
+    // Status register bit 4: the capability list exists.
+    if read_dword(0x04) & (1 << 20) == 0 {
+        return None;
+    }
+    let mut at = u16::from(byte(0x34) & !3);
+    // At most 48 capabilities fit in the 192 bytes after the header: a
+    // longer walk is a loop.
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        if byte(at) == CAP_ID_VENDOR && byte(at + 2) >= 16 && byte(at + 3) == cfg_type {
+            return Some(VirtioCap {
+                cfg_type,
+                bar: byte(at + 4),
+                offset: read_dword(at + 8),
+                length: read_dword(at + 12),
+            });
+        }
+        at = u16::from(byte(at + 1) & !3);
+    }
+    None
+}
+
+/// Offsets in the common configuration structure (virtio 1.2, 4.1.4.3).
+pub mod common {
+    pub const MSIX_CONFIG: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    /// The structure's size up to `queue_device`.
+    pub const LEN: u64 = 0x38;
+}
+
+/// `msix_config` / `queue_msix_vector` value meaning "no interrupt".
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// The common configuration of assigned device `dev`, as mapped in the
+/// domain: found through its capability, inside a BAR the start info lists.
+pub fn common_cfg(dev: usize, info: &DeviceInfo) -> Option<Mmio> {
+    let cap = find_virtio_cap(
+        |off| hypercall::dev_config_read(dev, off, 4).unwrap_or(0),
+        CAP_COMMON_CFG,
+    )?;
+    if u64::from(cap.length) < common::LEN {
+        return None;
+    }
+    let b = bar(info, cap.bar)?;
+    Mmio::from_bar(&b).sub(cap.offset.into(), cap.length.into())
+}
+
+/// The MSI-X vectors the device has now: `msix_config` and queue `queue`'s
+/// `queue_msix_vector` ([`NO_VECTOR`] where it refused or none was set).
+/// Leaves `queue_select` at `queue`.
+pub fn msix_vectors(common_cfg: &Mmio, queue: u16) -> (u16, u16) {
+    common_cfg.write16(common::QUEUE_SELECT, queue);
+    (
+        common_cfg.read16(common::MSIX_CONFIG),
+        common_cfg.read16(common::QUEUE_MSIX_VECTOR),
+    )
+}
+
+/// A virtio-drivers PCI transport for assigned device `dev`, accepting
+/// VIRTIO_F_ACCESS_PLATFORM, whose queues and configuration changes raise
+/// MSI-X entry `vector` (so the port of `dev_irq_bind(dev)`).
+pub fn pci_transport_msix(
+    dev: usize,
+    info: &DeviceInfo,
+    vector: u16,
+) -> Result<AccessPlatform<PciTransport>, VirtioPciError> {
+    let common = common_cfg(dev, info).ok_or(VirtioPciError::MissingCommonConfig)?;
+    Ok(pci_transport(dev, info)?.with_msix(common, vector))
+}
+
 /// A virtio-drivers PCI transport for assigned device `dev`, accepting
 /// VIRTIO_F_ACCESS_PLATFORM.
 pub fn pci_transport(
@@ -293,14 +399,31 @@ pub fn pci_transport(
 
 /// A transport that accepts VIRTIO_F_ACCESS_PLATFORM when the device
 /// offers it (and otherwise passes everything through).
+/// With [`AccessPlatform::with_msix`], it also sets the MSI-X vectors.
 pub struct AccessPlatform<T> {
     inner: T,
     offered: u64,
+    /// The common configuration and the vector for every queue and for
+    /// configuration changes.
+    msix: Option<(Mmio, u16)>,
 }
 
 impl<T: Transport> AccessPlatform<T> {
     pub fn new(inner: T) -> Self {
-        AccessPlatform { inner, offered: 0 }
+        AccessPlatform {
+            inner,
+            offered: 0,
+            msix: None,
+        }
+    }
+
+    /// Makes every queue the driver sets up, and configuration changes,
+    /// signal MSI-X entry `vector`, written through `common_cfg` (the
+    /// device's mapped common configuration). Whether the device took the
+    /// vectors: [`msix_vectors`] after initialisation.
+    pub fn with_msix(mut self, common_cfg: Mmio, vector: u16) -> Self {
+        self.msix = Some((common_cfg, vector));
+        self
     }
 
     pub fn inner(&mut self) -> &mut T {
@@ -336,6 +459,11 @@ impl<T: Transport> Transport for AccessPlatform<T> {
         self.inner.get_status()
     }
     fn set_status(&mut self, status: DeviceStatus) {
+        if let Some((cfg, vector)) = self.msix {
+            if status.contains(DeviceStatus::DRIVER_OK) {
+                cfg.write16(common::MSIX_CONFIG, vector);
+            }
+        }
         self.inner.set_status(status)
     }
     fn set_guest_page_size(&mut self, guest_page_size: u32) {
@@ -352,6 +480,12 @@ impl<T: Transport> Transport for AccessPlatform<T> {
         driver_area: PhysAddr,
         device_area: PhysAddr,
     ) {
+        if let Some((cfg, vector)) = self.msix {
+            // The inner transport selects the queue again, then writes the
+            // addresses and enables it.
+            cfg.write16(common::QUEUE_SELECT, queue);
+            cfg.write16(common::QUEUE_MSIX_VECTOR, vector);
+        }
         self.inner
             .queue_set(queue, size, descriptors, driver_area, device_area)
     }
@@ -397,6 +531,65 @@ mod tests {
             with_access_platform(F_ACCESS_PLATFORM, 0),
             F_ACCESS_PLATFORM
         );
+    }
+
+    /// Config space of QEMU 7.2's virtio-blk-pci (modern only): MSI-X at
+    /// 0x98, then the virtio capabilities common (BAR4 +0), ISR (+0x1000),
+    /// device (+0x2000), notify (+0x3000), and the PCI-config window.
+    fn virtio_blk_config() -> [u8; 256] {
+        let mut c = [0u8; 256];
+        c[0x06] = 0x10;
+        c[0x34] = 0x98;
+        c[0x98..0x9c].copy_from_slice(&[0x11, 0x84, 0x01, 0x00]);
+        let caps: [(u8, u8, u8, u32, u32); 5] = [
+            (0x84, 0x70, 3, 0x2000, 0x1000),
+            (0x70, 0x60, 4, 0x3000, 0x1000),
+            (0x60, 0x50, 1, 0, 0x1000),
+            (0x50, 0x40, 2, 0x1000, 0x1000),
+            (0x40, 0x00, 5, 0, 0),
+        ];
+        for (at, next, ty, off, len) in caps {
+            let at = usize::from(at);
+            c[at..at + 6].copy_from_slice(&[0x09, next, 16, ty, 4, 0]);
+            c[at + 8..at + 12].copy_from_slice(&off.to_le_bytes());
+            c[at + 12..at + 16].copy_from_slice(&len.to_le_bytes());
+        }
+        c
+    }
+
+    #[test]
+    fn virtio_capabilities_are_found() {
+        let c = virtio_blk_config();
+        let read = |off: u16| {
+            let o = usize::from(off);
+            u32::from_le_bytes(c[o..o + 4].try_into().unwrap())
+        };
+        assert_eq!(
+            find_virtio_cap(read, CAP_COMMON_CFG),
+            Some(VirtioCap {
+                cfg_type: 1,
+                bar: 4,
+                offset: 0,
+                length: 0x1000
+            })
+        );
+        assert_eq!(find_virtio_cap(read, 4).unwrap().offset, 0x3000);
+        assert_eq!(find_virtio_cap(read, 9), None);
+        // No capability list, and a list that loops.
+        let mut none = c;
+        none[0x06] = 0;
+        let read_none = |off: u16| {
+            let o = usize::from(off);
+            u32::from_le_bytes(none[o..o + 4].try_into().unwrap())
+        };
+        assert_eq!(find_virtio_cap(read_none, CAP_COMMON_CFG), None);
+        let mut looped = c;
+        looped[0x85] = 0x98;
+        let read_looped = |off: u16| {
+            let o = usize::from(off);
+            u32::from_le_bytes(looped[o..o + 4].try_into().unwrap())
+        };
+        assert_eq!(find_virtio_cap(read_looped, CAP_COMMON_CFG), None);
     }
 
     fn config(bars: [Option<ShadowBar>; 6], high_of: [Option<usize>; 6]) -> DomainConfig {

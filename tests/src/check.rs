@@ -466,6 +466,8 @@ mod tests {
             forbid: vec![pat("panic", json!({})), pat("exception", json!({}))],
             ratios: Vec::new(),
             equals: Vec::new(),
+            peer: None,
+            disk: None,
         }
     }
 
@@ -673,6 +675,8 @@ mod tests {
             forbid: Vec::new(),
             ratios,
             equals,
+            peer: None,
+            disk: None,
         }
     }
 

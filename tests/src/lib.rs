@@ -8,6 +8,10 @@
 //! - corrupts the packed bundle if the scenario asks ([`corrupt`]),
 //! - boots QEMU with a time limit and kills it (its whole process group) if
 //!   it hangs ([`qemu`]),
+//! - runs the test peer a virtio-net's `udp` netdev talks to, when the
+//!   scenario has `[test.peer]` ([`peer`]),
+//! - makes the scenario's disk image and checks it after QEMU exits, when
+//!   the scenario has `[test.disk]` ([`disk`]),
 //! - checks the console ([`check`]): every `EV` line against the schema in
 //!   `abi::ev`, the expected and forbidden events, the ratios and equalities
 //!   between event fields, and QEMU's exit status.
@@ -17,9 +21,12 @@
 
 pub mod check;
 pub mod corrupt;
+pub mod disk;
+pub mod peer;
 pub mod qemu;
 pub mod scenario;
 
 pub use check::{check_log, Verdict};
+pub use peer::{PeerReport, PeerSpec};
 pub use qemu::Outcome;
 pub use scenario::{Corruption, Equal, Expect, ExpectedExit, Pattern, Ratio, Scenario, Selector};

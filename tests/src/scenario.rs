@@ -191,6 +191,12 @@ pub struct Scenario {
     pub forbid: Vec<Pattern>,
     pub ratios: Vec<Ratio>,
     pub equals: Vec<Equal>,
+    /// `[test.peer]`: the harness answers the guest's frames (see
+    /// [`crate::peer`]) and its counts must be exact.
+    pub peer: Option<crate::peer::PeerSpec>,
+    /// `[test.disk]`: the disk image written before boot and checked after
+    /// (see [`crate::disk`]).
+    pub disk: Option<crate::disk::DiskSpec>,
 }
 
 #[cfg(test)]

@@ -124,18 +124,16 @@ pub fn build_hypervisor(p: &Paths) -> Result<PathBuf, String> {
 /// The target domain images are built for.
 pub const DOMAIN_TARGET: &str = "x86_64-unknown-none";
 
-/// The cargo arguments that build `images` (bins of the `guests` crate).
+/// The cargo arguments that build `images` (bins of the crates in
+/// [`manifest::IMAGE_CRATES`]).
 pub fn image_build_args(images: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "build",
-        "--release",
-        "-p",
-        "guests",
-        "--target",
-        DOMAIN_TARGET,
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args: Vec<String> = vec!["build".into(), "--release".into()];
+    for krate in manifest::IMAGE_CRATES {
+        args.push("-p".into());
+        args.push((*krate).to_owned());
+    }
+    args.push("--target".into());
+    args.push(DOMAIN_TARGET.into());
     for i in images {
         args.push("--bin".into());
         args.push((*i).to_owned());
@@ -288,6 +286,14 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
         images.join(", ")
     );
     create_disks(&system, &p)?;
+    if system.devices.iter().any(|d| d.backend == Backend::UdpNet) {
+        let ports = qemu::DEFAULT_UDP_PORTS;
+        eprintln!(
+            "airlock: netdev udp: QEMU at 127.0.0.1:{} sends frames to 127.0.0.1:{}, where \
+             nothing answers under `run` (`cargo xtask test` runs the test peer)",
+            ports.qemu, ports.peer
+        );
+    }
     let args = qemu::args(&qemu::Config {
         system: &system,
         accel: r.accel,
@@ -296,6 +302,7 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
         bundle: &bundle,
         disk_dir: &p.airlock,
         extra: &r.qemu_args,
+        udp: None,
     });
     let timeout = match (r.timeout, r.keep_running) {
         (Some(0), _) | (None, true) => None,
@@ -445,7 +452,7 @@ mod tests {
     fn one_cargo_call_builds_every_image() {
         assert_eq!(
             image_build_args(&["testdom", "other"]).join(" "),
-            "build --release -p guests --target x86_64-unknown-none --bin testdom --bin other"
+            "build --release -p guests -p driver-domains --target x86_64-unknown-none --bin testdom --bin other"
         );
     }
 

@@ -20,11 +20,13 @@
 //! [[device]]
 //! kind = "virtio-net"
 //! addr = "04.0"
-//! netdev = "user"           # virtio-net only; QEMU's user network, restrict=on
+//! netdev = "user"           # virtio-net only; "user" (default): QEMU's user network,
+//!                           # restrict=on; "udp": raw frames as UDP datagrams on 127.0.0.1
+//!                           # to the harness's test peer ([test.peer]; at most one "udp")
 //!
 //! [[domain]]                # at most 17 (each domain's start info lists the others)
 //! name = "ping"             # unique, 1-32 of a-z 0-9 _ -
-//! image = "testdom"         # a bin of the `guests` crate (IMAGES)
+//! image = "testdom"         # a bin of `guests` or `driver-domains` (IMAGES)
 //! memory = "4M"             # image + heap + stack + start info; 1M..=64M, a multiple of 4K
 //! weight = 1                # scheduling weight 1..=1000; default 1
 //! label = "guest_a"         # security label, 1-32 of a-z 0-9 _ -
@@ -78,6 +80,15 @@
 //! a = { ev = "hypercalls", fields = { domain = "hostile" }, field = "refused" }
 //! b = { ev = "hypercall_table", fields = { from = "hostile" }, field = "expected_refusals" }
 //! any = false                # true: `a` may match several events; one of them must equal `b`
+//!
+//! [test.peer]               # the harness answers the frames of the virtio-net whose netdev
+//! frames = 64               # is "udp" (harness::peer); exactly `frames` requests of `size`
+//! size = 600                # bytes (60..=1514), each answered, none bad
+//!
+//! [test.disk]               # the image of a virtio-blk (which must give `size`): made again
+//! device = "03.0"           # before boot (zeros, then `fill`), checked after QEMU exits
+//! fill = [{ sectors = "0..64", pattern = "A" }]      # harness::disk; sectors end-exclusive
+//! expect = [{ sectors = "64..128", pattern = "B" }, { sectors = "128..2048", pattern = "zero" }]
 //! ```
 //!
 //! Structure errors (unknown fields and tables, wrong types, missing fields,
@@ -94,7 +105,9 @@ use std::time::Duration;
 use abi::domain::DmaMode;
 use abi::manifest::{self as compiled, Device, DeviceKind, DmaFault, ExitRule};
 use abi::pci::Bdf;
-use harness::{Corruption, Equal, Expect, ExpectedExit, Pattern, Ratio, Scenario, Selector};
+use harness::{
+    Corruption, Equal, Expect, ExpectedExit, Pattern, PeerSpec, Ratio, Scenario, Selector,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -111,8 +124,12 @@ const MAX_DISK: u64 = 1 << 41;
 /// the domains' memory.
 pub const HYPERVISOR_RESERVE: u64 = 32 * MIB;
 
-/// The domain images there are: the bins of the `guests` crate.
-pub const IMAGES: &[&str] = &["testdom"];
+/// The domain images there are: the bins of the `guests` and
+/// `driver-domains` crates ([`IMAGE_CRATES`]).
+pub const IMAGES: &[&str] = &["testdom", "blk", "net"];
+
+/// The crates whose bins are domain images.
+pub const IMAGE_CRATES: &[&str] = &["guests", "driver-domains"];
 
 // ---- the TOML schema ----
 
@@ -200,6 +217,32 @@ struct TestToml {
     ratio: Vec<RatioToml>,
     #[serde(default)]
     equal: Vec<EqualToml>,
+    peer: Option<PeerToml>,
+    disk: Option<DiskToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskToml {
+    device: Spanned<String>,
+    #[serde(default)]
+    fill: Vec<RegionToml>,
+    #[serde(default)]
+    expect: Vec<RegionToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionToml {
+    sectors: Spanned<String>,
+    pattern: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerToml {
+    frames: Spanned<u32>,
+    size: Spanned<u64>,
 }
 
 type FieldsToml = BTreeMap<Spanned<String>, serde_json::Value>;
@@ -262,6 +305,9 @@ pub enum Backend {
     },
     /// QEMU's user network, restricted (no traffic leaves the machine).
     UserNet,
+    /// Raw frames as UDP datagrams on 127.0.0.1, to and from the
+    /// harness's test peer (`-netdev dgram`).
+    UdpNet,
 }
 
 /// One device, checked.
@@ -753,17 +799,18 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             DeviceKind::VirtioNet => {
                 not_for(&mut c, &d.disk, "disk");
                 not_for(&mut c, &d.size, "size");
-                match &d.netdev {
-                    Some(n) if n.get_ref() != "user" => {
+                match d.netdev.as_ref().map(|n| (n, n.get_ref().as_str())) {
+                    None | Some((_, "user")) => Backend::UserNet,
+                    Some((_, "udp")) => Backend::UdpNet,
+                    Some((n, other)) => {
                         c.err(
                             n.span(),
                             at("netdev"),
-                            format!("unknown netdev \"{}\" (expected \"user\")", n.get_ref()),
+                            format!("unknown netdev \"{other}\" (expected \"user\" or \"udp\")"),
                         );
+                        Backend::UserNet
                     }
-                    _ => {}
                 }
-                Backend::UserNet
             }
             _ => {
                 not_for(&mut c, &d.disk, "disk");
@@ -807,6 +854,9 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let test = doc.test.as_ref().map(|t| check_test(&mut c, &stem, t));
+    check_udp_peer(&mut c, &doc, &devices);
+    let disk = check_test_disk(&mut c, &doc, &devices);
+    let test = test.map(|s| Scenario { disk, ..s });
 
     if c.diags.is_empty() {
         Ok(System {
@@ -882,7 +932,7 @@ fn check_domains(
                 d.image.span(),
                 at("image"),
                 format!(
-                    "unknown image \"{image}\" (expected one of {}: the bins of the guests crate)",
+                    "unknown image \"{image}\" (expected one of {}: the bins of the guests and driver-domains crates)",
                     IMAGES.join(", ")
                 ),
             );
@@ -1424,6 +1474,45 @@ fn check_keys(
     }
 }
 
+/// A `udp` netdev has one test peer: at most one such device, and in a
+/// scenario it comes with `[test.peer]` (and `[test.peer]` with it).
+fn check_udp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
+    let udp: Vec<usize> = doc
+        .device
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.netdev.as_ref().is_some_and(|n| n.get_ref() == "udp"))
+        .map(|(i, _)| i)
+        .collect();
+    for &i in udp.iter().skip(1) {
+        if let Some(n) = &doc.device[i].netdev {
+            c.err(
+                n.span(),
+                format!("device[{i}].netdev"),
+                format!(
+                    "a second \"udp\" netdev (device[{}] has one): the test peer answers one",
+                    udp[0]
+                ),
+            );
+        }
+    }
+    let has_udp = devices.iter().any(|d| d.backend == Backend::UdpNet);
+    let Some(t) = &doc.test else { return };
+    match (&t.peer, has_udp) {
+        (Some(p), false) => c.err(
+            p.frames.span(),
+            "test.peer",
+            "[test.peer] answers a virtio-net device with netdev = \"udp\", and there is none",
+        ),
+        (None, true) => c.err(
+            t.exit.span(),
+            "test.peer",
+            "a virtio-net device has netdev = \"udp\": the scenario needs [test.peer] to answer it",
+        ),
+        _ => {}
+    }
+}
+
 fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
     let mut timeout = DEFAULT_TIMEOUT_S;
     if let Some(s) = &t.timeout_s {
@@ -1539,6 +1628,21 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
             }
         })
         .collect();
+    let peer = t.peer.as_ref().map(|p| {
+        let spec = PeerSpec {
+            frames: *p.frames.get_ref(),
+            size: usize::try_from(*p.size.get_ref()).unwrap_or(usize::MAX),
+        };
+        if let Err(e) = spec.check() {
+            let (span, path) = if e.starts_with("frames") {
+                (p.frames.span(), "test.peer.frames")
+            } else {
+                (p.size.span(), "test.peer.size")
+            };
+            c.err(span, path, e);
+        }
+        spec
+    });
     Scenario {
         name: name.to_owned(),
         timeout: Duration::from_secs(timeout),
@@ -1548,7 +1652,108 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
         forbid,
         ratios,
         equals,
+        peer,
+        disk: None,
     }
+}
+
+/// `[test.disk]`: a virtio-blk of the manifest with a `size` (the image is
+/// made again from it), regions inside the disk, known patterns, and
+/// `fill` regions that do not overlap.
+fn check_test_disk(
+    c: &mut Checker<'_>,
+    doc: &Doc,
+    devices: &[PlannedDevice],
+) -> Option<harness::disk::DiskSpec> {
+    use harness::disk::blk_pattern::{self, SECTOR};
+    use harness::disk::{Content, DiskSpec, Region};
+    let d = doc.test.as_ref()?.disk.as_ref()?;
+    let dev = parse_addr(d.device.get_ref())
+        .ok()
+        .and_then(|b| devices.iter().find(|p| p.bdf == b));
+    let (path, size) = match dev.map(|p| &p.backend) {
+        Some(Backend::Disk {
+            path,
+            size: Some(size),
+        }) => (path.clone(), *size),
+        Some(Backend::Disk { size: None, .. }) => {
+            c.err(
+                d.device.span(),
+                "test.disk.device",
+                "the harness makes this disk's image again before boot: its [[device]] needs a size",
+            );
+            (String::new(), 0)
+        }
+        _ => {
+            c.err(
+                d.device.span(),
+                "test.disk.device",
+                format!("no virtio-blk [[device]] at \"{}\"", d.device.get_ref()),
+            );
+            (String::new(), 0)
+        }
+    };
+    let sectors = size / SECTOR as u64;
+    let mut regions = |list: &[RegionToml], what: &str| -> Vec<Region> {
+        let mut out: Vec<Region> = Vec::new();
+        for (i, r) in list.iter().enumerate() {
+            let at = |f: &str| format!("test.disk.{what}[{i}].{f}");
+            let range = match blk_pattern::parse_range(r.sectors.get_ref()) {
+                Ok(range) if size > 0 && range.end > sectors => {
+                    c.err(
+                        r.sectors.span(),
+                        at("sectors"),
+                        format!("{range:?} reaches past the disk's {sectors} sectors"),
+                    );
+                    None
+                }
+                Ok(range) => Some(range),
+                Err(e) => {
+                    c.err(r.sectors.span(), at("sectors"), e.to_string());
+                    None
+                }
+            };
+            let content = Content::parse(r.pattern.get_ref());
+            if content.is_none() {
+                c.err(
+                    r.pattern.span(),
+                    at("pattern"),
+                    format!(
+                        "\"{}\" is neither \"{}\" nor a pattern name (1-{} of A-Z a-z 0-9 _ -)",
+                        r.pattern.get_ref(),
+                        Content::ZERO,
+                        blk_pattern::NAME_MAX
+                    ),
+                );
+            }
+            let (Some(sectors), Some(content)) = (range, content) else {
+                continue;
+            };
+            if what == "fill" {
+                if let Some(j) = out
+                    .iter()
+                    .position(|o| o.sectors.start < sectors.end && sectors.start < o.sectors.end)
+                {
+                    c.err(
+                        r.sectors.span(),
+                        at("sectors"),
+                        format!("overlaps test.disk.fill[{j}]"),
+                    );
+                }
+            }
+            out.push(Region { sectors, content });
+        }
+        out
+    };
+    let fill = regions(&d.fill, "fill");
+    let expect = regions(&d.expect, "expect");
+    Some(DiskSpec {
+        device: d.device.get_ref().clone(),
+        path,
+        size,
+        fill,
+        expect,
+    })
 }
 
 /// Checks that `field` is one event `ev` has (and, for a ratio, a number).
@@ -1920,7 +2125,54 @@ mod tests {
             with_devices("[[device]]\nkind = \"virtio-net\"\naddr = \"04.0\"\nnetdev = \"tap\"\n");
         assert_eq!(
             error(&src),
-            "manifests/x.toml:7: device[0].netdev: unknown netdev \"tap\" (expected \"user\")"
+            "manifests/x.toml:7: device[0].netdev: unknown netdev \"tap\" (expected \"user\" or \"udp\")"
+        );
+    }
+
+    const NET_UDP: &str =
+        "[[device]]\nkind = \"virtio-net\"\naddr = \"04.0\"\nnetdev = \"udp\"\n\n";
+
+    #[test]
+    fn a_udp_netdev_and_its_peer() {
+        let s = check("x.toml", &with_devices(NET_UDP)).unwrap();
+        assert_eq!(s.devices[0].backend, Backend::UdpNet);
+        let src = format!(
+            "{HEAD}{NET_UDP}[test]\nexit = \"success\"\n\n[test.peer]\nframes = 64\nsize = 600\n"
+        );
+        let t = check("tests/scenarios/n.toml", &src).unwrap().test.unwrap();
+        assert_eq!(
+            t.peer,
+            Some(PeerSpec {
+                frames: 64,
+                size: 600
+            })
+        );
+        // Lines: [test] is 9, exit 10, [test.peer] 12, frames 13, size 14.
+        let peer = |frames: u32, size: u64| {
+            format!("{HEAD}{NET_UDP}[test]\nexit = \"success\"\n\n[test.peer]\nframes = {frames}\nsize = {size}\n")
+        };
+        assert_eq!(
+            error(&peer(0, 600)),
+            "manifests/x.toml:13: test.peer.frames: frames = 0 is outside 1..=4096"
+        );
+        assert!(error(&peer(1, 59))
+            .starts_with("manifests/x.toml:14: test.peer.size: size = 59 is outside 60..=1514"));
+        assert!(error(&format!("{peer}speed = 1\n", peer = peer(1, 60)))
+            .starts_with("manifests/x.toml:15: test.peer.speed: unknown field"));
+        // A udp netdev in a scenario needs the peer, and the peer a udp netdev.
+        assert_eq!(
+            error(&format!("{HEAD}{NET_UDP}[test]\nexit = \"success\"\n")),
+            "manifests/x.toml:10: test.peer: a virtio-net device has netdev = \"udp\": the scenario needs [test.peer] to answer it"
+        );
+        assert_eq!(
+            error(&format!("{HEAD}[test]\nexit = \"success\"\n\n[test.peer]\nframes = 1\nsize = 60\n")),
+            "manifests/x.toml:8: test.peer: [test.peer] answers a virtio-net device with netdev = \"udp\", and there is none"
+        );
+        // One peer, one udp netdev.
+        let two = format!("{HEAD}{NET_UDP}{}", NET_UDP.replace("04.0", "05.0"));
+        assert_eq!(
+            error(&two),
+            "manifests/x.toml:12: device[1].netdev: a second \"udp\" netdev (device[0] has one): the test peer answers one"
         );
     }
 
@@ -1954,6 +2206,66 @@ mod tests {
     }
 
     const TEST_HEAD: &str = "[system]\nname = \"x\"\n\n[test]\nexit = \"success\"\n";
+
+    /// A 1 MiB virtio-blk at 03.0 (lines 1-8), then `[test]` (line 10) and
+    /// `[test.disk]` (line 13) with `body` from line 14.
+    fn disk_src(size: &str, body: &str) -> String {
+        format!(
+            "[system]\nname = \"x\"\n\n[[device]]\nkind = \"virtio-blk\"\naddr = \"03.0\"\ndisk = \"x.img\"\n{size}\n\n[test]\nexit = \"success\"\n\n[test.disk]\n{body}\n"
+        )
+    }
+
+    #[test]
+    fn the_test_disk_table() {
+        use harness::disk::{Content, Region};
+        let s = check(
+            "x.toml",
+            &disk_src(
+                "size = \"1M\"",
+                "device = \"03.0\"\nfill = [{ sectors = \"0..64\", pattern = \"A\" }]\nexpect = [{ sectors = \"64..128\", pattern = \"B\" }, { sectors = \"128..2048\", pattern = \"zero\" }]",
+            ),
+        )
+        .unwrap();
+        let d = s.test.unwrap().disk.unwrap();
+        assert_eq!(
+            (d.device.as_str(), d.path.as_str(), d.size),
+            ("03.0", "x.img", 1 << 20)
+        );
+        assert_eq!(
+            d.fill,
+            [Region {
+                sectors: 0..64,
+                content: Content::Pattern("A".into())
+            }]
+        );
+        assert_eq!(d.expect[1].content, Content::Zero);
+        assert_eq!(d.expect[1].sectors, 128..2048);
+        let disk = |size: &str, body: &str| error(&disk_src(size, body));
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"04.0\""),
+            "manifests/x.toml:14: test.disk.device: no virtio-blk [[device]] at \"04.0\""
+        );
+        assert_eq!(
+            disk("", "device = \"03.0\""),
+            "manifests/x.toml:14: test.disk.device: the harness makes this disk's image again before boot: its [[device]] needs a size"
+        );
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"03.0\"\nexpect = [{ sectors = \"2000..2049\", pattern = \"zero\" }]"),
+            "manifests/x.toml:15: test.disk.expect[0].sectors: 2000..2049 reaches past the disk's 2048 sectors"
+        );
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"03.0\"\nfill = [{ sectors = \"0..8\", pattern = \"a b\" }]"),
+            "manifests/x.toml:15: test.disk.fill[0].pattern: \"a b\" is neither \"zero\" nor a pattern name (1-8 of A-Z a-z 0-9 _ -)"
+        );
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"03.0\"\nfill = [{ sectors = \"8..0\", pattern = \"A\" }]"),
+            "manifests/x.toml:15: test.disk.fill[0].sectors: an empty range (END must be above START)"
+        );
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"03.0\"\nfill = [\n  { sectors = \"0..8\", pattern = \"A\" },\n  { sectors = \"7..9\", pattern = \"B\" },\n]"),
+            "manifests/x.toml:17: test.disk.fill[1].sectors: overlaps test.disk.fill[0]"
+        );
+    }
 
     #[test]
     fn the_test_table() {
@@ -2096,7 +2408,7 @@ mod tests {
             ("name", "\"Ping\"", "domain[0].name: bad domain name \"Ping\" (expected 1 to 32 of a-z 0-9 _ -)"),
             ("name", "\"\"", "domain[0].name: bad domain name \"\""),
             ("name", &format!("\"{}\"", "a".repeat(33)), "domain[0].name: bad domain name"),
-            ("image", "\"hypervisor\"", "domain[0].image: unknown image \"hypervisor\" (expected one of testdom: the bins of the guests crate)"),
+            ("image", "\"hypervisor\"", "domain[0].image: unknown image \"hypervisor\" (expected one of testdom, blk, net: the bins of the guests and driver-domains crates)"),
             ("memory", "\"512K\"", "domain[0].memory: 512K is outside 1M..=64M"),
             ("memory", "\"65M\"", "domain[0].memory: 65M is outside 1M..=64M"),
             ("memory", "\"4098K\"", "domain[0].memory: 4098K is not a whole number of 4K pages"),
@@ -2290,20 +2602,26 @@ mod tests {
     }
 
     #[test]
-    fn every_domain_image_is_a_guests_bin() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/src/bin");
-        let mut bins: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| {
+    fn every_domain_image_is_a_bin_of_an_image_crate() {
+        let mut bins: Vec<String> = Vec::new();
+        for krate in IMAGE_CRATES {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(krate)
+                .join("src/bin");
+            bins.extend(std::fs::read_dir(&dir).unwrap().filter_map(|e| {
                 let p = e.unwrap().path();
                 (p.extension()? == "rs")
                     .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
-            })
-            .collect();
+            }));
+        }
         bins.sort();
         let mut images: Vec<&str> = IMAGES.to_vec();
         images.sort();
-        assert_eq!(bins, images, "IMAGES must list the bins of guests/src/bin");
+        assert_eq!(
+            bins, images,
+            "IMAGES must list the bins of guests/src/bin and driver-domains/src/bin"
+        );
         for i in IMAGES {
             check_ident(i, "image", compiled::DOMAIN_NAME_MAX).unwrap();
         }

@@ -110,7 +110,16 @@ pub struct Config<'a> {
     pub disk_dir: &'a Path,
     /// `--qemu-arg`s, appended last.
     pub extra: &'a [String],
+    /// The UDP ports of a `udp` netdev (the test peer's and QEMU's, on
+    /// 127.0.0.1); [`DEFAULT_UDP_PORTS`] when `None`.
+    pub udp: Option<harness::peer::Ports>,
 }
+
+/// A `udp` netdev's ports when no test peer chose them (`cargo xtask run`).
+pub const DEFAULT_UDP_PORTS: harness::peer::Ports = harness::peer::Ports {
+    peer: 47_800,
+    qemu: 47_801,
+};
 
 /// A disk path as the manifest wrote it, made absolute.
 pub fn disk_path(disk_dir: &Path, path: &str) -> PathBuf {
@@ -191,6 +200,20 @@ pub fn args(c: &Config<'_>) -> Vec<String> {
             Backend::UserNet => {
                 let id = format!("net{i}");
                 push(&["-netdev", &format!("user,id={id},restrict=on")]);
+                dev.push_str(&format!(",netdev={id}"));
+            }
+            Backend::UdpNet => {
+                // Each frame one datagram between QEMU's port and the peer's.
+                let id = format!("net{i}");
+                let ports = c.udp.unwrap_or(DEFAULT_UDP_PORTS);
+                push(&[
+                    "-netdev",
+                    &format!(
+                        "dgram,id={id},local.type=inet,local.host=127.0.0.1,local.port={},\
+                         remote.type=inet,remote.host=127.0.0.1,remote.port={}",
+                        ports.qemu, ports.peer
+                    ),
+                ]);
                 dev.push_str(&format!(",netdev={id}"));
             }
             Backend::None => {}
@@ -295,6 +318,7 @@ mod tests {
             bundle: Path::new("/r/target/airlock/default.bundle"),
             disk_dir: Path::new("/r/target/airlock"),
             extra: &["-d".into(), "int".into()],
+            udp: None,
         };
         assert_eq!(
             command_line(Path::new("qemu-system-x86_64"), &args(&c)),
@@ -312,6 +336,34 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_netdev_talks_to_the_peer_on_localhost() {
+        let mut s = default_system();
+        s.devices[1].backend = Backend::UdpNet;
+        let mut c = Config {
+            system: &s,
+            accel: Accel::Tcg,
+            iommu: Iommu::Intel,
+            kernel: Path::new("/k"),
+            bundle: Path::new("/b"),
+            disk_dir: Path::new("/d"),
+            extra: &[],
+            udp: Some(harness::peer::Ports {
+                peer: 40001,
+                qemu: 40002,
+            }),
+        };
+        let want = " -netdev dgram,id=net1,local.type=inet,local.host=127.0.0.1,local.port=40002,\
+                    remote.type=inet,remote.host=127.0.0.1,remote.port=40001 \
+                    -device virtio-net-pci,addr=04.0,netdev=net1,iommu_platform=on,disable-legacy=on ";
+        let line = command_line(Path::new("q"), &args(&c));
+        assert!(line.contains(want), "{line}");
+        c.udp = None;
+        let line = command_line(Path::new("q"), &args(&c));
+        assert!(line.contains("local.port=47801,"), "{line}");
+        assert!(line.contains("remote.port=47800 "), "{line}");
+    }
+
+    #[test]
     fn kvm_amd_and_odd_paths() {
         let mut s = default_system();
         s.devices[0].backend = Backend::Disk {
@@ -326,6 +378,7 @@ mod tests {
             bundle: Path::new("/b"),
             disk_dir: Path::new("/d"),
             extra: &[],
+            udp: None,
         };
         let line = command_line(Path::new("/usr/bin/qemu-system-x86_64"), &args(&c));
         assert!(

@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use harness::qemu::Options;
 
@@ -138,6 +139,23 @@ fn run_scenario(
         println!("scenario {}: corrupt = \"{c}\": {what}", spec.name);
     }
     crate::create_disks(&system, p).map_err(one)?;
+    // [test.disk]: the image made again (zeros, then the fill patterns).
+    let disk = spec
+        .disk
+        .as_ref()
+        .map(|d| (qemu::disk_path(&p.airlock, &d.path), d));
+    if let Some((file, d)) = &disk {
+        harness::disk::prepare_file(file, d).map_err(one)?;
+    }
+    // The test peer listens before QEMU starts, and stops by itself a little
+    // after QEMU's own time limit at the latest.
+    let peer = match &spec.peer {
+        Some(ps) => Some(
+            harness::peer::start(*ps, spec.timeout + Duration::from_secs(5))
+                .map_err(|e| one(format!("could not start the test peer: {e}")))?,
+        ),
+        None => None,
+    };
     let args = qemu::args(&qemu::Config {
         system: &system,
         accel: t.accel,
@@ -146,6 +164,7 @@ fn run_scenario(
         bundle: &bundle,
         disk_dir: &p.airlock,
         extra: &[],
+        udp: peer.as_ref().map(|r| r.ports),
     });
     let line = qemu::command_line(qemu_bin, &args);
     if t.verbose {
@@ -162,12 +181,23 @@ fn run_scenario(
         },
     )
     .map_err(|e| one(format!("could not run {}: {e}", qemu_bin.display())))?;
-    let verdict = harness::check_log(&spec, &run.log, &run.outcome);
+    let mut verdict = harness::check_log(&spec, &run.log, &run.outcome);
+    if let Some((file, d)) = &disk {
+        verdict.failures.extend(harness::disk::check_file(file, d));
+    }
+    let mut peer_line = String::new();
+    if let (Some(ps), Some(r)) = (&spec.peer, peer) {
+        let report = r.finish();
+        peer_line = format!("; {}", report.summary());
+        verdict
+            .failures
+            .extend(harness::peer::failures(ps, &report));
+    }
     let log = p.airlock.join("logs").join(format!("{}.log", spec.name));
     if verdict.passed() {
         let _ = std::fs::remove_file(&log);
         println!(
-            "scenario {}: passed ({:.1} s, {} events; {})",
+            "scenario {}: passed ({:.1} s, {} events; {}{peer_line})",
             spec.name,
             run.elapsed.as_secs_f64(),
             verdict.events.len(),
@@ -176,6 +206,9 @@ fn run_scenario(
         return Ok(());
     }
     let mut failures = verdict.failures;
+    if let Some(line) = peer_line.strip_prefix("; ") {
+        failures.push(line.to_owned());
+    }
     match crate::write_file(&log, run.log.as_bytes()) {
         Ok(()) => failures.push(format!("console log: {}", p.show(&log))),
         Err(e) => failures.push(format!("console log not kept: {e}")),
