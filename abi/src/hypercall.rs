@@ -25,6 +25,17 @@
 //! | 15 | `dev_irq_bind` | `dev` | local port |
 //! | 16 | `dma_map` | `va, len` | I/O address |
 //! | 17 | `dma_unmap` | `iova, len` | 0 |
+//! | 18 | `grant_table_set` | `va, pages` | 0 |
+//! | 19 | `grant_map` | `ops, count` | operations processed |
+//! | 20 | `grant_unmap` | `ops, count` | operations processed |
+//! | 21 | `grant_copy` | `ops, count` | operations processed |
+//!
+//! Grants are `abi::grant`'s: `grant_table_set` names the caller's own
+//! page-aligned, writable pages (at most `grant::MAX_TABLE_PAGES`) as its
+//! grant table; the map, unmap and copy calls take an array of `count`
+//! (1..=`grant::MAX_BATCH`) operations in the caller's memory, which must be
+//! readable and writable as a whole (`BadAddress`, `BadLength` otherwise);
+//! each operation gets its own `grant::Status`, written back in place.
 //!
 //! `dev` is an index into the caller's start-info device list (the PCI
 //! functions the manifest assigns it). Config space is mediated: `size` is
@@ -95,10 +106,14 @@ pub enum Call {
     DevIrqBind = 15,
     DmaMap = 16,
     DmaUnmap = 17,
+    GrantTableSet = 18,
+    GrantMap = 19,
+    GrantUnmap = 20,
+    GrantCopy = 21,
 }
 
 impl Call {
-    pub const ALL: [Call; 17] = [
+    pub const ALL: [Call; 21] = [
         Call::ConsoleWrite,
         Call::Event,
         Call::Exit,
@@ -116,6 +131,10 @@ impl Call {
         Call::DevIrqBind,
         Call::DmaMap,
         Call::DmaUnmap,
+        Call::GrantTableSet,
+        Call::GrantMap,
+        Call::GrantUnmap,
+        Call::GrantCopy,
     ];
 
     pub fn from_raw(nr: u64) -> Option<Call> {
@@ -141,6 +160,10 @@ impl Call {
             Call::DevIrqBind => "dev_irq_bind",
             Call::DmaMap => "dma_map",
             Call::DmaUnmap => "dma_unmap",
+            Call::GrantTableSet => "grant_table_set",
+            Call::GrantMap => "grant_map",
+            Call::GrantUnmap => "grant_unmap",
+            Call::GrantCopy => "grant_copy",
         }
     }
 }
@@ -267,7 +290,7 @@ mod tests {
             assert_eq!(Call::from_raw(c as u64), Some(c));
         }
         assert_eq!(Call::from_raw(0), None);
-        assert_eq!(Call::from_raw(18), None);
+        assert_eq!(Call::from_raw(22), None);
         for e in Error::ALL {
             assert!(e.to_raw() < 0);
             assert_eq!(decode(e.to_raw()), Err(e));

@@ -18,6 +18,7 @@ pub mod bundle;
 pub mod crc32;
 pub mod domain;
 pub mod ev;
+pub mod grant;
 pub mod hypercall;
 pub mod manifest;
 pub mod pci;

@@ -164,7 +164,7 @@ pub fn table(env: &Env) -> Vec<Case> {
     let mut t = alloc::vec![
         // Unknown numbers (the upper bits count: no truncation to 32 bits).
         c("unknown-0", 0, [0; 3], E(UnknownCall)),
-        c("unknown-18", 18, [0; 3], E(UnknownCall)),
+        c("unknown-22", 22, [0; 3], E(UnknownCall)),
         c("unknown-999", 999, [0; 3], E(UnknownCall)),
         c("unknown-max", u64::MAX, [0; 3], E(UnknownCall)),
         c(
