@@ -33,12 +33,14 @@ pub const USER_TOP: u64 = 0x0000_8000_0000_0000;
 pub const DEVICE_VA: u64 = 0xc000_0000;
 /// Most PCI functions one domain may be assigned.
 pub const MAX_DEVICES: usize = 4;
+/// Most virtual block devices one domain may serve or use.
+pub const MAX_VBDS: usize = 8;
 
 /// `StartInfo` magic.
 pub const MAGIC: [u8; 8] = *b"AIRLKDOM";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes `StartInfo::encode` writes.
-pub const START_INFO_SIZE: usize = 2296;
+pub const START_INFO_SIZE: usize = 2296 + 8 + MAX_VBDS * VBD_SIZE;
 pub const NAME_MAX: usize = 32;
 pub const ARGS_MAX: usize = 128;
 pub const PORT_NAME_MAX: usize = 24;
@@ -98,6 +100,49 @@ pub struct DeviceInfo {
     pub bars: [Option<BarMap>; 6],
 }
 
+/// Which end of a virtual block device a domain is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VbdRole {
+    /// It uses the disk (blkfront): it grants the ring page at `ring_gref`
+    /// of its own grant table to `peer`.
+    Front,
+    /// It serves the disk (blkback): it maps `peer`'s `ring_gref`.
+    Back,
+}
+
+/// How blkback moves a vbd's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VbdMode {
+    /// Grant map: the frontend's pages mapped for the backend and its
+    /// device (zero-copy), kept mapped (persistent grants).
+    Map,
+    /// Grant copy: the hypervisor copies between the frontend's pages and
+    /// the backend's buffers.
+    Copy,
+}
+
+/// A virtual block device the manifest connects, as one end sees it. The
+/// hypervisor binds the event channel before either side runs; the ring
+/// page is the frontend's, granted at `ring_gref` (the frontend's `n`-th
+/// vbd uses grant reference `n`, so refs 0..MAX_VBDS are reserved for rings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VbdInfo<'a> {
+    pub name: &'a str,
+    pub role: VbdRole,
+    /// The other end's domain id.
+    pub peer: u16,
+    /// This end's port of the vbd's event channel.
+    pub port: u16,
+    /// The frontend's grant reference of the ring page.
+    pub ring_gref: u32,
+    /// The frontend's disk: `sectors` sectors of the real disk from
+    /// `first_sector` (the frontend sees them as 0..sectors).
+    pub first_sector: u64,
+    pub sectors: u64,
+    pub readonly: bool,
+    pub mode: VbdMode,
+}
+
 /// Another domain of the system, as its peers may know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo<'a> {
@@ -129,6 +174,7 @@ pub struct StartInfo<'a> {
     pub peers: [Option<PeerInfo<'a>>; MAX_PEERS],
     pub dma: DmaMode,
     pub devices: [Option<DeviceInfo>; MAX_DEVICES],
+    pub vbds: [Option<VbdInfo<'a>>; MAX_VBDS],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +199,9 @@ pub enum StartInfoError {
     },
     BadPortKind(u16),
     BadDmaMode(u8),
+    BadVbd {
+        index: usize,
+    },
     BadBar {
         device: usize,
         slot: usize,
@@ -180,6 +229,7 @@ impl core::fmt::Display for StartInfoError {
             }
             StartInfoError::BadPortKind(k) => write!(f, "start info: unknown port kind {k}"),
             StartInfoError::BadDmaMode(m) => write!(f, "start info: unknown DMA mode {m}"),
+            StartInfoError::BadVbd { index } => write!(f, "start info: vbd {index} is malformed"),
             StartInfoError::BadBar { device, slot } => {
                 write!(
                     f,
@@ -209,7 +259,15 @@ const O_DEV0: usize = O_DEVS + 8;
 // {u8 present, u8 index, 6 reserved, u64 va, u64 len}.
 const BAR_SIZE: usize = 24;
 const DEV_SIZE: usize = 8 + 6 * BAR_SIZE;
-const _: () = assert!(O_DEV0 + MAX_DEVICES * DEV_SIZE == START_INFO_SIZE);
+const O_VBDS: usize = O_DEV0 + MAX_DEVICES * DEV_SIZE;
+// At O_VBDS: u16 vbd count, 6 reserved; then each vbd: u8 role (1 front,
+// 2 back), u8 mode (1 map, 2 copy), u8 readonly, u8 name length, u16 peer,
+// u16 port, u32 ring_gref, 4 reserved, u64 first_sector, u64 sectors,
+// name [u8; 16].
+const O_VBD0: usize = O_VBDS + 8;
+const VBD_SIZE: usize = 48;
+pub const VBD_NAME_MAX: usize = 16;
+const _: () = assert!(O_VBD0 + MAX_VBDS * VBD_SIZE == START_INFO_SIZE);
 
 fn put_str(
     buf: &mut [u8],
@@ -325,6 +383,32 @@ impl<'a> StartInfo<'a> {
                 }
             }
         }
+        put_u16(buf, O_VBDS, self.vbds.iter().flatten().count() as u16);
+        for (i, v) in self.vbds.iter().flatten().enumerate() {
+            let at = O_VBD0 + i * VBD_SIZE;
+            buf[at] = match v.role {
+                VbdRole::Front => 1,
+                VbdRole::Back => 2,
+            };
+            buf[at + 1] = match v.mode {
+                VbdMode::Map => 1,
+                VbdMode::Copy => 2,
+            };
+            buf[at + 2] = u8::from(v.readonly);
+            if v.name.len() > VBD_NAME_MAX {
+                return Err(StartInfoError::TooLong {
+                    field: "vbd name",
+                    max: VBD_NAME_MAX,
+                });
+            }
+            buf[at + 3] = v.name.len() as u8;
+            put_u16(buf, at + 4, v.peer);
+            put_u16(buf, at + 6, v.port);
+            buf[at + 8..at + 12].copy_from_slice(&v.ring_gref.to_le_bytes());
+            put_u64(buf, at + 16, v.first_sector);
+            put_u64(buf, at + 24, v.sectors);
+            put_str(buf, at + 32, VBD_NAME_MAX, v.name, "vbd name")?;
+        }
         Ok(())
     }
 
@@ -414,6 +498,47 @@ impl<'a> StartInfo<'a> {
                 bars,
             });
         }
+        let nvbd = usize::from(get_u16(buf, O_VBDS));
+        if nvbd > MAX_VBDS {
+            return Err(StartInfoError::TooMany {
+                field: "vbds",
+                max: MAX_VBDS,
+            });
+        }
+        let mut vbds = [None; MAX_VBDS];
+        for (i, slot) in vbds.iter_mut().enumerate().take(nvbd) {
+            let at = O_VBD0 + i * VBD_SIZE;
+            let bad = StartInfoError::BadVbd { index: i };
+            let role = match buf[at] {
+                1 => VbdRole::Front,
+                2 => VbdRole::Back,
+                _ => return Err(bad),
+            };
+            let mode = match buf[at + 1] {
+                1 => VbdMode::Map,
+                2 => VbdMode::Copy,
+                _ => return Err(bad),
+            };
+            if buf[at + 2] > 1 || usize::from(buf[at + 3]) > VBD_NAME_MAX {
+                return Err(bad);
+            }
+            *slot = Some(VbdInfo {
+                name: get_str(buf, at + 32, VBD_NAME_MAX, "vbd name")?,
+                role,
+                peer: get_u16(buf, at + 4),
+                port: get_u16(buf, at + 6),
+                ring_gref: u32::from_le_bytes([
+                    buf[at + 8],
+                    buf[at + 9],
+                    buf[at + 10],
+                    buf[at + 11],
+                ]),
+                first_sector: get_u64(buf, at + 16),
+                sectors: get_u64(buf, at + 24),
+                readonly: buf[at + 2] == 1,
+                mode,
+            });
+        }
         let l = |i: usize| get_u64(buf, O_LAYOUT + 8 * i);
         Ok(StartInfo {
             domid: get_u16(buf, O_DOMID),
@@ -431,6 +556,7 @@ impl<'a> StartInfo<'a> {
             peers,
             dma,
             devices,
+            vbds,
         })
     }
 
@@ -441,6 +567,11 @@ impl<'a> StartInfo<'a> {
             .flatten()
             .find(|p| p.name == name)
             .copied()
+    }
+
+    /// The vbd called `name`.
+    pub fn vbd(&self, name: &str) -> Option<VbdInfo<'a>> {
+        self.vbds.iter().flatten().find(|v| v.name == name).copied()
     }
 
     /// The peer called `name`.
@@ -509,6 +640,21 @@ mod tests {
                 None,
                 None,
             ],
+            vbds: {
+                let mut v = [None; MAX_VBDS];
+                v[0] = Some(VbdInfo {
+                    name: "xvda",
+                    role: VbdRole::Front,
+                    peer: 3,
+                    port: 2,
+                    ring_gref: 0,
+                    first_sector: 4096,
+                    sectors: 2048,
+                    readonly: true,
+                    mode: VbdMode::Copy,
+                });
+                v
+            },
         }
     }
 

@@ -139,6 +139,7 @@ mod tests {
             peers: [None; MAX_PEERS],
             dma: abi::domain::DmaMode::Static,
             devices: [None; abi::domain::MAX_DEVICES],
+            vbds: [None; abi::domain::MAX_VBDS],
         };
         for own in [
             START_INFO_VA,

@@ -298,6 +298,7 @@ mod tests {
             peers: [None; MAX_PEERS],
             dma: DmaMode::Static,
             devices: [None; MAX_DEVICES],
+            vbds: [None; abi::domain::MAX_VBDS],
         };
         assert!(aliases_own(&si, 0x10_0000));
         assert!(aliases_own(&si, 0x50_0000));

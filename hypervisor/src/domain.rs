@@ -311,6 +311,7 @@ pub fn write_start_info(
     elf_end: u64,
     ports: &[PortInfo<'_>],
     peers: &[PeerInfo<'_>],
+    vbds: &[abi::domain::VbdInfo<'_>],
 ) -> Result<(), BuildError> {
     let mut p = [None; MAX_PORTS];
     for (slot, port) in p.iter_mut().zip(ports) {
@@ -344,6 +345,13 @@ pub fn write_start_info(
                 *slot = Some(*dev);
             }
             devs
+        },
+        vbds: {
+            let mut v = [None; abi::domain::MAX_VBDS];
+            for (slot, vbd) in v.iter_mut().zip(vbds) {
+                *slot = Some(*vbd);
+            }
+            v
         },
     };
     // SAFETY: the first frame of the domain's memory is its start-info page,

@@ -329,6 +329,7 @@ mod tests {
             peers: [None; abi::domain::MAX_PEERS],
             dma: DmaMode::Static,
             devices: [None, Some(edu), None, None],
+            vbds: [None; abi::domain::MAX_VBDS],
         };
         let (i, d) = find(&si, 0x1234, 0x11e8).unwrap();
         assert_eq!((i, d.bdf), (1, Bdf::new(0, 5, 0)));
