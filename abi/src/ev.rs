@@ -552,6 +552,29 @@ events! {
             what: &'a str,
         }
 
+        /// The security policy refused a grant map, grant copy or event
+        /// bind: `subject` (the acting domain's label) may not do `perm` to
+        /// `object` (the other domain's label).
+        ring0 GrantDenied<'a> = "grant_denied" {
+            /// The acting domain.
+            domain: &'a str,
+            subject: &'a str,
+            object: &'a str,
+            /// "grant_map_read", "grant_map_write", "grant_copy" or "event_bind".
+            perm: &'a str,
+        }
+        /// A grant operation a domain asked for, refused for a reason other
+        /// than the policy (summarised per domain at its end).
+        ring0 GrantStats<'a> = "grant_stats" {
+            domain: &'a str,
+            maps: u64,
+            unmaps: u64,
+            copies: u64,
+            copied_bytes: u64,
+            /// Operations answered with a status other than okay.
+            failed: u64,
+        }
+
         /// A domain's result from an event-channel exchange.
         domain Pingpong<'a> = "pingpong" {
             role: &'a str,
@@ -580,6 +603,18 @@ events! {
             what: &'a str,
             bytes: u64,
             ok: bool,
+        }
+        /// A throughput measurement a domain made of its own I/O.
+        domain Throughput<'a> = "throughput" {
+            /// What was measured ("blk-seq-read", "blk-seq-write", "blk-rand-read", "tcp-tx", ...).
+            what: &'a str,
+            bytes: u64,
+            requests: u64,
+            /// Guest time it took (from `time`).
+            ns: u64,
+            /// Request size in bytes and requests in flight.
+            block: u64,
+            depth: u64,
         }
         /// The summary of a table of hostile hypercalls.
         domain HypercallTable = "hypercall_table" {

@@ -564,7 +564,7 @@ mod tests {
     use super::*;
     use abi::ev::{
         Attack, DataCheck, DomainFault, Event, FieldSchema, Hex, HypercallMismatch, HypercallTable,
-        Pingpong, Ready, WorkDone,
+        Pingpong, Ready, Throughput, WorkDone,
     };
     use std::format;
     use std::string::String;
@@ -627,6 +627,14 @@ mod tests {
                 bytes: 2048,
                 ok: false,
             }),
+            written(&Throughput {
+                what: "blk-seq-read",
+                bytes: 8 << 20,
+                requests: 128,
+                ns: 100_000_000,
+                block: 65536,
+                depth: 4,
+            }),
         ];
         let names = [
             "pingpong",
@@ -635,6 +643,7 @@ mod tests {
             "hypercall_mismatch",
             "hypercall_table",
             "data_check",
+            "throughput",
         ];
         for (line, name) in lines.iter().zip(names) {
             assert_eq!(ok(line), name);
