@@ -440,6 +440,81 @@ pub fn table(env: &Env) -> Vec<Case> {
             [env.buf, words, nb],
             K(0)
         ),
+        // Grant calls: the operation array is checked as a whole, its
+        // count first (abi/src/hypercall.rs); each operation's own status is
+        // `abi::grant`'s and not a refusal of the call.
+        c(
+            "gnt-table-no-pages",
+            Call::GrantTableSet as u64,
+            [env.buf & !0xfff, 0, 0],
+            E(BadLength)
+        ),
+        c(
+            "gnt-table-too-many",
+            Call::GrantTableSet as u64,
+            [env.buf & !0xfff, 5, 0],
+            E(BadLength)
+        ),
+        c(
+            "gnt-table-kernel",
+            Call::GrantTableSet as u64,
+            [KERNEL_IMAGE, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-table-text",
+            Call::GrantTableSet as u64,
+            [env.text & !0xfff, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-map-count-0",
+            Call::GrantMap as u64,
+            [env.buf, 0, 0],
+            E(BadLength)
+        ),
+        c(
+            "gnt-map-count-65",
+            Call::GrantMap as u64,
+            [env.buf, 65, 0],
+            E(BadLength)
+        ),
+        c(
+            "gnt-map-kernel",
+            Call::GrantMap as u64,
+            [KERNEL_IMAGE, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-map-text",
+            Call::GrantMap as u64,
+            [env.text, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-unmap-kernel",
+            Call::GrantUnmap as u64,
+            [KERNEL_IMAGE, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-unmap-count-max",
+            Call::GrantUnmap as u64,
+            [env.buf, u64::MAX, 0],
+            E(BadLength)
+        ),
+        c(
+            "gnt-copy-unmapped",
+            Call::GrantCopy as u64,
+            [0x1000, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "gnt-copy-count-0",
+            Call::GrantCopy as u64,
+            [env.buf, 0, 0],
+            E(BadLength)
+        ),
         // time, yield, set_timer.
         c("time", Call::Time as u64, [0; 3], OkAny),
         c("yield", Call::Yield as u64, [0; 3], K(0)),
@@ -631,8 +706,8 @@ mod tests {
             let provoked = t.iter().any(|c| c.expect == Expected::Err(e));
             assert_eq!(provoked, e != Error::NoSpace, "{}", e.name());
         }
-        assert_eq!(t.len(), 93);
-        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 82);
+        assert_eq!(t.len(), 105);
+        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 94);
     }
 
     #[test]

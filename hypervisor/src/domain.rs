@@ -78,6 +78,8 @@ pub struct Domain {
     pub devices: Vec<abi::domain::DeviceInfo>,
     /// Strict-mode DMA mappings it made: (I/O address, bytes).
     pub dma_maps: Vec<(u64, u64)>,
+    /// Grant operations it made, for its `grant_stats` at the end.
+    pub grant_stats: [u64; 5],
 }
 
 #[derive(Debug)]
@@ -299,6 +301,7 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
         stop_on_dma_fault: spec.stop_on_dma_fault,
         devices: Vec::new(),
         dma_maps: Vec::new(),
+        grant_stats: [0; 5],
     };
     d.ctx.rdi = START_INFO_VA;
     Ok(d)
@@ -440,6 +443,66 @@ impl Domain {
             mm::free_frame(self.mem_phys + i * PAGE_SIZE);
         }
         self.mem_pages = 0;
+    }
+
+    /// The physical page behind virtual page `vpn` of the domain's own
+    /// memory (not pages mapped from others), if it is mapped, and
+    /// writable when `write` is asked.
+    pub fn translate(&self, vpn: u64, write: bool) -> Option<u64> {
+        let va = vpn.checked_mul(PAGE_SIZE)?;
+        self.memory_map
+            .iter()
+            .find(|&&(rva, _, len, w)| va >= rva && va < rva + len && (w || !write))
+            .map(|&(rva, rpa, _, _)| rpa + (va - rva))
+    }
+
+    /// Maps `pa` at `va` (in the grant window) for the domain, read-only
+    /// or writable, never executable.
+    pub fn map_grant_page(&mut self, va: u64, pa: u64, writable: bool) -> bool {
+        let mut flags = F::PRESENT | F::NO_EXECUTE | F::USER_ACCESSIBLE;
+        if writable {
+            flags |= F::WRITABLE;
+        }
+        let parents = F::PRESENT | F::WRITABLE | F::USER_ACCESSIBLE;
+        // SAFETY: this domain's table; the caller checked `va` lies in the
+        // grant window, where nothing else of the domain is mapped.
+        let mut m = unsafe { paging::mapper(self.pml4) };
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
+        let frame = PhysFrame::containing_address(PhysAddr::new(pa));
+        // SAFETY: a fresh page of the grant window onto a page the granter
+        // granted; the TLB cannot hold a stale entry for an unmapped page.
+        let r = unsafe {
+            m.map_to_with_table_flags(
+                page,
+                frame,
+                flags,
+                parents,
+                &mut TrackedFrames(&mut self.table_frames),
+            )
+        };
+        match r {
+            Ok(flush) => {
+                flush.ignore();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Removes a grant-window mapping; its TLB entry is gone before this
+    /// returns (flushed now if the domain's tables are live; otherwise the
+    /// next load of its CR3 flushes them, as its pages are not global).
+    pub fn unmap_grant_page(&mut self, va: u64) {
+        // SAFETY: this domain's table, edited only with the system lock held.
+        let mut m = unsafe { paging::mapper(self.pml4) };
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
+        if let Ok((_, flush)) = m.unmap(page) {
+            if Cr3::read().0.start_address().as_u64() == self.pml4 {
+                flush.flush();
+            } else {
+                flush.ignore();
+            }
+        }
     }
 
     /// Whether ending with `status` for `reason` ("exit" or "fault") is

@@ -164,9 +164,18 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 4]) -> Result<Outco
                 .map(|p| Outcome::Return(i64::from(p)))
         }
         Call::DmaMap => dma_map(sys, idx, a[0], a[1]).map(|iova| Outcome::Return(iova as i64)),
-        // Grant tables arrive with blkback (issue 5); until then they are
-        // unknown calls, as the hostile table expects of any unknown number.
-        Call::GrantTableSet | Call::GrantMap | Call::GrantUnmap | Call::GrantCopy => Err(Error::UnknownCall),
+        Call::GrantTableSet => {
+            crate::grants_hw::table_set(sys, idx, a[0], a[1]).map(|v| Outcome::Return(v as i64))
+        }
+        Call::GrantMap => {
+            crate::grants_hw::map(sys, idx, a[0], a[1]).map(|v| Outcome::Return(v as i64))
+        }
+        Call::GrantUnmap => {
+            crate::grants_hw::unmap(sys, idx, a[0], a[1]).map(|v| Outcome::Return(v as i64))
+        }
+        Call::GrantCopy => {
+            crate::grants_hw::copy(sys, idx, a[0], a[1]).map(|v| Outcome::Return(v as i64))
+        }
         Call::DmaUnmap => {
             dma_unmap(sys, idx, a[0], a[1])?;
             ok(0)

@@ -21,6 +21,8 @@ mod console;
 #[cfg(target_os = "none")]
 mod domain;
 #[cfg(target_os = "none")]
+mod grants_hw;
+#[cfg(target_os = "none")]
 mod hypercall;
 #[cfg(target_os = "none")]
 mod iommu_hw;

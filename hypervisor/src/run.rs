@@ -22,6 +22,8 @@ use abi::ev;
 use abi::manifest::{DmaFault, ExitRule, Expect, Manifest, WatchTarget};
 use alloc::vec::Vec;
 use hypervisor::evtchn::EventChannels;
+use hypervisor::grant::GrantTables;
+use hypervisor::policy::Policy;
 use hypervisor::sched::Scheduler;
 
 pub struct System {
@@ -30,6 +32,8 @@ pub struct System {
     pub pt: Option<Passthrough>,
     /// Interrupts on vectors nobody owns, per vector.
     stray: [u64; 256],
+    pub grants: GrantTables,
+    pub policy: Policy,
     /// Watched ranges: name, physical address, bytes, CRC-32 before.
     watches: Vec<(alloc::string::String, u64, u64, u32)>,
     pub sched: Scheduler,
@@ -80,6 +84,8 @@ pub fn start(
     let mut sys = System {
         pt,
         stray: [0; 256],
+        grants: GrantTables::new(),
+        policy: Policy::deny_all(),
         watches: Vec::new(),
         domains: Vec::new(),
         sched: Scheduler::new(),
@@ -439,11 +445,12 @@ fn ns(tsc_delta: u64) -> u64 {
 /// Ends domain `i`: reports it, closes its ports, frees its memory.
 fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
     hypercall::flush_console(sys, i);
-    // Its devices stop mastering and leave its IOMMU domain before its
-    // memory can be reused.
+    // Its devices stop mastering and leave its IOMMU domain, and every
+    // grant mapping of or by it goes, before its memory can be reused.
     if let Some(pt) = sys.pt.as_mut() {
         pt.release(i);
     }
+    crate::grants_hw::domain_died(sys, i);
     // Leave its address space before its tables go.
     arch::paging::activate_kernel();
     if sys.current == Some(i) {
