@@ -14,6 +14,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod blkif;
 pub mod bundle;
 pub mod crc32;
 pub mod domain;
@@ -22,6 +23,7 @@ pub mod grant;
 pub mod hypercall;
 pub mod manifest;
 pub mod pci;
+pub mod ring;
 
 /// What the hypervisor writes to QEMU's `isa-debug-exit` port.
 ///
