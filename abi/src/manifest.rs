@@ -6,21 +6,23 @@
 //! protects it, so it has no checksum of its own.
 //!
 //! ```text
-//!  0      header (72 bytes)
-//!  72     device records   (device count  x  8 bytes)
+//!  0      header (80 bytes)
+//!  80     device records   (device count  x  8 bytes)
 //!  ..     domain records   (domain count  x 256 bytes)
 //!  ..     channel records  (channel count x 32 bytes)
 //!  ..     watch records    (watch count   x 48 bytes)
+//!  ..     vbd records      (vbd count     x 40 bytes)
+//!  ..     allow records    (allow count   x 72 bytes)
 //!         <- total size: nothing follows
 //! ```
 //!
-//! Header (version 3), little-endian:
+//! Header (version 4), little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0  | 8  | magic `b"AIRLOCKM"` |
-//! | 8  | 2  | format version, 3 |
-//! | 10 | 2  | header size, 72 |
+//! | 8  | 2  | format version, 4 |
+//! | 10 | 2  | header size, 80 |
 //! | 12 | 2  | device record size, 8 |
 //! | 14 | 2  | device count, at most [`MAX_DEVICES`] |
 //! | 16 | 2  | domain count, at most [`MAX_DOMAINS`] |
@@ -29,14 +31,18 @@
 //! | 24 | 1  | system name length, 1..=32 |
 //! | 25 | 32 | system name, UTF-8, zero-padded |
 //! | 57 | 1  | reserved, zero |
-//! | 58 | 2  | domain record size, 240 |
+//! | 58 | 2  | domain record size, 256 |
 //! | 60 | 2  | channel record size, 32 |
 //! | 62 | 2  | channel count, at most [`MAX_CHANNELS`] |
 //! | 64 | 2  | watch record size, 48 |
 //! | 66 | 2  | watch count, at most [`MAX_WATCHES`] |
-//! | 68 | 4  | reserved, zero |
+//! | 68 | 2  | vbd record size, 40 |
+//! | 70 | 2  | vbd count, at most [`MAX_VBDS`] |
+//! | 72 | 2  | allow record size, 72 |
+//! | 74 | 2  | allow count, at most [`MAX_ALLOWS`] |
+//! | 76 | 4  | reserved, zero |
 //!
-//! Device record (8 bytes), `device count` of them from offset 72; a
+//! Device record (8 bytes), `device count` of them from offset 80; a
 //! device's index is its position (0-based), which domain records use:
 //!
 //! | offset | size | field |
@@ -97,6 +103,47 @@
 //! | 16 | 8  | length in bytes, 1..=[`WATCH_LEN_MAX`]; kind 1: the range stays below [`WATCH_PHYS_LIMIT`]; kind 2: at most the domain's memory (the watch covers its first `len` bytes) |
 //! | 24 | 24 | name: `[a-z0-9_-]`, unique among the watches, zero-padded |
 //!
+//! Vbd record (40 bytes), `vbd count` of them after the watches: a virtual
+//! block device, a range of the backend's disk that the frontend uses
+//! through blkfront and blkback. The disk is the backend's first device of
+//! kind virtio-blk (in its device list's order). The hypervisor binds an
+//! event channel between the two ends and tells each of them in its start
+//! info (`abi::domain::VbdInfo`).
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0  | 2  | frontend: index of the domain that uses the disk |
+//! | 2  | 2  | backend: index of the domain that serves it (not the frontend); it owns a virtio-blk |
+//! | 4  | 1  | name length, 1..=[`VBD_NAME_MAX`] |
+//! | 5  | 1  | mode ([`vbd_mode_code`]): 1 grant map, 2 grant copy |
+//! | 6  | 1  | read-only: 0 or 1 |
+//! | 7  | 1  | reserved, zero |
+//! | 8  | 8  | first sector of the range on the backend's disk |
+//! | 16 | 8  | sectors in the range, at least 1; `first + sectors` does not wrap |
+//! | 24 | 16 | name (`xvda`): `[a-z0-9_-]`, unique among the frontend's vbds, zero-padded |
+//!
+//! Two vbds of one backend (one disk) have ranges that do not overlap,
+//! unless both are read-only. No domain is an end (front or back) of more
+//! than [`abi::domain::MAX_VBDS`](crate::domain::MAX_VBDS) vbds: each is an
+//! entry of its start info.
+//!
+//! Allow record (72 bytes), `allow count` of them after the vbds: the
+//! security policy. Grant maps and copies are refused unless a rule allows
+//! the acting domain's label (`subject`) the permission towards the other
+//! domain's label (`object`); event channels the manifest itself declares
+//! (channels, vbds) need no rule.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1  | subject length, 1..=32 |
+//! | 1 | 1  | object length, 1..=32 |
+//! | 2 | 1  | permissions: a non-empty set of the [`perm`] bits |
+//! | 3 | 5  | reserved, zero |
+//! | 8 | 32 | subject: a label some domain has, `[a-z0-9_-]`, zero-padded |
+//! | 40 | 32 | object: a label some domain has, likewise |
+//!
+//! No two allow records have the same subject and object.
+//!
 //! Every rule above is checked by [`Manifest::parse`], one
 //! [`ManifestError`] variant per check; besides them: no domain is an end
 //! of more than [`MAX_PORTS`] channels (each end is a port in its start
@@ -105,21 +152,25 @@
 //!
 //! Version 1 had no domain or channel records (its domain count had to be
 //! 0); version 2 had a 64-byte header, 240-byte domain records (no devices,
-//! DMA mode or fault rule) and no watches. A reader refuses a manifest of
-//! another version by its version.
+//! DMA mode or fault rule) and no watches; version 3 had a 72-byte header
+//! and no vbd or allow records. A reader refuses a manifest of another
+//! version by its version.
 
 use core::fmt;
 
 use crate::bundle::{le, NAME_MAX};
-use crate::domain::{DmaMode, ARGS_MAX, MAX_PEERS, MAX_PORTS, PORT_NAME_MAX};
+use crate::domain::{
+    DmaMode, VbdMode, ARGS_MAX, MAX_PEERS, MAX_PORTS, MAX_VBDS as DOMAIN_VBDS_MAX, PORT_NAME_MAX,
+    VBD_NAME_MAX as START_INFO_VBD_NAME_MAX,
+};
 use crate::pci::Bdf;
 
 /// The first eight bytes of a compiled manifest.
 pub const MAGIC: [u8; 8] = *b"AIRLOCKM";
 /// The format version this crate reads and writes.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Size of the header in bytes.
-pub const HEADER_SIZE: usize = 72;
+pub const HEADER_SIZE: usize = 80;
 /// Size of one device record in bytes.
 pub const DEVICE_SIZE: usize = 8;
 /// Size of one domain record in bytes.
@@ -128,6 +179,21 @@ pub const DOMAIN_SIZE: usize = 256;
 pub const CHANNEL_SIZE: usize = 32;
 /// Size of one watch record in bytes.
 pub const WATCH_SIZE: usize = 48;
+/// Size of one vbd record in bytes.
+pub const VBD_SIZE: usize = 40;
+/// Size of one allow record in bytes.
+pub const ALLOW_SIZE: usize = 72;
+/// Longest vbd name in bytes (as the start info holds it).
+pub const VBD_NAME_MAX: usize = START_INFO_VBD_NAME_MAX;
+/// Most vbds one domain may be an end of (front or back): each is an entry
+/// of its start info.
+pub const MAX_DOMAIN_VBDS: usize = DOMAIN_VBDS_MAX;
+/// Most vbds a manifest may list: every domain an end of
+/// [`MAX_DOMAIN_VBDS`] of them.
+pub const MAX_VBDS: usize = MAX_DOMAINS * MAX_DOMAIN_VBDS / 2;
+/// Most allow records: one per ordered pair of labels, and there are at
+/// most as many labels as domains.
+pub const MAX_ALLOWS: usize = MAX_DOMAINS * MAX_DOMAINS;
 /// Most watches a manifest may list.
 pub const MAX_WATCHES: usize = 16;
 /// Longest watch name in bytes.
@@ -158,12 +224,15 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Highest scheduling weight.
 pub const WEIGHT_MAX: u16 = 1000;
 
-const _: () = assert!(HEADER_SIZE == 72 && DOMAIN_SIZE == 16 + 3 * 32 + ARGS_MAX + 16);
+const _: () = assert!(HEADER_SIZE == 80 && DOMAIN_SIZE == 16 + 3 * 32 + ARGS_MAX + 16);
 const _: () = assert!(MAX_DOMAIN_DEVICES == 4);
 const _: () = assert!(WATCH_SIZE == 24 + WATCH_NAME_MAX);
 const _: () = assert!(CHANNEL_SIZE == 8 + PORT_NAME_MAX);
 const _: () = assert!(DOMAIN_NAME_MAX <= NAME_MAX);
 const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);
+const _: () = assert!(VBD_SIZE == 24 + VBD_NAME_MAX);
+const _: () = assert!(ALLOW_SIZE == 8 + 2 * DOMAIN_NAME_MAX);
+const _: () = assert!(MAX_ALLOWS <= u16::MAX as usize);
 
 /// A device QEMU emulates and the manifest places at a fixed PCI address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -430,6 +499,73 @@ pub fn dma_mode_from_name(name: &str) -> Option<DmaMode> {
     DMA_MODES.into_iter().find(|&m| dma_mode_name(m) == name)
 }
 
+/// Every vbd mode, in code order.
+pub const VBD_MODES: [VbdMode; 2] = [VbdMode::Map, VbdMode::Copy];
+
+/// A vbd mode's code in the vbd record (the start info's codes too).
+pub const fn vbd_mode_code(m: VbdMode) -> u8 {
+    match m {
+        VbdMode::Map => 1,
+        VbdMode::Copy => 2,
+    }
+}
+
+pub const fn vbd_mode_from_code(code: u8) -> Option<VbdMode> {
+    match code {
+        1 => Some(VbdMode::Map),
+        2 => Some(VbdMode::Copy),
+        _ => None,
+    }
+}
+
+/// The manifest's spelling of a vbd mode (`mode = "copy"`).
+pub const fn vbd_mode_name(m: VbdMode) -> &'static str {
+    match m {
+        VbdMode::Map => "map",
+        VbdMode::Copy => "copy",
+    }
+}
+
+pub fn vbd_mode_from_name(name: &str) -> Option<VbdMode> {
+    VBD_MODES.into_iter().find(|&m| vbd_mode_name(m) == name)
+}
+
+/// The permissions an allow rule grants, one bit each; a rule's `perms` is
+/// a set of them. The names are the manifest's spelling and the `perm`
+/// field of `EV grant_denied`.
+pub mod perm {
+    /// Map a page the object granted, for reading.
+    pub const GRANT_MAP_READ: u8 = 1 << 0;
+    /// Map a page the object granted, for writing (a writable map needs
+    /// both this and [`GRANT_MAP_READ`], as in FLASK).
+    pub const GRANT_MAP_WRITE: u8 = 1 << 1;
+    /// Copy to or from a page the object granted.
+    pub const GRANT_COPY: u8 = 1 << 2;
+    /// Bind an event channel the object offered (channels the manifest
+    /// declares need no rule).
+    pub const EVENT_BIND: u8 = 1 << 3;
+    /// Every defined bit.
+    pub const ALL: u8 = GRANT_MAP_READ | GRANT_MAP_WRITE | GRANT_COPY | EVENT_BIND;
+
+    /// Each permission's bit and name, in bit order.
+    pub const NAMES: [(u8, &str); 4] = [
+        (GRANT_MAP_READ, "grant_map_read"),
+        (GRANT_MAP_WRITE, "grant_map_write"),
+        (GRANT_COPY, "grant_copy"),
+        (EVENT_BIND, "event_bind"),
+    ];
+
+    /// The bit of the permission called `name`.
+    pub fn from_name(name: &str) -> Option<u8> {
+        NAMES.iter().find(|(_, n)| *n == name).map(|(b, _)| *b)
+    }
+
+    /// The name of a single permission bit.
+    pub fn name(bit: u8) -> Option<&'static str> {
+        NAMES.iter().find(|(b, _)| *b == bit).map(|(_, n)| *n)
+    }
+}
+
 /// The devices a domain owns: indices into the manifest's device records,
 /// at most [`MAX_DOMAIN_DEVICES`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -545,6 +681,42 @@ pub struct Watch<'a> {
     pub len: u64,
 }
 
+/// One vbd record: a virtual block device, `sectors` sectors of the
+/// backend's disk from `first_sector`, which the frontend sees as sectors
+/// `0..sectors`. The disk is the backend's first virtio-blk (in the order
+/// of its device list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vbd<'a> {
+    /// The frontend's name for it (`xvda`).
+    pub name: &'a str,
+    /// Domain index of the domain that uses it (blkfront).
+    pub frontend: u16,
+    /// Domain index of the domain that serves it (blkback).
+    pub backend: u16,
+    pub first_sector: u64,
+    pub sectors: u64,
+    pub readonly: bool,
+    /// How blkback moves the data: grant map or grant copy.
+    pub mode: VbdMode,
+}
+
+impl Vbd<'_> {
+    /// The range on the backend's disk, end exclusive (records that passed
+    /// `parse` never wrap).
+    pub fn disk_range(&self) -> core::ops::Range<u64> {
+        self.first_sector..self.first_sector.saturating_add(self.sectors)
+    }
+}
+
+/// One allow record: `subject` (the acting domain's label) may do `perms`
+/// ([`perm`] bits) towards `object` (the other domain's label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allow<'a> {
+    pub subject: &'a str,
+    pub object: &'a str,
+    pub perms: u8,
+}
+
 /// One channel record: an interdomain event channel bound before the two
 /// domains start, each end a port named after the channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -561,6 +733,8 @@ pub enum Record {
     Domain(u16),
     Channel(u16),
     Watch(u16),
+    Vbd(u16),
+    Allow(u16),
 }
 
 impl fmt::Display for Record {
@@ -569,6 +743,8 @@ impl fmt::Display for Record {
             Record::Domain(i) => write!(f, "domain {i}"),
             Record::Channel(i) => write!(f, "channel {i}"),
             Record::Watch(i) => write!(f, "watch {i}"),
+            Record::Vbd(i) => write!(f, "vbd {i}"),
+            Record::Allow(i) => write!(f, "allow {i}"),
         }
     }
 }
@@ -814,6 +990,100 @@ pub enum ManifestError {
         first: u16,
         index: u16,
     },
+    BadVbdSize {
+        found: u16,
+    },
+    BadAllowSize {
+        found: u16,
+    },
+    /// The vbd count is over [`MAX_VBDS`].
+    TooManyVbds {
+        count: u16,
+    },
+    /// The allow count is over [`MAX_ALLOWS`].
+    TooManyAllows {
+        count: u16,
+    },
+    /// A vbd end names a domain index that does not exist.
+    VbdEndOutOfRange {
+        index: u16,
+        domain: u16,
+        count: u16,
+    },
+    /// A vbd whose frontend is its backend.
+    VbdToItself {
+        index: u16,
+        domain: u16,
+    },
+    /// A vbd mode code that is neither map nor copy.
+    UnknownVbdMode {
+        index: u16,
+        code: u8,
+    },
+    /// A read-only byte other than 0 or 1.
+    BadVbdReadonly {
+        index: u16,
+        value: u8,
+    },
+    /// A vbd record's reserved byte is not zero.
+    VbdReservedNotZero {
+        index: u16,
+    },
+    /// A vbd of no sectors.
+    EmptyVbd {
+        index: u16,
+    },
+    /// `first_sector + sectors` wraps.
+    VbdRangeWraps {
+        index: u16,
+        first_sector: u64,
+        sectors: u64,
+    },
+    /// The backend owns no virtio-blk.
+    VbdBackendHasNoDisk {
+        index: u16,
+        backend: u16,
+    },
+    /// Two vbds of one frontend with one name.
+    DuplicateVbd {
+        first: u16,
+        index: u16,
+    },
+    /// A domain is an end of more than [`MAX_DOMAIN_VBDS`] vbds; `vbd` is
+    /// the first one too many.
+    TooManyDomainVbds {
+        domain: u16,
+        vbd: u16,
+    },
+    /// Two vbds of one disk whose ranges overlap, not both read-only.
+    VbdsOverlap {
+        first: u16,
+        index: u16,
+    },
+    /// An allow record with no permission.
+    NoPerms {
+        index: u16,
+    },
+    /// An allow record with bits outside [`perm::ALL`].
+    UnknownPerms {
+        index: u16,
+        perms: u8,
+    },
+    /// An allow record's reserved bytes are not zero.
+    AllowReservedNotZero {
+        index: u16,
+    },
+    /// An allow record's `field` ("subject" or "object") is a label no
+    /// domain has.
+    AllowUnknownLabel {
+        index: u16,
+        field: &'static str,
+    },
+    /// Two allow records with the same subject and object.
+    DuplicateAllow {
+        first: u16,
+        index: u16,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -1016,6 +1286,77 @@ impl fmt::Display for ManifestError {
             DuplicateWatch { first, index } => {
                 write!(f, "watch {index}: name already used by watch {first}")
             }
+            BadVbdSize { found } => {
+                write!(
+                    f,
+                    "vbd record size {found} is not version {VERSION}'s {VBD_SIZE}"
+                )
+            }
+            BadAllowSize { found } => {
+                write!(
+                    f,
+                    "allow record size {found} is not version {VERSION}'s {ALLOW_SIZE}"
+                )
+            }
+            TooManyVbds { count } => write!(f, "{count} vbds, at most {MAX_VBDS}"),
+            TooManyAllows { count } => write!(f, "{count} allow rules, at most {MAX_ALLOWS}"),
+            VbdEndOutOfRange {
+                index,
+                domain,
+                count,
+            } => write!(
+                f,
+                "vbd {index}: end domain {domain} does not exist ({count} domains)"
+            ),
+            VbdToItself { index, domain } => {
+                write!(f, "vbd {index}: domain {domain} is both its frontend and its backend")
+            }
+            UnknownVbdMode { index, code } => write!(f, "vbd {index}: unknown mode {code}"),
+            BadVbdReadonly { index, value } => {
+                write!(f, "vbd {index}: read-only byte {value} is neither 0 nor 1")
+            }
+            VbdReservedNotZero { index } => write!(f, "vbd {index}: reserved byte is not zero"),
+            EmptyVbd { index } => write!(f, "vbd {index}: no sectors"),
+            VbdRangeWraps {
+                index,
+                first_sector,
+                sectors,
+            } => write!(
+                f,
+                "vbd {index}: {sectors} sectors from {first_sector} wrap around"
+            ),
+            VbdBackendHasNoDisk { index, backend } => write!(
+                f,
+                "vbd {index}: backend domain {backend} owns no virtio-blk"
+            ),
+            DuplicateVbd { first, index } => write!(
+                f,
+                "vbd {index}: its frontend already has a vbd of that name (vbd {first})"
+            ),
+            TooManyDomainVbds { domain, vbd } => write!(
+                f,
+                "vbd {vbd}: domain {domain} would be an end of more than {MAX_DOMAIN_VBDS} vbds"
+            ),
+            VbdsOverlap { first, index } => write!(
+                f,
+                "vbd {index}: its sectors overlap vbd {first}'s on the same disk, and not both are read-only"
+            ),
+            NoPerms { index } => write!(f, "allow {index}: no permission"),
+            UnknownPerms { index, perms } => write!(
+                f,
+                "allow {index}: permission bits {perms:#04x} outside {:#04x}",
+                perm::ALL
+            ),
+            AllowReservedNotZero { index } => {
+                write!(f, "allow {index}: reserved bytes are not zero")
+            }
+            AllowUnknownLabel { index, field } => {
+                write!(f, "allow {index}: no domain has the {field} label")
+            }
+            DuplicateAllow { first, index } => write!(
+                f,
+                "allow {index}: the same subject and object as allow {first}"
+            ),
         }
     }
 }
@@ -1107,12 +1448,47 @@ const W_NAME: StrField = StrField {
 };
 const W_KIND_PHYS: u8 = 1;
 const W_KIND_DOMAIN: u8 = 2;
+const V_FRONT: usize = 0;
+const V_BACK: usize = 2;
+const V_MODE: usize = 5;
+const V_READONLY: usize = 6;
+const V_RESERVED: usize = 7;
+const V_FIRST: usize = 8;
+const V_SECTORS: usize = 16;
+const V_NAME: StrField = StrField {
+    name: "name",
+    len_at: 4,
+    at: 24,
+    max: VBD_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const A_PERMS: usize = 2;
+const A_RESERVED: core::ops::Range<usize> = 3..8;
+const A_SUBJECT: StrField = StrField {
+    name: "subject",
+    len_at: 0,
+    at: 8,
+    max: DOMAIN_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const A_OBJECT: StrField = StrField {
+    name: "object",
+    len_at: 1,
+    at: 40,
+    max: DOMAIN_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
 
 const _: () = assert!(D_ARGS.at + D_ARGS.max == D_DMA);
 const _: () = assert!(D_DEVICES + 2 * MAX_DOMAIN_DEVICES == D_TAIL.start);
 const _: () = assert!(D_TAIL.end == DOMAIN_SIZE);
 const _: () = assert!(W_NAME.at + W_NAME.max == WATCH_SIZE);
 const _: () = assert!(C_NAME.at + C_NAME.max == CHANNEL_SIZE);
+const _: () = assert!(V_NAME.at + V_NAME.max == VBD_SIZE);
+const _: () = assert!(A_OBJECT.at + A_OBJECT.max == ALLOW_SIZE);
 
 impl StrField {
     /// The checked string of `rec`.
@@ -1169,6 +1545,8 @@ pub struct Manifest<'a> {
     domains: &'a [u8],
     channels: &'a [u8],
     watches: &'a [u8],
+    vbds: &'a [u8],
+    allows: &'a [u8],
 }
 
 fn read_device(records: &[u8], i: usize) -> (u16, Bdf, u16, u16) {
@@ -1191,6 +1569,38 @@ fn channel_record(records: &[u8], i: usize) -> &[u8] {
 
 fn watch_record(records: &[u8], i: usize) -> &[u8] {
     &records[i * WATCH_SIZE..(i + 1) * WATCH_SIZE]
+}
+
+fn vbd_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * VBD_SIZE..(i + 1) * VBD_SIZE]
+}
+
+fn allow_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * ALLOW_SIZE..(i + 1) * ALLOW_SIZE]
+}
+
+/// Decodes the vbd record `i` of records that passed `parse`.
+fn decode_vbd(records: &[u8], i: usize) -> Vbd<'_> {
+    let rec = vbd_record(records, i);
+    Vbd {
+        name: V_NAME.get(rec),
+        frontend: le::u16_at(rec, V_FRONT),
+        backend: le::u16_at(rec, V_BACK),
+        first_sector: le::u64_at(rec, V_FIRST),
+        sectors: le::u64_at(rec, V_SECTORS),
+        readonly: rec[V_READONLY] != 0,
+        mode: vbd_mode_from_code(rec[V_MODE]).unwrap_or(VbdMode::Copy),
+    }
+}
+
+/// Decodes the allow record `i` of records that passed `parse`.
+fn decode_allow(records: &[u8], i: usize) -> Allow<'_> {
+    let rec = allow_record(records, i);
+    Allow {
+        subject: A_SUBJECT.get(rec),
+        object: A_OBJECT.get(rec),
+        perms: rec[A_PERMS],
+    }
 }
 
 /// The device list of a domain record (whatever its count byte says, cut
@@ -1243,6 +1653,127 @@ fn decode_channel(records: &[u8], i: usize) -> Channel<'_> {
         a: le::u16_at(rec, C_A),
         b: le::u16_at(rec, C_B),
     }
+}
+
+/// Checks every vbd record against the (already checked) devices and
+/// domains.
+fn check_vbds(devices: &[u8], domains: &[u8], vbds: &[u8]) -> Result<(), ManifestError> {
+    use ManifestError::*;
+    let n_domains = (domains.len() / DOMAIN_SIZE) as u16;
+    let mut ends = [0u8; MAX_DOMAINS];
+    for i in 0..vbds.len() / VBD_SIZE {
+        let index = i as u16;
+        let rec = vbd_record(vbds, i);
+        let name = V_NAME.read(rec, Record::Vbd(index))?;
+        let (front, back) = (le::u16_at(rec, V_FRONT), le::u16_at(rec, V_BACK));
+        for domain in [front, back] {
+            if domain >= n_domains {
+                return Err(VbdEndOutOfRange {
+                    index,
+                    domain,
+                    count: n_domains,
+                });
+            }
+        }
+        if front == back {
+            return Err(VbdToItself {
+                index,
+                domain: front,
+            });
+        }
+        let code = rec[V_MODE];
+        if vbd_mode_from_code(code).is_none() {
+            return Err(UnknownVbdMode { index, code });
+        }
+        let value = rec[V_READONLY];
+        if value > 1 {
+            return Err(BadVbdReadonly { index, value });
+        }
+        if rec[V_RESERVED] != 0 {
+            return Err(VbdReservedNotZero { index });
+        }
+        let (first_sector, sectors) = (le::u64_at(rec, V_FIRST), le::u64_at(rec, V_SECTORS));
+        if sectors == 0 {
+            return Err(EmptyVbd { index });
+        }
+        if first_sector.checked_add(sectors).is_none() {
+            return Err(VbdRangeWraps {
+                index,
+                first_sector,
+                sectors,
+            });
+        }
+        let owns_disk = domain_devices(domain_record(domains, back.into()))
+            .iter()
+            .any(|d| read_device(devices, d.into()).0 == DeviceKind::VirtioBlk.code());
+        if !owns_disk {
+            return Err(VbdBackendHasNoDisk {
+                index,
+                backend: back,
+            });
+        }
+        let earlier = || (0..i).map(|j| (j as u16, decode_vbd(vbds, j)));
+        if let Some((first, _)) = earlier().find(|(_, v)| v.frontend == front && v.name == name) {
+            return Err(DuplicateVbd { first, index });
+        }
+        let this = decode_vbd(vbds, i);
+        let overlaps = |v: &Vbd<'_>| {
+            v.backend == back
+                && v.first_sector < this.disk_range().end
+                && this.first_sector < v.disk_range().end
+                && !(v.readonly && this.readonly)
+        };
+        if let Some((first, _)) = earlier().find(|(_, v)| overlaps(v)) {
+            return Err(VbdsOverlap { first, index });
+        }
+        for domain in [front, back] {
+            let n = &mut ends[usize::from(domain)];
+            *n += 1;
+            if usize::from(*n) > MAX_DOMAIN_VBDS {
+                return Err(TooManyDomainVbds { domain, vbd: index });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks every allow record against the (already checked) domains'
+/// labels.
+fn check_allows(domains: &[u8], allows: &[u8]) -> Result<(), ManifestError> {
+    use ManifestError::*;
+    let n_domains = domains.len() / DOMAIN_SIZE;
+    let is_label = |l: &str| (0..n_domains).any(|j| D_LABEL.get(domain_record(domains, j)) == l);
+    for i in 0..allows.len() / ALLOW_SIZE {
+        let index = i as u16;
+        let rec = allow_record(allows, i);
+        let subject = A_SUBJECT.read(rec, Record::Allow(index))?;
+        let object = A_OBJECT.read(rec, Record::Allow(index))?;
+        let perms = rec[A_PERMS];
+        if perms == 0 {
+            return Err(NoPerms { index });
+        }
+        if perms & !perm::ALL != 0 {
+            return Err(UnknownPerms { index, perms });
+        }
+        if rec[A_RESERVED].iter().any(|&b| b != 0) {
+            return Err(AllowReservedNotZero { index });
+        }
+        for (field, label) in [("subject", subject), ("object", object)] {
+            if !is_label(label) {
+                return Err(AllowUnknownLabel { index, field });
+            }
+        }
+        if let Some(first) = (0..i).find(|&j| {
+            let a = decode_allow(allows, j);
+            a.subject == subject && a.object == object
+        }) {
+            return Err(DuplicateAllow {
+                first: first as u16,
+                index,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl<'a> Manifest<'a> {
@@ -1299,12 +1830,30 @@ impl<'a> Manifest<'a> {
         if n_watches as usize > MAX_WATCHES {
             return Err(TooManyWatches { count: n_watches });
         }
+        let vbd_size = le::u16_at(bytes, 68);
+        if vbd_size as usize != VBD_SIZE {
+            return Err(BadVbdSize { found: vbd_size });
+        }
+        let n_vbds = le::u16_at(bytes, 70);
+        if n_vbds as usize > MAX_VBDS {
+            return Err(TooManyVbds { count: n_vbds });
+        }
+        let allow_size = le::u16_at(bytes, 72);
+        if allow_size as usize != ALLOW_SIZE {
+            return Err(BadAllowSize { found: allow_size });
+        }
+        let n_allows = le::u16_at(bytes, 74);
+        if n_allows as usize > MAX_ALLOWS {
+            return Err(TooManyAllows { count: n_allows });
+        }
         let declared = le::u32_at(bytes, 20);
         let expected = encoded_size(
             n_devices as usize,
             n_domains as usize,
             n_channels as usize,
             n_watches as usize,
+            n_vbds as usize,
+            n_allows as usize,
         );
         if declared as usize != expected || bytes.len() != expected {
             return Err(SizeMismatch {
@@ -1331,14 +1880,16 @@ impl<'a> Manifest<'a> {
             return Err(NameNotUtf8);
         };
         if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0)
-            || bytes[68..72].iter().any(|&b| b != 0)
+            || bytes[76..80].iter().any(|&b| b != 0)
         {
             return Err(ReservedNotZero);
         }
 
         let (devices, rest) = bytes[HEADER_SIZE..].split_at(n_devices as usize * DEVICE_SIZE);
         let (domains, rest) = rest.split_at(n_domains as usize * DOMAIN_SIZE);
-        let (channels, watches) = rest.split_at(n_channels as usize * CHANNEL_SIZE);
+        let (channels, rest) = rest.split_at(n_channels as usize * CHANNEL_SIZE);
+        let (watches, rest) = rest.split_at(n_watches as usize * WATCH_SIZE);
+        let (vbds, allows) = rest.split_at(n_vbds as usize * VBD_SIZE);
         for i in 0..n_devices as usize {
             let (code, bdf, vendor, device) = read_device(devices, i);
             let index = i as u16;
@@ -1526,6 +2077,9 @@ impl<'a> Manifest<'a> {
             }
         }
 
+        check_vbds(devices, domains, vbds)?;
+        check_allows(domains, allows)?;
+
         Ok(Manifest {
             name,
             exit,
@@ -1533,6 +2087,8 @@ impl<'a> Manifest<'a> {
             domains,
             channels,
             watches,
+            vbds,
+            allows,
         })
     }
 
@@ -1617,6 +2173,91 @@ impl<'a> Manifest<'a> {
             records: self.watches,
             next: 0,
         }
+    }
+
+    pub fn vbd_count(&self) -> usize {
+        self.vbds.len() / VBD_SIZE
+    }
+
+    /// Every vbd, in manifest order.
+    pub fn vbds(&self) -> Vbds<'a> {
+        Vbds {
+            records: self.vbds,
+            next: 0,
+        }
+    }
+
+    /// The vbds domain `index` is an end of (front or back), in manifest
+    /// order: the order of its start info's vbd list.
+    pub fn vbds_of(&self, index: u16) -> impl Iterator<Item = Vbd<'a>> + 'a {
+        self.vbds()
+            .filter(move |v| v.frontend == index || v.backend == index)
+    }
+
+    pub fn allow_count(&self) -> usize {
+        self.allows.len() / ALLOW_SIZE
+    }
+
+    /// Every allow rule, in manifest order.
+    pub fn allows(&self) -> Allows<'a> {
+        Allows {
+            records: self.allows,
+            next: 0,
+        }
+    }
+
+    /// The permissions ([`perm`] bits) the rules give `subject` towards
+    /// `object`: 0 when no rule names the pair (default deny).
+    pub fn perms(&self, subject: &str, object: &str) -> u8 {
+        self.allows()
+            .find(|a| a.subject == subject && a.object == object)
+            .map_or(0, |a| a.perms)
+    }
+
+    /// Whether the rules give `subject` every bit of `perms` towards
+    /// `object`.
+    pub fn allowed(&self, subject: &str, object: &str, perms: u8) -> bool {
+        self.perms(subject, object) & perms == perms
+    }
+}
+
+/// Iterator over a manifest's vbds.
+#[derive(Clone, Debug)]
+pub struct Vbds<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Vbds<'a> {
+    type Item = Vbd<'a>;
+
+    fn next(&mut self) -> Option<Vbd<'a>> {
+        if (self.next + 1) * VBD_SIZE > self.records.len() {
+            return None;
+        }
+        let v = decode_vbd(self.records, self.next);
+        self.next += 1;
+        Some(v)
+    }
+}
+
+/// Iterator over a manifest's allow rules.
+#[derive(Clone, Debug)]
+pub struct Allows<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Allows<'a> {
+    type Item = Allow<'a>;
+
+    fn next(&mut self) -> Option<Allow<'a>> {
+        if (self.next + 1) * ALLOW_SIZE > self.records.len() {
+            return None;
+        }
+        let a = decode_allow(self.records, self.next);
+        self.next += 1;
+        Some(a)
     }
 }
 
@@ -1769,32 +2410,83 @@ pub const fn encoded_size(
     domains: usize,
     channels: usize,
     watches: usize,
+    vbds: usize,
+    allows: usize,
 ) -> usize {
     HEADER_SIZE
         + devices * DEVICE_SIZE
         + domains * DOMAIN_SIZE
         + channels * CHANNEL_SIZE
         + watches * WATCH_SIZE
+        + vbds * VBD_SIZE
+        + allows * ALLOW_SIZE
+}
+
+/// Everything a compiled manifest says, as [`encode`] takes it. Domains,
+/// channels, watches and vbds name domains by index; `domains[i].index`
+/// must be `i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contents<'a> {
+    pub name: &'a str,
+    pub exit: ExitRule,
+    pub devices: &'a [Device],
+    pub domains: &'a [Domain<'a>],
+    pub channels: &'a [Channel<'a>],
+    pub watches: &'a [Watch<'a>],
+    pub vbds: &'a [Vbd<'a>],
+    pub allows: &'a [Allow<'a>],
+}
+
+impl<'a> Contents<'a> {
+    /// A system called `name` with nothing in it.
+    pub const fn empty(name: &'a str, exit: ExitRule) -> Self {
+        Contents {
+            name,
+            exit,
+            devices: &[],
+            domains: &[],
+            channels: &[],
+            watches: &[],
+            vbds: &[],
+            allows: &[],
+        }
+    }
+
+    /// The bytes [`encode`] writes for it.
+    pub const fn size(&self) -> usize {
+        encoded_size(
+            self.devices.len(),
+            self.domains.len(),
+            self.channels.len(),
+            self.watches.len(),
+            self.vbds.len(),
+            self.allows.len(),
+        )
+    }
 }
 
 /// Writes the compiled manifest at the start of `out`; returns its size.
 /// Refuses whatever [`Manifest::parse`] would refuse (it parses what it
 /// wrote), so a manifest that encodes is one the hypervisor accepts.
-pub fn encode(
-    name: &str,
-    exit: ExitRule,
-    devices: &[Device],
-    domains: &[Domain<'_>],
-    channels: &[Channel<'_>],
-    watches: &[Watch<'_>],
-    out: &mut [u8],
-) -> Result<usize, EncodeError> {
+pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
     use EncodeError::*;
+    let Contents {
+        name,
+        exit,
+        devices,
+        domains,
+        channels,
+        watches,
+        vbds,
+        allows,
+    } = *c;
     for (what, count, max) in [
         ("devices", devices.len(), MAX_DEVICES),
         ("domains", domains.len(), MAX_DOMAINS),
         ("channels", channels.len(), MAX_CHANNELS),
         ("watches", watches.len(), MAX_WATCHES),
+        ("vbds", vbds.len(), MAX_VBDS),
+        ("allow rules", allows.len(), MAX_ALLOWS),
     ] {
         if count > max {
             return Err(TooMany { what, count, max });
@@ -1839,7 +2531,19 @@ pub fn encode(
             return Err(e);
         }
     }
-    let need = encoded_size(devices.len(), domains.len(), channels.len(), watches.len());
+    for (i, v) in vbds.iter().enumerate() {
+        if let Some(e) = too_long("vbd name", i, v.name, VBD_NAME_MAX) {
+            return Err(e);
+        }
+    }
+    for (i, a) in allows.iter().enumerate() {
+        for (what, s) in [("allow subject", a.subject), ("allow object", a.object)] {
+            if let Some(e) = too_long(what, i, s, DOMAIN_NAME_MAX) {
+                return Err(e);
+            }
+        }
+    }
+    let need = c.size();
     let have = out.len();
     let Some(out) = out.get_mut(..need) else {
         return Err(BufferTooSmall { need, have });
@@ -1860,6 +2564,10 @@ pub fn encode(
     le::put(out, 62, &(channels.len() as u16).to_le_bytes());
     le::put(out, 64, &(WATCH_SIZE as u16).to_le_bytes());
     le::put(out, 66, &(watches.len() as u16).to_le_bytes());
+    le::put(out, 68, &(VBD_SIZE as u16).to_le_bytes());
+    le::put(out, 70, &(vbds.len() as u16).to_le_bytes());
+    le::put(out, 72, &(ALLOW_SIZE as u16).to_le_bytes());
+    le::put(out, 74, &(allows.len() as u16).to_le_bytes());
     let mut at = HEADER_SIZE;
     for d in devices {
         le::put(out, at, &d.kind.code().to_le_bytes());
@@ -1908,6 +2616,24 @@ pub fn encode(
         W_NAME.put(rec, w.name);
         at += WATCH_SIZE;
     }
+    for v in vbds {
+        let rec = &mut out[at..at + VBD_SIZE];
+        le::put(rec, V_FRONT, &v.frontend.to_le_bytes());
+        le::put(rec, V_BACK, &v.backend.to_le_bytes());
+        rec[V_MODE] = vbd_mode_code(v.mode);
+        rec[V_READONLY] = u8::from(v.readonly);
+        le::put(rec, V_FIRST, &v.first_sector.to_le_bytes());
+        le::put(rec, V_SECTORS, &v.sectors.to_le_bytes());
+        V_NAME.put(rec, v.name);
+        at += VBD_SIZE;
+    }
+    for a in allows {
+        let rec = &mut out[at..at + ALLOW_SIZE];
+        rec[A_PERMS] = a.perms;
+        A_SUBJECT.put(rec, a.subject);
+        A_OBJECT.put(rec, a.object);
+        at += ALLOW_SIZE;
+    }
     Manifest::parse(out).map_err(Invalid)?;
     Ok(need)
 }
@@ -1918,6 +2644,28 @@ mod tests {
     use std::string::ToString;
     use std::vec;
     use std::vec::Vec;
+
+    /// `encode` of a system without vbds or allow rules.
+    fn enc(
+        name: &str,
+        exit: ExitRule,
+        devices: &[Device],
+        domains: &[Domain<'_>],
+        channels: &[Channel<'_>],
+        watches: &[Watch<'_>],
+        out: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        encode(
+            &Contents {
+                devices,
+                domains,
+                channels,
+                watches,
+                ..Contents::empty(name, exit)
+            },
+            out,
+        )
+    }
 
     fn devices() -> [Device; 3] {
         [
@@ -2001,9 +2749,47 @@ mod tests {
         ]
     }
 
-    const SIZE: usize = encoded_size(3, 3, 2, 2);
-    /// Where domain `i`'s, channel `i`'s and watch `i`'s records start in
-    /// `good()`.
+    fn vbds() -> [Vbd<'static>; 2] {
+        [
+            Vbd {
+                name: "xvda",
+                frontend: 0,
+                backend: 1,
+                first_sector: 0,
+                sectors: 4096,
+                readonly: false,
+                mode: VbdMode::Map,
+            },
+            Vbd {
+                name: "xvda",
+                frontend: 2,
+                backend: 1,
+                first_sector: 4096,
+                sectors: 2048,
+                readonly: true,
+                mode: VbdMode::Copy,
+            },
+        ]
+    }
+
+    fn allows() -> [Allow<'static>; 2] {
+        [
+            Allow {
+                subject: "guest_b",
+                object: "guest_a",
+                perms: perm::GRANT_MAP_READ | perm::GRANT_MAP_WRITE,
+            },
+            Allow {
+                subject: "guest_b",
+                object: "attacker",
+                perms: perm::GRANT_COPY,
+            },
+        ]
+    }
+
+    const SIZE: usize = encoded_size(3, 3, 2, 2, 2, 2);
+    /// Where domain `i`'s, channel `i`'s, watch `i`'s, vbd `i`'s and allow
+    /// `i`'s records start in `good()`.
     const fn dom(i: usize) -> usize {
         HEADER_SIZE + 3 * DEVICE_SIZE + i * DOMAIN_SIZE
     }
@@ -2013,21 +2799,35 @@ mod tests {
     const fn watch(i: usize) -> usize {
         chan(2) + i * WATCH_SIZE
     }
+    const fn vbd(i: usize) -> usize {
+        watch(2) + i * VBD_SIZE
+    }
+    const fn allow(i: usize) -> usize {
+        vbd(2) + i * ALLOW_SIZE
+    }
 
     fn good() -> Vec<u8> {
         let mut buf = vec![0xa5; SIZE];
-        assert_eq!(
-            encode(
-                "default",
-                ExitRule::AllExited,
-                &devices(),
-                &domains(),
-                &channels(),
-                &watches(),
-                &mut buf
-            ),
-            Ok(SIZE)
+        let (d, doms, ch, w, v, a) = (
+            devices(),
+            domains(),
+            channels(),
+            watches(),
+            vbds(),
+            allows(),
         );
+        let c = Contents {
+            name: "default",
+            exit: ExitRule::AllExited,
+            devices: &d,
+            domains: &doms,
+            channels: &ch,
+            watches: &w,
+            vbds: &v,
+            allows: &a,
+        };
+        assert_eq!(c.size(), SIZE);
+        assert_eq!(encode(&c, &mut buf), Ok(SIZE));
         buf
     }
 
@@ -2040,7 +2840,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let buf = good();
-        assert_eq!(SIZE, 72 + 24 + 768 + 64 + 96);
+        assert_eq!(SIZE, 80 + 24 + 768 + 64 + 96 + 80 + 144);
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!(m.name(), "default");
         assert_eq!(m.exit_rule(), ExitRule::AllExited);
@@ -2082,8 +2882,8 @@ mod tests {
             (256, 32, 2)
         );
         // No devices or domains at all is a valid (if dull) system.
-        let mut buf = vec![0; encoded_size(0, 0, 0, 0)];
-        encode("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0)];
+        enc("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!((m.device_count(), m.exit_rule()), (0, ExitRule::Never));
         assert_eq!((m.domains().count(), m.channels().count()), (0, 0));
@@ -2132,8 +2932,8 @@ mod tests {
                 b: ((k % n + 1 + k / n) % n) as u16,
             })
             .collect();
-        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS, 0)];
-        encode(
+        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS, 0, 0, 0)];
+        enc(
             "max",
             ExitRule::AllExited,
             &[],
@@ -2185,7 +2985,7 @@ mod tests {
         assert_eq!(err(|b| b[58] = 16), BadDomainSize { found: 272 });
         assert_eq!(err(|b| b[64] = 47), BadWatchSize { found: 47 });
         assert_eq!(err(|b| b[66] = 17), TooManyWatches { count: 17 });
-        assert_eq!(err(|b| b[70] = 1), ReservedNotZero);
+        assert_eq!(err(|b| b[78] = 1), ReservedNotZero);
         assert_eq!(err(|b| b[60] = 33), BadChannelSize { found: 33 });
         assert_eq!(err(|b| b[15] = 2), TooManyDevices { count: 0x203 });
         assert_eq!(err(|b| b[16] = 18), TooManyDomains { count: 18 });
@@ -2238,8 +3038,8 @@ mod tests {
         assert_eq!(err(|b| b[57] = 1), ReservedNotZero);
         assert_eq!(err(|b| b[56] = 1), ReservedNotZero);
         // all-exited with no domains.
-        let mut buf = vec![0; encoded_size(0, 0, 0, 0)];
-        encode("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0)];
+        enc("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         buf[18] = ExitRule::AllExited.code() as u8;
         assert_eq!(Manifest::parse(&buf), Err(AllExitedWithoutDomains));
     }
@@ -2248,11 +3048,11 @@ mod tests {
     fn each_device_corruption_is_named() {
         use ManifestError::*;
         assert_eq!(
-            err(|b| b[72 + 8] = 9),
+            err(|b| b[HEADER_SIZE + 8] = 9),
             UnknownDeviceKind { index: 1, code: 9 }
         );
         assert_eq!(
-            err(|b| b[72 + 8 + 6] = 0x42),
+            err(|b| b[HEADER_SIZE + 8 + 6] = 0x42),
             IdsDoNotMatchKind {
                 index: 1,
                 kind: DeviceKind::VirtioNet,
@@ -2261,7 +3061,7 @@ mod tests {
             }
         );
         assert_eq!(
-            err(|b| b[72 + 16 + 2] = 0x18),
+            err(|b| b[HEADER_SIZE + 16 + 2] = 0x18),
             DuplicateAddress {
                 first: 0,
                 index: 2,
@@ -2452,9 +3252,9 @@ mod tests {
             .iter()
             .map(|name| Channel { name, a: 0, b: 1 })
             .collect();
-        let mut buf = vec![0; encoded_size(3, 3, chans.len(), 0)];
+        let mut buf = vec![0; encoded_size(3, 3, chans.len(), 0, 0, 0)];
         assert_eq!(
-            encode(
+            enc(
                 "x",
                 ExitRule::AllExited,
                 &devices(),
@@ -2468,7 +3268,7 @@ mod tests {
                 channel: 16
             }))
         );
-        assert!(encode(
+        assert!(enc(
             "x",
             ExitRule::AllExited,
             &devices(),
@@ -2665,7 +3465,7 @@ mod tests {
         let long = "w".repeat(25);
         let mut buf = [0u8; 4096];
         assert!(matches!(
-            encode(
+            enc(
                 "x",
                 ExitRule::Never,
                 &[],
@@ -2686,13 +3486,336 @@ mod tests {
     }
 
     #[test]
+    fn vbds_and_allows_round_trip() {
+        let buf = good();
+        let m = Manifest::parse(&buf).unwrap();
+        assert_eq!(m.vbd_count(), 2);
+        assert_eq!(m.vbds().collect::<Vec<_>>(), vbds());
+        assert_eq!(m.vbds_of(1).count(), 2);
+        assert_eq!(m.vbds_of(0).collect::<Vec<_>>(), [vbds()[0]]);
+        assert_eq!(m.vbds_of(2).collect::<Vec<_>>(), [vbds()[1]]);
+        assert_eq!(vbds()[1].disk_range(), 4096..6144);
+        assert_eq!(m.allow_count(), 2);
+        assert_eq!(m.allows().collect::<Vec<_>>(), allows());
+        assert_eq!(m.perms("guest_b", "guest_a"), 3);
+        assert!(m.allowed("guest_b", "guest_a", perm::GRANT_MAP_READ));
+        assert!(m.allowed(
+            "guest_b",
+            "guest_a",
+            perm::GRANT_MAP_READ | perm::GRANT_MAP_WRITE
+        ));
+        assert!(!m.allowed("guest_b", "guest_a", perm::GRANT_COPY));
+        // Default deny, and rules have a direction.
+        assert_eq!(m.perms("guest_a", "guest_b"), 0);
+        assert!(!m.allowed("guest_a", "guest_b", perm::GRANT_MAP_READ));
+        assert!(m.allowed("guest_b", "attacker", perm::GRANT_COPY));
+        // The layout the module doc gives.
+        assert_eq!(
+            (
+                le::u16_at(&buf, 68),
+                le::u16_at(&buf, 70),
+                le::u16_at(&buf, 72),
+                le::u16_at(&buf, 74)
+            ),
+            (40, 2, 72, 2)
+        );
+        let v = &buf[vbd(1)..vbd(2)];
+        assert_eq!((le::u16_at(v, 0), le::u16_at(v, 2)), (2, 1));
+        assert_eq!(&v[4..8], &[4, 2, 1, 0]);
+        assert_eq!((le::u64_at(v, 8), le::u64_at(v, 16)), (4096, 2048));
+        assert_eq!(&v[24..28], b"xvda");
+        let a = &buf[allow(1)..];
+        assert_eq!(&a[..8], &[7, 8, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(&a[8..15], b"guest_b");
+        assert_eq!(&a[40..48], b"attacker");
+        for m in VBD_MODES {
+            assert_eq!(vbd_mode_from_code(vbd_mode_code(m)), Some(m));
+            assert_eq!(vbd_mode_from_name(vbd_mode_name(m)), Some(m));
+        }
+        // The start info uses the same mode codes.
+        assert_eq!(
+            (vbd_mode_code(VbdMode::Map), vbd_mode_code(VbdMode::Copy)),
+            (1, 2)
+        );
+        let mut all = 0;
+        for (bit, name) in perm::NAMES {
+            assert_eq!(bit.count_ones(), 1);
+            assert_eq!(perm::from_name(name), Some(bit));
+            assert_eq!(perm::name(bit), Some(name));
+            all |= bit;
+        }
+        assert_eq!(all, perm::ALL);
+        assert_eq!(perm::from_name("grant_map"), None);
+        assert_eq!(perm::name(3), None);
+    }
+
+    #[test]
+    fn each_vbd_corruption_is_named() {
+        use ManifestError::*;
+        let (v0, v1) = (vbd(0), vbd(1));
+        let put64 = |b: &mut Vec<u8>, at: usize, v: u64| le::put(b, at, &v.to_le_bytes());
+        assert_eq!(err(|b| b[68] = 41), BadVbdSize { found: 41 });
+        assert_eq!(err(|b| b[72] = 71), BadAllowSize { found: 71 });
+        assert_eq!(err(|b| b[70] = 69), TooManyVbds { count: 69 });
+        assert_eq!(err(|b| b[75] = 2), TooManyAllows { count: 0x202 });
+        assert_eq!(
+            err(|b| b[70] = 3),
+            SizeMismatch {
+                declared: SIZE as u32,
+                expected: SIZE + VBD_SIZE,
+                len: SIZE
+            }
+        );
+        assert_eq!(
+            err(|b| b[v0 + 4] = 0),
+            BadString {
+                record: Record::Vbd(0),
+                field: "name",
+                problem: StrProblem::Empty
+            }
+        );
+        assert_eq!(
+            err(|b| b[v1 + 4] = 17),
+            BadString {
+                record: Record::Vbd(1),
+                field: "name",
+                problem: StrProblem::TooLong { len: 17, max: 16 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[v1 + 24] = b'X'),
+            BadString {
+                record: Record::Vbd(1),
+                field: "name",
+                problem: StrProblem::BadChar { at: 0 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[v0] = 3),
+            VbdEndOutOfRange {
+                index: 0,
+                domain: 3,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[v0 + 3] = 1),
+            VbdEndOutOfRange {
+                index: 0,
+                domain: 257,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[v0] = 1),
+            VbdToItself {
+                index: 0,
+                domain: 1
+            }
+        );
+        assert_eq!(err(|b| b[v0 + 5] = 0), UnknownVbdMode { index: 0, code: 0 });
+        assert_eq!(err(|b| b[v1 + 5] = 3), UnknownVbdMode { index: 1, code: 3 });
+        assert_eq!(
+            err(|b| b[v0 + 6] = 2),
+            BadVbdReadonly { index: 0, value: 2 }
+        );
+        assert_eq!(err(|b| b[v1 + 7] = 1), VbdReservedNotZero { index: 1 });
+        assert_eq!(err(|b| put64(b, v1 + 16, 0)), EmptyVbd { index: 1 });
+        assert_eq!(
+            err(|b| put64(b, v1 + 8, u64::MAX - 100)),
+            VbdRangeWraps {
+                index: 1,
+                first_sector: u64::MAX - 100,
+                sectors: 2048
+            }
+        );
+        // Domain 0 owns only an edu: it serves no disk.
+        assert_eq!(
+            err(|b| {
+                b[v1] = 1;
+                b[v1 + 2] = 0;
+            }),
+            VbdBackendHasNoDisk {
+                index: 1,
+                backend: 0
+            }
+        );
+        // Both vbds of one frontend, with one name.
+        assert_eq!(err(|b| b[v1] = 0), DuplicateVbd { first: 0, index: 1 });
+        // Overlapping ranges of one disk, once one of them is writable...
+        assert_eq!(
+            err(|b| put64(b, v1 + 8, 4095)),
+            VbdsOverlap { first: 0, index: 1 }
+        );
+        assert_eq!(
+            err(|b| {
+                put64(b, v1 + 8, 0);
+                b[v1 + 6] = 0;
+            }),
+            VbdsOverlap { first: 0, index: 1 }
+        );
+        // ...but two read-only ranges may share sectors, and touching
+        // ranges do not overlap.
+        let mut b = good();
+        put64(&mut b, v1 + 8, 0);
+        b[v0 + 6] = 1;
+        assert!(Manifest::parse(&b).is_ok());
+        let mut b = good();
+        b[v1 + 6] = 0;
+        assert!(Manifest::parse(&b).is_ok());
+        let mut b = good();
+        put64(&mut b, v1 + 8, 4095);
+        b[v0 + 6] = 1;
+        assert!(Manifest::parse(&b).is_ok());
+        assert_eq!(
+            err(|b| put64(b, v1 + 8, 4095)).to_string(),
+            "vbd 1: its sectors overlap vbd 0's on the same disk, and not both are read-only"
+        );
+    }
+
+    #[test]
+    fn too_many_vbds_for_one_domain() {
+        let names: Vec<std::string::String> = (0..=MAX_DOMAIN_VBDS)
+            .map(|i| std::format!("xvd{i}"))
+            .collect();
+        let vs: Vec<Vbd<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Vbd {
+                name,
+                frontend: 0,
+                backend: 1,
+                first_sector: 100 * i as u64,
+                sectors: 100,
+                readonly: false,
+                mode: VbdMode::Copy,
+            })
+            .collect();
+        let (d, doms) = (devices(), domains());
+        let mut c = Contents {
+            devices: &d,
+            domains: &doms,
+            vbds: &vs,
+            ..Contents::empty("x", ExitRule::AllExited)
+        };
+        let mut buf = vec![0; c.size()];
+        assert_eq!(
+            encode(&c, &mut buf),
+            Err(EncodeError::Invalid(ManifestError::TooManyDomainVbds {
+                domain: 0,
+                vbd: 8
+            }))
+        );
+        c.vbds = &vs[..MAX_DOMAIN_VBDS];
+        assert!(encode(&c, &mut buf).is_ok());
+        let long = "v".repeat(17);
+        let v = [Vbd {
+            name: &long,
+            ..vbds()[0]
+        }];
+        c.vbds = &v;
+        assert!(matches!(
+            encode(&c, &mut buf),
+            Err(EncodeError::TooLong {
+                what: "vbd name",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn each_allow_corruption_is_named() {
+        use ManifestError::*;
+        let (a0, a1) = (allow(0), allow(1));
+        assert_eq!(err(|b| b[a0 + 2] = 0), NoPerms { index: 0 });
+        assert_eq!(
+            err(|b| b[a1 + 2] = 0x14),
+            UnknownPerms {
+                index: 1,
+                perms: 0x14
+            }
+        );
+        assert_eq!(err(|b| b[a1 + 7] = 1), AllowReservedNotZero { index: 1 });
+        assert_eq!(
+            err(|b| b[a0] = 0),
+            BadString {
+                record: Record::Allow(0),
+                field: "subject",
+                problem: StrProblem::Empty
+            }
+        );
+        assert_eq!(
+            err(|b| b[a0 + 1] = 33),
+            BadString {
+                record: Record::Allow(0),
+                field: "object",
+                problem: StrProblem::TooLong { len: 33, max: 32 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[a0 + 40 + 7] = b'x'),
+            BadString {
+                record: Record::Allow(0),
+                field: "object",
+                problem: StrProblem::PaddingNotZero
+            }
+        );
+        // "guest_c" is nobody's label.
+        assert_eq!(
+            err(|b| b[a0 + 14] = b'c'),
+            AllowUnknownLabel {
+                index: 0,
+                field: "subject"
+            }
+        );
+        assert_eq!(
+            err(|b| b[a1 + 40] = b'b'),
+            AllowUnknownLabel {
+                index: 1,
+                field: "object"
+            }
+        );
+        // Allow 1 made a second guest_b -> guest_a rule.
+        assert_eq!(
+            err(|b| {
+                b[a1 + 1] = 7;
+                b[a1 + 40..a1 + 72].fill(0);
+                b[a1 + 40..a1 + 47].copy_from_slice(b"guest_a");
+            }),
+            DuplicateAllow { first: 0, index: 1 }
+        );
+        assert_eq!(
+            err(|b| b[a0 + 2] = 0x14 | 1).to_string(),
+            "allow 0: permission bits 0x15 outside 0x0f"
+        );
+        // A label may be its own object (two domains of one label).
+        let a = [Allow {
+            subject: "guest_a",
+            object: "guest_a",
+            perms: perm::ALL,
+        }];
+        let (d, doms) = (devices(), domains());
+        let c = Contents {
+            devices: &d,
+            domains: &doms,
+            allows: &a,
+            ..Contents::empty("x", ExitRule::AllExited)
+        };
+        let mut buf = vec![0; c.size()];
+        encode(&c, &mut buf).unwrap();
+        assert!(Manifest::parse(&buf)
+            .unwrap()
+            .allowed("guest_a", "guest_a", perm::EVENT_BIND));
+    }
+
+    #[test]
     fn errors_display_their_check() {
-        let e = err(|b| b[72 + 16 + 2] = 0x18);
+        let e = err(|b| b[HEADER_SIZE + 16 + 2] = 0x18);
         assert_eq!(
             e.to_string(),
             "device 2: address 00:03.0 already used by device 0"
         );
-        let e = err(|b| b[72 + 8 + 6] = 0x42);
+        let e = err(|b| b[HEADER_SIZE + 8 + 6] = 0x42);
         assert_eq!(
             e.to_string(),
             "device 1 (virtio-net): ids 1af4:1042, the kind has 1af4:1041"
@@ -2717,12 +3840,12 @@ mod tests {
         let doms = domains();
         let ch = channels();
         assert_eq!(
-            encode("", ExitRule::Never, &d, &[], &[], &[], &mut buf),
+            enc("", ExitRule::Never, &d, &[], &[], &[], &mut buf),
             Err(Invalid(M::EmptyName))
         );
         let long = "n".repeat(33);
         assert_eq!(
-            encode(&long, ExitRule::Never, &d, &[], &[], &[], &mut buf),
+            enc(&long, ExitRule::Never, &d, &[], &[], &[], &mut buf),
             Err(TooLong {
                 what: "system name",
                 index: 0,
@@ -2732,7 +3855,7 @@ mod tests {
         );
         let dup = [d[0], d[0]];
         assert!(matches!(
-            encode("x", ExitRule::Never, &dup, &[], &[], &[], &mut buf),
+            enc("x", ExitRule::Never, &dup, &[], &[], &[], &mut buf),
             Err(Invalid(M::DuplicateAddress {
                 first: 0,
                 index: 1,
@@ -2741,21 +3864,24 @@ mod tests {
         ));
         let bad = [Device { vendor: 1, ..d[0] }];
         assert!(matches!(
-            encode("x", ExitRule::Never, &bad, &[], &[], &[], &mut buf),
+            enc("x", ExitRule::Never, &bad, &[], &[], &[], &mut buf),
             Err(Invalid(M::IdsDoNotMatchKind { index: 0, .. }))
         ));
         assert_eq!(
-            encode("x", ExitRule::Never, &d, &[], &[], &[], &mut buf[..70]),
-            Err(BufferTooSmall { need: 96, have: 70 })
+            enc("x", ExitRule::Never, &d, &[], &[], &[], &mut buf[..70]),
+            Err(BufferTooSmall {
+                need: 104,
+                have: 70
+            })
         );
         assert_eq!(
-            encode("x", ExitRule::AllExited, &d, &[], &[], &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &[], &[], &[], &mut buf),
             Err(Invalid(M::AllExitedWithoutDomains))
         );
         let mut wrong = doms;
         wrong[1].index = 0;
         assert_eq!(
-            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(WrongIndex {
                 position: 1,
                 index: 0
@@ -2765,7 +3891,7 @@ mod tests {
         let args = "a".repeat(129);
         wrong[2].args = &args;
         assert_eq!(
-            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(TooLong {
                 what: "domain args",
                 index: 2,
@@ -2776,19 +3902,19 @@ mod tests {
         let mut wrong = doms;
         wrong[2].name = "ping";
         assert_eq!(
-            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(Invalid(M::DuplicateDomain { first: 0, index: 2 }))
         );
         let mut wrong = doms;
         wrong[0].memory = 3 << 30;
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &wrong, &ch, &[], &mut buf),
             Err(Invalid(M::MemoryOutOfRange { index: 0, .. }))
         ));
         let mut wrong = ch;
         wrong[1].b = 7;
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
             Err(Invalid(M::ChannelEndOutOfRange { index: 1, .. }))
         ));
         let long = "c".repeat(25);
@@ -2798,7 +3924,7 @@ mod tests {
             b: 1,
         }];
         assert!(matches!(
-            encode("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
+            enc("x", ExitRule::AllExited, &d, &doms, &wrong, &[], &mut buf),
             Err(TooLong {
                 what: "channel name",
                 ..

@@ -4,7 +4,10 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
+
 pub mod blk;
 pub mod blk_pattern;
 pub mod net;
 pub mod netframe;
+pub mod serve;

@@ -13,9 +13,12 @@
 //! | `role=dma-attack [hv=ADDR] [peer=NAME] [unmapped=ADDR] [stale=1]` | owns an `edu`: a DMA control, then device writes at each target ([`dma`]) |
 //! | `role=msi-spoof irte=N vector=V hv_vector=H` | owns an `edu`: tries to raise interrupts it does not own ([`msi`]) |
 //! | `role=irq-victim [ms=1000]` | owns a device, binds its interrupt, counts the notifications it gets ([`msi`]) |
+//! | `role=blkfront vbd=xvda [write=S..E] [verify=S..E] [pattern=A] [outside=1] [seq_mb=N] [bs=64k] [depth=4] [rand=N] [expect=denied]` | a disk workload over blkfront ([`blkwork`]) |
+//! | `role=hostile-blkfront vbd=xvda [other=NAME]` | breaks blkif's rules on its own ring, case by case ([`blkhostile`]) |
 //!
 //! Each reports its result as an event (`pingpong`, `work_done`,
-//! `attack`, `hypercall_table`) and exits 0 on success, 1 on failure;
+//! `attack`, `hypercall_table`, `data_check`, `throughput`) and exits 0 on
+//! success, 1 on failure;
 //! an attacker that survives its attack exits 1. Bad args print why and
 //! exit 2.
 //!
@@ -29,6 +32,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod attack;
+pub mod blkhostile;
+pub mod blkwork;
 pub mod dma;
 pub mod hostile;
 pub mod msi;
@@ -59,7 +64,7 @@ pub enum Attack<'a> {
 }
 
 /// What a `testdom` does, from its args.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role<'a> {
     Ping {
         count: u64,
@@ -88,6 +93,11 @@ pub enum Role<'a> {
     },
     IrqVictim {
         ms: u64,
+    },
+    Blkfront(blkwork::Plan<'a>),
+    HostileBlkfront {
+        vbd: &'a str,
+        other: Option<&'a str>,
     },
 }
 
@@ -160,6 +170,14 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 ms: a.u64_or("ms", 1000).map_err(arg_err)?,
             }
         }
+        [Some("blkfront"), _, _] => Role::Blkfront(blkwork::Plan::parse(args)?),
+        [Some("hostile-blkfront"), _, _] => {
+            a.only(&["role", "vbd", "other"]).map_err(arg_err)?;
+            Role::HostileBlkfront {
+                vbd: a.get("vbd").unwrap_or("xvda"),
+                other: a.get("other"),
+            }
+        }
         [Some("hostile"), _, _] => {
             a.only(&["role", "peer"]).map_err(arg_err)?;
             Role::Hostile {
@@ -192,7 +210,7 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
         }
         [Some(r), _, _] => {
             return Err(format!(
-            "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim)"
+            "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim, blkfront, hostile-blkfront)"
         ))
         }
         [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
@@ -235,6 +253,8 @@ pub fn testdom(si: &StartInfo<'_>) -> i64 {
             },
         ),
         Role::IrqVictim { ms } => msi::victim(si, ms),
+        Role::Blkfront(plan) => blkwork::run(si, &plan),
+        Role::HostileBlkfront { vbd, other } => blkhostile::run(si, vbd, other),
     }
 }
 
@@ -284,6 +304,17 @@ mod tests {
                 stale: true,
                 ..Default::default()
             }))
+        );
+        assert!(matches!(
+            role("role=blkfront vbd=xvdb write=0..8"),
+            Ok(Role::Blkfront(blkwork::Plan { vbd: "xvdb", .. }))
+        ));
+        assert_eq!(
+            role("role=hostile-blkfront other=honest"),
+            Ok(Role::HostileBlkfront {
+                vbd: "xvda",
+                other: Some("honest")
+            })
         );
         assert_eq!(role("attack=hvmem"), Ok(Role::Attack(Attack::HvMem)));
         assert_eq!(role("attack=code"), Ok(Role::Attack(Attack::Code)));

@@ -109,7 +109,11 @@ impl GrantEnv for Env<'_> {
             domain: name(subject),
             subject: label(subject),
             object: label(object),
-            perm: perm.name(),
+            // The manifest's spelling, which `[[allow]]` rules use.
+            perm: abi::manifest::perm::NAMES
+                .iter()
+                .find(|(bit, _)| *bit == perm.bits())
+                .map_or("several", |(_, name)| name),
         });
     }
 }

@@ -17,13 +17,13 @@ use crate::pci::Function;
 use crate::sync::Lock;
 use crate::{boot, console, log};
 use abi::bundle::{Bundle, EntryKind};
-use abi::domain::{DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind};
+use abi::domain::{DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind, VbdInfo, VbdRole};
 use abi::ev;
-use abi::manifest::{DmaFault, ExitRule, Expect, Manifest, WatchTarget};
+use abi::manifest::{DmaFault, ExitRule, Manifest, WatchTarget};
 use alloc::vec::Vec;
 use hypervisor::evtchn::EventChannels;
 use hypervisor::grant::GrantTables;
-use hypervisor::policy::Policy;
+use hypervisor::policy::{Perms, Policy, Rule};
 use hypervisor::sched::Scheduler;
 
 pub struct System {
@@ -154,6 +154,44 @@ pub fn start(
         ports[a].push((pa, db, c.name));
         ports[b].push((pb, da, c.name));
     }
+    // Virtual block devices: an event channel per vbd, bound now; the ring
+    // is the frontend's page, granted at its reserved reference (the n-th
+    // vbd of a frontend uses ref n).
+    let mut vbds: Vec<Vec<VbdInfo<'_>>> = specs.iter().map(|_| Vec::new()).collect();
+    for v in manifest.vbds() {
+        let (f, b) = (usize::from(v.frontend), usize::from(v.backend));
+        let (df, db) = (sys.domains[f].domid, sys.domains[b].domid);
+        let (pf, pb) = sys
+            .evtchn
+            .bind_interdomain_at_build(df, db)
+            .unwrap_or_else(|e| boot::fail("domain", format_args!("vbd {}: {}", v.name, e.name())));
+        let ring_gref = vbds[f].iter().filter(|v| v.role == VbdRole::Front).count() as u32;
+        let end = |role, peer, port| VbdInfo {
+            name: v.name,
+            role,
+            peer,
+            port,
+            ring_gref,
+            first_sector: v.first_sector,
+            sectors: v.sectors,
+            readonly: v.readonly,
+            mode: v.mode,
+        };
+        vbds[f].push(end(VbdRole::Front, db, pf));
+        vbds[b].push(end(VbdRole::Back, df, pb));
+    }
+    sys.policy = Policy::new(
+        manifest
+            .allows()
+            .map(|a| {
+                Rule::new(
+                    a.subject,
+                    a.object,
+                    Perms::from_bits(a.perms).unwrap_or(Perms::NONE),
+                )
+            })
+            .collect(),
+    );
     for (i, d) in sys.domains.iter().enumerate() {
         let my_ports: Vec<PortInfo<'_>> = ports[i]
             .iter()
@@ -175,7 +213,7 @@ pub fn start(
                 mem_bytes: p.mem_pages * 4096,
             })
             .collect();
-        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers, &[])
+        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers, &vbds[i])
             .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
         console::event(&ev::DomainStart {
             domain: &d.name,
@@ -577,10 +615,8 @@ fn finish(sys: &mut System) -> ! {
         });
     }
     let all_expected = sys.domains.iter().all(|d| {
-        matches!(
-            (d.expect, d.ended),
-            (Expect::Exit, Some((0, "exit"))) | (Expect::Fault, Some((_, "fault")))
-        )
+        d.ended
+            .is_some_and(|(status, reason)| d.ends_as_expected(status, reason))
     });
     match sys.exit_rule {
         ExitRule::Never => {

@@ -43,11 +43,14 @@ extern crate alloc;
 extern crate std;
 
 pub mod args;
+pub mod blkfront;
 pub mod buf;
 pub mod console;
 pub mod device;
+pub mod grant;
 pub mod hypercall;
 pub mod ports;
+pub mod ring;
 #[cfg(target_os = "none")]
 mod rt;
 pub mod virtio;

@@ -61,11 +61,40 @@ impl fmt::Display for Content {
     }
 }
 
-/// Sectors `sectors` (end exclusive) hold `content`.
+/// Sectors `sectors` (end exclusive) hold `content`: disk sector
+/// `sectors.start + k` holds the content's sector `base + k`. `base` is
+/// `sectors.start` unless the pattern was written through a vbd, whose
+/// sector 0 sits elsewhere on the disk (`base = 0`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     pub sectors: Range<u64>,
     pub content: Content,
+    pub base: u64,
+}
+
+impl Region {
+    /// `content` at its own sector numbers.
+    pub fn new(sectors: Range<u64>, content: Content) -> Self {
+        Region {
+            base: sectors.start,
+            sectors,
+            content,
+        }
+    }
+
+    /// What disk sector `s` (inside `sectors`) should hold.
+    pub fn sector(&self, s: u64) -> [u8; SECTOR] {
+        self.content
+            .sector(self.base.wrapping_add(s.wrapping_sub(self.sectors.start)))
+    }
+
+    fn describe(&self) -> String {
+        if self.base == self.sectors.start || self.content == Content::Zero {
+            self.content.to_string()
+        } else {
+            format!("{} from its sector {}", self.content, self.base)
+        }
+    }
 }
 
 /// A scenario's `[test.disk]`, checked by xtask.
@@ -87,7 +116,7 @@ pub fn write_regions(image: &mut (impl Write + Seek), fill: &[Region]) -> io::Re
         image.seek(SeekFrom::Start(r.sectors.start * SECTOR as u64))?;
         let mut w = io::BufWriter::new(&mut *image);
         for s in r.sectors.clone() {
-            w.write_all(&r.content.sector(s))?;
+            w.write_all(&r.sector(s))?;
         }
         w.flush()?;
     }
@@ -115,13 +144,14 @@ pub fn check_regions(image: &mut (impl Read + Seek), expect: &[Region]) -> Vec<S
             if let Err(e) = reader.read_exact(&mut got) {
                 failures.push(format!(
                     "disk: sectors {:?} should hold {}: sector {s} cannot be read ({e})",
-                    r.sectors, r.content
+                    r.sectors,
+                    r.describe()
                 ));
                 count = 0;
                 wrong.clear();
                 break;
             }
-            if got != r.content.sector(s) {
+            if got != r.sector(s) {
                 count += 1;
                 if wrong.len() < LISTED {
                     wrong.push(format!("{s} ({})", describe(&got)));
@@ -132,7 +162,7 @@ pub fn check_regions(image: &mut (impl Read + Seek), expect: &[Region]) -> Vec<S
             failures.push(format!(
                 "disk: sectors {:?} should hold {}, but {count} of them do not: {}{}",
                 r.sectors,
-                r.content,
+                r.describe(),
                 wrong.join(", "),
                 if count as usize > wrong.len() {
                     ", ..."
@@ -201,10 +231,7 @@ mod tests {
     use std::io::Cursor;
 
     fn region(sectors: Range<u64>, c: &str) -> Region {
-        Region {
-            sectors,
-            content: Content::parse(c).unwrap(),
-        }
+        Region::new(sectors, Content::parse(c).unwrap())
     }
 
     #[test]
@@ -276,6 +303,43 @@ mod tests {
         assert_eq!(
             f[2],
             "disk: sectors 128..256 should hold zeros, but 1 of them do not: 128 (pattern B sector 127)"
+        );
+    }
+
+    /// A vbd at disk sector 100: its sectors 0..8 hold A's sectors 0..8.
+    #[test]
+    fn regions_written_through_a_vbd() {
+        let mut img = Cursor::new(vec![0u8; 200 * SECTOR]);
+        let vbd = Region {
+            base: 0,
+            ..region(100..108, "A")
+        };
+        write_regions(&mut img, std::slice::from_ref(&vbd)).unwrap();
+        assert_eq!(
+            &img.get_ref()[100 * SECTOR..101 * SECTOR],
+            &blk_pattern::sector("A", 0)
+        );
+        assert!(check_regions(&mut img, std::slice::from_ref(&vbd)).is_empty());
+        let f = check_regions(&mut img, &[region(100..108, "A")]);
+        assert_eq!(
+            f,
+            [
+                "disk: sectors 100..108 should hold pattern A, but 8 of them do not: \
+              100 (pattern A sector 0), 101 (pattern A sector 1), 102 (pattern A sector 2), \
+              103 (pattern A sector 3), ..."
+            ]
+        );
+        let f = check_regions(
+            &mut img,
+            &[Region {
+                base: 1,
+                ..region(100..101, "A")
+            }],
+        );
+        assert_eq!(
+            f,
+            ["disk: sectors 100..101 should hold pattern A from its sector 1, but 1 of them do not: \
+              100 (pattern A sector 0)"]
         );
     }
 

@@ -407,9 +407,38 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     }
                 };
                 let watches: Vec<String> = s.watches.iter().map(|w| w.name.clone()).collect();
+                let vbds: Vec<String> = s
+                    .vbds
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{} of {} (sectors {}..{} of {}, {}{})",
+                            v.name,
+                            s.domains[v.frontend].name,
+                            v.first_sector,
+                            v.first_sector + v.sectors,
+                            s.domains[v.backend].name,
+                            abi::manifest::vbd_mode_name(v.mode),
+                            if v.readonly { ", read-only" } else { "" }
+                        )
+                    })
+                    .collect();
+                let allows: Vec<String> = s
+                    .allows
+                    .iter()
+                    .map(|a| {
+                        let perms: Vec<&str> = abi::manifest::perm::NAMES
+                            .iter()
+                            .filter(|(bit, _)| a.perms & bit != 0)
+                            .map(|(_, n)| *n)
+                            .collect();
+                        format!("{} -> {} {}", a.subject, a.object, perms.join("+"))
+                    })
+                    .collect();
                 println!(
                     "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}; {} domain(s){}; \
-                     {} channel(s){}; {} watch(es){}; compiled manifest {} bytes{}",
+                     {} channel(s){}; {} watch(es){}; {} vbd(s){}; {} allow rule(s){}; \
+                     compiled manifest {} bytes{}",
                     s.name,
                     s.memory >> 20,
                     s.exit.name(),
@@ -421,6 +450,10 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     list(&channels),
                     watches.len(),
                     list(&watches),
+                    vbds.len(),
+                    list(&vbds),
+                    allows.len(),
+                    list(&allows),
                     compiled.len(),
                     if s.test.is_some() {
                         "; has a [test] table"

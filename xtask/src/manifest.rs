@@ -53,6 +53,25 @@
 //! domain = "bystander"      # instead of addr: the first `len` bytes of that domain's memory
 //! len = "4K"                # (its first page is its start info), at most its memory
 //!
+//! [[vbd]]                   # a virtual block device: a range of the backend's disk that
+//! name = "xvda"             # the frontend uses through blkfront/blkback; 1-16 of a-z 0-9 _ -,
+//!                           # unique among the frontend's vbds
+//! frontend = "guest1"       # the domain that uses it
+//! backend = "blk"           # the domain that serves it: it owns a virtio-blk (its first
+//!                           # one in `devices` is the disk)
+//! sectors = "0..4096"       # the range of the backend's disk, end exclusive, inside the
+//!                           # disk's size; ranges of one disk must not overlap unless
+//!                           # both are read-only
+//! readonly = false          # default false
+//! mode = "copy"             # "copy" (default): grant copy; "map": grant map (zero-copy)
+//!                           # each domain is an end of at most 8 vbds
+//!
+//! [[allow]]                 # the security policy: grant maps and copies are refused
+//! from = "blk_driver"       # unless a rule allows the acting domain's label (from) the
+//! to = "guest_a"            # permission towards the other domain's label (to); labels
+//! perms = ["grant_copy"]    # some domain has; grant_map_read, grant_map_write, grant_copy,
+//!                           # event_bind; event channels the manifest declares need no rule
+//!
 //! [test]                    # scenarios only (tests/scenarios/); `run` ignores it
 //! ```
 //!
@@ -89,6 +108,9 @@
 //! device = "03.0"           # before boot (zeros, then `fill`), checked after QEMU exits
 //! fill = [{ sectors = "0..64", pattern = "A" }]      # harness::disk; sectors end-exclusive
 //! expect = [{ sectors = "64..128", pattern = "B" }, { sectors = "128..2048", pattern = "zero" }]
+//! # base: the pattern's sector number at the region's first sector (default: the
+//! # region's start): a vbd's sector 0 at disk sector 4096 is { sectors = "4096..4352",
+//! # pattern = "A", base = 0 }
 //! ```
 //!
 //! Structure errors (unknown fields and tables, wrong types, missing fields,
@@ -102,7 +124,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use abi::domain::DmaMode;
+use abi::domain::{DmaMode, VbdMode};
 use abi::manifest::{self as compiled, Device, DeviceKind, DmaFault, ExitRule};
 use abi::pci::Bdf;
 use harness::{
@@ -146,7 +168,30 @@ struct Doc {
     channel: Vec<ChannelToml>,
     #[serde(default)]
     watch: Vec<WatchToml>,
+    #[serde(default)]
+    vbd: Vec<VbdToml>,
+    #[serde(default)]
+    allow: Vec<AllowToml>,
     test: Option<TestToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VbdToml {
+    name: Spanned<String>,
+    frontend: Spanned<String>,
+    backend: Spanned<String>,
+    sectors: Spanned<String>,
+    readonly: Option<Spanned<bool>>,
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowToml {
+    from: Spanned<String>,
+    to: Spanned<String>,
+    perms: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -236,6 +281,7 @@ struct DiskToml {
 struct RegionToml {
     sectors: Spanned<String>,
     pattern: Spanned<String>,
+    base: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +404,26 @@ pub struct PlannedChannel {
     pub b: usize,
 }
 
+/// One vbd, checked: `frontend` and `backend` index `System::domains`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedVbd {
+    pub name: String,
+    pub frontend: usize,
+    pub backend: usize,
+    pub first_sector: u64,
+    pub sectors: u64,
+    pub readonly: bool,
+    pub mode: VbdMode,
+}
+
+/// One allow rule, checked: `perms` is a set of `abi::manifest::perm` bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedAllow {
+    pub subject: String,
+    pub object: String,
+    pub perms: u8,
+}
+
 /// A manifest that passed every check.
 #[derive(Clone, Debug)]
 pub struct System {
@@ -368,6 +434,8 @@ pub struct System {
     pub domains: Vec<PlannedDomain>,
     pub channels: Vec<PlannedChannel>,
     pub watches: Vec<PlannedWatch>,
+    pub vbds: Vec<PlannedVbd>,
+    pub allows: Vec<PlannedAllow>,
     /// The scenario, when the file has a `[test]` table (named after the file).
     pub test: Option<Scenario>,
 }
@@ -423,21 +491,41 @@ impl System {
                 len: w.len,
             })
             .collect();
-        let mut out =
-            vec![
-                0;
-                compiled::encoded_size(devices.len(), domains.len(), channels.len(), watches.len())
-            ];
-        let n = compiled::encode(
-            &self.name,
-            exit.unwrap_or(self.exit),
-            &devices,
-            &domains,
-            &channels,
-            &watches,
-            &mut out,
-        )
-        .map_err(|e| format!("compiling the manifest: {e}"))?;
+        let vbds: Vec<compiled::Vbd<'_>> = self
+            .vbds
+            .iter()
+            .map(|v| compiled::Vbd {
+                name: &v.name,
+                frontend: v.frontend as u16,
+                backend: v.backend as u16,
+                first_sector: v.first_sector,
+                sectors: v.sectors,
+                readonly: v.readonly,
+                mode: v.mode,
+            })
+            .collect();
+        let allows: Vec<compiled::Allow<'_>> = self
+            .allows
+            .iter()
+            .map(|a| compiled::Allow {
+                subject: &a.subject,
+                object: &a.object,
+                perms: a.perms,
+            })
+            .collect();
+        let contents = compiled::Contents {
+            name: &self.name,
+            exit: exit.unwrap_or(self.exit),
+            devices: &devices,
+            domains: &domains,
+            channels: &channels,
+            watches: &watches,
+            vbds: &vbds,
+            allows: &allows,
+        };
+        let mut out = vec![0; contents.size()];
+        let n = compiled::encode(&contents, &mut out)
+            .map_err(|e| format!("compiling the manifest: {e}"))?;
         out.truncate(n);
         Ok(out)
     }
@@ -826,6 +914,8 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
 
     let (domains, channels) = check_domains(&mut c, &doc, memory, &devices);
     let watches = check_watches(&mut c, &doc, memory);
+    let vbds = check_vbds(&mut c, &doc, &devices, &domains);
+    let allows = check_allows(&mut c, &doc);
     let exit = match (exit, &doc.system.exit) {
         (Some(ExitRule::AllExited), Some(e)) if domains.is_empty() && doc.domain.is_empty() => {
             c.err(
@@ -867,6 +957,8 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             domains,
             channels,
             watches,
+            vbds,
+            allows,
             test,
         })
     } else {
@@ -1408,6 +1500,291 @@ fn check_watches(c: &mut Checker<'_>, doc: &Doc, machine: u64) -> Vec<PlannedWat
     watches
 }
 
+/// Checks every `[[vbd]]`. `domains` are the domains that passed their
+/// checks (a vbd naming one that did not is not checked further).
+fn check_vbds(
+    c: &mut Checker<'_>,
+    doc: &Doc,
+    devices: &[PlannedDevice],
+    domains: &[PlannedDomain],
+) -> Vec<PlannedVbd> {
+    use harness::disk::blk_pattern::{parse_range, SECTOR};
+    let mut vbds: Vec<PlannedVbd> = Vec::new();
+    let mut ends = vec![0usize; doc.domain.len()];
+    if doc.vbd.len() > compiled::MAX_VBDS {
+        let v = &doc.vbd[compiled::MAX_VBDS];
+        c.err(
+            v.name.span(),
+            format!("vbd[{}]", compiled::MAX_VBDS),
+            format!("more than {} vbds", compiled::MAX_VBDS),
+        );
+    }
+    for (i, v) in doc.vbd.iter().enumerate() {
+        let at = |field: &str| format!("vbd[{i}].{field}");
+        let mut ok = true;
+        let name = v.name.get_ref();
+        if let Err(m) = check_ident(name, "vbd name", compiled::VBD_NAME_MAX) {
+            c.err(v.name.span(), at("name"), m);
+            ok = false;
+        } else if let Some(first) = doc.vbd[..i]
+            .iter()
+            .position(|o| o.name.get_ref() == name && o.frontend.get_ref() == v.frontend.get_ref())
+        {
+            c.err(
+                v.name.span(),
+                at("name"),
+                format!(
+                    "domain \"{}\" already has a vbd called \"{name}\" (vbd[{first}])",
+                    v.frontend.get_ref()
+                ),
+            );
+            ok = false;
+        }
+        let end = |c: &mut Checker<'_>, field: &str, s: &Spanned<String>| {
+            let j = doc
+                .domain
+                .iter()
+                .position(|d| d.name.get_ref() == s.get_ref());
+            if j.is_none() {
+                c.err(
+                    s.span(),
+                    at(field),
+                    format!("no domain is called \"{}\"", s.get_ref()),
+                );
+            }
+            j
+        };
+        let front = end(c, "frontend", &v.frontend);
+        let back = end(c, "backend", &v.backend);
+        if front.is_some() && front == back {
+            c.err(
+                v.backend.span(),
+                at("backend"),
+                format!(
+                    "domain \"{}\" is both the frontend and the backend",
+                    v.backend.get_ref()
+                ),
+            );
+            ok = false;
+        }
+        // The backend's disk: its first virtio-blk.
+        let disk = back.and_then(|j| {
+            let planned = domains
+                .iter()
+                .find(|d| d.name == *doc.domain[j].name.get_ref())?;
+            let disk = planned
+                .devices
+                .iter()
+                .map(|&k| &devices[k])
+                .find(|d| d.kind == DeviceKind::VirtioBlk);
+            if disk.is_none() {
+                c.err(
+                    v.backend.span(),
+                    at("backend"),
+                    format!(
+                        "domain \"{}\" owns no virtio-blk to serve the vbd from",
+                        v.backend.get_ref()
+                    ),
+                );
+            }
+            disk
+        });
+        let range = match parse_range(v.sectors.get_ref()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                c.err(
+                    v.sectors.span(),
+                    at("sectors"),
+                    format!("bad sector range \"{}\": {e}", v.sectors.get_ref()),
+                );
+                None
+            }
+        };
+        if let (
+            Some(r),
+            Some(PlannedDevice {
+                backend: Backend::Disk {
+                    size: Some(size), ..
+                },
+                bdf,
+                ..
+            }),
+        ) = (&range, disk)
+        {
+            let disk_sectors = size / SECTOR as u64;
+            if r.end > disk_sectors {
+                c.err(
+                    v.sectors.span(),
+                    at("sectors"),
+                    format!(
+                        "sectors {}..{} reach past the end of the disk at {bdf} ({disk_sectors} sectors)",
+                        r.start, r.end
+                    ),
+                );
+                ok = false;
+            }
+        }
+        let readonly = v.readonly.as_ref().is_some_and(|r| *r.get_ref());
+        let mode = match &v.mode {
+            None => Some(VbdMode::Copy),
+            Some(m) => {
+                let x = compiled::vbd_mode_from_name(m.get_ref());
+                if x.is_none() {
+                    c.err(
+                        m.span(),
+                        at("mode"),
+                        format!(
+                            "unknown vbd mode \"{}\" (expected one of {})",
+                            m.get_ref(),
+                            one_of(&compiled::VBD_MODES, compiled::vbd_mode_name)
+                        ),
+                    );
+                }
+                x
+            }
+        };
+        let (Some(front), Some(back), Some(range), Some(mode), true) =
+            (front, back, range, mode, ok && disk.is_some())
+        else {
+            continue;
+        };
+        if let Some((first, _)) = vbds.iter().enumerate().find(|(_, o)| {
+            o.backend == back
+                && o.first_sector < range.end
+                && range.start < o.first_sector + o.sectors
+                && !(o.readonly && readonly)
+        }) {
+            c.err(
+                v.sectors.span(),
+                at("sectors"),
+                format!(
+                    "sectors {}..{} overlap those of vbd \"{}\" of domain \"{}\" on the same disk \
+                     (only read-only vbds may share sectors)",
+                    range.start,
+                    range.end,
+                    vbds[first].name,
+                    doc.domain[vbds[first].frontend].name.get_ref()
+                ),
+            );
+            continue;
+        }
+        for (j, s) in [(front, &v.frontend), (back, &v.backend)] {
+            ends[j] += 1;
+            if ends[j] == compiled::MAX_DOMAIN_VBDS + 1 {
+                c.err(
+                    s.span(),
+                    at(if j == front { "frontend" } else { "backend" }),
+                    format!(
+                        "domain \"{}\" would be an end of more than {} vbds (its start info holds no more)",
+                        s.get_ref(),
+                        compiled::MAX_DOMAIN_VBDS
+                    ),
+                );
+            }
+        }
+        vbds.push(PlannedVbd {
+            name: name.clone(),
+            frontend: front,
+            backend: back,
+            first_sector: range.start,
+            sectors: range.end - range.start,
+            readonly,
+            mode,
+        });
+    }
+    vbds
+}
+
+/// Checks every `[[allow]]`: labels some domain has, known permissions,
+/// one rule per (from, to).
+fn check_allows(c: &mut Checker<'_>, doc: &Doc) -> Vec<PlannedAllow> {
+    let mut labels: Vec<&str> = doc
+        .domain
+        .iter()
+        .map(|d| d.label.get_ref().as_str())
+        .collect();
+    labels.sort_unstable();
+    labels.dedup();
+    let mut allows = Vec::new();
+    for (i, a) in doc.allow.iter().enumerate() {
+        let at = |field: &str| format!("allow[{i}].{field}");
+        let mut ok = true;
+        for (field, l) in [("from", &a.from), ("to", &a.to)] {
+            if !labels.contains(&l.get_ref().as_str()) {
+                c.err(
+                    l.span(),
+                    at(field),
+                    format!(
+                        "no domain has the label \"{}\" (labels: {})",
+                        l.get_ref(),
+                        labels.join(", ")
+                    ),
+                );
+                ok = false;
+            }
+        }
+        if let Some(first) = doc.allow[..i]
+            .iter()
+            .position(|o| o.from.get_ref() == a.from.get_ref() && o.to.get_ref() == a.to.get_ref())
+        {
+            c.err(
+                a.to.span(),
+                at("to"),
+                format!(
+                    "allow[{first}] is already the rule from \"{}\" to \"{}\" (put every permission in one rule)",
+                    a.from.get_ref(),
+                    a.to.get_ref()
+                ),
+            );
+            ok = false;
+        }
+        let list = a.perms.get_ref();
+        if list.is_empty() {
+            c.err(
+                a.perms.span(),
+                at("perms"),
+                "no permission (a rule allows at least one)",
+            );
+            ok = false;
+        }
+        let mut perms = 0u8;
+        for (k, p) in list.iter().enumerate() {
+            match compiled::perm::from_name(p.get_ref()) {
+                Some(bit) if perms & bit != 0 => {
+                    c.err(
+                        p.span(),
+                        format!("allow[{i}].perms[{k}]"),
+                        format!("permission \"{}\" is listed twice", p.get_ref()),
+                    );
+                    ok = false;
+                }
+                Some(bit) => perms |= bit,
+                None => {
+                    let all: Vec<&str> = compiled::perm::NAMES.iter().map(|(_, n)| *n).collect();
+                    c.err(
+                        p.span(),
+                        format!("allow[{i}].perms[{k}]"),
+                        format!(
+                            "unknown permission \"{}\" (expected one of {})",
+                            p.get_ref(),
+                            all.join(", ")
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            allows.push(PlannedAllow {
+                subject: a.from.get_ref().clone(),
+                object: a.to.get_ref().clone(),
+                perms,
+            });
+        }
+    }
+    allows
+}
+
 fn check_pattern(
     c: &mut Checker<'_>,
     path: &str,
@@ -1741,7 +2118,18 @@ fn check_test_disk(
                     );
                 }
             }
-            out.push(Region { sectors, content });
+            let mut region = Region::new(sectors, content);
+            if let Some(b) = &r.base {
+                if what == "fill" {
+                    c.err(
+                        b.span(),
+                        at("base"),
+                        "base is for expect regions (what a vbd wrote); fill writes each sector's own",
+                    );
+                }
+                region.base = *b.get_ref();
+            }
+            out.push(region);
         }
         out
     };
@@ -1838,6 +2226,18 @@ mod tests {
             s.domains,
             [
                 PlannedDomain {
+                    name: "blk".into(),
+                    image: "blk".into(),
+                    memory: 4 << 20,
+                    weight: 1,
+                    label: "blk_driver".into(),
+                    args: "write=2048..2304 pattern2=B".into(),
+                    expect: compiled::Expect::Exit,
+                    devices: vec![0],
+                    dma: DmaMode::Static,
+                    on_dma_fault: DmaFault::Stop,
+                },
+                PlannedDomain {
                     name: "ping".into(),
                     image: "testdom".into(),
                     memory: 4 << 20,
@@ -1867,11 +2267,11 @@ mod tests {
             s.channels,
             [PlannedChannel {
                 name: "pp".into(),
-                a: 0,
-                b: 1
+                a: 1,
+                b: 2
             }]
         );
-        assert_eq!(s.images(), ["testdom"]);
+        assert_eq!(s.images(), ["blk", "testdom"]);
         assert_eq!(
             s.devices,
             [
@@ -1897,9 +2297,9 @@ mod tests {
         assert_eq!(m.device_count(), 2);
         assert_eq!(m.exit_rule(), ExitRule::AllExited);
         let names: Vec<&str> = m.domains().map(|d| d.name).collect();
-        assert_eq!(names, ["ping", "pong"]);
+        assert_eq!(names, ["blk", "ping", "pong"]);
         let ch: Vec<_> = m.channels().map(|c| (c.name, c.a, c.b)).collect();
-        assert_eq!(ch, [("pp", 0, 1)]);
+        assert_eq!(ch, [("pp", 1, 2)]);
         let blk = m.device_at(Bdf::new(0, 3, 0)).unwrap();
         assert_eq!((blk.vendor, blk.device), (0x1af4, 0x1042));
         let m2 = s.compile(Some(ExitRule::Never)).unwrap();
@@ -2231,15 +2631,20 @@ mod tests {
             (d.device.as_str(), d.path.as_str(), d.size),
             ("03.0", "x.img", 1 << 20)
         );
-        assert_eq!(
-            d.fill,
-            [Region {
-                sectors: 0..64,
-                content: Content::Pattern("A".into())
-            }]
-        );
+        assert_eq!(d.fill, [Region::new(0..64, Content::Pattern("A".into()))]);
         assert_eq!(d.expect[1].content, Content::Zero);
         assert_eq!(d.expect[1].sectors, 128..2048);
+        assert_eq!(d.expect[1].base, 128);
+        let s = check(
+            "x.toml",
+            &disk_src(
+                "size = \"1M\"",
+                "device = \"03.0\"\nexpect = [{ sectors = \"64..128\", pattern = \"B\", base = 0 }]",
+            ),
+        )
+        .unwrap();
+        let r = &s.test.unwrap().disk.unwrap().expect[0];
+        assert_eq!((r.sectors.clone(), r.base), (64..128, 0));
         let disk = |size: &str, body: &str| error(&disk_src(size, body));
         assert_eq!(
             disk("size = \"1M\"", "device = \"04.0\""),
@@ -2256,6 +2661,10 @@ mod tests {
         assert_eq!(
             disk("size = \"1M\"", "device = \"03.0\"\nfill = [{ sectors = \"0..8\", pattern = \"a b\" }]"),
             "manifests/x.toml:15: test.disk.fill[0].pattern: \"a b\" is neither \"zero\" nor a pattern name (1-8 of A-Z a-z 0-9 _ -)"
+        );
+        assert_eq!(
+            disk("size = \"1M\"", "device = \"03.0\"\nfill = [{ sectors = \"0..8\", pattern = \"A\", base = 0 }]"),
+            "manifests/x.toml:15: test.disk.fill[0].base: base is for expect regions (what a vbd wrote); fill writes each sector's own"
         );
         assert_eq!(
             disk("size = \"1M\"", "device = \"03.0\"\nfill = [{ sectors = \"8..0\", pattern = \"A\" }]"),
@@ -2768,6 +3177,225 @@ mod tests {
             let e = check("x.toml", &with_owners("", "", &format!("[[watch]]\n{body}\n")))
                 .unwrap_err()
                 .to_string();
+            assert!(e.starts_with(msg), "{body}: {e}");
+        }
+    }
+
+    /// `HEAD`, a 64M virtio-blk at 03.0 and an edu at 05.0 (lines 4-12),
+    /// the domains blk (owns 03.0, label blk_driver), g1 (guest_a), g2
+    /// (guest_b) and e (owns the edu; label guest_b), six lines each from
+    /// line 14, then `rest` from line 38.
+    fn with_vbds(rest: &str) -> String {
+        let dom = |n: &str, label: &str, extra: &str| {
+            format!("[[domain]]\nname = \"{n}\"\nimage = \"testdom\"\nmemory = \"2M\"\nlabel = \"{label}\"\n{extra}\n")
+        };
+        format!(
+            "{HEAD}{BLK}[[device]]\nkind = \"edu\"\naddr = \"05.0\"\n\n{}{}{}{}{rest}",
+            dom("blk", "blk_driver", "devices = [\"03.0\"]"),
+            dom("g1", "guest_a", ""),
+            dom("g2", "guest_b", ""),
+            dom("e", "guest_b", "devices = [\"05.0\"]"),
+        )
+    }
+
+    fn vbd(name: &str, front: &str, sectors: &str, extra: &str) -> String {
+        format!("[[vbd]]\nname = \"{name}\"\nfrontend = \"{front}\"\nbackend = \"blk\"\nsectors = \"{sectors}\"\n{extra}\n")
+    }
+
+    #[test]
+    fn vbds_and_allow_rules() {
+        let src = with_vbds(&format!(
+            "{}{}{}[[allow]]\nfrom = \"blk_driver\"\nto = \"guest_a\"\nperms = [\"grant_map_read\", \"grant_map_write\"]\n\n[[allow]]\nfrom = \"blk_driver\"\nto = \"guest_b\"\nperms = [\"grant_copy\", \"event_bind\"]\n",
+            vbd("xvda", "g1", "0..4096", "mode = \"map\""),
+            vbd("xvda", "g2", "4096..8192", ""),
+            vbd("xvdb", "g2", "0..8192", "readonly = true\nmode = \"copy\""),
+        ));
+        // xvdb overlaps both, and xvda of g1 is writable: refused.
+        assert_eq!(
+            check("x.toml", &src).unwrap_err().to_string(),
+            "x.toml:54: vbd[2].sectors: sectors 0..8192 overlap those of vbd \"xvda\" of domain \"g1\" on the same disk (only read-only vbds may share sectors)"
+        );
+        let src = src.replace("\"0..4096\"\n", "\"0..4096\"\nreadonly = true\n");
+        let src = src.replace("\"4096..8192\"\n", "\"4096..8192\"\nreadonly = true\n");
+        let s = check("x.toml", &src).unwrap();
+        assert_eq!(
+            s.vbds,
+            [
+                PlannedVbd {
+                    name: "xvda".into(),
+                    frontend: 1,
+                    backend: 0,
+                    first_sector: 0,
+                    sectors: 4096,
+                    readonly: true,
+                    mode: VbdMode::Map
+                },
+                PlannedVbd {
+                    name: "xvda".into(),
+                    frontend: 2,
+                    backend: 0,
+                    first_sector: 4096,
+                    sectors: 4096,
+                    readonly: true,
+                    mode: VbdMode::Copy
+                },
+                PlannedVbd {
+                    name: "xvdb".into(),
+                    frontend: 2,
+                    backend: 0,
+                    first_sector: 0,
+                    sectors: 8192,
+                    readonly: true,
+                    mode: VbdMode::Copy
+                },
+            ]
+        );
+        use compiled::perm;
+        assert_eq!(
+            s.allows,
+            [
+                PlannedAllow {
+                    subject: "blk_driver".into(),
+                    object: "guest_a".into(),
+                    perms: perm::GRANT_MAP_READ | perm::GRANT_MAP_WRITE
+                },
+                PlannedAllow {
+                    subject: "blk_driver".into(),
+                    object: "guest_b".into(),
+                    perms: perm::GRANT_COPY | perm::EVENT_BIND
+                },
+            ]
+        );
+        let bytes = s.compile(None).unwrap();
+        let m = abi::manifest::Manifest::parse(&bytes).unwrap();
+        let v: Vec<_> = m.vbds().collect();
+        assert_eq!(v.len(), 3);
+        assert_eq!(
+            (
+                v[1].name,
+                v[1].frontend,
+                v[1].backend,
+                v[1].first_sector,
+                v[1].sectors
+            ),
+            ("xvda", 2, 0, 4096, 4096)
+        );
+        assert_eq!(m.vbds_of(0).count(), 3);
+        assert!(m.allowed("blk_driver", "guest_a", perm::GRANT_MAP_WRITE));
+        assert!(!m.allowed("blk_driver", "guest_a", perm::GRANT_COPY));
+        assert!(!m.allowed("guest_a", "blk_driver", perm::GRANT_MAP_READ));
+    }
+
+    #[test]
+    fn bad_vbds() {
+        for (body, msg) in [
+            (
+                vbd("xvda", "g3", "0..8", ""),
+                "x.toml:40: vbd[0].frontend: no domain is called \"g3\"",
+            ),
+            (
+                vbd("xvda", "blk", "0..8", ""),
+                "x.toml:41: vbd[0].backend: domain \"blk\" is both the frontend and the backend",
+            ),
+            (
+                vbd("xvda", "g1", "0..8", "").replace("backend = \"blk\"", "backend = \"e\""),
+                "x.toml:41: vbd[0].backend: domain \"e\" owns no virtio-blk to serve the vbd from",
+            ),
+            (
+                vbd("xvda", "g1", "8..8", ""),
+                "x.toml:42: vbd[0].sectors: bad sector range \"8..8\": an empty range",
+            ),
+            (
+                vbd("xvda", "g1", "0..131073", ""),
+                "x.toml:42: vbd[0].sectors: sectors 0..131073 reach past the end of the disk at 00:03.0 (131072 sectors)",
+            ),
+            (
+                vbd("XVDA", "g1", "0..8", ""),
+                "x.toml:39: vbd[0].name: bad vbd name \"XVDA\" (expected 1 to 16 of a-z 0-9 _ -)",
+            ),
+            (
+                vbd("a-very-long-vbd-name", "g1", "0..8", ""),
+                "x.toml:39: vbd[0].name: bad vbd name",
+            ),
+            (
+                vbd("xvda", "g1", "0..8", "mode = \"dma\""),
+                "x.toml:43: vbd[0].mode: unknown vbd mode \"dma\" (expected one of map, copy)",
+            ),
+            (
+                format!("{}{}", vbd("xvda", "g1", "0..8", ""), vbd("xvda", "g1", "8..16", "")),
+                "x.toml:45: vbd[1].name: domain \"g1\" already has a vbd called \"xvda\" (vbd[0])",
+            ),
+            (
+                format!("{}{}", vbd("xvda", "g1", "0..8", ""), vbd("xvda", "g2", "4..16", "readonly = true")),
+                "x.toml:48: vbd[1].sectors: sectors 4..16 overlap those of vbd \"xvda\" of domain \"g1\"",
+            ),
+            (
+                "[[vbd]]\nname = \"xvda\"\nfrontend = \"g1\"\nbackend = \"blk\"\n".to_string(),
+                "x.toml:38: vbd[0].sectors: missing field",
+            ),
+        ] {
+            let e = check("x.toml", &with_vbds(&body)).unwrap_err().to_string();
+            assert!(e.starts_with(msg), "{body}: {e}");
+        }
+        // Touching ranges do not overlap; a domain may be an end of 8 vbds.
+        let eight: String = (0..8)
+            .map(|i| {
+                vbd(
+                    &format!("xvd{i}"),
+                    "g1",
+                    &format!("{}..{}", i * 8, i * 8 + 8),
+                    "",
+                )
+            })
+            .collect();
+        assert_eq!(check("x.toml", &with_vbds(&eight)).unwrap().vbds.len(), 8);
+        let nine = format!("{eight}{}", vbd("xvd8", "g2", "64..72", ""));
+        assert_eq!(
+            check("x.toml", &with_vbds(&nine)).unwrap_err().to_string(),
+            "x.toml:89: vbd[8].backend: domain \"blk\" would be an end of more than 8 vbds (its start info holds no more)"
+        );
+    }
+
+    #[test]
+    fn bad_allow_rules() {
+        let allow = |from: &str, to: &str, perms: &str| {
+            format!("[[allow]]\nfrom = \"{from}\"\nto = \"{to}\"\nperms = {perms}\n\n")
+        };
+        for (body, msg) in [
+            (
+                allow("blk", "guest_a", "[\"grant_copy\"]"),
+                "x.toml:39: allow[0].from: no domain has the label \"blk\" (labels: blk_driver, guest_a, guest_b)",
+            ),
+            (
+                allow("blk_driver", "guest_c", "[\"grant_copy\"]"),
+                "x.toml:40: allow[0].to: no domain has the label \"guest_c\"",
+            ),
+            (
+                allow("blk_driver", "guest_a", "[]"),
+                "x.toml:41: allow[0].perms: no permission (a rule allows at least one)",
+            ),
+            (
+                allow("blk_driver", "guest_a", "[\"grant_map\"]"),
+                "x.toml:41: allow[0].perms[0]: unknown permission \"grant_map\" (expected one of grant_map_read, grant_map_write, grant_copy, event_bind)",
+            ),
+            (
+                allow("blk_driver", "guest_a", "[\"grant_copy\", \"grant_copy\"]"),
+                "x.toml:41: allow[0].perms[1]: permission \"grant_copy\" is listed twice",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    allow("blk_driver", "guest_a", "[\"grant_copy\"]"),
+                    allow("blk_driver", "guest_a", "[\"event_bind\"]")
+                ),
+                "x.toml:45: allow[1].to: allow[0] is already the rule from \"blk_driver\" to \"guest_a\" (put every permission in one rule)",
+            ),
+            (
+                allow("blk_driver", "guest_a", "\"grant_copy\""),
+                "x.toml:41: allow[0].perms: invalid type",
+            ),
+        ] {
+            let e = check("x.toml", &with_vbds(&body)).unwrap_err().to_string();
             assert!(e.starts_with(msg), "{body}: {e}");
         }
     }

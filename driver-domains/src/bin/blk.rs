@@ -15,6 +15,10 @@
 //!
 //! The flush is virtio-drivers' blocking `flush` (0.13 has no non-blocking
 //! form): it spins on the used ring for that one request.
+//!
+//! With `serve=1` in its args it serves instead the vbds its start info
+//! lists with role Back, through blkback, until every frontend has closed
+//! (`driver_domains::serve`); the device is set up the same way.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 extern crate alloc;
@@ -27,6 +31,7 @@ use abi::ev::DataCheck;
 use abi::hypercall::{virq, PORT_WORDS};
 use driver_domains::blk::{chunks, Plan};
 use driver_domains::blk_pattern::{self, SECTOR};
+use driver_domains::serve;
 use libdom::device;
 use libdom::ports::Pending;
 use libdom::virtio::{self, AccessPlatform, DomHal};
@@ -238,11 +243,18 @@ fn data_check(what: &str, sectors: &Range<u64>, ok: bool) {
 }
 
 fn run(si: &libdom::StartInfo<'_>) -> i64 {
-    let plan = match Plan::parse(si.args) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("blk: args: {e}");
-            return 1;
+    // `serve=1`: blkback for the vbds the start info names
+    // (`driver_domains::serve`); anything else is the direct mode's plan.
+    let serve = serve::is_serve(si.args);
+    let plan = if serve {
+        None
+    } else {
+        match Plan::parse(si.args) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                println!("blk: args: {e}");
+                return 1;
+            }
         }
     };
     let Some((dev, info)) = device::find(si, VENDOR, DEVICE) else {
@@ -297,6 +309,9 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         if blk.readonly() { " (read-only)" } else { "" },
         si.dma
     );
+    let Some(plan) = plan else {
+        return serve::run(si, blk, port, timer);
+    };
     if plan.end() > blk.capacity() {
         println!(
             "blk: the args reach sector {}, past the disk's {}",

@@ -1,0 +1,1689 @@
+//! The blk driver domain's serve mode: blkback for every vbd the start info
+//! says this domain serves, over its one virtio-blk.
+//!
+//! ```text
+//!  frontend A ──ring A──┐                              ┌── Backend A ──┐
+//!  frontend B ──ring B──┼─ wait(ports) ─ poll/complete ┼── Backend B ──┼─ Dispatch ─ VirtIOBlk
+//!  virtio-blk MSI-X ────┘                              └── ...         ┘  (queue, slots)
+//! ```
+//!
+//! One event loop, one thread: `wait` on every vbd's port and the device's
+//! MSI-X port. A vbd port that fires before its ring is mapped maps it (the
+//! frontend grants the ring at `ring_gref`, then notifies); after that it
+//! calls that vbd's [`Backend::poll`]. The device's port collects every
+//! completion from the used ring and hands it to the backend that submitted
+//! it ([`Backend::complete`]). An event goes to a frontend whenever a call
+//! says [`blkback::Poll::notify`]. The domain exits once every frontend's
+//! connection is Closed (or its ring could never be mapped).
+//!
+//! The backends share the disk through [`Dispatch`]: a backend's request
+//! becomes one virtio request per run of buffers that are contiguous in
+//! memory (virtio-drivers' `read_blocks_nb` takes one buffer; the segments
+//! of a blkif request are consecutive on the disk, so each run starts where
+//! the last ended), queued in order and started as the virtqueue has room.
+//! The request completes, towards its backend, when all its runs have; one
+//! failed run fails it. A flush is a barrier: it starts only when the
+//! device holds nothing, and nothing queued after it starts before it ends.
+//! virtio-drivers 0.13's `flush` is blocking (it spins on the used ring for
+//! that one request), which is sound only with nothing else in flight; the
+//! barrier guarantees that.
+//!
+//! Data paths (the manifest's `mode` per vbd):
+//!
+//! - **map**: each segment's page is mapped with `HOST_MAP | DEVICE_MAP` at a
+//!   grant-window address this module hands out ([`Window`]); the
+//!   hypervisor maps it for the domain's devices at I/O address = that
+//!   address, so virtio-blk DMAs straight into the frontend's page. In the
+//!   static DMA mode virtio-drivers passes the address through unchanged; in
+//!   the strict mode its `Hal` bounces every buffer, so the data is copied
+//!   once by the CPU after all. Up to [`persistent_budget`] grants per
+//!   frontend stay mapped (persistent grants).
+//! - **copy**: the device works on page-aligned bounce pages from the heap,
+//!   and the hypervisor copies between them and the frontend's pages
+//!   (batched `grant_copy`, up to 64 operations per call).
+//!
+//! Everything that needs no hypervisor ([`ServeArgs`], [`config`],
+//! [`Window`], [`Dispatch`]) is tested on the host; [`run`] is the domain's
+//! loop.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::fmt;
+
+use abi::blkif::{self, RING_SIZE};
+use abi::domain::{VbdInfo, VbdMode, VbdRole};
+use abi::grant::{GRANT_WINDOW, GRANT_WINDOW_SIZE};
+use blkback::{Buf, Config, DataPath, DeviceError, Direction, PAGE_SIZE};
+use libdom::args::ArgError;
+use libdom::Args;
+
+/// The keys serve mode takes.
+pub const KEYS: &[&str] = &["serve", "indirect", "persistent"];
+
+/// Grant mappings this domain keeps for persistent grants, over all its
+/// frontends. The hypervisor allows a domain 4096 grant mappings
+/// (`hypervisor::grant::MAX_MAPS_PER_DOMAIN`); the rest is for the rings and
+/// the per-request mappings past the persistent ones.
+pub const PERSISTENT_TOTAL: usize = 3584;
+/// Persistent grants one frontend can use at most: airlock's blkfront keeps
+/// [`blkif::MAX_SEGMENTS`] pages per request slot for reads and as many for
+/// writes, and has at most a ring's worth of slots.
+pub const PERSISTENT_PER_FRONTEND: usize = 2 * blkif::MAX_SEGMENTS * RING_SIZE as usize;
+
+/// Serve mode's options, from the args:
+/// `serve=1 [indirect=N] [persistent=N]`.
+///
+/// - `indirect`: most segments of one INDIRECT request (0 refuses
+///   INDIRECT; default and most [`blkif::MAX_INDIRECT_SEGMENTS`]). A copy
+///   vbd holds `max(11, indirect) + 1` bounce pages.
+/// - `persistent`: persistent grants per map vbd (default
+///   [`persistent_budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServeArgs {
+    pub indirect: u16,
+    pub persistent: Option<usize>,
+}
+
+/// Why serve mode's args were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeArgError<'a> {
+    Args(ArgError<'a>),
+    Indirect(u64),
+    Persistent(u64),
+}
+
+impl fmt::Display for ServeArgError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeArgError::Args(e) => e.fmt(f),
+            ServeArgError::Indirect(n) => write!(
+                f,
+                "indirect={n}: expected 0..={}",
+                blkif::MAX_INDIRECT_SEGMENTS
+            ),
+            ServeArgError::Persistent(n) => {
+                write!(f, "persistent={n}: expected 0..={PERSISTENT_TOTAL}")
+            }
+        }
+    }
+}
+
+/// Whether `args` ask for serve mode (`serve=1`). Malformed args are not
+/// serve mode; the direct mode's parser reports them.
+pub fn is_serve(args: &str) -> bool {
+    Args::parse(args).is_ok_and(|a| a.get("serve") == Some("1"))
+}
+
+impl ServeArgs {
+    pub fn parse(s: &str) -> Result<Self, ServeArgError<'_>> {
+        let args = Args::parse(s).map_err(ServeArgError::Args)?;
+        args.only(KEYS).map_err(ServeArgError::Args)?;
+        let indirect = args
+            .u64_or("indirect", blkif::MAX_INDIRECT_SEGMENTS.into())
+            .map_err(ServeArgError::Args)?;
+        if indirect > blkif::MAX_INDIRECT_SEGMENTS.into() {
+            return Err(ServeArgError::Indirect(indirect));
+        }
+        let persistent = match args.get("persistent") {
+            None => None,
+            Some(_) => {
+                let n = args.u64("persistent").map_err(ServeArgError::Args)?;
+                if n > PERSISTENT_TOTAL as u64 {
+                    return Err(ServeArgError::Persistent(n));
+                }
+                Some(n as usize)
+            }
+        };
+        Ok(ServeArgs {
+            indirect: indirect as u16,
+            persistent,
+        })
+    }
+}
+
+/// Persistent grants per map vbd when `map_vbds` of them share
+/// [`PERSISTENT_TOTAL`].
+pub fn persistent_budget(map_vbds: usize) -> usize {
+    PERSISTENT_PER_FRONTEND.min(PERSISTENT_TOTAL / map_vbds.max(1))
+}
+
+/// The vbds of the start info this domain serves.
+pub fn served<'a>(vbds: &[Option<VbdInfo<'a>>]) -> Vec<VbdInfo<'a>> {
+    vbds.iter()
+        .flatten()
+        .filter(|v| v.role == VbdRole::Back)
+        .copied()
+        .collect()
+}
+
+/// Bounce pages a copy vbd needs with `indirect` segments per INDIRECT
+/// request.
+pub fn bounce_pages(indirect: u16) -> usize {
+    blkif::MAX_SEGMENTS.max(usize::from(indirect)) + 1
+}
+
+/// The backend's configuration for `vbd`: `persistent` grants if it is a
+/// map vbd, `bounce` (page-aligned, at least [`bounce_pages`]) if it is a
+/// copy vbd.
+pub fn config(vbd: &VbdInfo<'_>, indirect: u16, persistent: usize, bounce: Vec<u64>) -> Config {
+    Config {
+        frontend: vbd.peer,
+        first_sector: vbd.first_sector,
+        sectors: vbd.sectors,
+        read_only: vbd.readonly,
+        path: match vbd.mode {
+            VbdMode::Map => DataPath::Map { persistent },
+            VbdMode::Copy => DataPath::Copy { bounce },
+        },
+        max_indirect_segments: indirect,
+    }
+}
+
+/// Addresses in the grant window, one page per mapping: the lowest never
+/// used, or one given back. Pages whose unmap failed are never given back,
+/// so an address is never mapped twice.
+#[derive(Clone, Debug)]
+pub struct Window {
+    next: u64,
+    end: u64,
+    free: Vec<u64>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self::new(GRANT_WINDOW, GRANT_WINDOW_SIZE)
+    }
+}
+
+impl Window {
+    /// A window of `len` bytes at `base` (page-aligned).
+    pub fn new(base: u64, len: u64) -> Self {
+        Window {
+            next: base,
+            end: base + len,
+            free: Vec::new(),
+        }
+    }
+
+    pub fn alloc(&mut self) -> Option<u64> {
+        if let Some(a) = self.free.pop() {
+            return Some(a);
+        }
+        if self.next >= self.end {
+            return None;
+        }
+        let a = self.next;
+        self.next += PAGE_SIZE;
+        Some(a)
+    }
+
+    /// Gives back an address that is no longer mapped.
+    pub fn free(&mut self, addr: u64) {
+        self.free.push(addr);
+    }
+}
+
+/// What one virtio request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubOp {
+    /// `len` bytes at `addr` (the domain's address, also the I/O address)
+    /// from or to the disk at `sector`.
+    Io {
+        sector: u64,
+        dir: Direction,
+        addr: u64,
+        len: u32,
+    },
+    Flush,
+}
+
+/// A backend's request that has ended on the device: hand `token` and `ok`
+/// to backend `backend`'s `complete`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    pub backend: usize,
+    pub token: u64,
+    pub ok: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Parent {
+    backend: usize,
+    token: u64,
+    /// Runs not yet ended.
+    left: u32,
+    ok: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sub {
+    parent: usize,
+    op: SubOp,
+}
+
+/// Counters of the device side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Backend requests taken (I/O and flushes).
+    pub requests: u64,
+    /// virtio requests made of them.
+    pub subs: u64,
+    /// Buffers folded into the one before (contiguous in memory).
+    pub merged: u64,
+    pub flushes: u64,
+    /// Most virtio requests in the device at once.
+    pub max_in_device: usize,
+    /// Submissions refused with `Busy`.
+    pub busy: u64,
+}
+
+/// The backends' requests on their way through the one virtqueue: which
+/// virtio request belongs to which backend's request.
+///
+/// Slots are the device's request memory (the glue keeps a `BlkReq` and a
+/// `BlkResp` per slot); a slot in use holds the virtio token it got.
+#[derive(Debug)]
+pub struct Dispatch {
+    parents: Vec<Option<Parent>>,
+    free_parents: Vec<usize>,
+    queue: VecDeque<Sub>,
+    slots: Vec<Option<(u16, Sub)>>,
+    max_queued: usize,
+    busy: Vec<usize>,
+    stats: DispatchStats,
+}
+
+impl Dispatch {
+    /// `slots` virtio requests in the device at most; more than
+    /// `max_queued` waiting refuses new requests with `Busy` (a request
+    /// that finds the queue empty is always taken, however long).
+    pub fn new(slots: usize, max_queued: usize) -> Self {
+        let mut s = Vec::new();
+        s.resize_with(slots.max(1), || None);
+        Dispatch {
+            parents: Vec::new(),
+            free_parents: Vec::new(),
+            queue: VecDeque::new(),
+            slots: s,
+            max_queued,
+            busy: Vec::new(),
+            stats: DispatchStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &DispatchStats {
+        &self.stats
+    }
+
+    /// virtio requests in the device.
+    pub fn in_device(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// virtio requests waiting for the device.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Nothing queued and nothing in the device.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.in_device() == 0
+    }
+
+    /// Backend requests not ended yet.
+    pub fn pending(&self) -> usize {
+        self.parents.iter().filter(|p| p.is_some()).count()
+    }
+
+    fn new_parent(&mut self, backend: usize, token: u64, left: u32) -> usize {
+        let p = Parent {
+            backend,
+            token,
+            left,
+            ok: true,
+        };
+        self.stats.requests += 1;
+        if let Some(i) = self.free_parents.pop() {
+            self.parents[i] = Some(p);
+            i
+        } else {
+            self.parents.push(Some(p));
+            self.parents.len() - 1
+        }
+    }
+
+    fn refuse_busy(&mut self, backend: usize, subs: usize) -> Result<(), DeviceError> {
+        if !self.queue.is_empty() && self.queue.len() + subs > self.max_queued {
+            self.stats.busy += 1;
+            if !self.busy.contains(&backend) {
+                self.busy.push(backend);
+            }
+            return Err(DeviceError::Busy);
+        }
+        Ok(())
+    }
+
+    /// Backend `backend`'s request `token`: `bufs` in order, consecutive
+    /// on the disk from `sector`.
+    pub fn submit(
+        &mut self,
+        backend: usize,
+        token: u64,
+        sector: u64,
+        dir: Direction,
+        bufs: &[Buf],
+    ) -> Result<(), DeviceError> {
+        let mut runs: Vec<SubOp> = Vec::new();
+        let mut at = sector;
+        let mut merged = 0;
+        for b in bufs {
+            if b.len == 0 || b.len % blkif::SECTOR_SIZE as u32 != 0 {
+                return Err(DeviceError::Failed);
+            }
+            match runs.last_mut() {
+                Some(SubOp::Io { addr, len, .. })
+                    if addr.checked_add(u64::from(*len)) == Some(b.addr)
+                        && len.checked_add(b.len).is_some() =>
+                {
+                    *len += b.len;
+                    merged += 1;
+                }
+                _ => runs.push(SubOp::Io {
+                    sector: at,
+                    dir,
+                    addr: b.addr,
+                    len: b.len,
+                }),
+            }
+            at += u64::from(b.len) / blkif::SECTOR_SIZE;
+        }
+        if runs.is_empty() {
+            return Err(DeviceError::Failed);
+        }
+        self.refuse_busy(backend, runs.len())?;
+        self.stats.merged += merged;
+        let parent = self.new_parent(backend, token, runs.len() as u32);
+        self.stats.subs += runs.len() as u64;
+        self.queue
+            .extend(runs.into_iter().map(|op| Sub { parent, op }));
+        Ok(())
+    }
+
+    /// Backend `backend`'s flush `token`.
+    pub fn flush(&mut self, backend: usize, token: u64) -> Result<(), DeviceError> {
+        self.refuse_busy(backend, 1)?;
+        let parent = self.new_parent(backend, token, 1);
+        self.stats.subs += 1;
+        self.stats.flushes += 1;
+        self.queue.push_back(Sub {
+            parent,
+            op: SubOp::Flush,
+        });
+        Ok(())
+    }
+
+    /// Backends refused with `Busy` since the last call: poll them again
+    /// once the device has taken something.
+    pub fn take_busy(&mut self) -> Vec<usize> {
+        core::mem::take(&mut self.busy)
+    }
+
+    /// The next virtio request to start and the slot for it, if it may
+    /// start now: a slot is free, and it is not a flush with anything in
+    /// the device.
+    pub fn next(&self) -> Option<(usize, SubOp)> {
+        let sub = self.queue.front()?;
+        let slot = self.slots.iter().position(Option::is_none)?;
+        if sub.op == SubOp::Flush && self.in_device() > 0 {
+            return None;
+        }
+        Some((slot, sub.op))
+    }
+
+    /// The request [`Dispatch::next`] gave is in the device in `slot` with
+    /// virtio token `token`.
+    pub fn started(&mut self, slot: usize, token: u16) {
+        if let Some(sub) = self.queue.pop_front() {
+            if let Some(s) = self.slots.get_mut(slot) {
+                *s = Some((token, sub));
+            }
+        }
+        let n = self.in_device();
+        self.stats.max_in_device = self.stats.max_in_device.max(n);
+    }
+
+    /// The request [`Dispatch::next`] gave ended without going into the
+    /// device (a synchronous flush, or the device refused it).
+    pub fn ended_now(&mut self, ok: bool) -> Option<Done> {
+        let sub = self.queue.pop_front()?;
+        self.end(sub, ok)
+    }
+
+    /// The slot and request of virtio token `token`; `None` if no request
+    /// in the device has it.
+    pub fn lookup(&self, token: u16) -> Option<(usize, SubOp)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.filter(|(t, _)| *t == token).map(|(_, sub)| (i, sub.op)))
+    }
+
+    /// The request in `slot` ended (`ok`: without error). `Some` when that
+    /// was the last part of a backend's request.
+    pub fn finish(&mut self, slot: usize, ok: bool) -> Option<Done> {
+        let (_, sub) = self.slots.get_mut(slot)?.take()?;
+        self.end(sub, ok)
+    }
+
+    fn end(&mut self, sub: Sub, ok: bool) -> Option<Done> {
+        let p = self.parents.get_mut(sub.parent)?.as_mut()?;
+        p.ok &= ok;
+        p.left = p.left.saturating_sub(1);
+        if p.left > 0 {
+            return None;
+        }
+        let done = Done {
+            backend: p.backend,
+            token: p.token,
+            ok: p.ok,
+        };
+        self.parents[sub.parent] = None;
+        self.free_parents.push(sub.parent);
+        Some(done)
+    }
+}
+
+/// A [`blkback::BlockDevice`] for one backend: its requests go into the
+/// shared [`Dispatch`], tagged with the backend's index.
+pub struct Dev<'a> {
+    pub dispatch: &'a mut Dispatch,
+    pub backend: usize,
+}
+
+impl blkback::BlockDevice for Dev<'_> {
+    fn submit(
+        &mut self,
+        token: u64,
+        sector: u64,
+        dir: Direction,
+        bufs: &[Buf],
+    ) -> Result<(), DeviceError> {
+        self.dispatch.submit(self.backend, token, sector, dir, bufs)
+    }
+
+    fn flush(&mut self, token: u64) -> Result<(), DeviceError> {
+        self.dispatch.flush(self.backend, token)
+    }
+}
+
+pub use domain::run;
+
+/// The domain's side: grants over the hypercalls, the virtqueue, the loop.
+mod domain {
+    use alloc::format;
+    use alloc::vec::Vec;
+    use core::alloc::Layout;
+
+    use abi::domain::{VbdInfo, VbdMode};
+    use abi::ev::{DataCheck, WorkDone};
+    use abi::grant::{
+        copy_flags, map_flags, CopyOp, CopyPtr, MapOp, Status as GrantStatus, UnmapOp, DOMID_SELF,
+    };
+    use abi::hypercall::PORT_WORDS;
+    use blkback::{Backend, Conn, Direction, Grants, Mapping, Poll, Reject, Stats, PAGE_SIZE};
+    use libdom::ports::Pending;
+    use libdom::ring::SharedPage;
+    use libdom::{event, evtchn_send, grant, println, set_timer, time_ns, wait};
+    use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+    use virtio_drivers::transport::Transport;
+    use virtio_drivers::{Error as VirtioError, Hal};
+
+    use abi::blkif::{self, RING_SIZE};
+
+    use super::{
+        bounce_pages, config, persistent_budget, served, Dev, Dispatch, Done, ServeArgs, SubOp,
+        Window,
+    };
+
+    /// With requests in the device, look at the used ring at least this
+    /// often even without an interrupt (a lost one is counted, not a hang).
+    const SAFETY_POLL_NS: u64 = 100_000_000;
+
+    fn status_name(s: i16) -> &'static str {
+        GrantStatus::from_raw(s).map_or("unknown", GrantStatus::name)
+    }
+
+    /// [`Grants`] over the grant hypercalls, mapping into the grant window.
+    #[derive(Default)]
+    struct DomGrants {
+        window: Window,
+        /// Grant hypercalls made (map, unmap, copy), and copy operations.
+        calls: u64,
+        copy_ops: u64,
+    }
+
+    impl DomGrants {
+        /// Maps `dom`'s `gref` at a fresh window address; `DEVICE_MAP` also
+        /// for the devices (and then the I/O address must be that address).
+        fn map_at(
+            &mut self,
+            dom: u16,
+            gref: u32,
+            readonly: bool,
+            device: bool,
+        ) -> Result<Mapping, GrantStatus> {
+            let addr = self.window.alloc().ok_or(GrantStatus::NoDeviceSpace)?;
+            let mut flags = map_flags::HOST_MAP;
+            if device {
+                flags |= map_flags::DEVICE_MAP;
+            }
+            if readonly {
+                flags |= map_flags::READONLY;
+            }
+            let mut op = [MapOp {
+                host_addr: addr,
+                flags,
+                gref,
+                dom,
+                status: GrantStatus::General as i16,
+                ..MapOp::default()
+            }];
+            self.calls += 1;
+            let r = grant::map(&mut op);
+            let [op] = op;
+            if !matches!(r, Ok(1)) || op.status != GrantStatus::Okay as i16 {
+                self.window.free(addr);
+                return Err(GrantStatus::from_raw(op.status)
+                    .filter(|s| *s != GrantStatus::Okay)
+                    .unwrap_or(GrantStatus::General));
+            }
+            let m = Mapping {
+                handle: op.handle,
+                addr,
+            };
+            if device && op.dev_bus_addr != addr {
+                // The device could not reach the page at its address.
+                let _ = self.unmap(m);
+                return Err(GrantStatus::NoDeviceSpace);
+            }
+            Ok(m)
+        }
+    }
+
+    impl Grants for DomGrants {
+        fn map(&mut self, dom: u16, gref: u32, readonly: bool) -> Result<Mapping, GrantStatus> {
+            self.map_at(dom, gref, readonly, true)
+        }
+
+        fn unmap(&mut self, m: Mapping) -> Result<(), GrantStatus> {
+            let mut op = [UnmapOp {
+                host_addr: m.addr,
+                dev_bus_addr: 0,
+                handle: m.handle,
+                status: GrantStatus::General as i16,
+            }];
+            self.calls += 1;
+            let r = grant::unmap(&mut op);
+            if matches!(r, Ok(1)) && op[0].status == GrantStatus::Okay as i16 {
+                self.window.free(m.addr);
+                Ok(())
+            } else {
+                // Never reuse the address: it may still be mapped.
+                Err(GrantStatus::from_raw(op[0].status).unwrap_or(GrantStatus::General))
+            }
+        }
+
+        fn copy(&mut self, ops: &mut [CopyOp]) -> Result<(), GrantStatus> {
+            self.calls += ops.len().div_ceil(abi::grant::MAX_BATCH as usize) as u64;
+            self.copy_ops += ops.len() as u64;
+            match grant::copy(ops) {
+                Ok(n) if n == ops.len() => Ok(()),
+                _ => Err(GrantStatus::General),
+            }
+        }
+
+        fn read(&self, addr: u64, buf: &mut [u8]) {
+            let p = addr as *const u8;
+            for (i, b) in buf.iter_mut().enumerate() {
+                // SAFETY: blkback reads only pages it mapped through `map`
+                // and has not unmapped, or its own bounce pages (its
+                // contract), within one page; each byte is read once,
+                // volatile because the frontend may write a mapped page.
+                *b = unsafe { p.add(i).read_volatile() };
+            }
+        }
+    }
+
+    /// A page-aligned page of the heap, never freed (bounce pages live as
+    /// long as the domain).
+    fn heap_page() -> Option<u64> {
+        let layout = Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        (!p.is_null()).then_some(p as u64)
+    }
+
+    /// How a frontend's connection ended, or that it has not.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Phase {
+        /// The ring is not mapped yet (not granted yet).
+        Unmapped,
+        Serving,
+        Closed,
+        /// The ring could not be mapped.
+        Refused(GrantStatus),
+    }
+
+    struct Frontend<'a> {
+        vbd: VbdInfo<'a>,
+        backend: Backend,
+        ring: Option<(SharedPage, Mapping)>,
+        phase: Phase,
+        connected_ns: u64,
+        closed_ns: u64,
+        notifies: u64,
+        polls: u64,
+    }
+
+    impl Frontend<'_> {
+        fn ended(&self) -> bool {
+            matches!(self.phase, Phase::Closed | Phase::Refused(_))
+        }
+    }
+
+    /// A virtio request's own memory, which must not move while it is out.
+    #[derive(Default)]
+    struct IoSlot {
+        req: BlkReq,
+        resp: BlkResp,
+    }
+
+    #[derive(Default)]
+    struct LoopStats {
+        waits: u64,
+        device_wakes: u64,
+        /// Device wakes that found nothing in the used ring.
+        spurious: u64,
+        /// Completions found by the safety poll, not an interrupt.
+        late: u64,
+        completions: u64,
+        failed_subs: u64,
+        flush_ns: u64,
+    }
+
+    struct Server<'a, H: Hal, T: Transport> {
+        blk: VirtIOBlk<H, T>,
+        dispatch: Dispatch,
+        /// Made once, never grown: a slot's memory never moves.
+        slots: Vec<IoSlot>,
+        grants: DomGrants,
+        fronts: Vec<Frontend<'a>>,
+        stats: LoopStats,
+        /// The device broke the queue's rules; stop.
+        broken: Option<&'static str>,
+    }
+
+    /// What a backend call asks of the domain: report, unmap the ring
+    /// once Closed, notify the frontend.
+    fn act(f: &mut Frontend<'_>, grants: &mut DomGrants, p: Poll) {
+        let name = f.vbd.name;
+        let dom = f.vbd.peer;
+        if p.connected {
+            f.connected_ns = time_ns();
+            println!(
+                "blkback: {name} of domain {dom} connected ({} sectors from {}{}, {})",
+                f.vbd.sectors,
+                f.vbd.first_sector,
+                if f.vbd.readonly { ", read-only" } else { "" },
+                match f.vbd.mode {
+                    VbdMode::Map => "grant map",
+                    VbdMode::Copy => "grant copy",
+                }
+            );
+        }
+        if p.hostile {
+            let why = f
+                .backend
+                .hostile()
+                .map_or_else(|| "?".into(), |e| format!("{e}"));
+            println!("blkback: {name} of domain {dom} is hostile ({why}): closing it");
+            let _ = event(&DataCheck {
+                what: "blkback-hostile",
+                bytes: 0,
+                ok: true,
+            });
+        }
+        if p.closed {
+            f.closed_ns = time_ns();
+            if let Some((_, m)) = f.ring.take() {
+                if let Err(s) = grants.unmap(m) {
+                    println!("blkback: {name}: unmapping the ring: {}", s.name());
+                }
+            }
+            f.phase = Phase::Closed;
+            println!("blkback: {name} of domain {dom} closed");
+        }
+        if p.notify {
+            f.notifies += 1;
+            // A frontend that is gone has no port to signal: nothing to do.
+            let _ = evtchn_send(f.vbd.port);
+        }
+    }
+
+    impl<'a, H: Hal, T: Transport> Server<'a, H, T> {
+        /// Maps frontend `i`'s ring if it is granted now.
+        fn attach(&mut self, i: usize) {
+            let f = &mut self.fronts[i];
+            if f.phase != Phase::Unmapped {
+                return;
+            }
+            match self
+                .grants
+                .map_at(f.vbd.peer, f.vbd.ring_gref, false, false)
+            {
+                Ok(m) => {
+                    // SAFETY: a page of the grant window the hypervisor just
+                    // mapped read-write for us; it is unmapped only after
+                    // the `SharedPage` is dropped (`act`, on Closed), and
+                    // nothing else of ours touches it.
+                    let page = unsafe { SharedPage::new(m.addr) };
+                    f.ring = Some((page, m));
+                    f.phase = Phase::Serving;
+                }
+                // Not granted yet: the frontend notifies once it is.
+                Err(GrantStatus::BadGntref) => {}
+                Err(s) => {
+                    let copy = probe_copy(&mut self.grants, &f.vbd);
+                    println!(
+                        "blkback: {} of domain {}: mapping its ring: {}; copying from it: {}; not serving it",
+                        f.vbd.name,
+                        f.vbd.peer,
+                        s.name(),
+                        status_name(copy)
+                    );
+                    f.phase = Phase::Refused(s);
+                }
+            }
+        }
+
+        /// Frontend `i`'s port fired (or it may have work): map its ring
+        /// if need be, then poll its backend until it has no more.
+        fn serve(&mut self, i: usize) {
+            self.attach(i);
+            loop {
+                let f = &mut self.fronts[i];
+                let Some((page, _)) = f.ring.as_mut() else {
+                    return;
+                };
+                f.polls += 1;
+                let mut dev = Dev {
+                    dispatch: &mut self.dispatch,
+                    backend: i,
+                };
+                let p = f.backend.poll(page, &mut self.grants, &mut dev);
+                act(f, &mut self.grants, p);
+                if !p.more {
+                    return;
+                }
+            }
+        }
+
+        /// A backend request ended on the device.
+        fn complete(&mut self, d: Done) {
+            let Some(f) = self.fronts.get_mut(d.backend) else {
+                return;
+            };
+            let Some((page, _)) = f.ring.as_mut() else {
+                return;
+            };
+            let mut dev = Dev {
+                dispatch: &mut self.dispatch,
+                backend: d.backend,
+            };
+            let p = f
+                .backend
+                .complete(d.token, d.ok, page, &mut self.grants, &mut dev);
+            act(f, &mut self.grants, p);
+            if p.more {
+                self.serve(d.backend);
+            }
+        }
+
+        /// Starts queued virtio requests while the queue has room.
+        fn kick(&mut self) {
+            while let Some((slot, op)) = self.dispatch.next() {
+                match op {
+                    SubOp::Flush => {
+                        // Nothing else is in the device (the barrier), so
+                        // the blocking flush pops its own completion.
+                        let t0 = time_ns();
+                        let ok = self.blk.flush().is_ok();
+                        self.stats.flush_ns += time_ns() - t0;
+                        if let Some(d) = self.dispatch.ended_now(ok) {
+                            self.complete(d);
+                        }
+                    }
+                    SubOp::Io {
+                        sector,
+                        dir,
+                        addr,
+                        len,
+                    } => {
+                        let s = &mut self.slots[slot];
+                        let r = match dir {
+                            // SAFETY: `addr..addr + len` is what a backend
+                            // handed to `submit`: its grant mapping (writable
+                            // for a READ) or its bounce pages, kept until
+                            // its `complete` for this request, which comes
+                            // after this virtio request's completion below.
+                            // The slot's `req` and `resp` stay put (the slot
+                            // vector never grows) until then too.
+                            Direction::Read => unsafe {
+                                let buf =
+                                    core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
+                                self.blk.read_blocks_nb(
+                                    sector as usize,
+                                    &mut s.req,
+                                    buf,
+                                    &mut s.resp,
+                                )
+                            },
+                            // SAFETY: as for the read; the device only
+                            // reads this buffer.
+                            Direction::Write => unsafe {
+                                let buf =
+                                    core::slice::from_raw_parts(addr as *const u8, len as usize);
+                                self.blk.write_blocks_nb(
+                                    sector as usize,
+                                    &mut s.req,
+                                    buf,
+                                    &mut s.resp,
+                                )
+                            },
+                        };
+                        match r {
+                            Ok(token) => self.dispatch.started(slot, token),
+                            Err(VirtioError::QueueFull) => return,
+                            Err(e) => {
+                                println!("blkback: the virtqueue refused a request: {e:?}");
+                                self.stats.failed_subs += 1;
+                                if let Some(d) = self.dispatch.ended_now(false) {
+                                    self.complete(d);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Takes every completion in the used ring; returns how many.
+        fn reap(&mut self) -> u64 {
+            let mut n = 0;
+            while let Some(token) = self.blk.peek_used() {
+                let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
+                else {
+                    self.broken = Some("the device completed a request we did not make");
+                    return n;
+                };
+                let s = &mut self.slots[slot];
+                let r = match dir {
+                    // SAFETY: the very buffers `kick` submitted with this
+                    // token (found by it above), still held by their backend.
+                    Direction::Read => unsafe {
+                        let buf = core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
+                        self.blk
+                            .complete_read_blocks(token, &s.req, buf, &mut s.resp)
+                    },
+                    // SAFETY: as for the read.
+                    Direction::Write => unsafe {
+                        let buf = core::slice::from_raw_parts(addr as *const u8, len as usize);
+                        self.blk
+                            .complete_write_blocks(token, &s.req, buf, &mut s.resp)
+                    },
+                };
+                if r.is_err() {
+                    self.stats.failed_subs += 1;
+                }
+                n += 1;
+                self.stats.completions += 1;
+                if let Some(d) = self.dispatch.finish(slot, r.is_ok()) {
+                    self.complete(d);
+                }
+            }
+            n
+        }
+
+        fn retry_busy(&mut self) {
+            for i in self.dispatch.take_busy() {
+                self.serve(i);
+            }
+        }
+
+        fn all_ended(&self) -> bool {
+            self.fronts.iter().all(Frontend::ended) && self.dispatch.is_idle()
+        }
+    }
+
+    /// After a refused map: does a grant copy of the ring get through?
+    /// (The policy that refuses one should refuse the other.)
+    fn probe_copy(grants: &mut DomGrants, vbd: &VbdInfo<'_>) -> i16 {
+        let Some(page) = heap_page() else {
+            return GrantStatus::General as i16;
+        };
+        let mut op = [CopyOp {
+            src: CopyPtr {
+                gref_or_page: u64::from(vbd.ring_gref),
+                domid: vbd.peer,
+                offset: 0,
+            },
+            dst: CopyPtr {
+                gref_or_page: page / PAGE_SIZE,
+                domid: DOMID_SELF,
+                offset: 0,
+            },
+            len: 64,
+            flags: copy_flags::SRC_GREF,
+            status: GrantStatus::General as i16,
+        }];
+        let _ = grants.copy(&mut op);
+        op[0].status
+    }
+
+    fn print_stats(f: &Frontend<'_>) {
+        let s: &Stats = f.backend.stats();
+        let ns = f.closed_ns.saturating_sub(f.connected_ns);
+        let bytes = s.bytes_read + s.bytes_written;
+        let phase = match f.phase {
+            Phase::Closed => "closed",
+            Phase::Refused(st) => st.name(),
+            Phase::Serving => "serving",
+            Phase::Unmapped => "never connected",
+        };
+        println!(
+            "blkback: {} of domain {} ({phase}): {} requests ({} reads, {} writes, {} flushes, {} indirect), {} KiB read, {} KiB written in {} ms ({} KB/s)",
+            f.vbd.name,
+            f.vbd.peer,
+            s.requests,
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.indirect,
+            s.bytes_read / 1024,
+            s.bytes_written / 1024,
+            ns / 1_000_000,
+            bytes.saturating_mul(1_000_000) / ns.max(1)
+        );
+        let mut errs = alloc::string::String::new();
+        for r in Reject::ALL {
+            if s.errors(r) > 0 {
+                errs.push_str(&format!(" {}={}", r.name(), s.errors(r)));
+            }
+        }
+        println!(
+            "blkback: {}: errors {}{errs}; grants: {} maps, {} unmaps ({} failed), {} persistent hits, {} copies; {} stalls, {} stale completions, {} hostile; {} polls, {} notifies",
+            f.vbd.name,
+            s.total_errors(),
+            s.maps,
+            s.unmaps,
+            s.unmap_failures,
+            s.persistent_hits,
+            s.copies,
+            s.stalls,
+            s.stale_completions,
+            s.hostile,
+            f.polls,
+            f.notifies
+        );
+        let _ = event(&WorkDone {
+            work: &format!("blkback-{}", f.vbd.peer),
+            units: s.requests,
+        });
+    }
+
+    /// Serves every vbd of `si` with role Back on `blk`, whose interrupts
+    /// raise `dev_port`; `timer` is the domain's timer VIRQ port. Returns
+    /// the exit status: 0 once every frontend has closed (or could never be
+    /// reached), 1 on a broken device or bad args.
+    pub fn run<H: Hal, T: Transport>(
+        si: &libdom::StartInfo<'_>,
+        blk: VirtIOBlk<H, T>,
+        dev_port: u16,
+        timer: u16,
+    ) -> i64 {
+        let args = match ServeArgs::parse(si.args) {
+            Ok(a) => a,
+            Err(e) => {
+                println!("blkback: args: {e}");
+                return 1;
+            }
+        };
+        let vbds = served(&si.vbds);
+        if vbds.is_empty() {
+            println!("blkback: serve=1, but the start info names no vbd this domain serves");
+            return 1;
+        }
+        let capacity = blk.capacity();
+        let maps = vbds.iter().filter(|v| v.mode == VbdMode::Map).count();
+        let persistent = args.persistent.unwrap_or(persistent_budget(maps));
+        let mut fronts = Vec::new();
+        for v in &vbds {
+            if v.first_sector
+                .checked_add(v.sectors)
+                .is_none_or(|e| e > capacity)
+            {
+                println!(
+                    "blkback: {}: sectors {}..+{} are not all on the disk ({capacity} sectors)",
+                    v.name, v.first_sector, v.sectors
+                );
+                return 1;
+            }
+            let bounce = match v.mode {
+                VbdMode::Map => Vec::new(),
+                VbdMode::Copy => {
+                    let n = bounce_pages(args.indirect);
+                    let pages: Option<Vec<u64>> = (0..n).map(|_| heap_page()).collect();
+                    let Some(pages) = pages else {
+                        println!(
+                            "blkback: {}: no memory for {n} bounce pages (try indirect=0)",
+                            v.name
+                        );
+                        return 1;
+                    };
+                    pages
+                }
+            };
+            let backend = match Backend::new(config(v, args.indirect, persistent, bounce)) {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("blkback: {}: {e}", v.name);
+                    return 1;
+                }
+            };
+            fronts.push(Frontend {
+                vbd: *v,
+                backend,
+                ring: None,
+                phase: Phase::Unmapped,
+                connected_ns: 0,
+                closed_ns: 0,
+                notifies: 0,
+                polls: 0,
+            });
+        }
+        let depth = usize::from(blk.virt_queue_size());
+        let mut srv = Server {
+            blk,
+            // Room for every frontend's full ring of 11-segment requests
+            // split into one virtio request per segment.
+            dispatch: Dispatch::new(
+                depth,
+                fronts.len() * RING_SIZE as usize * blkif::MAX_SEGMENTS,
+            ),
+            slots: (0..depth).map(|_| IoSlot::default()).collect(),
+            grants: DomGrants::default(),
+            fronts,
+            stats: LoopStats::default(),
+            broken: None,
+        };
+        println!(
+            "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants each; {} by grant copy), indirect up to {} segments, {depth} virtio descriptors",
+            srv.fronts.len(),
+            maps,
+            srv.fronts.len() - maps,
+            args.indirect
+        );
+        let t0 = time_ns();
+        for i in 0..srv.fronts.len() {
+            srv.serve(i);
+        }
+        let mut safety_armed = false;
+        while srv.broken.is_none() {
+            srv.kick();
+            srv.retry_busy();
+            srv.kick();
+            if srv.all_ended() {
+                break;
+            }
+            if srv.dispatch.in_device() > 0 && !safety_armed {
+                let _ = set_timer(time_ns() + SAFETY_POLL_NS);
+                safety_armed = true;
+            }
+            let mut words = [0u64; PORT_WORDS];
+            if let Err(e) = wait(&mut words, 0) {
+                println!("blkback: wait: {}", e.name());
+                return 1;
+            }
+            srv.stats.waits += 1;
+            let p = Pending(words);
+            if p.contains(timer) {
+                safety_armed = false;
+            }
+            if p.contains(dev_port) {
+                srv.stats.device_wakes += 1;
+                if srv.reap() == 0 {
+                    srv.stats.spurious += 1;
+                }
+            } else if p.contains(timer) {
+                srv.stats.late += srv.reap();
+            }
+            for i in 0..srv.fronts.len() {
+                if p.contains(srv.fronts[i].vbd.port) {
+                    srv.serve(i);
+                }
+            }
+        }
+        let _ = set_timer(0);
+        let ns = time_ns() - t0;
+        if let Some(why) = srv.broken {
+            println!("blkback: stopping: {why}");
+        }
+        for f in &srv.fronts {
+            print_stats(f);
+        }
+        let d = srv.dispatch.stats();
+        let l = &srv.stats;
+        println!(
+            "blkback: device: {} requests as {} virtio requests ({} completed, {} buffers merged, {} flushes taking {} us), at most {} in the device, {} busy refusals, {} failed; {} waits, {} device wakes ({} with nothing new), {} completions found without an interrupt; {} grant calls ({} copy ops); {} ms",
+            d.requests,
+            d.subs,
+            l.completions,
+            d.merged,
+            d.flushes,
+            l.flush_ns / 1000,
+            d.max_in_device,
+            d.busy,
+            l.failed_subs,
+            l.waits,
+            l.device_wakes,
+            l.spurious,
+            l.late,
+            srv.grants.calls,
+            srv.grants.copy_ops,
+            ns / 1_000_000
+        );
+        let unfinished = srv
+            .fronts
+            .iter()
+            .filter(|f| f.backend.conn() != Conn::Closed && f.phase == Phase::Serving)
+            .count();
+        i64::from(srv.broken.is_some() || unfinished > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use abi::domain::VbdInfo;
+    use std::vec;
+
+    fn io(sector: u64, dir: Direction, addr: u64, len: u32) -> SubOp {
+        SubOp::Io {
+            sector,
+            dir,
+            addr,
+            len,
+        }
+    }
+
+    fn buf(addr: u64, len: u32) -> Buf {
+        Buf { addr, len }
+    }
+
+    #[test]
+    fn args() {
+        assert!(is_serve("serve=1"));
+        assert!(is_serve("indirect=0 serve=1"));
+        assert!(!is_serve("serve=0"));
+        assert!(!is_serve("verify=0..64 pattern=A"));
+        assert!(!is_serve("serve=1 junk"));
+        assert_eq!(
+            ServeArgs::parse("serve=1").unwrap(),
+            ServeArgs {
+                indirect: blkif::MAX_INDIRECT_SEGMENTS,
+                persistent: None
+            }
+        );
+        assert_eq!(
+            ServeArgs::parse("serve=1 indirect=0 persistent=16").unwrap(),
+            ServeArgs {
+                indirect: 0,
+                persistent: Some(16)
+            }
+        );
+        assert_eq!(
+            ServeArgs::parse("serve=1 indirect=257").unwrap_err(),
+            ServeArgError::Indirect(257)
+        );
+        assert_eq!(
+            ServeArgs::parse("serve=1 persistent=5000").unwrap_err(),
+            ServeArgError::Persistent(5000)
+        );
+        assert!(matches!(
+            ServeArgs::parse("serve=1 verify=0..4"),
+            Err(ServeArgError::Args(ArgError::Unknown { key: "verify" }))
+        ));
+    }
+
+    fn vbd(mode: VbdMode, role: VbdRole) -> VbdInfo<'static> {
+        VbdInfo {
+            name: "xvda",
+            role,
+            peer: 3,
+            port: 5,
+            ring_gref: 1,
+            first_sector: 4096,
+            sectors: 2048,
+            readonly: true,
+            mode,
+        }
+    }
+
+    #[test]
+    fn configs_from_vbds() {
+        let c = config(&vbd(VbdMode::Map, VbdRole::Back), 256, 704, vec![]);
+        assert_eq!(
+            c,
+            Config {
+                frontend: 3,
+                first_sector: 4096,
+                sectors: 2048,
+                read_only: true,
+                path: DataPath::Map { persistent: 704 },
+                max_indirect_segments: 256,
+            }
+        );
+        let pages: Vec<u64> = (0..bounce_pages(0) as u64)
+            .map(|i| 0x50_0000 + i * 4096)
+            .collect();
+        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 0, 704, pages.clone());
+        assert_eq!(c.path, DataPath::Copy { bounce: pages });
+        assert_eq!(c.bounce_pages_needed(), bounce_pages(0));
+        assert!(blkback::Backend::new(c).is_ok());
+        assert_eq!(bounce_pages(256), 257);
+        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 256, 0, vec![0x1000; 12]);
+        assert!(blkback::Backend::new(c).is_err());
+        // Only the vbds this domain serves.
+        let mut list = [None; abi::domain::MAX_VBDS];
+        list[0] = Some(vbd(VbdMode::Map, VbdRole::Front));
+        list[2] = Some(vbd(VbdMode::Copy, VbdRole::Back));
+        let s = served(&list);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].mode, VbdMode::Copy);
+        // Persistent grants share the domain's mappings.
+        assert_eq!(persistent_budget(0), PERSISTENT_PER_FRONTEND);
+        assert_eq!(persistent_budget(2), PERSISTENT_PER_FRONTEND);
+        assert_eq!(persistent_budget(8), PERSISTENT_TOTAL / 8);
+        assert!(persistent_budget(8) * 8 <= PERSISTENT_TOTAL);
+    }
+
+    #[test]
+    fn window_hands_out_pages_once() {
+        let mut w = Window::new(GRANT_WINDOW, 3 * PAGE_SIZE);
+        let a = w.alloc().unwrap();
+        let b = w.alloc().unwrap();
+        let c = w.alloc().unwrap();
+        assert_eq!(
+            (a, b, c),
+            (GRANT_WINDOW, GRANT_WINDOW + 4096, GRANT_WINDOW + 8192)
+        );
+        assert_eq!(w.alloc(), None);
+        w.free(b);
+        assert_eq!(w.alloc(), Some(b));
+        assert_eq!(w.alloc(), None);
+        let mut d = Window::default();
+        assert_eq!(d.alloc(), Some(GRANT_WINDOW));
+    }
+
+    #[test]
+    fn runs_merge_and_complete_their_request() {
+        let mut d = Dispatch::new(16, 64);
+        // Four segments: two contiguous full pages, then a gap, then a
+        // partial one.
+        let bufs = [
+            buf(0x8000_0000, 4096),
+            buf(0x8000_1000, 4096),
+            buf(0x8000_5200, 1024),
+            buf(0x8000_3000, 512),
+        ];
+        d.submit(0, 77, 100, Direction::Read, &bufs).unwrap();
+        assert_eq!(d.queued(), 3);
+        assert_eq!(d.stats().merged, 1);
+        let mut got = vec![];
+        while let Some((slot, op)) = d.next() {
+            got.push(op);
+            d.started(slot, 10 + slot as u16);
+        }
+        assert_eq!(
+            got,
+            [
+                io(100, Direction::Read, 0x8000_0000, 8192),
+                io(116, Direction::Read, 0x8000_5200, 1024),
+                io(118, Direction::Read, 0x8000_3000, 512),
+            ]
+        );
+        assert_eq!(d.in_device(), 3);
+        assert_eq!(d.lookup(11), Some((1, got[1])));
+        assert_eq!(d.lookup(99), None);
+        // Completions in any order; the request ends with the last.
+        assert_eq!(d.finish(1, true), None);
+        assert_eq!(d.finish(0, true), None);
+        assert_eq!(
+            d.finish(2, true),
+            Some(Done {
+                backend: 0,
+                token: 77,
+                ok: true
+            })
+        );
+        assert!(d.is_idle());
+        assert_eq!(d.pending(), 0);
+        assert_eq!(d.finish(2, true), None);
+    }
+
+    #[test]
+    fn one_failed_run_fails_the_request() {
+        let mut d = Dispatch::new(16, 64);
+        d.submit(
+            2,
+            5,
+            0,
+            Direction::Write,
+            &[buf(0x1000, 512), buf(0x3000, 512)],
+        )
+        .unwrap();
+        let (s0, _) = d.next().unwrap();
+        d.started(s0, 0);
+        let (s1, _) = d.next().unwrap();
+        d.started(s1, 3);
+        assert_eq!(d.finish(s0, false), None);
+        assert_eq!(
+            d.finish(s1, true),
+            Some(Done {
+                backend: 2,
+                token: 5,
+                ok: false
+            })
+        );
+    }
+
+    #[test]
+    fn tokens_go_back_to_their_backend() {
+        let mut d = Dispatch::new(4, 64);
+        for (be, tok) in [(0, 100u64), (1, 200), (0, 101), (2, 300)] {
+            d.submit(be, tok, tok, Direction::Read, &[buf(tok << 12, 4096)])
+                .unwrap();
+        }
+        // The device reuses descriptor indices as tokens; slots are ours.
+        let mut vt = 0;
+        while let Some((slot, _)) = d.next() {
+            d.started(slot, vt);
+            vt += 3;
+        }
+        assert_eq!(d.in_device(), 4);
+        let mut ended = vec![];
+        for t in [9u16, 0, 6, 3] {
+            let (slot, op) = d.lookup(t).unwrap();
+            let SubOp::Io { sector, .. } = op else {
+                panic!()
+            };
+            let done = d.finish(slot, true).unwrap();
+            assert_eq!(done.token, sector);
+            ended.push((done.backend, done.token));
+        }
+        assert_eq!(ended, [(2, 300), (0, 100), (0, 101), (1, 200)]);
+    }
+
+    #[test]
+    fn slots_limit_what_starts() {
+        let mut d = Dispatch::new(2, 64);
+        for t in 0..3u64 {
+            d.submit(
+                0,
+                t,
+                t * 8,
+                Direction::Read,
+                &[buf(0x10_0000 + t * 0x2000, 4096)],
+            )
+            .unwrap();
+        }
+        let (a, _) = d.next().unwrap();
+        d.started(a, 0);
+        let (b, _) = d.next().unwrap();
+        d.started(b, 1);
+        assert_eq!(d.next(), None);
+        assert_eq!(d.stats().max_in_device, 2);
+        assert!(d.finish(a, true).is_some());
+        let (c, op) = d.next().unwrap();
+        assert_eq!(c, a);
+        assert_eq!(op, io(16, Direction::Read, 0x10_4000, 4096));
+    }
+
+    #[test]
+    fn a_flush_is_a_barrier() {
+        let mut d = Dispatch::new(8, 64);
+        d.submit(0, 1, 0, Direction::Write, &[buf(0x1000, 4096)])
+            .unwrap();
+        d.flush(1, 2).unwrap();
+        d.submit(0, 3, 8, Direction::Write, &[buf(0x3000, 4096)])
+            .unwrap();
+        let (s, _) = d.next().unwrap();
+        d.started(s, 0);
+        // The flush waits for the write before it...
+        assert_eq!(d.next(), None);
+        assert!(d.finish(s, true).is_some());
+        // ...then runs alone, and what follows waits for it.
+        let (_, op) = d.next().unwrap();
+        assert_eq!(op, SubOp::Flush);
+        assert_eq!(
+            d.ended_now(true),
+            Some(Done {
+                backend: 1,
+                token: 2,
+                ok: true
+            })
+        );
+        let (_, op) = d.next().unwrap();
+        assert_eq!(op, io(8, Direction::Write, 0x3000, 4096));
+        assert_eq!(d.stats().flushes, 1);
+    }
+
+    #[test]
+    fn a_full_queue_says_busy_and_remembers_who() {
+        let mut d = Dispatch::new(1, 2);
+        // An empty queue takes any request, however many runs.
+        let many: Vec<Buf> = (0..4).map(|i| buf(0x1000 + i * 0x2000, 512)).collect();
+        d.submit(0, 1, 0, Direction::Read, &many).unwrap();
+        assert_eq!(d.queued(), 4);
+        assert_eq!(
+            d.submit(1, 2, 0, Direction::Read, &[buf(0x9000, 512)]),
+            Err(DeviceError::Busy)
+        );
+        assert_eq!(d.flush(1, 3), Err(DeviceError::Busy));
+        assert_eq!(d.stats().busy, 2);
+        assert_eq!(d.take_busy(), [1]);
+        assert!(d.take_busy().is_empty());
+        // Bad buffers fail at once.
+        let mut e = Dispatch::new(1, 2);
+        assert_eq!(
+            e.submit(0, 1, 0, Direction::Read, &[]),
+            Err(DeviceError::Failed)
+        );
+        assert_eq!(
+            e.submit(0, 1, 0, Direction::Read, &[buf(0x1000, 100)]),
+            Err(DeviceError::Failed)
+        );
+        assert!(e.is_idle());
+    }
+
+    #[test]
+    fn requests_refused_by_the_queue_end_at_once() {
+        let mut d = Dispatch::new(4, 64);
+        d.submit(
+            3,
+            9,
+            0,
+            Direction::Read,
+            &[buf(0x1000, 512), buf(0x4000, 512)],
+        )
+        .unwrap();
+        assert_eq!(d.ended_now(false), None);
+        assert_eq!(
+            d.ended_now(true),
+            Some(Done {
+                backend: 3,
+                token: 9,
+                ok: false
+            })
+        );
+        assert_eq!(d.ended_now(true), None);
+    }
+
+    /// blkback over the dispatcher, with a fake disk that completes what
+    /// the dispatcher starts: tokens of several backends end up where
+    /// they came from.
+    #[test]
+    fn two_backends_share_the_dispatcher() {
+        use abi::blkif::{op, Request, Response, Segment, ENTRY_SIZE, RESPONSE_SIZE};
+        use abi::grant::{CopyOp, Status as GrantStatus};
+        use abi::ring::{FrontRing, State};
+        use blkback::{Backend, Grants, Mapping};
+        use std::collections::BTreeMap;
+
+        /// Frontend pages by (domain, gref), mapped at their own address.
+        #[derive(Default)]
+        struct FakeGrants {
+            next: u64,
+            pages: BTreeMap<u64, [u8; 4096]>,
+        }
+        impl Grants for FakeGrants {
+            fn map(&mut self, dom: u16, gref: u32, _ro: bool) -> Result<Mapping, GrantStatus> {
+                self.next += 1;
+                let addr = (u64::from(dom) << 32) | u64::from(gref) << 12;
+                self.pages.entry(addr).or_insert([0; 4096]);
+                Ok(Mapping {
+                    handle: self.next as u32,
+                    addr,
+                })
+            }
+            fn unmap(&mut self, _m: Mapping) -> Result<(), GrantStatus> {
+                Ok(())
+            }
+            fn copy(&mut self, _ops: &mut [CopyOp]) -> Result<(), GrantStatus> {
+                Err(GrantStatus::General)
+            }
+            fn read(&self, addr: u64, buf: &mut [u8]) {
+                let page = &self.pages[&(addr & !0xfff)];
+                let o = (addr & 0xfff) as usize;
+                buf.copy_from_slice(&page[o..o + buf.len()]);
+            }
+        }
+
+        let mut grants = FakeGrants::default();
+        let mut disk = vec![0u8; 64 * 512];
+        for (i, b) in disk.iter_mut().enumerate() {
+            *b = (i / 512) as u8;
+        }
+        let mut d = Dispatch::new(3, 64);
+        let mut rings: Vec<([u8; 4096], FrontRing, Backend)> = (0..2u16)
+            .map(|i| {
+                let mut page = [0u8; 4096];
+                let f = FrontRing::init(&mut page, ENTRY_SIZE);
+                f.set_state(&mut page, State::Connected);
+                let v = VbdInfo {
+                    peer: 10 + i,
+                    first_sector: 32 * u64::from(i),
+                    sectors: 32,
+                    readonly: false,
+                    ..vbd(VbdMode::Map, VbdRole::Back)
+                };
+                let b = Backend::new(config(&v, 0, 8, vec![])).unwrap();
+                (page, f, b)
+            })
+            .collect();
+        // Each frontend reads 4 requests of 2 segments (8 sectors: its
+        // sectors 4k..4k+8).
+        for (page, f, _) in rings.iter_mut() {
+            for k in 0..4u64 {
+                let mut r = Request {
+                    operation: op::READ,
+                    nr_segments: 2,
+                    id: k,
+                    sector: 8 * k,
+                    ..Request::default()
+                };
+                r.seg[0] = Segment {
+                    gref: (2 * k + 8) as u32,
+                    first_sect: 0,
+                    last_sect: 3,
+                };
+                r.seg[1] = Segment {
+                    gref: (2 * k + 9) as u32,
+                    first_sect: 4,
+                    last_sect: 7,
+                };
+                f.put_request(page, &r.encode()).unwrap();
+            }
+            f.push_requests(page);
+        }
+        for (i, (page, _, b)) in rings.iter_mut().enumerate() {
+            let mut dev = Dev {
+                dispatch: &mut d,
+                backend: i,
+            };
+            b.poll(page, &mut grants, &mut dev);
+        }
+        // The "device": start what fits, complete the oldest, repeat.
+        let mut vt = 0u16;
+        let mut out: std::collections::VecDeque<(u16, usize, SubOp)> = Default::default();
+        loop {
+            while let Some((slot, op)) = d.next() {
+                d.started(slot, vt);
+                out.push_back((vt, slot, op));
+                vt = vt.wrapping_add(1);
+            }
+            let Some((t, slot, op)) = out.pop_front() else {
+                break;
+            };
+            assert_eq!(d.lookup(t).map(|x| x.0), Some(slot));
+            if let SubOp::Io {
+                sector, addr, len, ..
+            } = op
+            {
+                let page = grants.pages.get_mut(&(addr & !0xfff)).unwrap();
+                let o = (addr & 0xfff) as usize;
+                let s = sector as usize * 512;
+                page[o..o + len as usize].copy_from_slice(&disk[s..s + len as usize]);
+            }
+            if let Some(done) = d.finish(slot, true) {
+                let (page, _, b) = &mut rings[done.backend];
+                let mut dev = Dev {
+                    dispatch: &mut d,
+                    backend: done.backend,
+                };
+                b.complete(done.token, done.ok, page, &mut grants, &mut dev);
+            }
+        }
+        assert!(d.is_idle());
+        for (i, (page, f, b)) in rings.iter_mut().enumerate() {
+            let mut seen = 0;
+            let mut rsp = [0u8; RESPONSE_SIZE];
+            while f.take_response(page, &mut rsp).unwrap() {
+                let r = Response::decode(&rsp);
+                assert_eq!(r.status, 0);
+                seen += 1;
+            }
+            assert_eq!(seen, 4);
+            assert_eq!(b.stats().reads, 4);
+            // Frontend i's request k, segment 1 holds disk sectors
+            // 32i + 8k + 4 .. +4 at offset 2048 of its page.
+            for k in 0..4u64 {
+                let addr = ((10 + i as u64) << 32) | (2 * k + 9) << 12;
+                let p = &grants.pages[&addr];
+                assert_eq!(p[2048], (32 * i as u64 + 8 * k + 4) as u8);
+                assert_eq!(p[4095], (32 * i as u64 + 8 * k + 7) as u8);
+            }
+        }
+    }
+}
