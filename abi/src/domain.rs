@@ -35,12 +35,14 @@ pub const DEVICE_VA: u64 = 0xc000_0000;
 pub const MAX_DEVICES: usize = 4;
 /// Most virtual block devices one domain may serve or use.
 pub const MAX_VBDS: usize = 8;
+/// Most virtual network interfaces one domain may serve or use.
+pub const MAX_VIFS: usize = 8;
 
 /// `StartInfo` magic.
 pub const MAGIC: [u8; 8] = *b"AIRLKDOM";
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Bytes `StartInfo::encode` writes.
-pub const START_INFO_SIZE: usize = 2296 + 8 + MAX_VBDS * VBD_SIZE;
+pub const START_INFO_SIZE: usize = 2296 + 8 + MAX_VBDS * VBD_SIZE + 8 + MAX_VIFS * VIF_SIZE;
 pub const NAME_MAX: usize = 32;
 pub const ARGS_MAX: usize = 128;
 pub const PORT_NAME_MAX: usize = 24;
@@ -143,6 +145,43 @@ pub struct VbdInfo<'a> {
     pub mode: VbdMode,
 }
 
+/// Which end of a virtual network interface a domain is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VifRole {
+    /// It uses the interface (netfront): it grants the TX ring page at
+    /// `tx_ring_gref` and the RX ring page at `rx_ring_gref` to `peer`.
+    Front,
+    /// It serves the interface (netback, in the net driver domain).
+    Back,
+}
+
+/// A virtual network interface the manifest connects, as one end sees it.
+/// As for vbds, the hypervisor binds the event channel before either side
+/// runs; the rings are the frontend's pages, granted at reserved refs: its
+/// n-th vif's TX ring is ref `MAX_VBDS + 2n`, its RX ring `MAX_VBDS + 2n + 1`.
+/// The MAC and IPv4 address are the frontend's, from the manifest: netback
+/// lets a frontend send only as itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VifInfo<'a> {
+    pub name: &'a str,
+    pub role: VifRole,
+    pub peer: u16,
+    pub port: u16,
+    pub tx_ring_gref: u32,
+    pub rx_ring_gref: u32,
+    pub mac: [u8; 6],
+    pub ip: [u8; 4],
+}
+
+/// The grant references a frontend's `n`-th vif uses for its TX and RX rings.
+pub const fn vif_ring_grefs(n: usize) -> (u32, u32) {
+    let base = (MAX_VBDS + 2 * n) as u32;
+    (base, base + 1)
+}
+
+/// Grant references below this are reserved for vbd and vif rings.
+pub const RESERVED_GREFS: u32 = (MAX_VBDS + 2 * MAX_VIFS) as u32;
+
 /// Another domain of the system, as its peers may know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo<'a> {
@@ -175,6 +214,7 @@ pub struct StartInfo<'a> {
     pub dma: DmaMode,
     pub devices: [Option<DeviceInfo>; MAX_DEVICES],
     pub vbds: [Option<VbdInfo<'a>>; MAX_VBDS],
+    pub vifs: [Option<VifInfo<'a>>; MAX_VIFS],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +240,9 @@ pub enum StartInfoError {
     BadPortKind(u16),
     BadDmaMode(u8),
     BadVbd {
+        index: usize,
+    },
+    BadVif {
         index: usize,
     },
     BadBar {
@@ -230,6 +273,8 @@ impl core::fmt::Display for StartInfoError {
             StartInfoError::BadPortKind(k) => write!(f, "start info: unknown port kind {k}"),
             StartInfoError::BadDmaMode(m) => write!(f, "start info: unknown DMA mode {m}"),
             StartInfoError::BadVbd { index } => write!(f, "start info: vbd {index} is malformed"),
+            StartInfoError::BadVif { index } => write!(f, "start info: vif {index} is malformed"),
+            StartInfoError::BadVif { index } => write!(f, "start info: vif {index} is malformed"),
             StartInfoError::BadBar { device, slot } => {
                 write!(
                     f,
@@ -267,7 +312,16 @@ const O_VBDS: usize = O_DEV0 + MAX_DEVICES * DEV_SIZE;
 const O_VBD0: usize = O_VBDS + 8;
 const VBD_SIZE: usize = 48;
 pub const VBD_NAME_MAX: usize = 16;
-const _: () = assert!(O_VBD0 + MAX_VBDS * VBD_SIZE == START_INFO_SIZE);
+const O_VIFS: usize = O_VBD0 + MAX_VBDS * VBD_SIZE;
+// At O_VIFS: u16 vif count, 6 reserved; then each vif: u8 role (1 front,
+// 2 back), u8 name length, u16 peer, u16 port, 2 reserved, u32 tx_ring_gref,
+// u32 rx_ring_gref, mac [u8; 6], 2 reserved, ip [u8; 4], 4 reserved,
+// name [u8; 16].
+const O_VIF0: usize = O_VIFS + 8;
+const VIF_SIZE: usize = 48;
+pub const VIF_NAME_MAX: usize = 16;
+const _: () = assert!(O_VIF0 + MAX_VIFS * VIF_SIZE == START_INFO_SIZE);
+const _: () = assert!(START_INFO_SIZE <= 4096);
 
 fn put_str(
     buf: &mut [u8],
@@ -409,6 +463,28 @@ impl<'a> StartInfo<'a> {
             put_u64(buf, at + 24, v.sectors);
             put_str(buf, at + 32, VBD_NAME_MAX, v.name, "vbd name")?;
         }
+        put_u16(buf, O_VIFS, self.vifs.iter().flatten().count() as u16);
+        for (i, v) in self.vifs.iter().flatten().enumerate() {
+            let at = O_VIF0 + i * VIF_SIZE;
+            buf[at] = match v.role {
+                VifRole::Front => 1,
+                VifRole::Back => 2,
+            };
+            if v.name.len() > VIF_NAME_MAX {
+                return Err(StartInfoError::TooLong {
+                    field: "vif name",
+                    max: VIF_NAME_MAX,
+                });
+            }
+            buf[at + 1] = v.name.len() as u8;
+            put_u16(buf, at + 2, v.peer);
+            put_u16(buf, at + 4, v.port);
+            buf[at + 8..at + 12].copy_from_slice(&v.tx_ring_gref.to_le_bytes());
+            buf[at + 12..at + 16].copy_from_slice(&v.rx_ring_gref.to_le_bytes());
+            buf[at + 16..at + 22].copy_from_slice(&v.mac);
+            buf[at + 24..at + 28].copy_from_slice(&v.ip);
+            put_str(buf, at + 32, VIF_NAME_MAX, v.name, "vif name")?;
+        }
         Ok(())
     }
 
@@ -539,6 +615,41 @@ impl<'a> StartInfo<'a> {
                 mode,
             });
         }
+        let nvif = usize::from(get_u16(buf, O_VIFS));
+        if nvif > MAX_VIFS {
+            return Err(StartInfoError::TooMany {
+                field: "vifs",
+                max: MAX_VIFS,
+            });
+        }
+        let mut vifs = [None; MAX_VIFS];
+        for (i, slot) in vifs.iter_mut().enumerate().take(nvif) {
+            let at = O_VIF0 + i * VIF_SIZE;
+            let role = match buf[at] {
+                1 => VifRole::Front,
+                2 => VifRole::Back,
+                _ => return Err(StartInfoError::BadVif { index: i }),
+            };
+            if usize::from(buf[at + 1]) > VIF_NAME_MAX {
+                return Err(StartInfoError::BadVif { index: i });
+            }
+            let u32_at =
+                |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&buf[at + 16..at + 22]);
+            let mut ip = [0u8; 4];
+            ip.copy_from_slice(&buf[at + 24..at + 28]);
+            *slot = Some(VifInfo {
+                name: get_str(buf, at + 32, VIF_NAME_MAX, "vif name")?,
+                role,
+                peer: get_u16(buf, at + 2),
+                port: get_u16(buf, at + 4),
+                tx_ring_gref: u32_at(at + 8),
+                rx_ring_gref: u32_at(at + 12),
+                mac,
+                ip,
+            });
+        }
         let l = |i: usize| get_u64(buf, O_LAYOUT + 8 * i);
         Ok(StartInfo {
             domid: get_u16(buf, O_DOMID),
@@ -557,6 +668,7 @@ impl<'a> StartInfo<'a> {
             dma,
             devices,
             vbds,
+            vifs,
         })
     }
 
@@ -567,6 +679,11 @@ impl<'a> StartInfo<'a> {
             .flatten()
             .find(|p| p.name == name)
             .copied()
+    }
+
+    /// The vif called `name`.
+    pub fn vif(&self, name: &str) -> Option<VifInfo<'a>> {
+        self.vifs.iter().flatten().find(|v| v.name == name).copied()
     }
 
     /// The vbd called `name`.
@@ -652,6 +769,20 @@ mod tests {
                     sectors: 2048,
                     readonly: true,
                     mode: VbdMode::Copy,
+                });
+                v
+            },
+            vifs: {
+                let mut v = [None; MAX_VIFS];
+                v[0] = Some(VifInfo {
+                    name: "eth0",
+                    role: VifRole::Back,
+                    peer: 4,
+                    port: 3,
+                    tx_ring_gref: vif_ring_grefs(0).0,
+                    rx_ring_gref: vif_ring_grefs(0).1,
+                    mac: [2, 0, 0, 0, 0, 4],
+                    ip: [10, 0, 0, 4],
                 });
                 v
             },

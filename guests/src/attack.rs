@@ -140,6 +140,7 @@ mod tests {
             dma: abi::domain::DmaMode::Static,
             devices: [None; abi::domain::MAX_DEVICES],
             vbds: [None; abi::domain::MAX_VBDS],
+            vifs: [None; abi::domain::MAX_VIFS],
         };
         for own in [
             START_INFO_VA,

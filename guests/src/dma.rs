@@ -299,6 +299,7 @@ mod tests {
             dma: DmaMode::Static,
             devices: [None; MAX_DEVICES],
             vbds: [None; abi::domain::MAX_VBDS],
+            vifs: [None; abi::domain::MAX_VIFS],
         };
         assert!(aliases_own(&si, 0x10_0000));
         assert!(aliases_own(&si, 0x50_0000));

@@ -315,6 +315,7 @@ pub fn write_start_info(
     ports: &[PortInfo<'_>],
     peers: &[PeerInfo<'_>],
     vbds: &[abi::domain::VbdInfo<'_>],
+    vifs: &[abi::domain::VifInfo<'_>],
 ) -> Result<(), BuildError> {
     let mut p = [None; MAX_PORTS];
     for (slot, port) in p.iter_mut().zip(ports) {
@@ -353,6 +354,13 @@ pub fn write_start_info(
             let mut v = [None; abi::domain::MAX_VBDS];
             for (slot, vbd) in v.iter_mut().zip(vbds) {
                 *slot = Some(*vbd);
+            }
+            v
+        },
+        vifs: {
+            let mut v = [None; abi::domain::MAX_VIFS];
+            for (slot, vif) in v.iter_mut().zip(vifs) {
+                *slot = Some(*vif);
             }
             v
         },

@@ -213,7 +213,7 @@ pub fn start(
                 mem_bytes: p.mem_pages * 4096,
             })
             .collect();
-        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers, &vbds[i])
+        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers, &vbds[i], &[])
             .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
         console::event(&ev::DomainStart {
             domain: &d.name,

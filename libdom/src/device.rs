@@ -330,6 +330,7 @@ mod tests {
             dma: DmaMode::Static,
             devices: [None, Some(edu), None, None],
             vbds: [None; abi::domain::MAX_VBDS],
+            vifs: [None; abi::domain::MAX_VIFS],
         };
         let (i, d) = find(&si, 0x1234, 0x11e8).unwrap();
         assert_eq!((i, d.bdf), (1, Bdf::new(0, 5, 0)));

@@ -8,8 +8,9 @@
 //!
 //! ```text
 //!  ref 0 .. MAX_VBDS          reserved: the ring of the domain's n-th vbd is ref n
+//!  ref MAX_VBDS .. RESERVED_GREFS  reserved: the TX and RX rings of its vifs
 //!                             (grant_at, with the ref its start info names)
-//!  ref MAX_VBDS .. 512        handed out by grant(), lowest free first
+//!  ref RESERVED_GREFS .. 512  handed out by grant(), lowest free first
 //! ```
 //!
 //! Granting writes `domid` and `frame`, then (after a barrier) `flags`;
@@ -25,7 +26,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use abi::domain::MAX_VBDS;
+use abi::domain::RESERVED_GREFS;
 use abi::grant::{
     flags, CopyOp, Entry, MapOp, UnmapOp, COPY_OP_SIZE, ENTRIES_PER_PAGE, MAP_OP_SIZE, MAX_BATCH,
     UNMAP_OP_SIZE,
@@ -40,7 +41,7 @@ pub const PAGE: u64 = 4096;
 pub const TABLE_ENTRIES: usize = ENTRIES_PER_PAGE;
 /// The first reference [`grant`] hands out; the ones below are the vbd
 /// rings'.
-pub const FIRST_FREE_REF: u32 = MAX_VBDS as u32;
+pub const FIRST_FREE_REF: u32 = RESERVED_GREFS;
 
 /// Why a grant could not be made or revoked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
