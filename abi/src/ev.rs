@@ -616,6 +616,16 @@ events! {
             block: u64,
             depth: u64,
         }
+        /// A byte stream a domain sent or received, with a checksum both
+        /// ends compute the same way.
+        domain Stream<'a> = "stream" {
+            /// "tcp-tx", "tcp-rx", ...
+            what: &'a str,
+            bytes: u64,
+            /// CRC-32 (IEEE) of every byte of the stream.
+            crc32: Hex<8>,
+            ns: u64,
+        }
         /// The summary of a table of hostile hypercalls.
         domain HypercallTable = "hypercall_table" {
             cases: u64,

@@ -627,6 +627,12 @@ mod tests {
                 bytes: 2048,
                 ok: false,
             }),
+            written(&Stream {
+                what: "tcp-rx",
+                bytes: 16 << 20,
+                crc32: Hex(0xdead_beef),
+                ns: 1,
+            }),
             written(&Throughput {
                 what: "blk-seq-read",
                 bytes: 8 << 20,
@@ -643,6 +649,7 @@ mod tests {
             "hypercall_mismatch",
             "hypercall_table",
             "data_check",
+            "stream",
             "throughput",
         ];
         for (line, name) in lines.iter().zip(names) {
