@@ -564,7 +564,7 @@ mod tests {
     use super::*;
     use abi::ev::{
         Attack, DataCheck, DomainFault, Event, FieldSchema, Hex, HypercallMismatch, HypercallTable,
-        Pingpong, Ready, Throughput, WorkDone,
+        Pingpong, Ready, Stream, Throughput, WorkDone,
     };
     use std::format;
     use std::string::String;
