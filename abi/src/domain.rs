@@ -274,7 +274,6 @@ impl core::fmt::Display for StartInfoError {
             StartInfoError::BadDmaMode(m) => write!(f, "start info: unknown DMA mode {m}"),
             StartInfoError::BadVbd { index } => write!(f, "start info: vbd {index} is malformed"),
             StartInfoError::BadVif { index } => write!(f, "start info: vif {index} is malformed"),
-            StartInfoError::BadVif { index } => write!(f, "start info: vif {index} is malformed"),
             StartInfoError::BadBar { device, slot } => {
                 write!(
                     f,

@@ -441,14 +441,19 @@ impl Domain {
         };
     }
 
-    /// Gives the domain's memory and page tables back. The caller has
-    /// switched away from its address space.
-    pub fn free_memory(&mut self) {
+    /// Gives the domain's memory and page tables back, less the frames in
+    /// `keep` (its pages that other domains still have mapped through
+    /// grants; they are freed when the last of those mappings goes). The
+    /// caller has switched away from its address space.
+    pub fn free_memory(&mut self, keep: &[u64]) {
         for f in self.table_frames.drain(..) {
             mm::free_frame(f);
         }
         for i in 0..self.mem_pages {
-            mm::free_frame(self.mem_phys + i * PAGE_SIZE);
+            let frame = self.mem_phys + i * PAGE_SIZE;
+            if keep.binary_search(&frame).is_err() {
+                mm::free_frame(frame);
+            }
         }
         self.mem_pages = 0;
     }

@@ -84,7 +84,7 @@ use abi::grant::{
     ENTRIES_PER_PAGE, ENTRY_SIZE, GRANT_WINDOW, GRANT_WINDOW_SIZE, MAX_TABLE_PAGES,
 };
 use abi::hypercall::Error;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
 const PAGE_SIZE: u64 = 4096;
@@ -143,6 +143,9 @@ pub trait GrantEnv {
     /// The policy refused `perm` of `subject` on `object`: the kernel
     /// prints `grant_denied`.
     fn denied(&mut self, subject: DomId, object: DomId, perm: Perms);
+    /// A frame of a dead granter that no mapping holds any more: the
+    /// kernel may free it now (it kept it when the granter died).
+    fn release_frame(&mut self, phys: u64);
 }
 
 /// Where a domain's grant table is.
@@ -257,6 +260,10 @@ struct Held {
 pub struct GrantTables {
     doms: BTreeMap<DomId, Dom>,
     pins: BTreeMap<(DomId, u32), Pin>,
+    /// Granters that died while others still mapped their pages: their
+    /// tables are never written again, and their mapped frames stay the
+    /// mappers' until unmapped (`frames_held`, `release_frame`).
+    dead: BTreeSet<DomId>,
 }
 
 fn in_window(va: u64) -> bool {
@@ -268,6 +275,7 @@ impl GrantTables {
         GrantTables {
             doms: BTreeMap::new(),
             pins: BTreeMap::new(),
+            dead: BTreeSet::new(),
         }
     }
 
@@ -686,33 +694,54 @@ impl GrantTables {
         } else {
             0
         };
-        if clear != 0 && touch_table {
+        let granter_dead = self.dead.contains(&held.granter);
+        if clear != 0 && touch_table && !granter_dead {
             env.entry_clear_flags(entry_phys, clear);
+        }
+        if granter_dead && !self.maps_phys(held.phys) {
+            env.release_frame(held.phys);
         }
     }
 
-    /// Domain `d` is dying: removes every mapping of its grants (the
-    /// mappers lose the page, TLB and IOTLB invalidated, before anything
-    /// can reuse it; its own table is not written), then every mapping it
-    /// holds (the granters' entries lose READING/WRITING), then its table.
-    /// Call it before `d`'s memory or page tables are freed. Returns what
-    /// it removed, the mappings of its grants first.
-    pub fn domain_died(&mut self, env: &mut impl GrantEnv, d: DomId) -> Vec<Teardown> {
-        let mut done = Vec::new();
-        let of_its_grants: Vec<(DomId, u32)> = self
+    /// Whether any live mapping holds physical page `phys`.
+    fn maps_phys(&self, phys: u64) -> bool {
+        self.doms.values().any(|s| {
+            s.by_addr
+                .values()
+                .any(|&h| s.get(h).is_some_and(|m| m.phys == phys))
+        })
+    }
+
+    /// The frames of (dead) granter `d` that mappings still hold: the
+    /// kernel must not free them with the rest of `d`'s memory.
+    pub fn frames_held(&self, d: DomId) -> Vec<u64> {
+        let mut v: Vec<u64> = self
             .doms
-            .iter()
-            .filter(|(&m, _)| m != d)
-            .flat_map(|(&m, s)| {
+            .values()
+            .flat_map(|s| {
                 s.by_addr
                     .values()
-                    .filter(move |&&h| s.get(h).is_some_and(|x| x.granter == d))
-                    .map(move |&h| (m, h))
+                    .filter_map(move |&h| s.get(h))
+                    .filter(|m| m.granter == d)
+                    .map(|m| m.phys)
             })
             .collect();
-        for (m, h) in of_its_grants {
-            done.extend(self.teardown(env, m, h, false));
-        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Domain `d` is dying. Every mapping it holds goes (the granters'
+    /// entries lose READING/WRITING). Mappings *of* its grants by others
+    /// stay, as in Xen: a mapper keeps the page until it unmaps it, so a
+    /// dying frontend cannot pull memory from under its backend's feet or
+    /// its device's DMA; `d`'s table is never written again, and
+    /// [`GrantTables::frames_held`] names the frames the kernel must keep
+    /// until their last mapping goes ([`GrantEnv::release_frame`]). Call it
+    /// before `d`'s memory or page tables are freed. Returns what it
+    /// removed.
+    pub fn domain_died(&mut self, env: &mut impl GrantEnv, d: DomId) -> Vec<Teardown> {
+        let mut done = Vec::new();
         let its_own: Vec<u32> = self
             .doms
             .get(&d)
@@ -722,9 +751,13 @@ impl GrantTables {
             done.extend(self.teardown(env, d, h, true));
         }
         self.doms.remove(&d);
-        let stale: Vec<(DomId, u32)> = self.pins_of(d).map(|(k, _)| *k).collect();
-        for k in stale {
-            self.pins.remove(&k);
+        if self.frames_held(d).is_empty() {
+            let stale: Vec<(DomId, u32)> = self.pins_of(d).map(|(k, _)| *k).collect();
+            for k in stale {
+                self.pins.remove(&k);
+            }
+        } else {
+            self.dead.insert(d);
         }
         done
     }
@@ -810,6 +843,7 @@ mod tests {
 
     #[derive(Clone, Debug, PartialEq, Eq)]
     enum Ev {
+        Release(u64),
         Map(DomId, u64, u64, bool),
         Unmap(DomId, u64),
         IoMap(DomId, u64, u64, bool),
@@ -997,6 +1031,9 @@ mod tests {
         }
         fn denied(&mut self, subject: DomId, object: DomId, perm: Perms) {
             self.log.push(Ev::Denied(subject, object, perm));
+        }
+        fn release_frame(&mut self, phys: u64) {
+            self.log.push(Ev::Release(phys));
         }
     }
 
@@ -1795,45 +1832,42 @@ mod tests {
     }
 
     #[test]
-    fn granter_death_unmaps_every_mapper_first() {
+    fn granter_death_leaves_mappers_their_pages() {
         let (mut f, mut gt, mut p) = setup();
         f.grant(G, 1, N, DATA_VPN + 1, PA);
         let (hm, _) = map(&mut f, &mut gt, &mut p, M, mop(W, DEV, 0, G)).unwrap();
         let (hn, _) = map(&mut f, &mut gt, &mut p, N, mop(W, RO, 1, G)).unwrap();
-        // M also maps one of O's grants, which G's death leaves alone.
-        gt.set_table(&f, O, TABLE_VPN << 12, 1).unwrap();
-        f.grant(O, 0, M, DATA_VPN, PA);
-        let (ho, _) = map(&mut f, &mut gt, &mut p, M, mop(W + PAGE_SIZE, RO, 0, O)).unwrap();
+        let phys_m = gt.mapping(M, hm).unwrap().phys;
+        let phys_n = gt.mapping(N, hn).unwrap().phys;
         f.log.clear();
         let done = gt.domain_died(&mut f, G);
-        assert_eq!(done.len(), 2);
-        assert!(done.iter().all(|t| t.mapping.granter == G));
-        assert!(done
-            .iter()
-            .any(|t| t.mapper == M && t.handle == hm && t.mapping.device));
-        assert!(done.iter().any(|t| t.mapper == N && t.handle == hn));
-        // Invalidated, and the dead granter's table not written.
-        assert_eq!(f.clears(), 0);
-        assert!(f.log.contains(&Ev::Unmap(M, W)));
-        assert!(f.log.contains(&Ev::IoUnmap(M, W)));
-        assert!(f.log.contains(&Ev::Unmap(N, W)));
-        assert_eq!(
-            f.host.keys().copied().collect::<Vec<_>>(),
-            [(M, W + PAGE_SIZE)]
-        );
-        assert!(f.io.is_empty());
+        // Nothing of the mappers' goes: their pages and devices keep the frames.
+        assert!(done.is_empty());
+        assert!(f.host.contains_key(&(M, W)) && f.host.contains_key(&(N, W)));
+        assert!(f.io.contains_key(&(M, W)));
         assert_eq!(gt.table(G), None);
-        assert_eq!(gt.pin_counts(G, 0), (0, 0));
-        assert_eq!(gt.unmap_one(&mut f, M, &uop(W, hm)), Err(Status::BadHandle));
-        assert!(gt.mapping(M, ho).is_some());
-        // The handle and the address are free again.
+        let mut held = [phys_m, phys_n];
+        held.sort_unstable();
+        assert_eq!(gt.frames_held(G), held);
+        // The dead granter cannot be mapped from again.
         f.doms.remove(&G);
         assert_eq!(
-            map(&mut f, &mut gt, &mut p, M, mop(W, RW, 0, G)),
+            map(&mut f, &mut gt, &mut p, M, mop(W + PAGE_SIZE, RO, 0, G)),
             Err(Status::BadDomain)
         );
-        let (h, _) = map(&mut f, &mut gt, &mut p, M, mop(W, RO, 0, O)).unwrap();
-        assert_eq!(h, hm);
+        // Unmapping releases each frame once its last mapping goes, and never
+        // writes the dead granter's table.
+        f.log.clear();
+        gt.unmap_one(&mut f, M, &uop(W, hm)).unwrap();
+        assert!(f.log.contains(&Ev::IoUnmap(M, W)));
+        assert!(f.log.contains(&Ev::Release(phys_m)));
+        assert!(!f.log.contains(&Ev::Release(phys_n)));
+        assert_eq!(f.clears(), 0);
+        assert_eq!(gt.frames_held(G), [phys_n]);
+        // The other mapper's death releases its frame too.
+        gt.domain_died(&mut f, N);
+        assert!(f.log.contains(&Ev::Release(phys_n)));
+        assert!(gt.frames_held(G).is_empty());
     }
 
     #[test]

@@ -102,6 +102,10 @@ impl GrantEnv for Env<'_> {
         unsafe { core::ptr::copy(entry_ptr(src), entry_ptr(dst), len) };
     }
 
+    fn release_frame(&mut self, phys: u64) {
+        crate::mm::free_frame(phys);
+    }
+
     fn denied(&mut self, subject: DomId, object: DomId, perm: Perms) {
         let name = |d: DomId| self.get(d).map_or("?", |dom| dom.name.as_str());
         let label = |d: DomId| self.get(d).map_or("?", |dom| dom.label.as_str());

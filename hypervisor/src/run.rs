@@ -489,6 +489,7 @@ fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
         pt.release(i);
     }
     crate::grants_hw::domain_died(sys, i);
+    let held = sys.grants.frames_held(sys.domains[i].domid);
     // Leave its address space before its tables go.
     arch::paging::activate_kernel();
     if sys.current == Some(i) {
@@ -513,7 +514,7 @@ fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
     d.ended = Some((status, reason));
     d.timer_ns = None;
     let domid = d.domid;
-    d.free_memory();
+    d.free_memory(&held);
     d.cpu_ns = sys.sched.cpu_ns(i);
     d.dispatches = sys.sched.dispatches(i);
     sys.sched.remove(i);
