@@ -22,6 +22,7 @@ pub mod ev;
 pub mod grant;
 pub mod hypercall;
 pub mod manifest;
+pub mod netif;
 pub mod pci;
 pub mod ring;
 

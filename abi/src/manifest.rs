@@ -13,15 +13,16 @@
 //!  ..     watch records    (watch count   x 48 bytes)
 //!  ..     vbd records      (vbd count     x 40 bytes)
 //!  ..     allow records    (allow count   x 72 bytes)
+//!  ..     vif records      (vif count     x 40 bytes)
 //!         <- total size: nothing follows
 //! ```
 //!
-//! Header (version 4), little-endian:
+//! Header (version 5), little-endian:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0  | 8  | magic `b"AIRLOCKM"` |
-//! | 8  | 2  | format version, 4 |
+//! | 8  | 2  | format version, 5 |
 //! | 10 | 2  | header size, 80 |
 //! | 12 | 2  | device record size, 8 |
 //! | 14 | 2  | device count, at most [`MAX_DEVICES`] |
@@ -40,7 +41,8 @@
 //! | 70 | 2  | vbd count, at most [`MAX_VBDS`] |
 //! | 72 | 2  | allow record size, 72 |
 //! | 74 | 2  | allow count, at most [`MAX_ALLOWS`] |
-//! | 76 | 4  | reserved, zero |
+//! | 76 | 2  | vif record size, 40 |
+//! | 78 | 2  | vif count, at most [`MAX_VIFS`] |
 //!
 //! Device record (8 bytes), `device count` of them from offset 80; a
 //! device's index is its position (0-based), which domain records use:
@@ -144,6 +146,30 @@
 //!
 //! No two allow records have the same subject and object.
 //!
+//! Vif record (40 bytes), `vif count` of them after the allow records: a
+//! virtual network interface, which the frontend uses through netfront and
+//! the backend serves through netback, switched onto the backend's first
+//! device of kind virtio-net (in its device list's order). As for vbds, the
+//! hypervisor binds an event channel between the two ends and tells each of
+//! them in its start info (`abi::domain::VifInfo`); the MAC and IPv4
+//! address are the frontend's, and netback lets it send only as them.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0  | 2  | frontend: index of the domain that uses the interface |
+//! | 2  | 2  | backend: index of the domain that serves it (not the frontend); it owns a virtio-net |
+//! | 4  | 1  | name length, 1..=[`VIF_NAME_MAX`] |
+//! | 5  | 3  | reserved, zero |
+//! | 8  | 6  | the frontend's MAC: unicast (bit 0 of the first byte clear), not all zero |
+//! | 14 | 2  | reserved, zero |
+//! | 16 | 4  | the frontend's IPv4 address, network order: not 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4 (multicast) or 240.0.0.0/4 (reserved, broadcast) |
+//! | 20 | 4  | reserved, zero |
+//! | 24 | 16 | name (`eth0`): `[a-z0-9_-]`, unique among the frontend's vifs, zero-padded |
+//!
+//! No two vifs have one MAC or one IPv4 address. No domain is an end (front
+//! or back) of more than [`abi::domain::MAX_VIFS`](crate::domain::MAX_VIFS)
+//! vifs: each is an entry of its start info.
+//!
 //! Every rule above is checked by [`Manifest::parse`], one
 //! [`ManifestError`] variant per check; besides them: no domain is an end
 //! of more than [`MAX_PORTS`] channels (each end is a port in its start
@@ -153,22 +179,24 @@
 //! Version 1 had no domain or channel records (its domain count had to be
 //! 0); version 2 had a 64-byte header, 240-byte domain records (no devices,
 //! DMA mode or fault rule) and no watches; version 3 had a 72-byte header
-//! and no vbd or allow records. A reader refuses a manifest of another
+//! and no vbd or allow records; version 4 had no vif records (header bytes
+//! 76..80 were reserved). A reader refuses a manifest of another
 //! version by its version.
 
 use core::fmt;
 
 use crate::bundle::{le, NAME_MAX};
 use crate::domain::{
-    DmaMode, VbdMode, ARGS_MAX, MAX_PEERS, MAX_PORTS, MAX_VBDS as DOMAIN_VBDS_MAX, PORT_NAME_MAX,
-    VBD_NAME_MAX as START_INFO_VBD_NAME_MAX,
+    DmaMode, VbdMode, ARGS_MAX, MAX_PEERS, MAX_PORTS, MAX_VBDS as DOMAIN_VBDS_MAX,
+    MAX_VIFS as DOMAIN_VIFS_MAX, PORT_NAME_MAX, VBD_NAME_MAX as START_INFO_VBD_NAME_MAX,
+    VIF_NAME_MAX as START_INFO_VIF_NAME_MAX,
 };
 use crate::pci::Bdf;
 
 /// The first eight bytes of a compiled manifest.
 pub const MAGIC: [u8; 8] = *b"AIRLOCKM";
 /// The format version this crate reads and writes.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Size of the header in bytes.
 pub const HEADER_SIZE: usize = 80;
 /// Size of one device record in bytes.
@@ -191,6 +219,16 @@ pub const MAX_DOMAIN_VBDS: usize = DOMAIN_VBDS_MAX;
 /// Most vbds a manifest may list: every domain an end of
 /// [`MAX_DOMAIN_VBDS`] of them.
 pub const MAX_VBDS: usize = MAX_DOMAINS * MAX_DOMAIN_VBDS / 2;
+/// Size of one vif record in bytes.
+pub const VIF_SIZE: usize = 40;
+/// Longest vif name in bytes (as the start info holds it).
+pub const VIF_NAME_MAX: usize = START_INFO_VIF_NAME_MAX;
+/// Most vifs one domain may be an end of (front or back): each is an entry
+/// of its start info.
+pub const MAX_DOMAIN_VIFS: usize = DOMAIN_VIFS_MAX;
+/// Most vifs a manifest may list: every domain an end of
+/// [`MAX_DOMAIN_VIFS`] of them.
+pub const MAX_VIFS: usize = MAX_DOMAINS * MAX_DOMAIN_VIFS / 2;
 /// Most allow records: one per ordered pair of labels, and there are at
 /// most as many labels as domains.
 pub const MAX_ALLOWS: usize = MAX_DOMAINS * MAX_DOMAINS;
@@ -232,6 +270,7 @@ const _: () = assert!(DOMAIN_NAME_MAX <= NAME_MAX);
 const _: () = assert!(MAX_CHANNELS <= u16::MAX as usize);
 const _: () = assert!(VBD_SIZE == 24 + VBD_NAME_MAX);
 const _: () = assert!(ALLOW_SIZE == 8 + 2 * DOMAIN_NAME_MAX);
+const _: () = assert!(VIF_SIZE == 24 + VIF_NAME_MAX);
 const _: () = assert!(MAX_ALLOWS <= u16::MAX as usize);
 
 /// A device QEMU emulates and the manifest places at a fixed PCI address.
@@ -708,6 +747,37 @@ impl Vbd<'_> {
     }
 }
 
+/// One vif record: a virtual network interface. The frontend uses it
+/// (netfront) as `mac` and `ip`; the backend serves it (netback) on its
+/// first virtio-net (in the order of its device list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vif<'a> {
+    /// The frontend's name for it (`eth0`).
+    pub name: &'a str,
+    /// Domain index of the domain that uses it (netfront).
+    pub frontend: u16,
+    /// Domain index of the domain that serves it (netback).
+    pub backend: u16,
+    /// The frontend's MAC: unicast and not all zero.
+    pub mac: [u8; 6],
+    /// The frontend's IPv4 address, in network order.
+    pub ip: [u8; 4],
+}
+
+/// Whether `mac` may be a vif's: unicast (the group bit, bit 0 of the first
+/// byte, clear) and not all zero. Locally administered addresses
+/// (`02:...`) are fine.
+pub const fn vif_mac_ok(mac: [u8; 6]) -> bool {
+    mac[0] & 1 == 0 && (mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]) != 0
+}
+
+/// Whether `ip` may be a vif's: a unicast host address, not in 0.0.0.0/8
+/// ("this network"), 127.0.0.0/8 (loopback), 224.0.0.0/4 (multicast) or
+/// 240.0.0.0/4 (reserved, with the limited broadcast address).
+pub const fn vif_ip_ok(ip: [u8; 4]) -> bool {
+    ip[0] != 0 && ip[0] != 127 && ip[0] < 224
+}
+
 /// One allow record: `subject` (the acting domain's label) may do `perms`
 /// ([`perm`] bits) towards `object` (the other domain's label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -735,6 +805,7 @@ pub enum Record {
     Watch(u16),
     Vbd(u16),
     Allow(u16),
+    Vif(u16),
 }
 
 impl fmt::Display for Record {
@@ -745,6 +816,7 @@ impl fmt::Display for Record {
             Record::Watch(i) => write!(f, "watch {i}"),
             Record::Vbd(i) => write!(f, "vbd {i}"),
             Record::Allow(i) => write!(f, "allow {i}"),
+            Record::Vif(i) => write!(f, "vif {i}"),
         }
     }
 }
@@ -1084,6 +1156,78 @@ pub enum ManifestError {
         first: u16,
         index: u16,
     },
+    BadVifSize {
+        found: u16,
+    },
+    /// The vif count is over [`MAX_VIFS`].
+    TooManyVifs {
+        count: u16,
+    },
+    /// A vif end names a domain index that does not exist.
+    VifEndOutOfRange {
+        index: u16,
+        domain: u16,
+        count: u16,
+    },
+    /// A vif whose frontend is its backend.
+    VifToItself {
+        index: u16,
+        domain: u16,
+    },
+    /// A vif record's reserved bytes are not zero.
+    VifReservedNotZero {
+        index: u16,
+    },
+    /// The backend owns no virtio-net.
+    VifBackendHasNoNic {
+        index: u16,
+        backend: u16,
+    },
+    /// Two vifs of one frontend with one name.
+    DuplicateVif {
+        first: u16,
+        index: u16,
+    },
+    /// A MAC that is multicast (group bit set) or all zero.
+    BadVifMac {
+        index: u16,
+        mac: [u8; 6],
+    },
+    /// An IPv4 address that is not a unicast host address ([`vif_ip_ok`]).
+    BadVifIp {
+        index: u16,
+        ip: [u8; 4],
+    },
+    /// Two vifs with one MAC.
+    DuplicateVifMac {
+        first: u16,
+        index: u16,
+    },
+    /// Two vifs with one IPv4 address.
+    DuplicateVifIp {
+        first: u16,
+        index: u16,
+    },
+    /// A domain is an end of more than [`MAX_DOMAIN_VIFS`] vifs; `vif` is
+    /// the first one too many.
+    TooManyDomainVifs {
+        domain: u16,
+        vif: u16,
+    },
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+struct MacFmt([u8; 6]);
+
+impl fmt::Display for MacFmt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
 }
 
 impl fmt::Display for ManifestError {
@@ -1357,6 +1501,55 @@ impl fmt::Display for ManifestError {
                 f,
                 "allow {index}: the same subject and object as allow {first}"
             ),
+            BadVifSize { found } => {
+                write!(
+                    f,
+                    "vif record size {found} is not version {VERSION}'s {VIF_SIZE}"
+                )
+            }
+            TooManyVifs { count } => write!(f, "{count} vifs, at most {MAX_VIFS}"),
+            VifEndOutOfRange {
+                index,
+                domain,
+                count,
+            } => write!(
+                f,
+                "vif {index}: end domain {domain} does not exist ({count} domains)"
+            ),
+            VifToItself { index, domain } => {
+                write!(f, "vif {index}: domain {domain} is both its frontend and its backend")
+            }
+            VifReservedNotZero { index } => {
+                write!(f, "vif {index}: reserved bytes are not zero")
+            }
+            VifBackendHasNoNic { index, backend } => write!(
+                f,
+                "vif {index}: backend domain {backend} owns no virtio-net"
+            ),
+            DuplicateVif { first, index } => write!(
+                f,
+                "vif {index}: its frontend already has a vif of that name (vif {first})"
+            ),
+            BadVifMac { index, mac } => write!(
+                f,
+                "vif {index}: MAC {} is multicast or all zero",
+                MacFmt(*mac)
+            ),
+            BadVifIp { index, ip } => write!(
+                f,
+                "vif {index}: IPv4 address {}.{}.{}.{} is not a unicast host address",
+                ip[0], ip[1], ip[2], ip[3]
+            ),
+            DuplicateVifMac { first, index } => {
+                write!(f, "vif {index}: the same MAC as vif {first}")
+            }
+            DuplicateVifIp { first, index } => {
+                write!(f, "vif {index}: the same IPv4 address as vif {first}")
+            }
+            TooManyDomainVifs { domain, vif } => write!(
+                f,
+                "vif {vif}: domain {domain} would be an end of more than {MAX_DOMAIN_VIFS} vifs"
+            ),
         }
     }
 }
@@ -1489,6 +1682,22 @@ const _: () = assert!(W_NAME.at + W_NAME.max == WATCH_SIZE);
 const _: () = assert!(C_NAME.at + C_NAME.max == CHANNEL_SIZE);
 const _: () = assert!(V_NAME.at + V_NAME.max == VBD_SIZE);
 const _: () = assert!(A_OBJECT.at + A_OBJECT.max == ALLOW_SIZE);
+const F_FRONT: usize = 0;
+const F_BACK: usize = 2;
+const F_MAC: usize = 8;
+const F_IP: usize = 16;
+/// Every byte of a vif record that is reserved.
+const F_RESERVED: [core::ops::Range<usize>; 3] = [5..8, 14..16, 20..24];
+const F_NAME: StrField = StrField {
+    name: "name",
+    len_at: 4,
+    at: 24,
+    max: VIF_NAME_MAX,
+    min: 1,
+    ok: is_name_byte,
+};
+const _: () = assert!(F_NAME.at + F_NAME.max == VIF_SIZE);
+const _: () = assert!(F_MAC + 6 == F_RESERVED[1].start && F_IP + 4 == F_RESERVED[2].start);
 
 impl StrField {
     /// The checked string of `rec`.
@@ -1547,6 +1756,7 @@ pub struct Manifest<'a> {
     watches: &'a [u8],
     vbds: &'a [u8],
     allows: &'a [u8],
+    vifs: &'a [u8],
 }
 
 fn read_device(records: &[u8], i: usize) -> (u16, Bdf, u16, u16) {
@@ -1590,6 +1800,26 @@ fn decode_vbd(records: &[u8], i: usize) -> Vbd<'_> {
         sectors: le::u64_at(rec, V_SECTORS),
         readonly: rec[V_READONLY] != 0,
         mode: vbd_mode_from_code(rec[V_MODE]).unwrap_or(VbdMode::Copy),
+    }
+}
+
+fn vif_record(records: &[u8], i: usize) -> &[u8] {
+    &records[i * VIF_SIZE..(i + 1) * VIF_SIZE]
+}
+
+/// Decodes the vif record `i` of records that passed `parse`.
+fn decode_vif(records: &[u8], i: usize) -> Vif<'_> {
+    let rec = vif_record(records, i);
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&rec[F_MAC..F_MAC + 6]);
+    let mut ip = [0u8; 4];
+    ip.copy_from_slice(&rec[F_IP..F_IP + 4]);
+    Vif {
+        name: F_NAME.get(rec),
+        frontend: le::u16_at(rec, F_FRONT),
+        backend: le::u16_at(rec, F_BACK),
+        mac,
+        ip,
     }
 }
 
@@ -1737,6 +1967,78 @@ fn check_vbds(devices: &[u8], domains: &[u8], vbds: &[u8]) -> Result<(), Manifes
     Ok(())
 }
 
+/// Checks every vif record against the (already checked) devices and
+/// domains.
+fn check_vifs(devices: &[u8], domains: &[u8], vifs: &[u8]) -> Result<(), ManifestError> {
+    use ManifestError::*;
+    let n_domains = (domains.len() / DOMAIN_SIZE) as u16;
+    let mut ends = [0u8; MAX_DOMAINS];
+    for i in 0..vifs.len() / VIF_SIZE {
+        let index = i as u16;
+        let rec = vif_record(vifs, i);
+        let name = F_NAME.read(rec, Record::Vif(index))?;
+        let (front, back) = (le::u16_at(rec, F_FRONT), le::u16_at(rec, F_BACK));
+        for domain in [front, back] {
+            if domain >= n_domains {
+                return Err(VifEndOutOfRange {
+                    index,
+                    domain,
+                    count: n_domains,
+                });
+            }
+        }
+        if front == back {
+            return Err(VifToItself {
+                index,
+                domain: front,
+            });
+        }
+        if F_RESERVED
+            .iter()
+            .any(|r| rec[r.clone()].iter().any(|&b| b != 0))
+        {
+            return Err(VifReservedNotZero { index });
+        }
+        let owns_nic = domain_devices(domain_record(domains, back.into()))
+            .iter()
+            .any(|d| read_device(devices, d.into()).0 == DeviceKind::VirtioNet.code());
+        if !owns_nic {
+            return Err(VifBackendHasNoNic {
+                index,
+                backend: back,
+            });
+        }
+        let this = decode_vif(vifs, i);
+        if !vif_mac_ok(this.mac) {
+            return Err(BadVifMac {
+                index,
+                mac: this.mac,
+            });
+        }
+        if !vif_ip_ok(this.ip) {
+            return Err(BadVifIp { index, ip: this.ip });
+        }
+        let earlier = || (0..i).map(|j| (j as u16, decode_vif(vifs, j)));
+        if let Some((first, _)) = earlier().find(|(_, v)| v.frontend == front && v.name == name) {
+            return Err(DuplicateVif { first, index });
+        }
+        if let Some((first, _)) = earlier().find(|(_, v)| v.mac == this.mac) {
+            return Err(DuplicateVifMac { first, index });
+        }
+        if let Some((first, _)) = earlier().find(|(_, v)| v.ip == this.ip) {
+            return Err(DuplicateVifIp { first, index });
+        }
+        for domain in [front, back] {
+            let n = &mut ends[usize::from(domain)];
+            *n += 1;
+            if usize::from(*n) > MAX_DOMAIN_VIFS {
+                return Err(TooManyDomainVifs { domain, vif: index });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every allow record against the (already checked) domains'
 /// labels.
 fn check_allows(domains: &[u8], allows: &[u8]) -> Result<(), ManifestError> {
@@ -1846,6 +2148,14 @@ impl<'a> Manifest<'a> {
         if n_allows as usize > MAX_ALLOWS {
             return Err(TooManyAllows { count: n_allows });
         }
+        let vif_size = le::u16_at(bytes, 76);
+        if vif_size as usize != VIF_SIZE {
+            return Err(BadVifSize { found: vif_size });
+        }
+        let n_vifs = le::u16_at(bytes, 78);
+        if n_vifs as usize > MAX_VIFS {
+            return Err(TooManyVifs { count: n_vifs });
+        }
         let declared = le::u32_at(bytes, 20);
         let expected = encoded_size(
             n_devices as usize,
@@ -1854,6 +2164,7 @@ impl<'a> Manifest<'a> {
             n_watches as usize,
             n_vbds as usize,
             n_allows as usize,
+            n_vifs as usize,
         );
         if declared as usize != expected || bytes.len() != expected {
             return Err(SizeMismatch {
@@ -1879,9 +2190,7 @@ impl<'a> Manifest<'a> {
         let Ok(name) = core::str::from_utf8(&bytes[25..25 + name_len as usize]) else {
             return Err(NameNotUtf8);
         };
-        if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0)
-            || bytes[76..80].iter().any(|&b| b != 0)
-        {
+        if bytes[25 + name_len as usize..58].iter().any(|&b| b != 0) {
             return Err(ReservedNotZero);
         }
 
@@ -1889,7 +2198,8 @@ impl<'a> Manifest<'a> {
         let (domains, rest) = rest.split_at(n_domains as usize * DOMAIN_SIZE);
         let (channels, rest) = rest.split_at(n_channels as usize * CHANNEL_SIZE);
         let (watches, rest) = rest.split_at(n_watches as usize * WATCH_SIZE);
-        let (vbds, allows) = rest.split_at(n_vbds as usize * VBD_SIZE);
+        let (vbds, rest) = rest.split_at(n_vbds as usize * VBD_SIZE);
+        let (allows, vifs) = rest.split_at(n_allows as usize * ALLOW_SIZE);
         for i in 0..n_devices as usize {
             let (code, bdf, vendor, device) = read_device(devices, i);
             let index = i as u16;
@@ -2079,6 +2389,7 @@ impl<'a> Manifest<'a> {
 
         check_vbds(devices, domains, vbds)?;
         check_allows(domains, allows)?;
+        check_vifs(devices, domains, vifs)?;
 
         Ok(Manifest {
             name,
@@ -2089,6 +2400,7 @@ impl<'a> Manifest<'a> {
             watches,
             vbds,
             allows,
+            vifs,
         })
     }
 
@@ -2194,6 +2506,25 @@ impl<'a> Manifest<'a> {
             .filter(move |v| v.frontend == index || v.backend == index)
     }
 
+    pub fn vif_count(&self) -> usize {
+        self.vifs.len() / VIF_SIZE
+    }
+
+    /// Every vif, in manifest order.
+    pub fn vifs(&self) -> Vifs<'a> {
+        Vifs {
+            records: self.vifs,
+            next: 0,
+        }
+    }
+
+    /// The vifs domain `index` is an end of (front or back), in manifest
+    /// order: the order of its start info's vif list.
+    pub fn vifs_of(&self, index: u16) -> impl Iterator<Item = Vif<'a>> + 'a {
+        self.vifs()
+            .filter(move |v| v.frontend == index || v.backend == index)
+    }
+
     pub fn allow_count(&self) -> usize {
         self.allows.len() / ALLOW_SIZE
     }
@@ -2236,6 +2567,26 @@ impl<'a> Iterator for Vbds<'a> {
             return None;
         }
         let v = decode_vbd(self.records, self.next);
+        self.next += 1;
+        Some(v)
+    }
+}
+
+/// Iterator over a manifest's vifs.
+#[derive(Clone, Debug)]
+pub struct Vifs<'a> {
+    records: &'a [u8],
+    next: usize,
+}
+
+impl<'a> Iterator for Vifs<'a> {
+    type Item = Vif<'a>;
+
+    fn next(&mut self) -> Option<Vif<'a>> {
+        if (self.next + 1) * VIF_SIZE > self.records.len() {
+            return None;
+        }
+        let v = decode_vif(self.records, self.next);
         self.next += 1;
         Some(v)
     }
@@ -2412,6 +2763,7 @@ pub const fn encoded_size(
     watches: usize,
     vbds: usize,
     allows: usize,
+    vifs: usize,
 ) -> usize {
     HEADER_SIZE
         + devices * DEVICE_SIZE
@@ -2420,10 +2772,11 @@ pub const fn encoded_size(
         + watches * WATCH_SIZE
         + vbds * VBD_SIZE
         + allows * ALLOW_SIZE
+        + vifs * VIF_SIZE
 }
 
 /// Everything a compiled manifest says, as [`encode`] takes it. Domains,
-/// channels, watches and vbds name domains by index; `domains[i].index`
+/// channels, watches, vbds and vifs name domains by index; `domains[i].index`
 /// must be `i`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Contents<'a> {
@@ -2435,6 +2788,7 @@ pub struct Contents<'a> {
     pub watches: &'a [Watch<'a>],
     pub vbds: &'a [Vbd<'a>],
     pub allows: &'a [Allow<'a>],
+    pub vifs: &'a [Vif<'a>],
 }
 
 impl<'a> Contents<'a> {
@@ -2449,6 +2803,7 @@ impl<'a> Contents<'a> {
             watches: &[],
             vbds: &[],
             allows: &[],
+            vifs: &[],
         }
     }
 
@@ -2461,6 +2816,7 @@ impl<'a> Contents<'a> {
             self.watches.len(),
             self.vbds.len(),
             self.allows.len(),
+            self.vifs.len(),
         )
     }
 }
@@ -2479,6 +2835,7 @@ pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
         watches,
         vbds,
         allows,
+        vifs,
     } = *c;
     for (what, count, max) in [
         ("devices", devices.len(), MAX_DEVICES),
@@ -2487,6 +2844,7 @@ pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
         ("watches", watches.len(), MAX_WATCHES),
         ("vbds", vbds.len(), MAX_VBDS),
         ("allow rules", allows.len(), MAX_ALLOWS),
+        ("vifs", vifs.len(), MAX_VIFS),
     ] {
         if count > max {
             return Err(TooMany { what, count, max });
@@ -2543,6 +2901,11 @@ pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
             }
         }
     }
+    for (i, v) in vifs.iter().enumerate() {
+        if let Some(e) = too_long("vif name", i, v.name, VIF_NAME_MAX) {
+            return Err(e);
+        }
+    }
     let need = c.size();
     let have = out.len();
     let Some(out) = out.get_mut(..need) else {
@@ -2568,6 +2931,8 @@ pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
     le::put(out, 70, &(vbds.len() as u16).to_le_bytes());
     le::put(out, 72, &(ALLOW_SIZE as u16).to_le_bytes());
     le::put(out, 74, &(allows.len() as u16).to_le_bytes());
+    le::put(out, 76, &(VIF_SIZE as u16).to_le_bytes());
+    le::put(out, 78, &(vifs.len() as u16).to_le_bytes());
     let mut at = HEADER_SIZE;
     for d in devices {
         le::put(out, at, &d.kind.code().to_le_bytes());
@@ -2633,6 +2998,15 @@ pub fn encode(c: &Contents<'_>, out: &mut [u8]) -> Result<usize, EncodeError> {
         A_SUBJECT.put(rec, a.subject);
         A_OBJECT.put(rec, a.object);
         at += ALLOW_SIZE;
+    }
+    for v in vifs {
+        let rec = &mut out[at..at + VIF_SIZE];
+        le::put(rec, F_FRONT, &v.frontend.to_le_bytes());
+        le::put(rec, F_BACK, &v.backend.to_le_bytes());
+        le::put(rec, F_MAC, &v.mac);
+        le::put(rec, F_IP, &v.ip);
+        F_NAME.put(rec, v.name);
+        at += VIF_SIZE;
     }
     Manifest::parse(out).map_err(Invalid)?;
     Ok(need)
@@ -2787,7 +3161,7 @@ mod tests {
         ]
     }
 
-    const SIZE: usize = encoded_size(3, 3, 2, 2, 2, 2);
+    const SIZE: usize = encoded_size(3, 3, 2, 2, 2, 2, 2);
     /// Where domain `i`'s, channel `i`'s, watch `i`'s, vbd `i`'s and allow
     /// `i`'s records start in `good()`.
     const fn dom(i: usize) -> usize {
@@ -2805,16 +3179,39 @@ mod tests {
     const fn allow(i: usize) -> usize {
         vbd(2) + i * ALLOW_SIZE
     }
+    const fn vif(i: usize) -> usize {
+        allow(2) + i * VIF_SIZE
+    }
+
+    fn vifs() -> [Vif<'static>; 2] {
+        [
+            Vif {
+                name: "eth0",
+                frontend: 0,
+                backend: 1,
+                mac: [2, 0, 0, 0, 0, 1],
+                ip: [10, 0, 0, 1],
+            },
+            Vif {
+                name: "eth0",
+                frontend: 2,
+                backend: 1,
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                ip: [10, 0, 0, 2],
+            },
+        ]
+    }
 
     fn good() -> Vec<u8> {
         let mut buf = vec![0xa5; SIZE];
-        let (d, doms, ch, w, v, a) = (
+        let (d, doms, ch, w, v, a, f) = (
             devices(),
             domains(),
             channels(),
             watches(),
             vbds(),
             allows(),
+            vifs(),
         );
         let c = Contents {
             name: "default",
@@ -2825,6 +3222,7 @@ mod tests {
             watches: &w,
             vbds: &v,
             allows: &a,
+            vifs: &f,
         };
         assert_eq!(c.size(), SIZE);
         assert_eq!(encode(&c, &mut buf), Ok(SIZE));
@@ -2840,7 +3238,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let buf = good();
-        assert_eq!(SIZE, 80 + 24 + 768 + 64 + 96 + 80 + 144);
+        assert_eq!(SIZE, 80 + 24 + 768 + 64 + 96 + 80 + 144 + 80);
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!(m.name(), "default");
         assert_eq!(m.exit_rule(), ExitRule::AllExited);
@@ -2882,7 +3280,7 @@ mod tests {
             (256, 32, 2)
         );
         // No devices or domains at all is a valid (if dull) system.
-        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0)];
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0, 0)];
         enc("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         let m = Manifest::parse(&buf).unwrap();
         assert_eq!((m.device_count(), m.exit_rule()), (0, ExitRule::Never));
@@ -2932,7 +3330,7 @@ mod tests {
                 b: ((k % n + 1 + k / n) % n) as u16,
             })
             .collect();
-        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS, 0, 0, 0)];
+        let mut buf = vec![0; encoded_size(0, n, MAX_CHANNELS, 0, 0, 0, 0)];
         enc(
             "max",
             ExitRule::AllExited,
@@ -2985,7 +3383,8 @@ mod tests {
         assert_eq!(err(|b| b[58] = 16), BadDomainSize { found: 272 });
         assert_eq!(err(|b| b[64] = 47), BadWatchSize { found: 47 });
         assert_eq!(err(|b| b[66] = 17), TooManyWatches { count: 17 });
-        assert_eq!(err(|b| b[78] = 1), ReservedNotZero);
+        assert_eq!(err(|b| b[76] = 41), BadVifSize { found: 41 });
+        assert_eq!(err(|b| b[79] = 1), TooManyVifs { count: 0x102 });
         assert_eq!(err(|b| b[60] = 33), BadChannelSize { found: 33 });
         assert_eq!(err(|b| b[15] = 2), TooManyDevices { count: 0x203 });
         assert_eq!(err(|b| b[16] = 18), TooManyDomains { count: 18 });
@@ -3038,7 +3437,7 @@ mod tests {
         assert_eq!(err(|b| b[57] = 1), ReservedNotZero);
         assert_eq!(err(|b| b[56] = 1), ReservedNotZero);
         // all-exited with no domains.
-        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0)];
+        let mut buf = vec![0; encoded_size(0, 0, 0, 0, 0, 0, 0)];
         enc("x", ExitRule::Never, &[], &[], &[], &[], &mut buf).unwrap();
         buf[18] = ExitRule::AllExited.code() as u8;
         assert_eq!(Manifest::parse(&buf), Err(AllExitedWithoutDomains));
@@ -3252,7 +3651,7 @@ mod tests {
             .iter()
             .map(|name| Channel { name, a: 0, b: 1 })
             .collect();
-        let mut buf = vec![0; encoded_size(3, 3, chans.len(), 0, 0, 0)];
+        let mut buf = vec![0; encoded_size(3, 3, chans.len(), 0, 0, 0, 0)];
         assert_eq!(
             enc(
                 "x",
@@ -3718,6 +4117,217 @@ mod tests {
             encode(&c, &mut buf),
             Err(EncodeError::TooLong {
                 what: "vbd name",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn vifs_round_trip() {
+        let buf = good();
+        let m = Manifest::parse(&buf).unwrap();
+        assert_eq!(m.vif_count(), 2);
+        assert_eq!(m.vifs().collect::<Vec<_>>(), vifs());
+        assert_eq!(m.vifs_of(1).count(), 2);
+        assert_eq!(m.vifs_of(0).collect::<Vec<_>>(), [vifs()[0]]);
+        assert_eq!(m.vifs_of(2).collect::<Vec<_>>(), [vifs()[1]]);
+        // The layout the module doc gives.
+        assert_eq!((le::u16_at(&buf, 76), le::u16_at(&buf, 78)), (40, 2));
+        let v = &buf[vif(1)..];
+        assert_eq!(v.len(), VIF_SIZE);
+        assert_eq!((le::u16_at(v, 0), le::u16_at(v, 2)), (2, 1));
+        assert_eq!(&v[4..8], &[4, 0, 0, 0]);
+        assert_eq!(&v[8..16], &[0x52, 0x54, 0, 0x12, 0x34, 0x56, 0, 0]);
+        assert_eq!(&v[16..24], &[10, 0, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(&v[24..29], b"eth0\0");
+        // What a vif may be.
+        assert!(vif_mac_ok([2, 0, 0, 0, 0, 1]));
+        assert!(!vif_mac_ok([1, 0, 0x5e, 0, 0, 1]));
+        assert!(!vif_mac_ok([0xff; 6]));
+        assert!(!vif_mac_ok([0; 6]));
+        assert!(vif_ip_ok([10, 0, 0, 1]) && vif_ip_ok([192, 168, 1, 255]));
+        for bad in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [224, 0, 0, 1],
+            [255; 4],
+            [240, 1, 2, 3],
+        ] {
+            assert!(!vif_ip_ok(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn each_vif_corruption_is_named() {
+        use ManifestError::*;
+        let (f0, f1) = (vif(0), vif(1));
+        assert_eq!(
+            err(|b| b[78] = 3),
+            SizeMismatch {
+                declared: SIZE as u32,
+                expected: SIZE + VIF_SIZE,
+                len: SIZE
+            }
+        );
+        assert_eq!(
+            err(|b| b[f0 + 4] = 0),
+            BadString {
+                record: Record::Vif(0),
+                field: "name",
+                problem: StrProblem::Empty
+            }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 4] = 17),
+            BadString {
+                record: Record::Vif(1),
+                field: "name",
+                problem: StrProblem::TooLong { len: 17, max: 16 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 24] = b'E'),
+            BadString {
+                record: Record::Vif(1),
+                field: "name",
+                problem: StrProblem::BadChar { at: 0 }
+            }
+        );
+        assert_eq!(
+            err(|b| b[f0] = 3),
+            VifEndOutOfRange {
+                index: 0,
+                domain: 3,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 3] = 1),
+            VifEndOutOfRange {
+                index: 1,
+                domain: 257,
+                count: 3
+            }
+        );
+        assert_eq!(
+            err(|b| b[f0] = 1),
+            VifToItself {
+                index: 0,
+                domain: 1
+            }
+        );
+        for at in [5, 6, 7, 14, 15, 20, 23] {
+            assert_eq!(
+                err(|b| b[f1 + at] = 1),
+                VifReservedNotZero { index: 1 },
+                "byte {at}"
+            );
+        }
+        // Domain 0 owns only an edu: it has no NIC to serve from.
+        assert_eq!(
+            err(|b| {
+                b[f1] = 1;
+                b[f1 + 2] = 0;
+            }),
+            VifBackendHasNoNic {
+                index: 1,
+                backend: 0
+            }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 8] = 3),
+            BadVifMac {
+                index: 1,
+                mac: [3, 0x54, 0, 0x12, 0x34, 0x56]
+            }
+        );
+        assert_eq!(
+            err(|b| {
+                b[f0 + 8] = 0;
+                b[f0 + 13] = 0;
+            }),
+            BadVifMac {
+                index: 0,
+                mac: [0; 6]
+            }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 16] = 127),
+            BadVifIp {
+                index: 1,
+                ip: [127, 0, 0, 2]
+            }
+        );
+        assert_eq!(
+            err(|b| b[f0 + 16] = 0),
+            BadVifIp {
+                index: 0,
+                ip: [0, 0, 0, 1]
+            }
+        );
+        // Both vifs of one frontend, with one name.
+        assert_eq!(err(|b| b[f1] = 0), DuplicateVif { first: 0, index: 1 });
+        assert_eq!(
+            err(|b| b[f1 + 8..f1 + 14].copy_from_slice(&[2, 0, 0, 0, 0, 1])),
+            DuplicateVifMac { first: 0, index: 1 }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 19] = 1),
+            DuplicateVifIp { first: 0, index: 1 }
+        );
+        assert_eq!(
+            err(|b| b[f1 + 8] = 3).to_string(),
+            "vif 1: MAC 03:54:00:12:34:56 is multicast or all zero"
+        );
+        assert_eq!(
+            err(|b| b[f1 + 16] = 224).to_string(),
+            "vif 1: IPv4 address 224.0.0.2 is not a unicast host address"
+        );
+    }
+
+    #[test]
+    fn too_many_vifs_for_one_domain() {
+        let names: Vec<std::string::String> = (0..=MAX_DOMAIN_VIFS)
+            .map(|i| std::format!("eth{i}"))
+            .collect();
+        let vs: Vec<Vif<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Vif {
+                name,
+                frontend: 0,
+                backend: 1,
+                mac: [2, 0, 0, 0, 0, i as u8 + 1],
+                ip: [10, 0, 0, i as u8 + 1],
+            })
+            .collect();
+        let (d, doms) = (devices(), domains());
+        let mut c = Contents {
+            devices: &d,
+            domains: &doms,
+            vifs: &vs,
+            ..Contents::empty("x", ExitRule::AllExited)
+        };
+        let mut buf = vec![0; c.size()];
+        assert_eq!(
+            encode(&c, &mut buf),
+            Err(EncodeError::Invalid(ManifestError::TooManyDomainVifs {
+                domain: 0,
+                vif: 8
+            }))
+        );
+        c.vifs = &vs[..MAX_DOMAIN_VIFS];
+        assert!(encode(&c, &mut buf).is_ok());
+        let long = "v".repeat(17);
+        let v = [Vif {
+            name: &long,
+            ..vifs()[0]
+        }];
+        c.vifs = &v;
+        assert!(matches!(
+            encode(&c, &mut buf),
+            Err(EncodeError::TooLong {
+                what: "vif name",
                 ..
             })
         ));

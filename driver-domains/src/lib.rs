@@ -10,4 +10,6 @@ pub mod blk;
 pub mod blk_pattern;
 pub mod net;
 pub mod netframe;
+pub mod netserve;
 pub mod serve;
+pub mod stream_pattern;

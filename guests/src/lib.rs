@@ -15,6 +15,12 @@
 //! | `role=irq-victim [ms=1000]` | owns a device, binds its interrupt, counts the notifications it gets ([`msi`]) |
 //! | `role=blkfront vbd=xvda [write=S..E] [verify=S..E] [pattern=A] [outside=1] [seq_mb=N] [bs=64k] [depth=4] [rand=N] [expect=denied]` | a disk workload over blkfront ([`blkwork`]) |
 //! | `role=hostile-blkfront vbd=xvda [other=NAME]` | breaks blkif's rules on its own ring, case by case ([`blkhostile`]) |
+//! | `role=tcp-send to=IP port=P bytes=16M [pattern=A] [recv=N] [gw=IP]` | connects over netfront and smoltcp, sends a checked stream ([`tcp`]) |
+//! | `role=tcp-recv port=P bytes=16M [pattern=A] [send=N] [gw=IP]` | listens, receives and checks a stream ([`tcp`]) |
+//! | `role=tcp-serve port=P [recv=N recv_pattern=H] [send=N send_pattern=G]` | listens, moves a stream each way ([`tcp`]) |
+//! | `role=net-spoof victim=IP [count=16]` | sends frames as the victim (its MAC, its IPv4), then honest control frames ([`netspoof`]) |
+//! | `role=net-listen [ms=20000]` | counts the marked frames that reach it ([`netspoof`]) |
+//! | `role=hostile-netfront [cases=a,b]` | breaks netif's rules on its own TX ring, case by case ([`nethostile`]) |
 //!
 //! Each reports its result as an event (`pingpong`, `work_done`,
 //! `attack`, `hypercall_table`, `data_check`, `throughput`) and exits 0 on
@@ -37,7 +43,11 @@ pub mod blkwork;
 pub mod dma;
 pub mod hostile;
 pub mod msi;
+pub mod net;
+pub mod nethostile;
+pub mod netspoof;
 pub mod pingpong;
+pub mod tcp;
 pub mod work;
 
 use alloc::format;
@@ -98,6 +108,20 @@ pub enum Role<'a> {
     HostileBlkfront {
         vbd: &'a str,
         other: Option<&'a str>,
+    },
+    Tcp(tcp::Plan<'a>),
+    NetSpoof {
+        victim: [u8; 4],
+        count: u64,
+        vif: Option<&'a str>,
+    },
+    NetListen {
+        ms: u64,
+        vif: Option<&'a str>,
+    },
+    HostileNetfront {
+        cases: alloc::vec::Vec<&'static str>,
+        vif: Option<&'a str>,
     },
 }
 
@@ -178,6 +202,32 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
                 other: a.get("other"),
             }
         }
+        [Some("tcp-send" | "tcp-recv" | "tcp-serve"), _, _] => Role::Tcp(tcp::Plan::parse(args)?),
+        [Some("net-spoof"), _, _] => {
+            a.only(&["role", "victim", "count", "vif"])
+                .map_err(arg_err)?;
+            let v = a.require("victim").map_err(arg_err)?;
+            Role::NetSpoof {
+                victim: net::parse_ipv4(v)
+                    .ok_or_else(|| format!("argument victim=\"{v}\" is not an IPv4 address"))?,
+                count: a.u64_or("count", 16).map_err(arg_err)?,
+                vif: a.get("vif"),
+            }
+        }
+        [Some("net-listen"), _, _] => {
+            a.only(&["role", "ms", "vif"]).map_err(arg_err)?;
+            Role::NetListen {
+                ms: a.u64_or("ms", 20_000).map_err(arg_err)?,
+                vif: a.get("vif"),
+            }
+        }
+        [Some("hostile-netfront"), _, _] => {
+            a.only(&["role", "cases", "vif"]).map_err(arg_err)?;
+            Role::HostileNetfront {
+                cases: nethostile::pick(a.get("cases"))?,
+                vif: a.get("vif"),
+            }
+        }
         [Some("hostile"), _, _] => {
             a.only(&["role", "peer"]).map_err(arg_err)?;
             Role::Hostile {
@@ -210,7 +260,7 @@ pub fn role(args: &str) -> Result<Role<'_>, String> {
         }
         [Some(r), _, _] => {
             return Err(format!(
-            "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim, blkfront, hostile-blkfront)"
+            "unknown role \"{r}\" (ping, pong, idle, hostile, dma-attack, msi-spoof, irq-victim, blkfront, hostile-blkfront, tcp-send, tcp-recv, tcp-serve, net-spoof, net-listen, hostile-netfront)"
         ))
         }
         [_, Some(w), _] => return Err(format!("unknown work \"{w}\" (spin, bystander)")),
@@ -255,6 +305,10 @@ pub fn testdom(si: &StartInfo<'_>) -> i64 {
         Role::IrqVictim { ms } => msi::victim(si, ms),
         Role::Blkfront(plan) => blkwork::run(si, &plan),
         Role::HostileBlkfront { vbd, other } => blkhostile::run(si, vbd, other),
+        Role::Tcp(plan) => tcp::run(si, &plan),
+        Role::NetSpoof { victim, count, vif } => netspoof::spoof(si, victim, count, vif),
+        Role::NetListen { ms, vif } => netspoof::listen(si, ms, vif),
+        Role::HostileNetfront { cases, vif } => nethostile::run(si, &cases, vif),
     }
 }
 
@@ -316,6 +370,32 @@ mod tests {
                 other: Some("honest")
             })
         );
+        assert!(matches!(
+            role("role=tcp-recv port=5001 bytes=16M"),
+            Ok(Role::Tcp(tcp::Plan {
+                mode: tcp::Mode::Listen { port: 5001 },
+                ..
+            }))
+        ));
+        assert_eq!(
+            role("role=net-spoof victim=10.0.0.2"),
+            Ok(Role::NetSpoof {
+                victim: [10, 0, 0, 2],
+                count: 16,
+                vif: None
+            })
+        );
+        assert_eq!(
+            role("role=net-listen ms=5"),
+            Ok(Role::NetListen { ms: 5, vif: None })
+        );
+        assert_eq!(
+            role("role=hostile-netfront cases=ring-jump,control"),
+            Ok(Role::HostileNetfront {
+                cases: alloc::vec!["control", "ring-jump"],
+                vif: None
+            })
+        );
         assert_eq!(role("attack=hvmem"), Ok(Role::Attack(Attack::HvMem)));
         assert_eq!(role("attack=code"), Ok(Role::Attack(Attack::Code)));
         assert_eq!(role("attack=stack"), Ok(Role::Attack(Attack::Stack)));
@@ -353,6 +433,9 @@ mod tests {
             ),
             ("role=dma-attack target=x", "unknown argument \"target\""),
             ("role", "argument \"role\" is not key=value"),
+            ("role=net-spoof", "argument \"victim\" is missing"),
+            ("role=net-spoof victim=guest2", "not an IPv4 address"),
+            ("role=hostile-netfront cases=all", "unknown case \"all\""),
         ] {
             let e = role(args).unwrap_err();
             assert!(e.contains(msg), "{args}: {e}");

@@ -17,7 +17,10 @@ use crate::pci::Function;
 use crate::sync::Lock;
 use crate::{boot, console, log};
 use abi::bundle::{Bundle, EntryKind};
-use abi::domain::{DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind, VbdInfo, VbdRole};
+use abi::domain::{
+    vif_ring_grefs, DeviceInfo, DmaMode, PeerInfo, PortInfo, PortKind, VbdInfo, VbdRole, VifInfo,
+    VifRole,
+};
 use abi::ev;
 use abi::manifest::{DmaFault, ExitRule, Manifest, WatchTarget};
 use alloc::vec::Vec;
@@ -180,6 +183,31 @@ pub fn start(
         vbds[f].push(end(VbdRole::Front, db, pf));
         vbds[b].push(end(VbdRole::Back, df, pb));
     }
+    // Virtual network interfaces likewise: the frontend's n-th vif grants
+    // its TX and RX rings at `vif_ring_grefs(n)`.
+    let mut vifs: Vec<Vec<VifInfo<'_>>> = specs.iter().map(|_| Vec::new()).collect();
+    for v in manifest.vifs() {
+        let (f, b) = (usize::from(v.frontend), usize::from(v.backend));
+        let (df, db) = (sys.domains[f].domid, sys.domains[b].domid);
+        let (pf, pb) = sys
+            .evtchn
+            .bind_interdomain_at_build(df, db)
+            .unwrap_or_else(|e| boot::fail("domain", format_args!("vif {}: {}", v.name, e.name())));
+        let n = vifs[f].iter().filter(|x| x.role == VifRole::Front).count();
+        let (tx, rx) = vif_ring_grefs(n);
+        let end = |role, peer, port| VifInfo {
+            name: v.name,
+            role,
+            peer,
+            port,
+            tx_ring_gref: tx,
+            rx_ring_gref: rx,
+            mac: v.mac,
+            ip: v.ip,
+        };
+        vifs[f].push(end(VifRole::Front, db, pf));
+        vifs[b].push(end(VifRole::Back, df, pb));
+    }
     sys.policy = Policy::new(
         manifest
             .allows()
@@ -213,8 +241,16 @@ pub fn start(
                 mem_bytes: p.mem_pages * 4096,
             })
             .collect();
-        domain::write_start_info(d, specs[i].args, ends[i], &my_ports, &peers, &vbds[i], &[])
-            .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
+        domain::write_start_info(
+            d,
+            specs[i].args,
+            ends[i],
+            &my_ports,
+            &peers,
+            &vbds[i],
+            &vifs[i],
+        )
+        .unwrap_or_else(|e| boot::fail("domain", format_args!("{}: {e}", d.name)));
         console::event(&ev::DomainStart {
             domain: &d.name,
             domid: d.domid,

@@ -49,6 +49,7 @@ pub mod console;
 pub mod device;
 pub mod grant;
 pub mod hypercall;
+pub mod netfront;
 pub mod ports;
 pub mod ring;
 #[cfg(target_os = "none")]
@@ -65,6 +66,8 @@ pub use hypercall::{
     exit, raw_hypercall, set_timer, time_ns, wait, yield_now,
 };
 pub use ports::{EventLoop, Pending};
+/// The TCP/IP stack netfront plugs into, for domains to use the same version.
+pub use smoltcp;
 
 /// Exit status after a panic (the message was printed first).
 pub const EXIT_PANIC: i64 = -2;

@@ -316,9 +316,16 @@ impl FrontConn {
     /// is ready (front state Connected) and notifies the backend. Then call
     /// [`FrontConn::wait_connected`].
     pub fn start(vbd: &VbdInfo<'_>, entry_size: usize) -> Result<Self, ConnError> {
+        Self::start_at(vbd.ring_gref, vbd.peer, vbd.port, entry_size)
+    }
+
+    /// As [`FrontConn::start`] for any ring: the page granted to `peer` at
+    /// `gref`, signalled on `port` (a vif has two rings, TX and RX, on one
+    /// port).
+    pub fn start_at(gref: u32, peer: u16, port: u16, entry_size: usize) -> Result<Self, ConnError> {
         let mut page = OwnedPage::new()?;
         let ring = FrontRing::init(page.page_mut(), entry_size);
-        if let Err(e) = grant::grant_at(vbd.ring_gref, vbd.peer, page.va(), false) {
+        if let Err(e) = grant::grant_at(gref, peer, page.va(), false) {
             page.free();
             return Err(e.into());
         }
@@ -326,9 +333,9 @@ impl FrontConn {
         let c = FrontConn {
             page: Some(page),
             ring,
-            gref: vbd.ring_gref,
-            port: vbd.port,
-            peer: vbd.peer,
+            gref,
+            port,
+            peer,
             connected: false,
         };
         c.notify()?;
@@ -420,9 +427,16 @@ impl FrontConn {
             let ring = self.ring.clone();
             ring.set_state(self.page_mut(), State::Closing);
         }
-        self.notify()?;
+        // A notification that cannot be sent means the backend's end of
+        // the channel is gone (its domain ended, which tore down its
+        // mappings): there is nobody to wait for, and the revoke below
+        // tells whether the page is free.
+        let gone = self.notify().is_err();
         let mut result = Ok(());
         loop {
+            if gone {
+                break;
+            }
             match self.back_state() {
                 Some(State::Closed) | Some(State::Unknown) => break,
                 _ => {}

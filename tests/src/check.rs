@@ -468,6 +468,7 @@ mod tests {
             equals: Vec::new(),
             peer: None,
             disk: None,
+            tcp: None,
         }
     }
 
@@ -677,6 +678,7 @@ mod tests {
             equals,
             peer: None,
             disk: None,
+            tcp: None,
         }
     }
 

@@ -10,6 +10,8 @@
 //!   it hangs ([`qemu`]),
 //! - runs the test peer a virtio-net's `udp` netdev talks to, when the
 //!   scenario has `[test.peer]` ([`peer`]),
+//! - runs the TCP host peer that connects to a guest through a `user`
+//!   netdev's `hostfwd`, when the scenario has `[test.tcp]` ([`tcppeer`]),
 //! - makes the scenario's disk image and checks it after QEMU exits, when
 //!   the scenario has `[test.disk]` ([`disk`]),
 //! - checks the console ([`check`]): every `EV` line against the schema in
@@ -25,6 +27,7 @@ pub mod disk;
 pub mod peer;
 pub mod qemu;
 pub mod scenario;
+pub mod tcppeer;
 
 pub use check::{check_log, Verdict};
 pub use peer::{PeerReport, PeerSpec};

@@ -197,6 +197,9 @@ pub struct Scenario {
     /// `[test.disk]`: the disk image written before boot and checked after
     /// (see [`crate::disk`]).
     pub disk: Option<crate::disk::DiskSpec>,
+    /// `[test.tcp]`: the harness's TCP peer talks to the guest through a
+    /// `user` netdev's `hostfwd` (see [`crate::tcppeer`]).
+    pub tcp: Option<crate::tcppeer::TcpSpec>,
 }
 
 #[cfg(test)]

@@ -294,6 +294,13 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
             ports.qemu, ports.peer
         );
     }
+    for (_, f) in manifest::forwards(&system.devices) {
+        eprintln!(
+            "airlock: hostfwd: TCP to 127.0.0.1:{} goes to the guest at {}",
+            f.guest.port(),
+            f.guest
+        );
+    }
     let args = qemu::args(&qemu::Config {
         system: &system,
         accel: r.accel,
@@ -303,6 +310,7 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
         disk_dir: &p.airlock,
         extra: &r.qemu_args,
         udp: None,
+        hostfwd: &[],
     });
     let timeout = match (r.timeout, r.keep_running) {
         (Some(0), _) | (None, true) => None,
@@ -423,6 +431,26 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                         )
                     })
                     .collect();
+                let vifs: Vec<String> = s
+                    .vifs
+                    .iter()
+                    .map(|v| {
+                        let m = v.mac;
+                        format!(
+                            "{} of {} ({:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} {}, served by {})",
+                            v.name,
+                            s.domains[v.frontend].name,
+                            m[0],
+                            m[1],
+                            m[2],
+                            m[3],
+                            m[4],
+                            m[5],
+                            std::net::Ipv4Addr::from(v.ip),
+                            s.domains[v.backend].name,
+                        )
+                    })
+                    .collect();
                 let allows: Vec<String> = s
                     .allows
                     .iter()
@@ -437,7 +465,7 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     .collect();
                 println!(
                     "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}; {} domain(s){}; \
-                     {} channel(s){}; {} watch(es){}; {} vbd(s){}; {} allow rule(s){}; \
+                     {} channel(s){}; {} watch(es){}; {} vbd(s){}; {} vif(s){}; {} allow rule(s){}; \
                      compiled manifest {} bytes{}",
                     s.name,
                     s.memory >> 20,
@@ -452,6 +480,8 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     list(&watches),
                     vbds.len(),
                     list(&vbds),
+                    vifs.len(),
+                    list(&vifs),
                     allows.len(),
                     list(&allows),
                     compiled.len(),

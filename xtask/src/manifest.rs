@@ -23,6 +23,10 @@
 //! netdev = "user"           # virtio-net only; "user" (default): QEMU's user network,
 //!                           # restrict=on; "udp": raw frames as UDP datagrams on 127.0.0.1
 //!                           # to the harness's test peer ([test.peer]; at most one "udp")
+//! hostfwd = ["10.0.2.15:5001"]  # "user" only: TCP connections to a port on 127.0.0.1 go to
+//!                           # this guest address and port in the user network (10.0.2.0/24,
+//!                           # gateway 10.0.2.2); the host port is the harness's choice in a
+//!                           # scenario ([test.tcp]), the guest's port for `run`
 //!
 //! [[domain]]                # at most 17 (each domain's start info lists the others)
 //! name = "ping"             # unique, 1-32 of a-z 0-9 _ -
@@ -66,6 +70,18 @@
 //! mode = "copy"             # "copy" (default): grant copy; "map": grant map (zero-copy)
 //!                           # each domain is an end of at most 8 vbds
 //!
+//! [[vif]]                   # a virtual network interface: the frontend's netfront, served
+//! name = "eth0"             # by netback in the backend; 1-16 of a-z 0-9 _ -, unique among
+//!                           # the frontend's vifs
+//! frontend = "guest1"       # the domain that uses it
+//! backend = "net"           # the domain that serves it: it owns a virtio-net (its first one
+//!                           # in `devices` is the NIC the switch joins)
+//! mac = "02:00:00:00:00:01" # the frontend's MAC: unicast, not all zero, unique among vifs
+//! ip = "10.0.0.1"           # the frontend's IPv4 address: a unicast host address, unique;
+//!                           # netback lets the frontend send only as this MAC and IP
+//!                           # each domain is an end of at most 8 vifs; the backend maps and
+//!                           # copies the frontend's pages: it needs [[allow]] rules
+//!
 //! [[allow]]                 # the security policy: grant maps and copies are refused
 //! from = "blk_driver"       # unless a rule allows the acting domain's label (from) the
 //! to = "guest_a"            # permission towards the other domain's label (to); labels
@@ -104,6 +120,13 @@
 //! frames = 64               # is "udp" (harness::peer); exactly `frames` requests of `size`
 //! size = 600                # bytes (60..=1514), each answered, none bad
 //!
+//! [test.tcp]                # the harness's TCP peer (harness::tcppeer) connects through the
+//! connect = "10.0.2.15:5001" # hostfwd rule of this guest address, sends `send` bytes of
+//! send = "16M"              # stream `send_pattern` (driver_domains::stream_pattern) and
+//! send_pattern = "H"        # receives until the guest closes: exactly `recv` bytes of
+//! recv = "16M"              # stream `recv_pattern`, every byte and the CRC-32 checked
+//! recv_pattern = "H"        # (an echoing guest: the same pattern)
+//!
 //! [test.disk]               # the image of a virtio-blk (which must give `size`): made again
 //! device = "03.0"           # before boot (zeros, then `fill`), checked after QEMU exits
 //! fill = [{ sectors = "0..64", pattern = "A" }]      # harness::disk; sectors end-exclusive
@@ -127,6 +150,7 @@ use std::time::Duration;
 use abi::domain::{DmaMode, VbdMode};
 use abi::manifest::{self as compiled, Device, DeviceKind, DmaFault, ExitRule};
 use abi::pci::Bdf;
+use harness::tcppeer::{Forward, TcpSpec};
 use harness::{
     Corruption, Equal, Expect, ExpectedExit, Pattern, PeerSpec, Ratio, Scenario, Selector,
 };
@@ -172,7 +196,19 @@ struct Doc {
     vbd: Vec<VbdToml>,
     #[serde(default)]
     allow: Vec<AllowToml>,
+    #[serde(default)]
+    vif: Vec<VifToml>,
     test: Option<TestToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VifToml {
+    name: Spanned<String>,
+    frontend: Spanned<String>,
+    backend: Spanned<String>,
+    mac: Spanned<String>,
+    ip: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +260,7 @@ struct DeviceToml {
     disk: Option<Spanned<String>>,
     size: Option<Spanned<String>>,
     netdev: Option<Spanned<String>>,
+    hostfwd: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +301,17 @@ struct TestToml {
     equal: Vec<EqualToml>,
     peer: Option<PeerToml>,
     disk: Option<DiskToml>,
+    tcp: Option<TcpToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpToml {
+    connect: Spanned<String>,
+    send: Spanned<String>,
+    send_pattern: Spanned<String>,
+    recv: Spanned<String>,
+    recv_pattern: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -349,8 +397,11 @@ pub enum Backend {
         path: String,
         size: Option<u64>,
     },
-    /// QEMU's user network, restricted (no traffic leaves the machine).
-    UserNet,
+    /// QEMU's user network, restricted (no traffic leaves the machine),
+    /// with its `hostfwd` rules (TCP from 127.0.0.1 to the guest).
+    UserNet {
+        hostfwd: Vec<Forward>,
+    },
     /// Raw frames as UDP datagrams on 127.0.0.1, to and from the
     /// harness's test peer (`-netdev dgram`).
     UdpNet,
@@ -416,6 +467,16 @@ pub struct PlannedVbd {
     pub mode: VbdMode,
 }
 
+/// One vif, checked: `frontend` and `backend` index `System::domains`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedVif {
+    pub name: String,
+    pub frontend: usize,
+    pub backend: usize,
+    pub mac: [u8; 6],
+    pub ip: [u8; 4],
+}
+
 /// One allow rule, checked: `perms` is a set of `abi::manifest::perm` bits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedAllow {
@@ -436,6 +497,7 @@ pub struct System {
     pub watches: Vec<PlannedWatch>,
     pub vbds: Vec<PlannedVbd>,
     pub allows: Vec<PlannedAllow>,
+    pub vifs: Vec<PlannedVif>,
     /// The scenario, when the file has a `[test]` table (named after the file).
     pub test: Option<Scenario>,
 }
@@ -513,6 +575,17 @@ impl System {
                 perms: a.perms,
             })
             .collect();
+        let vifs: Vec<compiled::Vif<'_>> = self
+            .vifs
+            .iter()
+            .map(|v| compiled::Vif {
+                name: &v.name,
+                frontend: v.frontend as u16,
+                backend: v.backend as u16,
+                mac: v.mac,
+                ip: v.ip,
+            })
+            .collect();
         let contents = compiled::Contents {
             name: &self.name,
             exit: exit.unwrap_or(self.exit),
@@ -522,6 +595,7 @@ impl System {
             watches: &watches,
             vbds: &vbds,
             allows: &allows,
+            vifs: &vifs,
         };
         let mut out = vec![0; contents.size()];
         let n = compiled::encode(&contents, &mut out)
@@ -887,16 +961,28 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             DeviceKind::VirtioNet => {
                 not_for(&mut c, &d.disk, "disk");
                 not_for(&mut c, &d.size, "size");
+                let mut hostfwd = Vec::new();
+                for (k, f) in d.hostfwd.iter().flat_map(|l| l.get_ref()).enumerate() {
+                    match Forward::parse(f.get_ref()) {
+                        Ok(fw) => hostfwd.push(fw),
+                        Err(e) => c.err(f.span(), format!("device[{i}].hostfwd[{k}]"), e),
+                    }
+                }
                 match d.netdev.as_ref().map(|n| (n, n.get_ref().as_str())) {
-                    None | Some((_, "user")) => Backend::UserNet,
-                    Some((_, "udp")) => Backend::UdpNet,
+                    None | Some((_, "user")) => Backend::UserNet { hostfwd },
+                    Some((_, "udp")) => {
+                        if let Some(h) = &d.hostfwd {
+                            c.err(h.span(), at("hostfwd"), "hostfwd is for netdev = \"user\"");
+                        }
+                        Backend::UdpNet
+                    }
                     Some((n, other)) => {
                         c.err(
                             n.span(),
                             at("netdev"),
                             format!("unknown netdev \"{other}\" (expected \"user\" or \"udp\")"),
                         );
-                        Backend::UserNet
+                        Backend::UserNet { hostfwd }
                     }
                 }
             }
@@ -904,6 +990,13 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
                 not_for(&mut c, &d.disk, "disk");
                 not_for(&mut c, &d.size, "size");
                 not_for(&mut c, &d.netdev, "netdev");
+                if let Some(h) = &d.hostfwd {
+                    c.err(
+                        h.span(),
+                        at("hostfwd"),
+                        format!("{} devices take no hostfwd", kind.name()),
+                    );
+                }
                 Backend::None
             }
         };
@@ -916,6 +1009,7 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
     let watches = check_watches(&mut c, &doc, memory);
     let vbds = check_vbds(&mut c, &doc, &devices, &domains);
     let allows = check_allows(&mut c, &doc);
+    let vifs = check_vifs(&mut c, &doc, &devices, &domains);
     let exit = match (exit, &doc.system.exit) {
         (Some(ExitRule::AllExited), Some(e)) if domains.is_empty() && doc.domain.is_empty() => {
             c.err(
@@ -945,6 +1039,7 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
         .unwrap_or_default();
     let test = doc.test.as_ref().map(|t| check_test(&mut c, &stem, t));
     check_udp_peer(&mut c, &doc, &devices);
+    check_tcp_peer(&mut c, &doc, &devices);
     let disk = check_test_disk(&mut c, &doc, &devices);
     let test = test.map(|s| Scenario { disk, ..s });
 
@@ -959,6 +1054,7 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             watches,
             vbds,
             allows,
+            vifs,
             test,
         })
     } else {
@@ -1695,6 +1791,224 @@ fn check_vbds(
     vbds
 }
 
+/// `aa:bb:cc:dd:ee:ff` (hex digits either case) as six bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// A dotted-quad IPv4 address.
+pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    s.parse::<std::net::Ipv4Addr>().ok().map(|a| a.octets())
+}
+
+/// Checks every `[[vif]]`. `domains` are the domains that passed their
+/// checks (a vif naming one that did not is not checked further).
+fn check_vifs(
+    c: &mut Checker<'_>,
+    doc: &Doc,
+    devices: &[PlannedDevice],
+    domains: &[PlannedDomain],
+) -> Vec<PlannedVif> {
+    let mut vifs: Vec<PlannedVif> = Vec::new();
+    let mut ends = vec![0usize; doc.domain.len()];
+    if doc.vif.len() > compiled::MAX_VIFS {
+        let v = &doc.vif[compiled::MAX_VIFS];
+        c.err(
+            v.name.span(),
+            format!("vif[{}]", compiled::MAX_VIFS),
+            format!("more than {} vifs", compiled::MAX_VIFS),
+        );
+    }
+    for (i, v) in doc.vif.iter().enumerate() {
+        let at = |field: &str| format!("vif[{i}].{field}");
+        let mut ok = true;
+        let name = v.name.get_ref();
+        if let Err(m) = check_ident(name, "vif name", compiled::VIF_NAME_MAX) {
+            c.err(v.name.span(), at("name"), m);
+            ok = false;
+        } else if let Some(first) = doc.vif[..i]
+            .iter()
+            .position(|o| o.name.get_ref() == name && o.frontend.get_ref() == v.frontend.get_ref())
+        {
+            c.err(
+                v.name.span(),
+                at("name"),
+                format!(
+                    "domain \"{}\" already has a vif called \"{name}\" (vif[{first}])",
+                    v.frontend.get_ref()
+                ),
+            );
+            ok = false;
+        }
+        let end = |c: &mut Checker<'_>, field: &str, s: &Spanned<String>| {
+            let j = doc
+                .domain
+                .iter()
+                .position(|d| d.name.get_ref() == s.get_ref());
+            if j.is_none() {
+                c.err(
+                    s.span(),
+                    at(field),
+                    format!("no domain is called \"{}\"", s.get_ref()),
+                );
+            }
+            j
+        };
+        let front = end(c, "frontend", &v.frontend);
+        let back = end(c, "backend", &v.backend);
+        if front.is_some() && front == back {
+            c.err(
+                v.backend.span(),
+                at("backend"),
+                format!(
+                    "domain \"{}\" is both the frontend and the backend",
+                    v.backend.get_ref()
+                ),
+            );
+            ok = false;
+        }
+        // The backend's NIC: its first virtio-net.
+        let nic = back.and_then(|j| {
+            let planned = domains
+                .iter()
+                .find(|d| d.name == *doc.domain[j].name.get_ref())?;
+            let nic = planned
+                .devices
+                .iter()
+                .map(|&k| &devices[k])
+                .find(|d| d.kind == DeviceKind::VirtioNet);
+            if nic.is_none() {
+                c.err(
+                    v.backend.span(),
+                    at("backend"),
+                    format!(
+                        "domain \"{}\" owns no virtio-net to serve the vif from",
+                        v.backend.get_ref()
+                    ),
+                );
+            }
+            nic
+        });
+        let mac = match parse_mac(v.mac.get_ref()) {
+            None => {
+                c.err(
+                    v.mac.span(),
+                    at("mac"),
+                    format!(
+                        "bad MAC \"{}\" (expected six two-digit hex bytes, aa:bb:cc:dd:ee:ff)",
+                        v.mac.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(m) if !compiled::vif_mac_ok(m) => {
+                c.err(
+                    v.mac.span(),
+                    at("mac"),
+                    format!(
+                        "MAC {} is {} (a vif's MAC is a unicast address: the low bit of the first byte clear)",
+                        v.mac.get_ref(),
+                        if m == [0; 6] { "all zero" } else { "multicast" }
+                    ),
+                );
+                None
+            }
+            Some(m) => {
+                if let Some(first) = vifs.iter().position(|o| o.mac == m) {
+                    c.err(
+                        v.mac.span(),
+                        at("mac"),
+                        format!(
+                            "MAC {} is already vif \"{}\"'s of domain \"{}\"",
+                            v.mac.get_ref(),
+                            vifs[first].name,
+                            doc.domain[vifs[first].frontend].name.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(m)
+            }
+        };
+        let ip = match parse_ipv4(v.ip.get_ref()) {
+            None => {
+                c.err(
+                    v.ip.span(),
+                    at("ip"),
+                    format!(
+                        "bad IPv4 address \"{}\" (expected a dotted quad such as 10.0.0.1)",
+                        v.ip.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(a) if !compiled::vif_ip_ok(a) => {
+                c.err(
+                    v.ip.span(),
+                    at("ip"),
+                    format!(
+                        "{} is not a unicast host address (0/8, 127/8, multicast and 240/4 are refused)",
+                        v.ip.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(a) => {
+                if let Some(first) = vifs.iter().position(|o| o.ip == a) {
+                    c.err(
+                        v.ip.span(),
+                        at("ip"),
+                        format!(
+                            "{} is already vif \"{}\"'s of domain \"{}\"",
+                            v.ip.get_ref(),
+                            vifs[first].name,
+                            doc.domain[vifs[first].frontend].name.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(a)
+            }
+        };
+        let (Some(front), Some(back), Some(mac), Some(ip), true) =
+            (front, back, mac, ip, ok && nic.is_some())
+        else {
+            continue;
+        };
+        for (j, s) in [(front, &v.frontend), (back, &v.backend)] {
+            ends[j] += 1;
+            if ends[j] == compiled::MAX_DOMAIN_VIFS + 1 {
+                c.err(
+                    s.span(),
+                    at(if j == front { "frontend" } else { "backend" }),
+                    format!(
+                        "domain \"{}\" would be an end of more than {} vifs (its start info holds no more)",
+                        s.get_ref(),
+                        compiled::MAX_DOMAIN_VIFS
+                    ),
+                );
+            }
+        }
+        vifs.push(PlannedVif {
+            name: name.clone(),
+            frontend: front,
+            backend: back,
+            mac,
+            ip,
+        });
+    }
+    vifs
+}
+
 /// Checks every `[[allow]]`: labels some domain has, known permissions,
 /// one rule per (from, to).
 fn check_allows(c: &mut Checker<'_>, doc: &Doc) -> Vec<PlannedAllow> {
@@ -1890,6 +2204,56 @@ fn check_udp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
     }
 }
 
+/// `hostfwd` rules name distinct guest addresses, and `[test.tcp]`
+/// connects through one of them.
+fn check_tcp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
+    let all: Vec<Forward> = forwards(devices).map(|(_, f)| f).collect();
+    let mut seen: Vec<Forward> = Vec::new();
+    for (i, d) in doc.device.iter().enumerate() {
+        for (k, f) in d.hostfwd.iter().flat_map(|l| l.get_ref()).enumerate() {
+            let Ok(fw) = Forward::parse(f.get_ref()) else {
+                continue;
+            };
+            if seen.contains(&fw) {
+                c.err(
+                    f.span(),
+                    format!("device[{i}].hostfwd[{k}]"),
+                    format!("{} is forwarded twice", fw.guest),
+                );
+            }
+            seen.push(fw);
+        }
+    }
+    let Some(t) = doc.test.as_ref().and_then(|t| t.tcp.as_ref()) else {
+        return;
+    };
+    if let Ok(fw) = Forward::parse(t.connect.get_ref()) {
+        if !all.contains(&fw) {
+            c.err(
+                t.connect.span(),
+                "test.tcp.connect",
+                format!(
+                    "no virtio-net with netdev = \"user\" has hostfwd = [\"{}\"]",
+                    fw.guest
+                ),
+            );
+        }
+    }
+}
+
+/// Every `hostfwd` rule of the system, in device order: (its index in
+/// that order, the rule). QEMU's host ports are given in this order.
+pub fn forwards(devices: &[PlannedDevice]) -> impl Iterator<Item = (usize, Forward)> + '_ {
+    devices
+        .iter()
+        .flat_map(|d| match &d.backend {
+            Backend::UserNet { hostfwd } => hostfwd.as_slice(),
+            _ => &[],
+        })
+        .copied()
+        .enumerate()
+}
+
 fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
     let mut timeout = DEFAULT_TIMEOUT_S;
     if let Some(s) = &t.timeout_s {
@@ -2031,7 +2395,47 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
         equals,
         peer,
         disk: None,
+        tcp: t.tcp.as_ref().and_then(|t| check_test_tcp(c, t)),
     }
+}
+
+fn check_test_tcp(c: &mut Checker<'_>, t: &TcpToml) -> Option<TcpSpec> {
+    let connect = match Forward::parse(t.connect.get_ref()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            c.err(t.connect.span(), "test.tcp.connect", e);
+            None
+        }
+    };
+    let mut size = |v: &Spanned<String>, path: &str| match parse_size(v.get_ref()) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            c.err(v.span(), path, e);
+            None
+        }
+    };
+    let send = size(&t.send, "test.tcp.send");
+    let recv = size(&t.recv, "test.tcp.recv");
+    let spec = TcpSpec {
+        connect: connect?,
+        send: send?,
+        send_pattern: t.send_pattern.get_ref().clone(),
+        recv: recv?,
+        recv_pattern: t.recv_pattern.get_ref().clone(),
+    };
+    if let Err(e) = spec.check() {
+        let (span, path) = if e.starts_with("send_pattern") {
+            (t.send_pattern.span(), "test.tcp.send_pattern")
+        } else if e.starts_with("recv_pattern") {
+            (t.recv_pattern.span(), "test.tcp.recv_pattern")
+        } else if e.starts_with("send") {
+            (t.send.span(), "test.tcp.send")
+        } else {
+            (t.recv.span(), "test.tcp.recv")
+        };
+        c.err(span, path, e);
+    }
+    Some(spec)
 }
 
 /// `[test.disk]`: a virtio-blk of the manifest with a `size` (the image is
@@ -2218,90 +2622,43 @@ mod tests {
 
     #[test]
     fn the_default_manifest_passes() {
+        // What the default system must show, not a copy of the file: a blk
+        // driver domain that owns the virtio-blk and serves every other
+        // disk user through blkback, guests with distinct labels, and a
+        // policy that lets the driver reach each of its frontends.
         let s = check("manifests/default.toml", DEFAULT).unwrap();
         assert_eq!(s.name, "default");
-        assert_eq!(s.memory, 256 << 20);
         assert_eq!(s.exit, ExitRule::AllExited);
-        assert_eq!(
-            s.domains,
-            [
-                PlannedDomain {
-                    name: "blk".into(),
-                    image: "blk".into(),
-                    memory: 4 << 20,
-                    weight: 1,
-                    label: "blk_driver".into(),
-                    args: "write=2048..2304 pattern2=B".into(),
-                    expect: compiled::Expect::Exit,
-                    devices: vec![0],
-                    dma: DmaMode::Static,
-                    on_dma_fault: DmaFault::Stop,
-                },
-                PlannedDomain {
-                    name: "ping".into(),
-                    image: "testdom".into(),
-                    memory: 4 << 20,
-                    weight: 1,
-                    label: "guest_a".into(),
-                    args: "role=ping count=1000".into(),
-                    expect: compiled::Expect::Exit,
-                    devices: vec![],
-                    dma: DmaMode::Static,
-                    on_dma_fault: DmaFault::Stop,
-                },
-                PlannedDomain {
-                    name: "pong".into(),
-                    image: "testdom".into(),
-                    memory: 4 << 20,
-                    weight: 1,
-                    label: "guest_b".into(),
-                    args: "role=pong count=1000".into(),
-                    expect: compiled::Expect::Exit,
-                    devices: vec![],
-                    dma: DmaMode::Static,
-                    on_dma_fault: DmaFault::Stop,
-                },
-            ]
-        );
-        assert_eq!(
-            s.channels,
-            [PlannedChannel {
-                name: "pp".into(),
-                a: 1,
-                b: 2
-            }]
-        );
-        assert_eq!(s.images(), ["blk", "testdom"]);
-        assert_eq!(
-            s.devices,
-            [
-                PlannedDevice {
-                    kind: DeviceKind::VirtioBlk,
-                    bdf: Bdf::new(0, 3, 0),
-                    backend: Backend::Disk {
-                        path: "default-blk.img".into(),
-                        size: Some(64 << 20)
-                    }
-                },
-                PlannedDevice {
-                    kind: DeviceKind::VirtioNet,
-                    bdf: Bdf::new(0, 4, 0),
-                    backend: Backend::UserNet
-                },
-            ]
-        );
         assert!(s.test.is_none());
         let bytes = s.compile(None).unwrap();
         let m = abi::manifest::Manifest::parse(&bytes).unwrap();
         assert_eq!(m.name(), "default");
-        assert_eq!(m.device_count(), 2);
         assert_eq!(m.exit_rule(), ExitRule::AllExited);
-        let names: Vec<&str> = m.domains().map(|d| d.name).collect();
-        assert_eq!(names, ["blk", "ping", "pong"]);
-        let ch: Vec<_> = m.channels().map(|c| (c.name, c.a, c.b)).collect();
-        assert_eq!(ch, [("pp", 1, 2)]);
-        let blk = m.device_at(Bdf::new(0, 3, 0)).unwrap();
-        assert_eq!((blk.vendor, blk.device), (0x1af4, 0x1042));
+        let blk_dev = m.device_at(Bdf::new(0, 3, 0)).unwrap();
+        assert_eq!((blk_dev.vendor, blk_dev.device), (0x1af4, 0x1042));
+        let doms: Vec<_> = m.domains().collect();
+        let blk = doms
+            .iter()
+            .find(|d| d.image == "blk")
+            .expect("a blk driver domain");
+        assert!(blk.args.contains("serve=1"));
+        assert_eq!(blk.devices.iter().count(), 1);
+        let vbds: Vec<_> = m.vbds().collect();
+        assert!(vbds.len() >= 2, "guests use disks through blkback");
+        for v in &vbds {
+            assert_eq!(v.backend, blk.index);
+            let front = doms[usize::from(v.frontend)];
+            assert_ne!(front.label, blk.label);
+            assert!(m.allowed(blk.label, front.label, abi::manifest::perm::GRANT_MAP_READ));
+        }
+        let mut labels: Vec<&str> = doms.iter().map(|d| d.label).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(
+            labels.len(),
+            doms.len(),
+            "every domain has a label of its own"
+        );
         let m2 = s.compile(Some(ExitRule::Never)).unwrap();
         assert_eq!(
             abi::manifest::Manifest::parse(&m2).unwrap().exit_rule(),
@@ -2344,7 +2701,7 @@ mod tests {
         ));
         assert_eq!(
             error(&src),
-            "manifests/x.toml:13: device[1].speed: unknown field (expected one of: kind, addr, disk, size, netdev)"
+            "manifests/x.toml:13: device[1].speed: unknown field (expected one of: kind, addr, disk, size, netdev, hostfwd)"
         );
         let e = error("[system]\nname = \"x\"\ncolour = \"red\"\n");
         assert_eq!(
@@ -3353,6 +3710,169 @@ mod tests {
         assert_eq!(
             check("x.toml", &with_vbds(&nine)).unwrap_err().to_string(),
             "x.toml:89: vbd[8].backend: domain \"blk\" would be an end of more than 8 vbds (its start info holds no more)"
+        );
+    }
+
+    /// `HEAD`, a virtio-net at 04.0 and an edu at 05.0 (lines 4-11), the
+    /// domains net (owns 04.0, label net_driver), g1 (guest_a), g2
+    /// (guest_b) and e (owns the edu; label guest_b), six lines each from
+    /// line 12, then `rest` from line 36.
+    fn with_vifs(rest: &str) -> String {
+        let dom = |n: &str, label: &str, extra: &str| {
+            format!("[[domain]]\nname = \"{n}\"\nimage = \"testdom\"\nmemory = \"2M\"\nlabel = \"{label}\"\n{extra}\n")
+        };
+        format!(
+            "{HEAD}[[device]]\nkind = \"virtio-net\"\naddr = \"04.0\"\n\n[[device]]\nkind = \"edu\"\naddr = \"05.0\"\n\n{}{}{}{}{rest}",
+            dom("net", "net_driver", "devices = [\"04.0\"]"),
+            dom("g1", "guest_a", ""),
+            dom("g2", "guest_b", ""),
+            dom("e", "guest_b", "devices = [\"05.0\"]"),
+        )
+    }
+
+    /// A `[[vif]]` of seven lines whose backend is net.
+    fn vif(name: &str, front: &str, mac: &str, ip: &str) -> String {
+        format!("[[vif]]\nname = \"{name}\"\nfrontend = \"{front}\"\nbackend = \"net\"\nmac = \"{mac}\"\nip = \"{ip}\"\n\n")
+    }
+
+    #[test]
+    fn vifs() {
+        let src = with_vifs(&format!(
+            "{}{}{}",
+            vif("eth0", "g1", "02:00:00:00:00:01", "10.0.0.1"),
+            vif("eth0", "g2", "02:00:00:00:00:02", "10.0.0.2"),
+            vif("eth1", "g2", "52:54:00:AB:cd:ef", "192.168.7.20"),
+        ));
+        let s = check("x.toml", &src).unwrap();
+        assert_eq!(
+            s.vifs,
+            [
+                PlannedVif {
+                    name: "eth0".into(),
+                    frontend: 1,
+                    backend: 0,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    ip: [10, 0, 0, 1]
+                },
+                PlannedVif {
+                    name: "eth0".into(),
+                    frontend: 2,
+                    backend: 0,
+                    mac: [2, 0, 0, 0, 0, 2],
+                    ip: [10, 0, 0, 2]
+                },
+                PlannedVif {
+                    name: "eth1".into(),
+                    frontend: 2,
+                    backend: 0,
+                    mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef],
+                    ip: [192, 168, 7, 20]
+                },
+            ]
+        );
+        let bytes = s.compile(None).unwrap();
+        let m = compiled::Manifest::parse(&bytes).unwrap();
+        let v: Vec<_> = m.vifs().collect();
+        assert_eq!(v.len(), 3);
+        assert_eq!(
+            (v[2].name, v[2].frontend, v[2].backend, v[2].mac, v[2].ip),
+            (
+                "eth1",
+                2,
+                0,
+                [0x52, 0x54, 0, 0xab, 0xcd, 0xef],
+                [192, 168, 7, 20]
+            )
+        );
+        assert_eq!(m.vifs_of(0).count(), 3);
+        assert_eq!(m.vifs_of(2).count(), 2);
+        assert_eq!(parse_mac("02:00:00:00:00:0"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("02-00-00-00-00-01"), None);
+        assert_eq!(parse_ipv4("10.0.0.256"), None);
+    }
+
+    #[test]
+    fn bad_vifs() {
+        let ok1 = vif("eth0", "g1", "02:00:00:00:00:01", "10.0.0.1");
+        for (body, msg) in [
+            (
+                vif("eth0", "g3", "02:00:00:00:00:01", "10.0.0.1"),
+                "x.toml:38: vif[0].frontend: no domain is called \"g3\"",
+            ),
+            (
+                vif("eth0", "net", "02:00:00:00:00:01", "10.0.0.1"),
+                "x.toml:39: vif[0].backend: domain \"net\" is both the frontend and the backend",
+            ),
+            (
+                vif("eth0", "g1", "02:00:00:00:00:01", "10.0.0.1")
+                    .replace("backend = \"net\"", "backend = \"e\""),
+                "x.toml:39: vif[0].backend: domain \"e\" owns no virtio-net to serve the vif from",
+            ),
+            (
+                vif("ETH0", "g1", "02:00:00:00:00:01", "10.0.0.1"),
+                "x.toml:37: vif[0].name: bad vif name \"ETH0\" (expected 1 to 16 of a-z 0-9 _ -)",
+            ),
+            (
+                vif("eth0", "g1", "02:00:00:00:01", "10.0.0.1"),
+                "x.toml:40: vif[0].mac: bad MAC \"02:00:00:00:01\" (expected six two-digit hex bytes, aa:bb:cc:dd:ee:ff)",
+            ),
+            (
+                vif("eth0", "g1", "03:00:00:00:00:01", "10.0.0.1"),
+                "x.toml:40: vif[0].mac: MAC 03:00:00:00:00:01 is multicast",
+            ),
+            (
+                vif("eth0", "g1", "00:00:00:00:00:00", "10.0.0.1"),
+                "x.toml:40: vif[0].mac: MAC 00:00:00:00:00:00 is all zero",
+            ),
+            (
+                vif("eth0", "g1", "02:00:00:00:00:01", "10.0.0"),
+                "x.toml:41: vif[0].ip: bad IPv4 address \"10.0.0\"",
+            ),
+            (
+                vif("eth0", "g1", "02:00:00:00:00:01", "255.255.255.255"),
+                "x.toml:41: vif[0].ip: 255.255.255.255 is not a unicast host address",
+            ),
+            (
+                format!("{ok1}{}", vif("eth0", "g1", "02:00:00:00:00:02", "10.0.0.2")),
+                "x.toml:44: vif[1].name: domain \"g1\" already has a vif called \"eth0\" (vif[0])",
+            ),
+            (
+                format!("{ok1}{}", vif("eth0", "g2", "02:00:00:00:00:01", "10.0.0.2")),
+                "x.toml:47: vif[1].mac: MAC 02:00:00:00:00:01 is already vif \"eth0\"'s of domain \"g1\"",
+            ),
+            (
+                format!("{ok1}{}", vif("eth0", "g2", "02:00:00:00:00:02", "10.0.0.1")),
+                "x.toml:48: vif[1].ip: 10.0.0.1 is already vif \"eth0\"'s of domain \"g1\"",
+            ),
+            (
+                "[[vif]]\nname = \"eth0\"\nfrontend = \"g1\"\nbackend = \"net\"\nip = \"10.0.0.1\"\n".to_string(),
+                "x.toml:36: vif[0].mac: missing field",
+            ),
+        ] {
+            let e = check("x.toml", &with_vifs(&body)).unwrap_err().to_string();
+            assert!(e.starts_with(msg), "{body}: {e}");
+        }
+        // A domain may be an end of 8 vifs, not 9.
+        let eight: String = (0..8)
+            .map(|k| {
+                vif(
+                    &format!("eth{k}"),
+                    "g1",
+                    &format!("02:00:00:00:00:{:02x}", k + 1),
+                    &format!("10.0.0.{}", k + 1),
+                )
+            })
+            .collect();
+        assert_eq!(check("x.toml", &with_vifs(&eight)).unwrap().vifs.len(), 8);
+        let nine = format!(
+            "{eight}{}",
+            vif("eth8", "g1", "02:00:00:00:00:09", "10.0.0.9")
+        );
+        assert_eq!(
+            check("x.toml", &with_vifs(&nine)).unwrap_err().to_string(),
+            "x.toml:94: vif[8].frontend: domain \"g1\" would be an end of more than 8 vifs (its start info holds no more)\n\
+             x.toml:95: vif[8].backend: domain \"net\" would be an end of more than 8 vifs (its start info holds no more)"
         );
     }
 

@@ -113,6 +113,9 @@ pub struct Config<'a> {
     /// The UDP ports of a `udp` netdev (the test peer's and QEMU's, on
     /// 127.0.0.1); [`DEFAULT_UDP_PORTS`] when `None`.
     pub udp: Option<harness::peer::Ports>,
+    /// The host ports (on 127.0.0.1) of the `hostfwd` rules, in
+    /// `manifest::forwards` order; a rule past the end gets its guest port.
+    pub hostfwd: &'a [u16],
 }
 
 /// A `udp` netdev's ports when no test peer chose them (`cargo xtask run`).
@@ -176,6 +179,7 @@ pub fn args(c: &Config<'_>) -> Vec<String> {
         Iommu::None => {}
     }
     push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    let mut rule = 0;
     for (i, d) in c.system.devices.iter().enumerate() {
         let addr = format!("addr={:02x}.{:x}", d.bdf.device(), d.bdf.function());
         let mut dev = format!("{},{addr}", d.kind.qemu_device());
@@ -197,9 +201,18 @@ pub fn args(c: &Config<'_>) -> Vec<String> {
                 ]);
                 dev.push_str(&format!(",drive={id}"));
             }
-            Backend::UserNet => {
+            Backend::UserNet { hostfwd } => {
+                // restrict=on: the guest reaches neither the host nor the
+                // outside; the forwarding rules still carry connections from
+                // 127.0.0.1 in.
                 let id = format!("net{i}");
-                push(&["-netdev", &format!("user,id={id},restrict=on")]);
+                let mut netdev = format!("user,id={id},restrict=on");
+                for f in hostfwd {
+                    let port = c.hostfwd.get(rule).copied().unwrap_or(f.guest.port());
+                    netdev.push_str(&format!(",hostfwd={}", f.qemu_option(port)));
+                    rule += 1;
+                }
+                push(&["-netdev", &netdev]);
                 dev.push_str(&format!(",netdev={id}"));
             }
             Backend::UdpNet => {
@@ -319,6 +332,7 @@ mod tests {
             disk_dir: Path::new("/r/target/airlock"),
             extra: &["-d".into(), "int".into()],
             udp: None,
+            hostfwd: &[],
         };
         assert_eq!(
             command_line(Path::new("qemu-system-x86_64"), &args(&c)),
@@ -351,6 +365,7 @@ mod tests {
                 peer: 40001,
                 qemu: 40002,
             }),
+            hostfwd: &[],
         };
         let want = " -netdev dgram,id=net1,local.type=inet,local.host=127.0.0.1,local.port=40002,\
                     remote.type=inet,remote.host=127.0.0.1,remote.port=40001 \
@@ -361,6 +376,40 @@ mod tests {
         let line = command_line(Path::new("q"), &args(&c));
         assert!(line.contains("local.port=47801,"), "{line}");
         assert!(line.contains("remote.port=47800 "), "{line}");
+    }
+
+    #[test]
+    fn a_user_netdev_forwards_tcp_from_localhost() {
+        let mut s = default_system();
+        let fw = |a: &str| harness::tcppeer::Forward::parse(a).unwrap();
+        s.devices[1].backend = Backend::UserNet {
+            hostfwd: vec![fw("10.0.2.15:5001"), fw("10.0.2.16:7")],
+        };
+        let mut c = Config {
+            system: &s,
+            accel: Accel::Tcg,
+            iommu: Iommu::Intel,
+            kernel: Path::new("/k"),
+            bundle: Path::new("/b"),
+            disk_dir: Path::new("/d"),
+            extra: &[],
+            udp: None,
+            hostfwd: &[40123],
+        };
+        let line = command_line(Path::new("q"), &args(&c));
+        assert!(
+            line.contains(
+                " -netdev user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:40123-10.0.2.15:5001,\
+                 hostfwd=tcp:127.0.0.1:7-10.0.2.16:7 "
+            ),
+            "{line}"
+        );
+        c.hostfwd = &[];
+        let line = command_line(Path::new("q"), &args(&c));
+        assert!(
+            line.contains("hostfwd=tcp:127.0.0.1:5001-10.0.2.15:5001,"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -379,6 +428,7 @@ mod tests {
             disk_dir: Path::new("/d"),
             extra: &[],
             udp: None,
+            hostfwd: &[],
         };
         let line = command_line(Path::new("/usr/bin/qemu-system-x86_64"), &args(&c));
         assert!(

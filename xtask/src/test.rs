@@ -156,6 +156,32 @@ fn run_scenario(
         ),
         None => None,
     };
+    // Host ports for the hostfwd rules, free right now; QEMU binds them.
+    let rules = crate::manifest::forwards(&system.devices).count();
+    let hostfwd = (0..rules)
+        .map(|_| harness::tcppeer::free_port())
+        .collect::<Result<Vec<u16>, _>>()
+        .map_err(|e| one(format!("could not pick a host port for hostfwd: {e}")))?;
+    // The TCP peer connects once QEMU listens and the guest answers (it
+    // retries until then), and stops by itself after QEMU's time limit.
+    let tcp = match &spec.tcp {
+        Some(ts) => {
+            let port = crate::manifest::forwards(&system.devices)
+                .find(|(_, f)| *f == ts.connect)
+                .and_then(|(k, _)| hostfwd.get(k).copied())
+                .ok_or_else(|| {
+                    one(format!(
+                        "[test.tcp] connect: no hostfwd rule for {}",
+                        ts.connect.guest
+                    ))
+                })?;
+            Some(
+                harness::tcppeer::start(ts.clone(), port, spec.timeout + Duration::from_secs(5))
+                    .map_err(|e| one(format!("could not start the TCP peer: {e}")))?,
+            )
+        }
+        None => None,
+    };
     let args = qemu::args(&qemu::Config {
         system: &system,
         accel: t.accel,
@@ -165,6 +191,7 @@ fn run_scenario(
         disk_dir: &p.airlock,
         extra: &[],
         udp: peer.as_ref().map(|r| r.ports),
+        hostfwd: &hostfwd,
     });
     let line = qemu::command_line(qemu_bin, &args);
     if t.verbose {
@@ -192,6 +219,13 @@ fn run_scenario(
         verdict
             .failures
             .extend(harness::peer::failures(ps, &report));
+    }
+    if let (Some(ts), Some(r)) = (&spec.tcp, tcp) {
+        let report = r.finish();
+        peer_line.push_str(&format!("; {}", report.summary()));
+        verdict
+            .failures
+            .extend(harness::tcppeer::failures(ts, &report));
     }
     let log = p.airlock.join("logs").join(format!("{}.log", spec.name));
     if verdict.passed() {

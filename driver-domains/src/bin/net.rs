@@ -16,6 +16,11 @@
 //! blocks in `wait` only when a round found nothing to do. A timer VIRQ
 //! bounds each wait: an interrupt that never comes is a failure, not a
 //! hang.
+//!
+//! With `serve=1` in its args it serves instead the vifs its start info
+//! lists with role Back: netback's switch between the frontends and this
+//! NIC, until every frontend has closed (`driver_domains::netserve`); the
+//! device is set up the same way, with larger queues.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 extern crate alloc;
@@ -27,6 +32,7 @@ use abi::ev::DataCheck;
 use abi::hypercall::{virq, PORT_WORDS};
 use driver_domains::net::{Exchange, Plan, MAX_WINDOW};
 use driver_domains::netframe::{self, ShowMac};
+use driver_domains::{netserve, serve};
 use libdom::device;
 use libdom::ports::Pending;
 use libdom::virtio::{self, AccessPlatform, DomHal};
@@ -57,6 +63,8 @@ const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
 const REPORT_BAD: u32 = 4;
 
 type Net = VirtIONetRaw<DomHal, AccessPlatform<PciTransport>, QUEUE_SIZE>;
+/// Serve mode's: deeper queues, for the switch's traffic.
+type NetServe = VirtIONetRaw<DomHal, AccessPlatform<PciTransport>, { netserve::QUEUE_SIZE }>;
 
 /// A buffer the device owns while `token` is set; it does not move then
 /// (the slot vectors never grow, and a `Vec`'s bytes stay where they are).
@@ -227,16 +235,40 @@ impl Driver {
     }
 }
 
+/// Did the device take the vectors? NO_VECTOR back means it refused, and
+/// then nothing would ever come.
+fn vectors_ok(dev: usize, info: &abi::domain::DeviceInfo) -> bool {
+    if let Some(common) = virtio::common_cfg(dev, info) {
+        for queue in [0, 1] {
+            let (config, q) = virtio::msix_vectors(&common, queue);
+            if (config, q) != (VECTOR, VECTOR) {
+                println!(
+                    "net: the device holds MSI-X vectors config {config:#x}, queue {queue} {q:#x}; expected {VECTOR}"
+                );
+                return false;
+            }
+        }
+    }
+    true
+}
+
 fn data_check(what: &str, bytes: u64, ok: bool) {
     let _ = event(&DataCheck { what, bytes, ok });
 }
 
 fn run(si: &libdom::StartInfo<'_>) -> i64 {
-    let plan = match Plan::parse(si.args) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("net: args: {e}");
-            return 1;
+    // `serve=1`: netback for the vifs the start info names
+    // (`driver_domains::netserve`); anything else is the direct mode's plan.
+    let serving = serve::is_serve(si.args);
+    let plan = if serving {
+        None
+    } else {
+        match Plan::parse(si.args) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                println!("net: args: {e}");
+                return 1;
+            }
         }
     };
     let Some((dev, info)) = device::find(si, VENDOR, DEVICE) else {
@@ -265,6 +297,26 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
             return 1;
         }
     };
+    let Some(plan) = plan else {
+        let net = match NetServe::new(transport) {
+            Ok(n) => n,
+            Err(e) => {
+                println!("net: virtio-net init: {e:?}");
+                return 1;
+            }
+        };
+        if !vectors_ok(dev, &info) {
+            return 1;
+        }
+        println!(
+            "net: {} MAC {}, init {} us, MSI-X vector {VECTOR} -> port {port}, DMA {:?}; serving",
+            info.bdf,
+            ShowMac(net.mac_address()),
+            (time_ns() - t0) / 1000,
+            si.dma
+        );
+        return netserve::run(si, net, port, timer);
+    };
     let net = match Net::new(transport) {
         Ok(n) => n,
         Err(e) => {
@@ -273,18 +325,8 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         }
     };
     let init_us = (time_ns() - t0) / 1000;
-    // Did the device take the vectors? NO_VECTOR back means it refused,
-    // and then nothing would ever come.
-    if let Some(common) = virtio::common_cfg(dev, &info) {
-        for queue in [0, 1] {
-            let (config, q) = virtio::msix_vectors(&common, queue);
-            if (config, q) != (VECTOR, VECTOR) {
-                println!(
-                    "net: the device holds MSI-X vectors config {config:#x}, queue {queue} {q:#x}; expected {VECTOR}"
-                );
-                return 1;
-            }
-        }
+    if !vectors_ok(dev, &info) {
+        return 1;
     }
     let mac = net.mac_address();
     println!(
