@@ -159,76 +159,102 @@ pub fn table_set(sys: &mut System, idx: usize, va: u64, pages: u64) -> Result<u6
     grants.set_table(&Env { domains }, d, va, pages).map(|()| 0)
 }
 
-pub fn map(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
-    let mut buf = ops_in(sys, idx, ptr, count, MAP_OP_SIZE)?;
-    let mut ops: Vec<MapOp> = buf
-        .chunks_exact(MAP_OP_SIZE)
-        .map(|c| MapOp::decode(c.try_into().expect("exact chunks")))
+/// Runs one batch: copies the `count` operations in, decodes them, lets
+/// `run` carry them out, and writes them back with their statuses.
+fn run_batch<T, const N: usize>(
+    sys: &mut System,
+    idx: usize,
+    ptr: u64,
+    count: u64,
+    decode: fn(&[u8; N]) -> T,
+    encode: fn(&T) -> [u8; N],
+    run: impl FnOnce(&mut System, DomId, &mut [T]),
+) -> Result<Vec<T>, Error> {
+    let mut buf = ops_in(sys, idx, ptr, count, N)?;
+    let mut ops: Vec<T> = buf
+        .chunks_exact(N)
+        .map(|c| decode(c.try_into().expect("exact chunks")))
         .collect();
     let d = sys.domains[idx].domid;
-    let System {
-        domains,
-        grants,
-        policy,
-        ..
-    } = sys;
-    grants.map(&mut Env { domains }, policy, d, &mut ops);
+    run(sys, d, &mut ops);
+    for (c, op) in buf.chunks_exact_mut(N).zip(&ops) {
+        c.copy_from_slice(&encode(op));
+    }
+    ops_out(ptr, &buf);
+    Ok(ops)
+}
+
+pub fn map(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
+    let ops = run_batch::<MapOp, MAP_OP_SIZE>(
+        sys,
+        idx,
+        ptr,
+        count,
+        MapOp::decode,
+        MapOp::encode,
+        |sys, d, ops| {
+            let System {
+                domains,
+                grants,
+                policy,
+                ..
+            } = sys;
+            grants.map(&mut Env { domains }, policy, d, ops);
+        },
+    )?;
     let failed = ops.iter().filter(|o| o.status != 0).count() as u64;
     let stats = &mut sys.domains[idx].grant_stats;
     stats[MAPS] += count - failed;
     stats[FAILED] += failed;
-    for (c, op) in buf.chunks_exact_mut(MAP_OP_SIZE).zip(&ops) {
-        c.copy_from_slice(&op.encode());
-    }
-    ops_out(ptr, &buf);
     Ok(count)
 }
 
 pub fn unmap(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
-    let mut buf = ops_in(sys, idx, ptr, count, UNMAP_OP_SIZE)?;
-    let mut ops: Vec<UnmapOp> = buf
-        .chunks_exact(UNMAP_OP_SIZE)
-        .map(|c| UnmapOp::decode(c.try_into().expect("exact chunks")))
-        .collect();
-    let d = sys.domains[idx].domid;
-    let System {
-        domains, grants, ..
-    } = sys;
-    grants.unmap(&mut Env { domains }, d, &mut ops);
+    let ops = run_batch::<UnmapOp, UNMAP_OP_SIZE>(
+        sys,
+        idx,
+        ptr,
+        count,
+        UnmapOp::decode,
+        UnmapOp::encode,
+        |sys, d, ops| {
+            let System {
+                domains, grants, ..
+            } = sys;
+            grants.unmap(&mut Env { domains }, d, ops);
+        },
+    )?;
     let failed = ops.iter().filter(|o| o.status != 0).count() as u64;
     let stats = &mut sys.domains[idx].grant_stats;
     stats[UNMAPS] += count - failed;
     stats[FAILED] += failed;
-    for (c, op) in buf.chunks_exact_mut(UNMAP_OP_SIZE).zip(&ops) {
-        c.copy_from_slice(&op.encode());
-    }
-    ops_out(ptr, &buf);
     Ok(count)
 }
 
 pub fn copy(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
-    let mut buf = ops_in(sys, idx, ptr, count, COPY_OP_SIZE)?;
-    let mut ops: Vec<CopyOp> = buf
-        .chunks_exact(COPY_OP_SIZE)
-        .map(|c| CopyOp::decode(c.try_into().expect("exact chunks")))
-        .collect();
-    let d = sys.domains[idx].domid;
-    let System {
-        domains,
-        grants,
-        policy,
-        ..
-    } = sys;
-    grants.copy(&mut Env { domains }, policy, d, &mut ops);
-    let ok: Vec<&CopyOp> = ops.iter().filter(|o| o.status == 0).collect();
+    let ops = run_batch::<CopyOp, COPY_OP_SIZE>(
+        sys,
+        idx,
+        ptr,
+        count,
+        CopyOp::decode,
+        CopyOp::encode,
+        |sys, d, ops| {
+            let System {
+                domains,
+                grants,
+                policy,
+                ..
+            } = sys;
+            grants.copy(&mut Env { domains }, policy, d, ops);
+        },
+    )?;
+    let done = ops.iter().filter(|o| o.status == 0);
+    let (copies, bytes) = done.fold((0u64, 0u64), |(n, b), o| (n + 1, b + u64::from(o.len)));
     let stats = &mut sys.domains[idx].grant_stats;
-    stats[COPIES] += ok.len() as u64;
-    stats[COPIED_BYTES] += ok.iter().map(|o| u64::from(o.len)).sum::<u64>();
-    stats[FAILED] += count - ok.len() as u64;
-    for (c, op) in buf.chunks_exact_mut(COPY_OP_SIZE).zip(&ops) {
-        c.copy_from_slice(&op.encode());
-    }
-    ops_out(ptr, &buf);
+    stats[COPIES] += copies;
+    stats[COPIED_BYTES] += bytes;
+    stats[FAILED] += count - copies;
     Ok(count)
 }
 
