@@ -575,6 +575,16 @@ events! {
             failed: u64,
         }
 
+        /// What a domain's DMA mappings cost, when it ends (domains with
+        /// devices): mappings made and removed in its IOMMU domain, and the
+        /// IOTLB invalidations they needed (strict mode's real price).
+        ring0 IommuStats<'a> = "iommu_stats" {
+            domain: &'a str,
+            maps: u64,
+            unmaps: u64,
+            iotlb_invalidations: u64,
+        }
+
         /// A domain's result from an event-channel exchange.
         domain Pingpong<'a> = "pingpong" {
             role: &'a str,

@@ -99,6 +99,34 @@ struct Hw {
     mem: Frames,
     levels: u8,
     next_irte: u16,
+    /// Per IOMMU domain: (maps, unmaps, IOTLB invalidations they caused).
+    per_domain: alloc::collections::BTreeMap<u16, (u64, u64, u64)>,
+}
+
+impl Hw {
+    /// Runs `f` and charges the IOTLB invalidations it caused to `did`.
+    fn charged<T>(&mut self, did: u16, map: bool, f: impl FnOnce(&mut Self) -> T) -> T {
+        let before = self.vtd.invalidation_counts().iotlb();
+        let r = f(self);
+        let after = self.vtd.invalidation_counts().iotlb();
+        let e = self.per_domain.entry(did).or_default();
+        if map {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+        e.2 += after - before;
+        r
+    }
+}
+
+/// What domain `did`'s DMA mappings cost: (maps, unmaps, IOTLB
+/// invalidations), counted since boot.
+pub fn domain_stats(did: u16) -> (u64, u64, u64) {
+    UNIT.lock()
+        .as_ref()
+        .and_then(|h| h.per_domain.get(&did).copied())
+        .unwrap_or_default()
 }
 
 static UNIT: Lock<Option<Hw>> = Lock::new(None);
@@ -154,6 +182,7 @@ pub fn init(units: &[Unit]) -> Result<(), &'static str> {
         mem,
         levels,
         next_irte: 0,
+        per_domain: alloc::collections::BTreeMap::new(),
     });
     Ok(())
 }
@@ -196,15 +225,16 @@ pub fn map(did: u16, iova: u64, pa: u64, len: u64, writable: bool) -> Result<(),
     } else {
         Perm::READ
     };
-    h.vtd
-        .map(&mut h.mem, did, iova, pa, len, perm)
-        .map_err(|_| "IOMMU mapping failed")
+    h.charged(did, true, |h| {
+        h.vtd.map(&mut h.mem, did, iova, pa, len, perm)
+    })
+    .map_err(|_| "IOMMU mapping failed")
 }
 
 /// Unmaps a range; the IOTLB is invalidated before this returns.
 pub fn unmap(did: u16, iova: u64, len: u64) {
     if let Some(h) = UNIT.lock().as_mut() {
-        if let Err(e) = h.vtd.unmap(&mut h.mem, did, iova, len) {
+        if let Err(e) = h.charged(did, false, |h| h.vtd.unmap(&mut h.mem, did, iova, len)) {
             log!("iommu: unmap {iova:#x}+{len:#x} in domain {did}: {e}");
         }
     }

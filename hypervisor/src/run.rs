@@ -546,6 +546,15 @@ fn end_domain(sys: &mut System, i: usize, status: i64, reason: &'static str) {
         calls: d.calls,
         refused: d.refused,
     });
+    if !d.devices.is_empty() {
+        let (maps, unmaps, iotlb_invalidations) = iommu_hw::domain_stats(d.domid);
+        console::event(&ev::IommuStats {
+            domain: &d.name,
+            maps,
+            unmaps,
+            iotlb_invalidations,
+        });
+    }
     d.state = State::Dead;
     d.ended = Some((status, reason));
     d.timer_ns = None;

@@ -14,7 +14,7 @@ mod unit;
 pub mod walk;
 
 pub use fault::FaultReason;
-pub use inv::Invalidation;
+pub use inv::{Invalidation, InvalidationCounts};
 pub use unit::{
     remappable_msi, Config, InvalidationMode, Irte, Msi, Regs, Vtd, POLL_LIMIT, QUEUE_ENTRIES,
 };

@@ -36,6 +36,38 @@ pub enum Invalidation {
     IecIndex { index: u16, im: u8 },
 }
 
+/// How many invalidations of each kind a unit was asked for, so that a
+/// mode's real cost shows (e.g. the IOTLB invalidations of strict DMA).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InvalidationCounts {
+    pub context: u64,
+    pub iotlb_global: u64,
+    pub iotlb_domain: u64,
+    pub iotlb_pages: u64,
+    pub iec: u64,
+}
+
+impl InvalidationCounts {
+    /// Counts one request.
+    pub fn count(&mut self, r: &Invalidation) {
+        let n = match r {
+            Invalidation::ContextGlobal
+            | Invalidation::ContextDomain { .. }
+            | Invalidation::ContextDevice { .. } => &mut self.context,
+            Invalidation::IotlbGlobal => &mut self.iotlb_global,
+            Invalidation::IotlbDomain { .. } => &mut self.iotlb_domain,
+            Invalidation::IotlbPages { .. } => &mut self.iotlb_pages,
+            Invalidation::IecGlobal | Invalidation::IecIndex { .. } => &mut self.iec,
+        };
+        *n += 1;
+    }
+
+    /// Every IOTLB invalidation, whatever its granularity.
+    pub fn iotlb(&self) -> u64 {
+        self.iotlb_global + self.iotlb_domain + self.iotlb_pages
+    }
+}
+
 /// Descriptor type codes.
 pub mod kind {
     pub const CONTEXT: u64 = 1;

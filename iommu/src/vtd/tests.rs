@@ -588,6 +588,16 @@ fn caching_mode_attach_map_unmap_detach() {
         ]
     );
     drop(unit);
+    // The driver's own counts agree with what the unit saw.
+    let counts = vtd.invalidation_counts();
+    assert_eq!(
+        (counts.iotlb_pages, counts.iotlb_domain, counts.context),
+        (1 + 0, 1, 1 + 1)
+    );
+    assert_eq!(
+        counts.iotlb(),
+        counts.iotlb_pages + counts.iotlb_domain + counts.iotlb_global
+    );
     assert_eq!(mem.dma(BLK, 0x40_0010, Access::Write), Ok(0x100_0010));
     assert_eq!(mem.dma(BLK, 0x7f_f000, Access::Read), Ok(0x13f_f000));
     assert_eq!(

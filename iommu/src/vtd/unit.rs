@@ -173,9 +173,15 @@ pub struct Vtd<R: Regs> {
     tables: Option<Tables>,
     queue: Option<Queue>,
     irt: Option<Irt>,
+    counts: super::inv::InvalidationCounts,
 }
 
 impl<R: Regs> Vtd<R> {
+    /// The invalidations asked of the unit so far, by kind.
+    pub fn invalidation_counts(&self) -> super::inv::InvalidationCounts {
+        self.counts
+    }
+
     /// Reads the unit's VER, CAP and ECAP; changes nothing.
     pub fn new(mut regs: R) -> Self {
         let version = Version(regs.read32(regs::VER.offset()));
@@ -189,6 +195,7 @@ impl<R: Regs> Vtd<R> {
             tables: None,
             queue: None,
             irt: None,
+            counts: super::inv::InvalidationCounts::default(),
         }
     }
 
@@ -336,6 +343,7 @@ impl<R: Regs> Vtd<R> {
         mem: &mut M,
         requests: &[Invalidation],
     ) -> Result<(), Error> {
+        requests.iter().for_each(|r| self.counts.count(r));
         if self.queue.is_some() {
             for batch in requests.chunks(BATCH) {
                 self.submit(mem, batch)?;
