@@ -381,10 +381,64 @@ enum PathState {
         cache: BTreeMap<u32, Persistent>,
     },
     Copy {
-        free: Vec<u64>,
+        free: FreePages,
         /// Reserved for reading indirect segment lists.
         indirect_page: u64,
     },
+}
+
+/// The free bounce pages, in ascending address order. A request takes the
+/// lowest run of adjacent pages that holds all its segments, in order, so
+/// the device gets one buffer per run of full-page segments (the driver
+/// domain merges buffers that are contiguous) rather than one per page:
+///
+/// ```text
+///   free:  0x1000 0x2000 0x3000 | 0x5000 0x6000 0x7000 0x8000
+///   take(4) -> 0x5000..=0x8000 (first run of 4); take(2) -> 0x1000, 0x2000
+/// ```
+///
+/// With no such run it takes the lowest pages, still ascending.
+#[derive(Debug)]
+struct FreePages(Vec<u64>);
+
+impl FreePages {
+    fn new(mut pages: Vec<u64>) -> FreePages {
+        pages.sort_unstable();
+        FreePages(pages)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `n` pages, ascending; `None` (and nothing taken) if fewer are free.
+    fn take(&mut self, n: usize) -> Option<alloc::vec::Drain<'_, u64>> {
+        if self.0.len() < n {
+            return None;
+        }
+        let mut start = 0;
+        let mut run = 0;
+        for (i, page) in self.0.iter().enumerate() {
+            if run > 0 && self.0[i - 1].checked_add(PAGE_SIZE) == Some(*page) {
+                run += 1;
+            } else {
+                start = i;
+                run = 1;
+            }
+            if run >= n {
+                break;
+            }
+        }
+        if run < n {
+            start = 0;
+        }
+        Some(self.0.drain(start..start + n))
+    }
+
+    fn give(&mut self, page: u64) {
+        let at = self.0.partition_point(|p| *p < page);
+        self.0.insert(at, page);
+    }
 }
 
 /// One frontend's backend.
@@ -435,7 +489,7 @@ impl Backend {
                 }
                 let indirect_page = bounce.pop().unwrap_or_default();
                 PathState::Copy {
-                    free: bounce,
+                    free: FreePages::new(bounce),
                     indirect_page,
                 }
             }
@@ -822,12 +876,11 @@ impl Backend {
                 Ok(true)
             }
             PathState::Copy { free, .. } => {
-                if free.len() < w.segs.len() {
+                let Some(pages) = free.take(w.segs.len()) else {
                     return Ok(false);
-                }
+                };
                 w.acquired = true;
-                for seg in &w.segs {
-                    let page = free.pop().unwrap_or_default();
+                for (seg, page) in w.segs.iter().zip(pages) {
                     w.io.push(SegIo {
                         seg: *seg,
                         page,
@@ -914,7 +967,7 @@ impl Backend {
                 Backing::Mapped(m) => self.unmap(grants, m),
                 Backing::Bounce => {
                     if let PathState::Copy { free, .. } = &mut self.path {
-                        free.push(io.page);
+                        free.give(io.page);
                     }
                 }
             }

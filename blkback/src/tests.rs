@@ -830,6 +830,63 @@ fn bounce_pages_run_out_and_come_back() {
     h.assert_clean();
 }
 
+/// The buffers of every request the device holds now.
+fn queued_bufs(h: &H) -> Vec<Vec<Buf>> {
+    h.dev
+        .queue
+        .iter()
+        .filter_map(|(_, op)| match op {
+            DevOp::Rw { bufs, .. } => Some(bufs.clone()),
+            DevOp::Flush => None,
+        })
+        .collect()
+}
+
+#[test]
+fn bounce_pages_of_a_request_are_adjacent() {
+    let mut h = H::new(copy_path(), false);
+    let pages: Vec<u32> = (0..11).map(|_| h.world.grant(BACK, true)).collect();
+    let segs: Vec<Segment> = pages.iter().map(|g| seg(*g, 0, 7)).collect();
+    // Three rounds of three 11-page READs; from the second on, every page
+    // taken was given back by an earlier request.
+    for round in 0..3u64 {
+        for i in 0..3 {
+            h.send(&rw(op::READ, round * 3 + i, 0, &segs));
+        }
+        h.poll();
+        let reqs = queued_bufs(&h);
+        assert_eq!(reqs.len(), 3);
+        for bufs in &reqs {
+            assert_eq!(bufs.len(), 11);
+            assert!(
+                bufs.windows(2)
+                    .all(|b| b[1].addr == b[0].addr + u64::from(b[0].len)),
+                "round {round}: {bufs:x?}"
+            );
+        }
+        h.drain();
+        assert_eq!(h.responses().len(), 3);
+        assert_eq!(h.be.free_bounce_pages(), BOUNCE_PAGES - 1);
+    }
+    h.assert_clean();
+}
+
+#[test]
+fn free_pages_take_the_lowest_run() {
+    let pg = |i: u64| i * PAGE_SIZE;
+    let mut f = FreePages::new([8, 1, 2, 3, 5, 6, 7].map(pg).to_vec());
+    // The first run of 4 is 5..=8; of 2, 1..=2.
+    assert!(f.take(4).unwrap().eq([5, 6, 7, 8].map(pg)));
+    assert!(f.take(2).unwrap().eq([1, 2].map(pg)));
+    f.give(pg(7));
+    f.give(pg(5));
+    // No run of 3 in {3, 5, 7}: the lowest pages, ascending.
+    assert!(f.take(4).is_none());
+    assert_eq!(f.len(), 3);
+    assert!(f.take(3).unwrap().eq([3, 5, 7].map(pg)));
+    assert_eq!(f.len(), 0);
+}
+
 #[test]
 fn persistent_grants_are_reused() {
     let mut h = H::new(map_path(2), false);

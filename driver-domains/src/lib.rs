@@ -8,6 +8,7 @@ extern crate alloc;
 
 pub mod blk;
 pub mod blk_pattern;
+pub mod device;
 pub mod net;
 pub mod netframe;
 pub mod netserve;

@@ -821,7 +821,8 @@ fn bad_tx_packets_answered_error_per_slot() {
                 vec![req(g, 0, m, 5, n), req(g, 4090, 0, 6, 7)],
                 Reason::SlotBounds,
             ),
-            (vec![req(g, 4095, 0, 7, n)], Reason::SlotsShortOfSize),
+            (vec![req(g, 4095, 0, 7, n)], Reason::SlotBounds),
+            (vec![req(g, 4000, 0, 8, 1515)], Reason::SlotBounds),
             (
                 (0..MAX_SLOTS_PER_PACKET as u16 + 1)
                     .map(|k| {

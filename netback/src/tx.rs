@@ -191,7 +191,10 @@ impl TxParser {
         }
         if c.reqs == 1 {
             let size = usize::from(r.size);
-            if usize::from(r.offset) > PAGE_SIZE {
+            // The first slot's own bytes: all of `size` if it is the only
+            // one, else what the later slots leave (checked at the end).
+            let own = if r.more_data() { 0 } else { size };
+            if usize::from(r.offset) + own > PAGE_SIZE {
                 bad = bad.or(Some(Reason::SlotBounds));
             }
             if size < MIN_FRAME {
@@ -407,12 +410,18 @@ mod tests {
         // ... to less than declared: the first page cannot hold the rest
         let (r, _) = bad(&[req(1, 3000, M, 1, 1500), req(2, 0, 0, 2, 100)]);
         assert_eq!(r, Reason::SlotsShortOfSize);
-        let (r, _) = bad(&[req(1, 3000, 0, 1, 1200)]);
-        assert_eq!(r, Reason::SlotsShortOfSize);
         // a later slot past its page
         let (r, _) = bad(&[req(1, 0, M, 1, 200), req(2, 4000, 0, 2, 100)]);
         assert_eq!(r, Reason::SlotBounds);
+        // a single slot past its page: its offset, or its offset + size,
+        // whatever its size (also when it is longer than max_frame)
         let (r, _) = bad(&[req(1, 5000, 0, 1, 60)]);
+        assert_eq!(r, Reason::SlotBounds);
+        let (r, _) = bad(&[req(1, 3000, 0, 1, 1200)]);
+        assert_eq!(r, Reason::SlotBounds);
+        let (r, _) = bad(&[req(1, 4000, 0, 1, 1515)]);
+        assert_eq!(r, Reason::SlotBounds);
+        let (r, _) = bad(&[req(1, 0, 0, 1, 5000)]);
         assert_eq!(r, Reason::SlotBounds);
         // runt, oversize, checksum offload
         assert_eq!(bad(&[req(1, 0, 0, 1, 13)]).0, Reason::Runt);

@@ -7,7 +7,8 @@
 //!
 //! Interrupts: `dev_irq_bind(0)` gives the port the hypervisor raises for
 //! any MSI-X entry of the function; the transport sets MSI-X entry 0 as
-//! the queue's and the configuration vector (`pci_transport_msix`).
+//! the queue's and the configuration vector (`pci_transport_msix`;
+//! `driver_domains::device` sets the function up).
 //! Requests go in with virtio-drivers' non-blocking calls, up to `depth`
 //! (from the args) at a time; the domain then blocks in `wait` until the port is
 //! pending and takes what the used ring holds. A timer VIRQ bounds each
@@ -28,26 +29,28 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use abi::ev::DataCheck;
-use abi::hypercall::{virq, PORT_WORDS};
+use abi::hypercall::PORT_WORDS;
 use driver_domains::blk::{chunks, Plan};
 use driver_domains::blk_pattern::{self, SECTOR};
+use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::serve;
-use libdom::device;
 use libdom::ports::Pending;
-use libdom::virtio::{self, AccessPlatform, DomHal};
-use libdom::{dev_irq_bind, event, evtchn_bind_virq, println, set_timer, time_ns, wait};
+use libdom::virtio::DomHal;
+use libdom::{event, println, set_timer, time_ns, wait};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-use virtio_drivers::transport::pci::PciTransport;
 
-/// virtio-blk, modern (virtio 1.x) PCI ids.
-const VENDOR: u16 = 0x1af4;
-const DEVICE: u16 = 0x1042;
-/// The MSI-X entry the queue and configuration changes use.
-const VECTOR: u16 = 0;
+/// virtio-blk, modern (virtio 1.x) PCI ids; one queue.
+static KIND: device::Kind = device::Kind {
+    log: "blk",
+    name: "virtio-blk",
+    vendor: 0x1af4,
+    device: 0x1042,
+    queues: 1,
+};
 /// How long one wait for an interrupt may take.
 const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
 
-type Blk = VirtIOBlk<DomHal, AccessPlatform<PciTransport>>;
+type Blk = VirtIOBlk<DomHal, DomTransport>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -257,31 +260,8 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
             }
         }
     };
-    let Some((dev, info)) = device::find(si, VENDOR, DEVICE) else {
-        println!("blk: no virtio-blk ({VENDOR:04x}:{DEVICE:04x}) in my start info");
+    let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
-    };
-    let port = match dev_irq_bind(dev) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("blk: dev_irq_bind: {}", e.name());
-            return 1;
-        }
-    };
-    let timer = match evtchn_bind_virq(virq::TIMER) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("blk: evtchn_bind_virq(timer): {}", e.name());
-            return 1;
-        }
-    };
-    let t0 = time_ns();
-    let transport = match virtio::pci_transport_msix(dev, &info, VECTOR) {
-        Ok(t) => t,
-        Err(e) => {
-            println!("blk: virtio transport: {e:?}");
-            return 1;
-        }
     };
     let blk = match Blk::new(transport) {
         Ok(b) => b,
@@ -290,27 +270,19 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
             return 1;
         }
     };
-    let init_us = (time_ns() - t0) / 1000;
-    // Did the device take the vectors? NO_VECTOR back means it refused
-    // (e.g. MSI-X disabled in config space), and then nothing would come.
-    if let Some(common) = virtio::common_cfg(dev, &info) {
-        let (config, queue) = virtio::msix_vectors(&common, 0);
-        if (config, queue) != (VECTOR, VECTOR) {
-            println!(
-                "blk: the device holds MSI-X vectors config {config:#x}, queue {queue:#x}; expected {VECTOR}"
-            );
-            return 1;
-        }
-    }
+    let Some(init_us) = f.ready() else {
+        return 1;
+    };
+    let port = f.port;
     println!(
         "blk: {} {} sectors{}, init {init_us} us, MSI-X vector {VECTOR} -> port {port}, DMA {:?}",
-        info.bdf,
+        f.info.bdf,
         blk.capacity(),
         if blk.readonly() { " (read-only)" } else { "" },
         si.dma
     );
     let Some(plan) = plan else {
-        return serve::run(si, blk, port, timer);
+        return serve::run(si, blk, port, f.timer);
     };
     if plan.end() > blk.capacity() {
         println!(
@@ -331,7 +303,7 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     let mut disk = Disk {
         blk,
         port,
-        timer,
+        timer: f.timer,
         slots,
         stats: Stats::default(),
     };

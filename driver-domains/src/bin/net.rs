@@ -10,7 +10,8 @@
 //!
 //! Interrupts: `dev_irq_bind(0)` gives the port the hypervisor raises for
 //! any MSI-X entry of the function; the transport sets MSI-X entry 0 as
-//! both queues' and the configuration vector (`pci_transport_msix`). The
+//! both queues' and the configuration vector (`pci_transport_msix`;
+//! `driver_domains::device` sets the function up). The
 //! domain keeps [`RX_SLOTS`] receive buffers posted, sends while the
 //! exchange's window allows, takes whatever the used rings hold, and
 //! blocks in `wait` only when a round found nothing to do. A timer VIRQ
@@ -29,22 +30,24 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use abi::ev::DataCheck;
-use abi::hypercall::{virq, PORT_WORDS};
+use abi::hypercall::PORT_WORDS;
+use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::net::{Exchange, Plan, MAX_WINDOW};
 use driver_domains::netframe::{self, ShowMac};
 use driver_domains::{netserve, serve};
-use libdom::device;
 use libdom::ports::Pending;
-use libdom::virtio::{self, AccessPlatform, DomHal};
-use libdom::{dev_irq_bind, event, evtchn_bind_virq, println, set_timer, time_ns, wait};
+use libdom::virtio::DomHal;
+use libdom::{event, println, set_timer, time_ns, wait};
 use virtio_drivers::device::net::VirtIONetRaw;
-use virtio_drivers::transport::pci::PciTransport;
 
-/// virtio-net, modern (virtio 1.x) PCI ids.
-const VENDOR: u16 = 0x1af4;
-const DEVICE: u16 = 0x1041;
-/// The MSI-X entry both queues and configuration changes use.
-const VECTOR: u16 = 0;
+/// virtio-net, modern (virtio 1.x) PCI ids; two queues (receive, transmit).
+static KIND: device::Kind = device::Kind {
+    log: "net",
+    name: "virtio-net",
+    vendor: 0x1af4,
+    device: 0x1041,
+    queues: 2,
+};
 /// Descriptors per virtqueue.
 const QUEUE_SIZE: usize = 32;
 /// Receive buffers kept posted: one per request in flight, so an answer
@@ -62,9 +65,9 @@ const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
 /// Bad frames printed, at most.
 const REPORT_BAD: u32 = 4;
 
-type Net = VirtIONetRaw<DomHal, AccessPlatform<PciTransport>, QUEUE_SIZE>;
+type Net = VirtIONetRaw<DomHal, DomTransport, QUEUE_SIZE>;
 /// Serve mode's: deeper queues, for the switch's traffic.
-type NetServe = VirtIONetRaw<DomHal, AccessPlatform<PciTransport>, { netserve::QUEUE_SIZE }>;
+type NetServe = VirtIONetRaw<DomHal, DomTransport, { netserve::QUEUE_SIZE }>;
 
 /// A buffer the device owns while `token` is set; it does not move then
 /// (the slot vectors never grow, and a `Vec`'s bytes stay where they are).
@@ -235,23 +238,6 @@ impl Driver {
     }
 }
 
-/// Did the device take the vectors? NO_VECTOR back means it refused, and
-/// then nothing would ever come.
-fn vectors_ok(dev: usize, info: &abi::domain::DeviceInfo) -> bool {
-    if let Some(common) = virtio::common_cfg(dev, info) {
-        for queue in [0, 1] {
-            let (config, q) = virtio::msix_vectors(&common, queue);
-            if (config, q) != (VECTOR, VECTOR) {
-                println!(
-                    "net: the device holds MSI-X vectors config {config:#x}, queue {queue} {q:#x}; expected {VECTOR}"
-                );
-                return false;
-            }
-        }
-    }
-    true
-}
-
 fn data_check(what: &str, bytes: u64, ok: bool) {
     let _ = event(&DataCheck { what, bytes, ok });
 }
@@ -271,31 +257,8 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
             }
         }
     };
-    let Some((dev, info)) = device::find(si, VENDOR, DEVICE) else {
-        println!("net: no virtio-net ({VENDOR:04x}:{DEVICE:04x}) in my start info");
+    let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
-    };
-    let port = match dev_irq_bind(dev) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("net: dev_irq_bind: {}", e.name());
-            return 1;
-        }
-    };
-    let timer = match evtchn_bind_virq(virq::TIMER) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("net: evtchn_bind_virq(timer): {}", e.name());
-            return 1;
-        }
-    };
-    let t0 = time_ns();
-    let transport = match virtio::pci_transport_msix(dev, &info, VECTOR) {
-        Ok(t) => t,
-        Err(e) => {
-            println!("net: virtio transport: {e:?}");
-            return 1;
-        }
     };
     let Some(plan) = plan else {
         let net = match NetServe::new(transport) {
@@ -305,17 +268,17 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
                 return 1;
             }
         };
-        if !vectors_ok(dev, &info) {
+        let Some(init_us) = f.ready() else {
             return 1;
-        }
+        };
         println!(
-            "net: {} MAC {}, init {} us, MSI-X vector {VECTOR} -> port {port}, DMA {:?}; serving",
-            info.bdf,
+            "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}; serving",
+            f.info.bdf,
             ShowMac(net.mac_address()),
-            (time_ns() - t0) / 1000,
+            f.port,
             si.dma
         );
-        return netserve::run(si, net, port, timer);
+        return netserve::run(si, net, f.port, f.timer);
     };
     let net = match Net::new(transport) {
         Ok(n) => n,
@@ -324,15 +287,15 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
             return 1;
         }
     };
-    let init_us = (time_ns() - t0) / 1000;
-    if !vectors_ok(dev, &info) {
+    let Some(init_us) = f.ready() else {
         return 1;
-    }
+    };
+    let port = f.port;
     let mac = net.mac_address();
     println!(
         "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {port}, DMA {:?}; \
          {} frames of {} bytes, window {}",
-        info.bdf,
+        f.info.bdf,
         ShowMac(mac),
         si.dma,
         plan.frames,
@@ -342,7 +305,7 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     let mut drv = Driver {
         net,
         port,
-        timer,
+        timer: f.timer,
         rx: (0..RX_SLOTS).map(|_| Slot::new(RX_BUF)).collect(),
         tx: (0..TX_SLOTS).map(|_| Slot::new(TX_BUF)).collect(),
         stats: Stats::default(),
