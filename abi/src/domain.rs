@@ -22,8 +22,9 @@ pub const START_INFO_VA: u64 = 0x10_0000;
 pub const IMAGE_BASE: u64 = 0x40_0000;
 /// One past the highest stack byte; the page at `STACK_TOP` is unmapped.
 pub const STACK_TOP: u64 = IMAGE_BASE - 0x1000;
-/// Bytes of stack.
-pub const STACK_SIZE: u64 = 64 * 1024;
+/// Bytes of stack (the net driver domain's setup path alone uses about
+/// 44 KiB; keep room).
+pub const STACK_SIZE: u64 = 128 * 1024;
 /// Highest address (exclusive) a domain's memory may use.
 pub const USER_LIMIT: u64 = 0xfee0_0000;
 /// The start of the kernel half; nothing at or above is a domain's.

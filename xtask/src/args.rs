@@ -26,6 +26,19 @@ commands:
          --verbose                echo each scenario's console as it runs
   check  check manifests and print what they compile to
          FILE...                  (default manifests/default.toml)
+  bench  run the bench matrix (bench/*.toml) under QEMU: cost figures under
+         -icount (two runs each, their agreement printed), wall-clock
+         throughput over repeats; writes JSON and a table to
+         target/airlock/bench/ (bench/README.md has the schema)
+         --quick                  the quick matrix (bench/quick-*.toml)
+         --baseline FILE          compare with FILE afterwards; exit 1 on a regression
+         --out DIR                where results accumulate
+         --plot                   write DIR/plots/FIGURE.svg across the results
+         --repeats N              wall-clock runs per configuration (default 3, quick 1)
+         --only NAME              run only bench/NAME.toml (repeatable)
+  bench compare NEW.json BASELINE.json
+                                  compare two results figure by figure
+  bench plot [--out DIR]          plot the accumulated results
   help   print this";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +64,7 @@ pub enum Cmd {
     Run(RunArgs),
     Test(TestArgs),
     Check(Vec<PathBuf>),
+    Bench(crate::bench::BenchCmd),
     Help,
 }
 
@@ -184,6 +198,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cmd, String> {
             }
             Ok(Cmd::Check(files))
         }
+        "bench" => crate::bench::parse_args(a.it).map(Cmd::Bench),
         "help" | "--help" | "-h" => Ok(Cmd::Help),
         other => Err(format!(
             "cargo xtask: unknown command {other:?}; try cargo xtask run, test, check or help"

@@ -2,8 +2,9 @@
 //!
 //! - `run`: check and compile a manifest, build the hypervisor and the
 //!   domain images it names, pack the boot bundle, create missing disk
-//!   images, print and run the QEMU command line, stream the console, exit 0
-//!   exactly when the system reports success.
+//!   images, start the manifest's host TCP peer (`[host_tcp]`), print and
+//!   run the QEMU command line, stream the console, exit 0 exactly when the
+//!   system reports success and the peer's check passes.
 //! - `test`: the host tests, then every QEMU scenario in `tests/scenarios/`,
 //!   then `N passed, N failed`.
 //! - `check`: check manifests without booting anything.
@@ -12,6 +13,7 @@
 //! clear message and a non-zero exit, never a panic.
 
 mod args;
+mod bench;
 mod manifest;
 mod qemu;
 mod test;
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
         Cmd::Run(r) => run(r),
         Cmd::Test(t) => test::test(t),
         Cmd::Check(files) => check(files),
+        Cmd::Bench(b) => bench::bench(b),
         Cmd::Help => {
             println!("{}", args::USAGE);
             Ok(ExitCode::SUCCESS)
@@ -256,6 +259,34 @@ pub fn create_disks(system: &System, p: &Paths) -> Result<(), String> {
     Ok(())
 }
 
+/// Host ports on 127.0.0.1 for the `hostfwd` rules, in
+/// `manifest::forwards` order: free right now, for QEMU to bind a moment
+/// later.
+pub fn hostfwd_ports(system: &System) -> Result<Vec<u16>, String> {
+    manifest::forwards(&system.devices)
+        .map(|_| harness::tcppeer::free_port())
+        .collect::<Result<Vec<u16>, _>>()
+        .map_err(|e| format!("could not pick a host port for hostfwd: {e}"))
+}
+
+/// Starts the TCP peer `spec` towards the host port (of `ports`, in
+/// `manifest::forwards` order) of the `hostfwd` rule it connects through.
+/// It retries until QEMU listens and the guest answers, and stops by
+/// itself after `limit`.
+pub fn start_tcp_peer(
+    system: &System,
+    spec: &harness::tcppeer::TcpSpec,
+    ports: &[u16],
+    limit: Duration,
+) -> Result<harness::tcppeer::Running, String> {
+    let port = manifest::forwards(&system.devices)
+        .find(|(_, f)| *f == spec.connect)
+        .and_then(|(k, _)| ports.get(k).copied())
+        .ok_or_else(|| format!("no hostfwd rule for {}", spec.connect.guest))?;
+    harness::tcppeer::start(spec.clone(), port, limit)
+        .map_err(|e| format!("could not start the TCP peer: {e}"))
+}
+
 fn run(r: RunArgs) -> Result<ExitCode, String> {
     let p = Paths::new();
     let (file, shown) = match &r.manifest {
@@ -294,13 +325,41 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
             ports.qemu, ports.peer
         );
     }
-    for (_, f) in manifest::forwards(&system.devices) {
+    let timeout = match (r.timeout, r.keep_running) {
+        (Some(0), _) | (None, true) => None,
+        (Some(s), _) => Some(s),
+        (None, false) => Some(manifest::DEFAULT_TIMEOUT_S),
+    };
+    // With a host peer, every hostfwd rule gets a free host port (as in a
+    // scenario); without one, its guest port.
+    let hostfwd = match &system.host_tcp {
+        Some(_) => hostfwd_ports(&system)?,
+        None => Vec::new(),
+    };
+    for (k, f) in manifest::forwards(&system.devices) {
         eprintln!(
             "airlock: hostfwd: TCP to 127.0.0.1:{} goes to the guest at {}",
-            f.guest.port(),
+            hostfwd.get(k).copied().unwrap_or(f.guest.port()),
             f.guest
         );
     }
+    // The peer stops by itself a little after QEMU's time limit at the
+    // latest (or the default limit's, with none).
+    let peer = match &system.host_tcp {
+        Some(spec) => {
+            let limit = timeout.unwrap_or(manifest::DEFAULT_TIMEOUT_S) + 5;
+            eprintln!(
+                "airlock: host peer: connects to {} and sends {} B of stream {}, expects {} B of \
+                 stream {} back (at most {limit} s)",
+                spec.connect.guest, spec.send, spec.send_pattern, spec.recv, spec.recv_pattern
+            );
+            Some((
+                spec,
+                start_tcp_peer(&system, spec, &hostfwd, Duration::from_secs(limit))?,
+            ))
+        }
+        None => None,
+    };
     let args = qemu::args(&qemu::Config {
         system: &system,
         accel: r.accel,
@@ -310,13 +369,8 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
         disk_dir: &p.airlock,
         extra: &r.qemu_args,
         udp: None,
-        hostfwd: &[],
+        hostfwd: &hostfwd,
     });
-    let timeout = match (r.timeout, r.keep_running) {
-        (Some(0), _) | (None, true) => None,
-        (Some(s), _) => Some(s),
-        (None, false) => Some(manifest::DEFAULT_TIMEOUT_S),
-    };
     eprintln!("airlock: QEMU command line:");
     eprintln!("{}", qemu::command_line(&qemu_bin, &args));
     let mut cmd = Command::new(&qemu_bin);
@@ -329,17 +383,32 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
             own_group: false,
         },
     )
-    .map_err(|e| format!("could not run {}: {e}", qemu_bin.display()))?;
+    .map_err(|e| format!("could not run {}: {e}", qemu_bin.display()));
+    // QEMU has exited (or never ran): the peer stops now, and says what it
+    // saw.
+    let mut peer_failures = Vec::new();
+    if let Some((spec, running)) = peer {
+        let report = running.finish();
+        eprintln!("airlock: {}", report.summary());
+        peer_failures = harness::tcppeer::failures(spec, &report);
+    }
+    let run = run?;
     let verdict = match run.outcome {
         harness::Outcome::TimedOut(_) => run.outcome.to_string(),
         o => format!("{o} after {:.1} s", run.elapsed.as_secs_f64()),
     };
-    if run.outcome.is_success() {
+    if run.outcome.is_success() && peer_failures.is_empty() {
         eprintln!("airlock: {verdict}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(format!("airlock: {verdict}"))
+        return Ok(ExitCode::SUCCESS);
     }
+    let mut msg = format!("airlock: {verdict}");
+    if !peer_failures.is_empty() {
+        msg.push_str("\nairlock: the host peer's check failed:");
+        for f in &peer_failures {
+            msg.push_str(&format!("\n  - {f}"));
+        }
+    }
+    Err(msg)
 }
 
 fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
@@ -466,7 +535,7 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                 println!(
                     "{shown}: ok: system \"{}\", {} MiB, exit {}, {} device(s){}; {} domain(s){}; \
                      {} channel(s){}; {} watch(es){}; {} vbd(s){}; {} vif(s){}; {} allow rule(s){}; \
-                     compiled manifest {} bytes{}",
+                     compiled manifest {} bytes{}{}",
                     s.name,
                     s.memory >> 20,
                     s.exit.name(),
@@ -485,6 +554,13 @@ fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
                     allows.len(),
                     list(&allows),
                     compiled.len(),
+                    match &s.host_tcp {
+                        Some(t) => format!(
+                            "; host peer: {} B of {} to {}, {} B of {} back",
+                            t.send, t.send_pattern, t.connect.guest, t.recv, t.recv_pattern
+                        ),
+                        None => String::new(),
+                    },
                     if s.test.is_some() {
                         "; has a [test] table"
                     } else {

@@ -88,6 +88,14 @@
 //! perms = ["grant_copy"]    # some domain has; grant_map_read, grant_map_write, grant_copy,
 //!                           # event_bind; event channels the manifest declares need no rule
 //!
+//! [host_tcp]                # a TCP peer on the host (harness::tcppeer), for `run` and
+//! connect = "10.0.2.15:5001" # scenarios alike: once QEMU listens, it connects to the
+//! send = "4M"               # hostfwd rule of this guest address, sends `send` bytes of
+//! send_pattern = "H"        # stream `send_pattern` and receives until the guest closes:
+//! recv = "4M"               # exactly `recv` bytes of stream `recv_pattern`, every byte and
+//! recv_pattern = "G"        # the CRC-32 checked; `run` prints its result after QEMU exits
+//!                           # and fails if the check does (the fields of [test.tcp])
+//!
 //! [test]                    # scenarios only (tests/scenarios/); `run` ignores it
 //! ```
 //!
@@ -121,6 +129,7 @@
 //! size = 600                # bytes (60..=1514), each answered, none bad
 //!
 //! [test.tcp]                # the harness's TCP peer (harness::tcppeer) connects through the
+//!                           # (or [host_tcp], which a scenario runs the same way; not both)
 //! connect = "10.0.2.15:5001" # hostfwd rule of this guest address, sends `send` bytes of
 //! send = "16M"              # stream `send_pattern` (driver_domains::stream_pattern) and
 //! send_pattern = "H"        # receives until the guest closes: exactly `recv` bytes of
@@ -198,6 +207,7 @@ struct Doc {
     allow: Vec<AllowToml>,
     #[serde(default)]
     vif: Vec<VifToml>,
+    host_tcp: Option<TcpToml>,
     test: Option<TestToml>,
 }
 
@@ -498,6 +508,9 @@ pub struct System {
     pub vbds: Vec<PlannedVbd>,
     pub allows: Vec<PlannedAllow>,
     pub vifs: Vec<PlannedVif>,
+    /// `[host_tcp]`: the host's TCP peer, which `run` starts (and a
+    /// scenario's harness, as its `[test.tcp]`).
+    pub host_tcp: Option<TcpSpec>,
     /// The scenario, when the file has a `[test]` table (named after the file).
     pub test: Option<Scenario>,
 }
@@ -1037,11 +1050,20 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let host_tcp = doc
+        .host_tcp
+        .as_ref()
+        .and_then(|t| check_tcp_spec(&mut c, t, "host_tcp"));
     let test = doc.test.as_ref().map(|t| check_test(&mut c, &stem, t));
     check_udp_peer(&mut c, &doc, &devices);
     check_tcp_peer(&mut c, &doc, &devices);
     let disk = check_test_disk(&mut c, &doc, &devices);
-    let test = test.map(|s| Scenario { disk, ..s });
+    // A scenario runs the system's host peer as its own.
+    let test = test.map(|s| Scenario {
+        disk,
+        tcp: s.tcp.or_else(|| host_tcp.clone()),
+        ..s
+    });
 
     if c.diags.is_empty() {
         Ok(System {
@@ -1055,6 +1077,7 @@ pub fn check(file: &str, src: &str) -> Result<System, Errors> {
             vbds,
             allows,
             vifs,
+            host_tcp,
             test,
         })
     } else {
@@ -2204,8 +2227,8 @@ fn check_udp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
     }
 }
 
-/// `hostfwd` rules name distinct guest addresses, and `[test.tcp]`
-/// connects through one of them.
+/// `hostfwd` rules name distinct guest addresses; `[test.tcp]` and
+/// `[host_tcp]` (at most one of them) connect through one of them.
 fn check_tcp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
     let all: Vec<Forward> = forwards(devices).map(|(_, f)| f).collect();
     let mut seen: Vec<Forward> = Vec::new();
@@ -2224,19 +2247,31 @@ fn check_tcp_peer(c: &mut Checker<'_>, doc: &Doc, devices: &[PlannedDevice]) {
             seen.push(fw);
         }
     }
-    let Some(t) = doc.test.as_ref().and_then(|t| t.tcp.as_ref()) else {
-        return;
-    };
-    if let Ok(fw) = Forward::parse(t.connect.get_ref()) {
-        if !all.contains(&fw) {
-            c.err(
-                t.connect.span(),
-                "test.tcp.connect",
-                format!(
-                    "no virtio-net with netdev = \"user\" has hostfwd = [\"{}\"]",
-                    fw.guest
-                ),
-            );
+    let test_tcp = doc.test.as_ref().and_then(|t| t.tcp.as_ref());
+    if let (Some(t), Some(h)) = (test_tcp, &doc.host_tcp) {
+        c.err(
+            t.connect.span(),
+            "test.tcp",
+            format!(
+                "the manifest has [host_tcp] (line {}), which the scenario runs too: \
+                 declare the host peer once",
+                line_of(c.src, h.connect.span().start)
+            ),
+        );
+    }
+    for (t, table) in [(test_tcp, "test.tcp"), (doc.host_tcp.as_ref(), "host_tcp")] {
+        let Some(t) = t else { continue };
+        if let Ok(fw) = Forward::parse(t.connect.get_ref()) {
+            if !all.contains(&fw) {
+                c.err(
+                    t.connect.span(),
+                    format!("{table}.connect"),
+                    format!(
+                        "no virtio-net with netdev = \"user\" has hostfwd = [\"{}\"]",
+                        fw.guest
+                    ),
+                );
+            }
         }
     }
 }
@@ -2395,15 +2430,20 @@ fn check_test(c: &mut Checker<'_>, name: &str, t: &TestToml) -> Scenario {
         equals,
         peer,
         disk: None,
-        tcp: t.tcp.as_ref().and_then(|t| check_test_tcp(c, t)),
+        tcp: t
+            .tcp
+            .as_ref()
+            .and_then(|t| check_tcp_spec(c, t, "test.tcp")),
     }
 }
 
-fn check_test_tcp(c: &mut Checker<'_>, t: &TcpToml) -> Option<TcpSpec> {
+/// `[test.tcp]` or `[host_tcp]` (`table`, for messages): a peer's spec.
+fn check_tcp_spec(c: &mut Checker<'_>, t: &TcpToml, table: &str) -> Option<TcpSpec> {
+    let at = |field: &str| format!("{table}.{field}");
     let connect = match Forward::parse(t.connect.get_ref()) {
         Ok(f) => Some(f),
         Err(e) => {
-            c.err(t.connect.span(), "test.tcp.connect", e);
+            c.err(t.connect.span(), at("connect"), e);
             None
         }
     };
@@ -2414,8 +2454,8 @@ fn check_test_tcp(c: &mut Checker<'_>, t: &TcpToml) -> Option<TcpSpec> {
             None
         }
     };
-    let send = size(&t.send, "test.tcp.send");
-    let recv = size(&t.recv, "test.tcp.recv");
+    let send = size(&t.send, &at("send"));
+    let recv = size(&t.recv, &at("recv"));
     let spec = TcpSpec {
         connect: connect?,
         send: send?,
@@ -2424,16 +2464,16 @@ fn check_test_tcp(c: &mut Checker<'_>, t: &TcpToml) -> Option<TcpSpec> {
         recv_pattern: t.recv_pattern.get_ref().clone(),
     };
     if let Err(e) = spec.check() {
-        let (span, path) = if e.starts_with("send_pattern") {
-            (t.send_pattern.span(), "test.tcp.send_pattern")
+        let (span, field) = if e.starts_with("send_pattern") {
+            (t.send_pattern.span(), "send_pattern")
         } else if e.starts_with("recv_pattern") {
-            (t.recv_pattern.span(), "test.tcp.recv_pattern")
+            (t.recv_pattern.span(), "recv_pattern")
         } else if e.starts_with("send") {
-            (t.send.span(), "test.tcp.send")
+            (t.send.span(), "send")
         } else {
-            (t.recv.span(), "test.tcp.recv")
+            (t.recv.span(), "recv")
         };
-        c.err(span, path, e);
+        c.err(span, at(field), e);
     }
     Some(spec)
 }
@@ -2651,6 +2691,81 @@ mod tests {
             assert_ne!(front.label, blk.label);
             assert!(m.allowed(blk.label, front.label, abi::manifest::perm::GRANT_MAP_READ));
         }
+        // A net driver domain that owns the virtio-net at 04.0 and serves
+        // every vif through netback, on a user netdev with a hostfwd rule.
+        let net_at = Bdf::new(0, 4, 0);
+        let net_dev = m.device_at(net_at).unwrap();
+        assert_eq!((net_dev.vendor, net_dev.device), (0x1af4, 0x1041));
+        let net_index = m.devices().position(|d| d.bdf == net_at).unwrap() as u16;
+        let net = m
+            .device_owner(net_index)
+            .expect("the virtio-net has an owner");
+        assert_eq!(net.image, "net");
+        assert!(net.args.contains("serve=1"));
+        assert_eq!(net.devices.len(), 1);
+        let vifs: Vec<_> = m.vifs().collect();
+        assert!(vifs.len() >= 3, "guests reach the network through netback");
+        for v in &vifs {
+            assert_eq!(v.backend, net.index);
+            let front = doms[usize::from(v.frontend)];
+            assert_ne!(front.label, net.label);
+            assert!(front.devices.is_empty(), "a vif's guest owns no device");
+            use abi::manifest::perm::{GRANT_COPY, GRANT_MAP_READ, GRANT_MAP_WRITE};
+            assert!(m.allowed(
+                net.label,
+                front.label,
+                GRANT_MAP_READ | GRANT_MAP_WRITE | GRANT_COPY
+            ));
+        }
+        let mut macs: Vec<[u8; 6]> = vifs.iter().map(|v| v.mac).collect();
+        let mut ips: Vec<[u8; 4]> = vifs.iter().map(|v| v.ip).collect();
+        macs.sort_unstable();
+        macs.dedup();
+        ips.sort_unstable();
+        ips.dedup();
+        assert_eq!((macs.len(), ips.len()), (vifs.len(), vifs.len()));
+        let vif_of = |ip: std::net::Ipv4Addr| vifs.iter().find(|v| v.ip == ip.octets());
+        let arg = |d: &abi::manifest::Domain<'_>, key: &str| {
+            d.args
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        // Guest to guest: a TCP sender whose destination is another
+        // guest's vif, and a receiver there on the same port.
+        let pair = doms.iter().find_map(|d| {
+            (arg(d, "role")? == "tcp-send").then_some(())?;
+            let to = vif_of(arg(d, "to")?.parse().ok()?)?;
+            let rx = doms[usize::from(to.frontend)];
+            (vifs.iter().any(|v| v.frontend == d.index)
+                && rx.index != d.index
+                && arg(&rx, "role")? == "tcp-recv"
+                && arg(&rx, "port") == arg(d, "port")
+                && arg(&rx, "bytes") == arg(d, "bytes")
+                && arg(&rx, "pattern") == arg(d, "pattern"))
+            .then_some((d.name, rx.name))
+        });
+        assert!(pair.is_some(), "two guests move data over TCP");
+        // Guest to host: [host_tcp] connects through the user netdev's
+        // hostfwd rule to a guest's vif, whose role serves it both ways.
+        let host = s.host_tcp.as_ref().expect("a host peer for `run`");
+        assert!(forwards(&s.devices).any(|(_, f)| f == host.connect));
+        let dev = s.devices.iter().find(|d| d.bdf == net_at).unwrap();
+        assert!(
+            matches!(&dev.backend, Backend::UserNet { hostfwd } if hostfwd.contains(&host.connect))
+        );
+        let v = vif_of(*host.connect.guest.ip()).expect("the peer reaches a vif");
+        let g = doms[usize::from(v.frontend)];
+        assert_eq!(arg(&g, "role").as_deref(), Some("tcp-serve"));
+        assert_eq!(arg(&g, "port"), Some(host.connect.guest.port().to_string()));
+        assert_eq!(arg(&g, "recv_pattern"), Some(host.send_pattern.clone()));
+        assert_eq!(arg(&g, "send_pattern"), Some(host.recv_pattern.clone()));
+        let size = |key: &str| arg(&g, key).and_then(|n| parse_size(&n).ok());
+        assert_eq!(
+            (size("recv"), size("send")),
+            (Some(host.send), Some(host.recv))
+        );
+        assert!(host.send > 0 && host.recv > 0, "data moves each way");
         let mut labels: Vec<&str> = doms.iter().map(|d| d.label).collect();
         labels.sort_unstable();
         labels.dedup();
@@ -2723,6 +2838,105 @@ mod tests {
             e.starts_with("manifests/x.toml:3: devices: unknown field"),
             "{e}"
         );
+    }
+
+    /// `HEAD`, a virtio-net at 04.0 with `hostfwd` (lines 4-8), then
+    /// `rest` from line 10.
+    fn with_hostfwd(hostfwd: &str, rest: &str) -> String {
+        format!("{HEAD}[[device]]\nkind = \"virtio-net\"\naddr = \"04.0\"\nnetdev = \"user\"\nhostfwd = [{hostfwd}]\n\n{rest}")
+    }
+
+    /// A peer table of six lines: `[table]`, connect, send, send_pattern,
+    /// recv, recv_pattern.
+    fn peer_table(table: &str, connect: &str, send: &str, pattern: &str) -> String {
+        format!("[{table}]\nconnect = \"{connect}\"\nsend = \"{send}\"\nsend_pattern = \"{pattern}\"\nrecv = \"1M\"\nrecv_pattern = \"G\"\n\n")
+    }
+
+    #[test]
+    fn a_host_tcp_peer() {
+        let fw = "\"10.0.2.15:5001\", \"10.0.2.16:7\"";
+        let host = peer_table("host_tcp", "10.0.2.16:7", "4M", "H");
+        let s = check("manifests/x.toml", &with_hostfwd(fw, &host)).unwrap();
+        let spec = TcpSpec {
+            connect: Forward::parse("10.0.2.16:7").unwrap(),
+            send: 4 << 20,
+            send_pattern: "H".into(),
+            recv: 1 << 20,
+            recv_pattern: "G".into(),
+        };
+        assert_eq!(s.host_tcp.as_ref(), Some(&spec));
+        assert!(s.test.is_none());
+        assert_eq!(
+            forwards(&s.devices)
+                .find(|(_, f)| *f == spec.connect)
+                .map(|(k, _)| k),
+            Some(1)
+        );
+        // A scenario runs the host peer as its [test.tcp].
+        let src = with_hostfwd(fw, &format!("{host}[test]\nexit = \"success\"\n"));
+        let t = check("tests/scenarios/h.toml", &src).unwrap().test.unwrap();
+        assert_eq!(t.tcp, Some(spec));
+        // Without one, no peer at all.
+        let s = check("manifests/x.toml", &with_hostfwd(fw, "")).unwrap();
+        assert!(s.host_tcp.is_none());
+
+        // Errors name the line and the field.
+        let e = error(&with_hostfwd(
+            fw,
+            &peer_table("host_tcp", "10.0.2.17:7", "4M", "H"),
+        ));
+        assert_eq!(e, "manifests/x.toml:11: host_tcp.connect: no virtio-net with netdev = \"user\" has hostfwd = [\"10.0.2.17:7\"]");
+        let e = error(&with_hostfwd(
+            fw,
+            &peer_table("host_tcp", "10.0.3.1:7", "4M", "H"),
+        ));
+        assert!(
+            e.starts_with(
+                "manifests/x.toml:11: host_tcp.connect: 10.0.3.1 is outside QEMU's user network"
+            ),
+            "{e}"
+        );
+        let e = error(&with_hostfwd(
+            fw,
+            &peer_table("host_tcp", "10.0.2.16:7", "4Q", "H"),
+        ));
+        assert!(e.starts_with("manifests/x.toml:12: host_tcp.send: "), "{e}");
+        let e = error(&with_hostfwd(
+            fw,
+            &peer_table("host_tcp", "10.0.2.16:7", "2G", "H"),
+        ));
+        assert!(
+            e.starts_with("manifests/x.toml:12: host_tcp.send: send = 2147483648 is more than"),
+            "{e}"
+        );
+        let e = error(&with_hostfwd(
+            fw,
+            &peer_table("host_tcp", "10.0.2.16:7", "4M", "a b"),
+        ));
+        assert!(
+            e.starts_with("manifests/x.toml:13: host_tcp.send_pattern: send_pattern = \"a b\""),
+            "{e}"
+        );
+        let e = error(&with_hostfwd(
+            fw,
+            "[host_tcp]\nconnect = \"10.0.2.16:7\"\nsend = \"1M\"\n",
+        ));
+        assert!(
+            e.starts_with("manifests/x.toml:10: host_tcp.send_pattern: missing field"),
+            "{e}"
+        );
+        let e = error(&with_hostfwd(fw, &format!("{host}speed = 1\n")));
+        assert!(
+            e.starts_with("manifests/x.toml:17: host_tcp.speed: unknown field"),
+            "{e}"
+        );
+        // One host peer: [host_tcp] and [test.tcp] together are refused.
+        let both = format!(
+            "{host}[test]\nexit = \"success\"\n\n{}",
+            peer_table("test.tcp", "10.0.2.15:5001", "1M", "H")
+        );
+        let e = error(&with_hostfwd(fw, &both));
+        assert_eq!(e, "manifests/x.toml:21: test.tcp: the manifest has [host_tcp] (line 11), which the scenario runs too: declare the host peer once");
     }
 
     #[test]

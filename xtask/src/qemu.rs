@@ -332,7 +332,8 @@ mod tests {
             disk_dir: Path::new("/r/target/airlock"),
             extra: &["-d".into(), "int".into()],
             udp: None,
-            hostfwd: &[],
+            // `run` picks the host port of the hostfwd rule.
+            hostfwd: &[40123],
         };
         assert_eq!(
             command_line(Path::new("qemu-system-x86_64"), &args(&c)),
@@ -342,7 +343,7 @@ mod tests {
              -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
              -drive if=none,id=disk0,format=raw,file=/r/target/airlock/default-blk.img \
              -device virtio-blk-pci,addr=03.0,drive=disk0,iommu_platform=on,disable-legacy=on \
-             -netdev user,id=net1,restrict=on \
+             -netdev user,id=net1,restrict=on,hostfwd=tcp:127.0.0.1:40123-10.0.2.15:5001 \
              -device virtio-net-pci,addr=04.0,netdev=net1,iommu_platform=on,disable-legacy=on \
              -kernel /r/target/x86_64-unknown-none/release/hypervisor \
              -initrd /r/target/airlock/default.bundle -d int"

@@ -157,29 +157,15 @@ fn run_scenario(
         None => None,
     };
     // Host ports for the hostfwd rules, free right now; QEMU binds them.
-    let rules = crate::manifest::forwards(&system.devices).count();
-    let hostfwd = (0..rules)
-        .map(|_| harness::tcppeer::free_port())
-        .collect::<Result<Vec<u16>, _>>()
-        .map_err(|e| one(format!("could not pick a host port for hostfwd: {e}")))?;
-    // The TCP peer connects once QEMU listens and the guest answers (it
-    // retries until then), and stops by itself after QEMU's time limit.
+    let hostfwd = crate::hostfwd_ports(&system).map_err(one)?;
+    // The TCP peer ([test.tcp] or [host_tcp]) connects once QEMU listens
+    // and the guest answers (it retries until then), and stops by itself
+    // after QEMU's time limit.
     let tcp = match &spec.tcp {
-        Some(ts) => {
-            let port = crate::manifest::forwards(&system.devices)
-                .find(|(_, f)| *f == ts.connect)
-                .and_then(|(k, _)| hostfwd.get(k).copied())
-                .ok_or_else(|| {
-                    one(format!(
-                        "[test.tcp] connect: no hostfwd rule for {}",
-                        ts.connect.guest
-                    ))
-                })?;
-            Some(
-                harness::tcppeer::start(ts.clone(), port, spec.timeout + Duration::from_secs(5))
-                    .map_err(|e| one(format!("could not start the TCP peer: {e}")))?,
-            )
-        }
+        Some(ts) => Some(
+            crate::start_tcp_peer(&system, ts, &hostfwd, spec.timeout + Duration::from_secs(5))
+                .map_err(one)?,
+        ),
         None => None,
     };
     let args = qemu::args(&qemu::Config {
@@ -303,6 +289,20 @@ pub fn test(t: TestArgs) -> Result<ExitCode, String> {
         }
     }
 
+    // The bench pipeline (quick matrix, JSON, compare), once, as one more
+    // scenario: it asserts nothing about speed.
+    if t.scenario.is_none() {
+        match crate::bench::self_test(&p) {
+            Ok(what) => {
+                sc.passed += 1;
+                println!("scenario bench-quick: passed ({what})");
+            }
+            Err(e) => {
+                sc.failed += 1;
+                println!("scenario bench-quick: FAILED\n  - {e}");
+            }
+        }
+    }
     let mut total = sc;
     match host {
         Some(h) => {
