@@ -2,16 +2,22 @@
 //! assigns to it (1af4:1042) with virtio-drivers, in ring 3, its DMA
 //! confined by the IOMMU. What it does comes from its args
 //! (`driver_domains::blk`): verify a pattern the harness wrote, write a
-//! second one, flush, read it back; `data_check` for each; exit 0 if all
-//! matched, 1 otherwise.
+//! second one, flush, read it back (`data_check` for each); then the
+//! measured steps, unchecked: sequential reads, random 4 KiB reads,
+//! sequential writes, each reported as a `throughput` event as the guests'
+//! blkfront runner reports its own (the bench's *direct* baseline); exit 0
+//! if all matched and no request failed, 1 otherwise.
 //!
 //! Interrupts: `dev_irq_bind(0)` gives the port the hypervisor raises for
 //! any MSI-X entry of the function; the transport sets MSI-X entry 0 as
 //! the queue's and the configuration vector (`pci_transport_msix`;
 //! `driver_domains::device` sets the function up).
 //! Requests go in with virtio-drivers' non-blocking calls, up to `depth`
-//! (from the args) at a time; the domain then blocks in `wait` until the port is
-//! pending and takes what the used ring holds. A timer VIRQ bounds each
+//! (from the args) at a time, each with its own buffer of up to 64 KiB
+//! (one descriptor; with indirect descriptors, which virtio-drivers
+//! negotiates, a request takes one of the queue's 16); the domain then
+//! blocks in `wait` until the port is pending and takes what the used ring
+//! holds. A timer VIRQ bounds each
 //! wait: an interrupt that never comes is a failure, not a hang.
 //!
 //! The flush is virtio-drivers' blocking `flush` (0.13 has no non-blocking
@@ -28,9 +34,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
-use abi::ev::DataCheck;
+use abi::ev::{DataCheck, Throughput};
 use abi::hypercall::PORT_WORDS;
-use driver_domains::blk::{chunks, Plan};
+use driver_domains::blk::{chunks, random, sequential, Plan};
 use driver_domains::blk_pattern::{self, SECTOR};
 use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::serve;
@@ -77,6 +83,8 @@ struct Stats {
     /// Of those, how many found nothing new in the used ring.
     spurious: u64,
     ns: u64,
+    /// The most requests that were in flight at once.
+    most_in_flight: u64,
 }
 
 struct Disk {
@@ -106,35 +114,32 @@ impl Disk {
         }
     }
 
-    /// Moves `sectors` in requests of `batch`; `fill` prepares each write
-    /// buffer, `check` looks at each completed read. Returns how many
-    /// sectors `check` (or the device) found wrong.
+    /// Runs the requests `reqs` gives ((first sector, sectors) each), up
+    /// to one per slot in flight; `fill` prepares each write buffer,
+    /// `check` looks at each completed read and returns how many of its
+    /// sectors are wrong. A queue that is full (a device without indirect
+    /// descriptors has room for fewer requests than slots) takes the
+    /// request again once one completes.
     fn transfer(
         &mut self,
         dir: Dir,
-        sectors: Range<u64>,
-        batch: u64,
+        reqs: impl Iterator<Item = (u64, u64)>,
         fill: impl Fn(u64, &mut [u8]),
         mut check: impl FnMut(u64, &[u8]) -> u64,
-    ) -> Result<u64, &'static str> {
+    ) -> Result<Run, &'static str> {
         let t0 = time_ns();
-        let mut todo = chunks(sectors, batch);
-        let mut bad = 0;
+        let mut todo = reqs.peekable();
+        let mut run = Run::default();
         let mut in_flight = 0;
-        let mut more = true;
         loop {
             // Submit into every free slot.
-            while more {
+            while let Some(&(first, n)) = todo.peek() {
                 let Some(i) = self.slots.iter().position(|s| s.out.is_none()) else {
-                    break;
-                };
-                let Some((first, n)) = todo.next() else {
-                    more = false;
                     break;
                 };
                 let s = &mut self.slots[i];
                 let len = n as usize * SECTOR;
-                let token = match dir {
+                let r = match dir {
                     // SAFETY: `req`, `resp` and `buf[..len]` belong to slot
                     // `i`, which is neither touched nor moved (the slot
                     // vector never grows) until its completion below.
@@ -159,10 +164,16 @@ impl Disk {
                             )
                         }
                     }
-                }
-                .map_err(|_| "the queue refused a request")?;
+                };
+                let token = match r {
+                    Ok(t) => t,
+                    Err(virtio_drivers::Error::QueueFull) if in_flight > 0 => break,
+                    Err(_) => return Err("the queue refused a request"),
+                };
+                todo.next();
                 s.out = Some((token, first, n));
                 in_flight += 1;
+                run.most_in_flight = run.most_in_flight.max(in_flight);
             }
             if in_flight == 0 {
                 break;
@@ -193,14 +204,14 @@ impl Disk {
                 };
                 in_flight -= 1;
                 got += 1;
-                self.stats.requests += 1;
-                self.stats.sectors += n;
+                run.requests += 1;
+                run.sectors += n;
                 match r {
-                    Ok(()) if dir == Dir::Read => bad += check(first, &s.buf[..len]),
+                    Ok(()) if dir == Dir::Read => run.bad += check(first, &s.buf[..len]),
                     Ok(()) => {}
                     Err(e) => {
                         println!("blk: request at sector {first} ({n} sectors) failed: {e:?}");
-                        bad += n;
+                        run.bad += n;
                     }
                 }
             }
@@ -211,9 +222,24 @@ impl Disk {
                 }
             }
         }
-        self.stats.ns += time_ns() - t0;
-        Ok(bad)
+        run.ns = time_ns() - t0;
+        self.stats.requests += run.requests;
+        self.stats.sectors += run.sectors;
+        self.stats.ns += run.ns;
+        self.stats.most_in_flight = self.stats.most_in_flight.max(run.most_in_flight);
+        Ok(run)
     }
+}
+
+/// What one [`Disk::transfer`] did.
+#[derive(Default)]
+struct Run {
+    requests: u64,
+    sectors: u64,
+    /// Sectors `check` or the device found wrong.
+    bad: u64,
+    ns: u64,
+    most_in_flight: u64,
 }
 
 /// Sectors of `buf` (starting at sector `first`) that differ from pattern
@@ -292,11 +318,18 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         );
         return 1;
     }
+    let span = plan.span_on(blk.capacity());
+    if plan.measures() {
+        if let Err(e) = plan.check_span(span.clone()) {
+            println!("blk: args: {e}");
+            return 1;
+        }
+    }
     let slots = (0..plan.depth)
         .map(|_| Slot {
             req: BlkReq::default(),
             resp: BlkResp::default(),
-            buf: vec![0; plan.batch as usize * SECTOR],
+            buf: vec![0; plan.buf_bytes()],
             out: None,
         })
         .collect();
@@ -312,43 +345,44 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     if let Some(v) = &plan.verify {
         let r = disk.transfer(
             Dir::Read,
-            v.sectors.clone(),
-            plan.batch,
+            chunks(v.sectors.clone(), plan.batch),
             |_, _| {},
             |first, buf| check_pattern(v.pattern, first, buf, &mut reported),
         );
-        let ok = matches!(r, Ok(0));
+        let ok = matches!(r, Ok(Run { bad: 0, .. }));
         match r {
-            Ok(0) => {}
-            Ok(bad) => println!("blk: {bad} sectors of {:?} are wrong", v.sectors),
+            Ok(Run { bad: 0, .. }) => {}
+            Ok(r) => println!("blk: {} sectors of {:?} are wrong", r.bad, v.sectors),
             Err(why) => println!("blk: reading {:?}: {why}", v.sectors),
         }
         data_check("blk-read", &v.sectors, ok);
         all_ok &= ok;
     }
     if let Some(w) = &plan.write {
-        let wrote = disk.transfer(
-            Dir::Write,
-            w.sectors.clone(),
-            plan.batch,
-            |first, buf| {
-                for (k, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
-                    if let Ok(s) = <&mut [u8; SECTOR]>::try_from(s) {
-                        blk_pattern::fill(w.pattern, first + k as u64, s);
+        let wrote = disk
+            .transfer(
+                Dir::Write,
+                chunks(w.sectors.clone(), plan.batch),
+                |first, buf| {
+                    for (k, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
+                        if let Ok(s) = <&mut [u8; SECTOR]>::try_from(s) {
+                            blk_pattern::fill(w.pattern, first + k as u64, s);
+                        }
                     }
-                }
-            },
-            |_, _| 0,
-        );
+                },
+                |_, _| 0,
+            )
+            .map(|r| r.bad);
         let flushed = disk.blk.flush();
         let r = match (wrote, flushed) {
-            (Ok(0), Ok(())) => disk.transfer(
-                Dir::Read,
-                w.sectors.clone(),
-                plan.batch,
-                |_, _| {},
-                |first, buf| check_pattern(w.pattern, first, buf, &mut reported),
-            ),
+            (Ok(0), Ok(())) => disk
+                .transfer(
+                    Dir::Read,
+                    chunks(w.sectors.clone(), plan.batch),
+                    |_, _| {},
+                    |first, buf| check_pattern(w.pattern, first, buf, &mut reported),
+                )
+                .map(|r| r.bad),
             (Ok(0), Err(e)) => {
                 println!("blk: flush failed: {e:?}");
                 Ok(1)
@@ -364,19 +398,114 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         data_check("blk-write", &w.sectors, ok);
         all_ok &= ok;
     }
+    let block = plan.bs / SECTOR as u64;
+    if plan.seq_bytes > 0 {
+        let r = disk.transfer(
+            Dir::Read,
+            sequential(span.clone(), block, plan.seq_bytes),
+            |_, _| {},
+            |_, _| 0,
+        );
+        all_ok &= measured("blk-seq-read", r, plan.bs, plan.depth, false, &mut disk);
+    }
+    if plan.rand > 0 {
+        let r = disk.transfer(
+            Dir::Read,
+            random(span.clone(), plan.rand),
+            |_, _| {},
+            |_, _| 0,
+        );
+        all_ok &= measured("blk-rand-read", r, RAND_BYTES, plan.depth, false, &mut disk);
+    }
+    if plan.write_bytes > 0 {
+        let r = disk.transfer(
+            Dir::Write,
+            sequential(span.clone(), block, plan.write_bytes),
+            |_, _| {},
+            |_, _| 0,
+        );
+        all_ok &= measured("blk-seq-write", r, plan.bs, plan.depth, true, &mut disk);
+    }
     let s = &disk.stats;
     println!(
-        "blk: {} requests, {} sectors in {} us ({} us per request, depth {}, {} sectors each); {} interrupts, {} with nothing new",
+        "blk: {} requests, {} sectors in {} us ({} us per request, depth {}, {} sectors each); {} interrupts, {} with nothing new; at most {} in flight",
         s.requests,
         s.sectors,
         s.ns / 1000,
         s.ns / 1000 / s.requests.max(1),
         plan.depth,
-        plan.batch,
+        summary_sectors(&plan),
         s.interrupts,
-        s.spurious
+        s.spurious,
+        s.most_in_flight
     );
     i64::from(!all_ok)
+}
+
+/// 4 KiB: the random reads' size.
+const RAND_BYTES: u64 = driver_domains::blk::RAND_SECTORS * SECTOR as u64;
+
+/// The summary line's "sectors each": the verify and write steps' batch,
+/// else the measured steps' request size (`xtask bench` reads the line
+/// when no `throughput` event came).
+fn summary_sectors(plan: &Plan<'_>) -> u64 {
+    if plan.verify.is_some() || plan.write.is_some() {
+        plan.batch
+    } else if plan.seq_bytes > 0 || plan.write_bytes > 0 {
+        plan.bs / SECTOR as u64
+    } else {
+        driver_domains::blk::RAND_SECTORS
+    }
+}
+
+/// Reports a measured step as blkfront's runner does (`throughput` and a
+/// console line with MB/s and IOPS); with `flush`, a flush is part of it
+/// (writes). False if a request failed.
+fn measured(
+    what: &str,
+    r: Result<Run, &'static str>,
+    block: u64,
+    depth: u64,
+    flush: bool,
+    disk: &mut Disk,
+) -> bool {
+    let mut r = match r {
+        Ok(r) => r,
+        Err(why) => {
+            println!("blk: {what}: {why}");
+            return false;
+        }
+    };
+    if flush {
+        let t0 = time_ns();
+        if let Err(e) = disk.blk.flush() {
+            println!("blk: {what}: flush failed: {e:?}");
+            return false;
+        }
+        r.ns += time_ns() - t0;
+    }
+    let bytes = r.sectors * SECTOR as u64;
+    let _ = event(&Throughput {
+        what,
+        bytes,
+        requests: r.requests,
+        ns: r.ns,
+        block,
+        depth,
+    });
+    let ns = r.ns.max(1);
+    let mbs = (u128::from(bytes) * 100_000 / u128::from(ns)) as u64;
+    let iops = u128::from(r.requests) * 1_000_000_000 / u128::from(ns);
+    println!(
+        "blk: {what}: {bytes} bytes in {} requests, {} us, {}.{:02} MB/s, {iops} IOPS (block {block}, depth {depth}, at most {} in flight){}",
+        r.requests,
+        r.ns / 1000,
+        mbs / 100,
+        mbs % 100,
+        r.most_in_flight,
+        if r.bad > 0 { " -- some requests FAILED" } else { "" }
+    );
+    r.bad == 0
 }
 
 libdom::entry!(run);

@@ -395,6 +395,41 @@ pub fn agreement(a: &Sample, b: &Sample, drivers: &[String]) -> BTreeMap<String,
 /// The ratios the bench reports: (name, numerator, denominator, figures).
 pub const RATIOS: &[(&str, &str, &str)] = &[
     (
+        "split/direct 64k d16 copy",
+        "split-copy-64k-d16",
+        "direct-64k-d16",
+    ),
+    (
+        "split/direct 64k d16 map",
+        "split-map-64k-d16",
+        "direct-64k-d16",
+    ),
+    (
+        "split/direct 64k d1 copy",
+        "split-copy-64k-d1",
+        "direct-64k-d1",
+    ),
+    (
+        "split/direct 4k d16 copy",
+        "split-copy-4k-d16",
+        "direct-4k-d16",
+    ),
+    (
+        "split/direct 4k d16 map",
+        "split-map-4k-d16",
+        "direct-4k-d16",
+    ),
+    (
+        "split/direct rand4k d16 copy",
+        "split-copy-rand4k-d16",
+        "direct-rand4k-d16",
+    ),
+    (
+        "split/direct rand4k d16 map",
+        "split-map-rand4k-d16",
+        "direct-rand4k-d16",
+    ),
+    (
         "split/direct 4k d1 copy",
         "split-copy-4k-d1",
         "direct-4k-d1",
