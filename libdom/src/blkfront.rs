@@ -3,12 +3,23 @@
 //! channel.
 //!
 //! The frontend keeps a fixed pool of data pages for the life of the
-//! connection (so that blkback's persistent grants stay valid): each of its
-//! `slots` (requests in flight, at most the ring's 32) owns
-//! [`MAX_SEGMENTS`] pages granted read-write to the backend for READs, and
-//! as many granted read-only for WRITEs (the backend only reads what is
-//! written). A request moves at most 11 pages (44 KiB): its data sits at
-//! the start of its slot's pages, one segment per page.
+//! connection (so that blkback's persistent grants stay valid): for its
+//! `slots` (requests in flight, at most the ring's 32) it grants
+//! `slots` x [`MAX_SEGMENTS`] pages read-write to the backend for READs,
+//! and as many read-only for WRITEs (the backend only reads what is
+//! written). A request moves at most 11 pages (44 KiB), one segment per
+//! page from the start of each page.
+//!
+//! The pages are shared by the slots, not owned by them: a request takes
+//! as many pages as it has segments, the lowest run of adjacent free pages
+//! of its pool (else the lowest free ones), and gives them back when it
+//! completes. So the pages a workload ever hands the backend are as few as
+//! it has in flight at once, the same ones again and again, in the same
+//! order: a backend that keeps grants mapped (persistent grants) maps each
+//! of them once, and a request's pages keep being adjacent in the
+//! backend's mapping too. (Owned pages made the backend map every page of
+//! every slot that ever carried a full request: how many depended on the
+//! timing of completions.)
 //!
 //! Requests carry a 64-bit id that the frontend never reuses; a response is
 //! matched to its slot by id, and one that matches none is counted as a
@@ -147,30 +158,32 @@ impl Pages {
         self.va + (i * PAGE) as u64
     }
 
-    /// Copies `data` in at the start (volatile: the backend reads it).
-    fn write(&mut self, data: &[u8]) {
-        assert!(data.len() <= MAX_REQUEST_BYTES);
-        let p = self.va as *mut u8;
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside our allocation of MAX_REQUEST_BYTES (checked).
-            unsafe { p.add(i).write_volatile(b) };
+    /// Copies `data` in at the start of page `i` (volatile: the backend
+    /// reads it).
+    fn write_page(&mut self, i: usize, data: &[u8]) {
+        assert!(i < MAX_SEGMENTS && data.len() <= PAGE);
+        let p = self.page(i) as *mut u8;
+        for (k, &b) in data.iter().enumerate() {
+            // SAFETY: inside page `i` of our allocation (both checked).
+            unsafe { p.add(k).write_volatile(b) };
         }
     }
 
-    /// Copies out from the start (volatile: the backend wrote it).
-    fn read(&self, out: &mut [u8]) {
-        assert!(out.len() <= MAX_REQUEST_BYTES);
-        let p = self.va as *const u8;
+    /// Copies out from the start of page `i` (volatile: the backend wrote
+    /// it).
+    fn read_page(&self, i: usize, out: &mut [u8]) {
+        assert!(i < MAX_SEGMENTS && out.len() <= PAGE);
+        let p = self.page(i) as *const u8;
         let tail_at = out.len() - out.len() % 8;
         for (k, w) in out.chunks_exact_mut(8).enumerate() {
-            // SAFETY: 8-aligned (the allocation is page-aligned) and inside
-            // it (`out` is no longer than it).
+            // SAFETY: 8-aligned (pages are page-aligned) and inside page
+            // `i` (`out` is no longer than a page).
             let v = unsafe { (p as *const u64).add(k).read_volatile() };
             w.copy_from_slice(&v.to_ne_bytes());
         }
-        for (i, b) in out[tail_at..].iter_mut().enumerate() {
-            // SAFETY: inside the allocation, as above.
-            *b = unsafe { p.add(tail_at + i).read_volatile() };
+        for (k, b) in out[tail_at..].iter_mut().enumerate() {
+            // SAFETY: inside the page, as above.
+            *b = unsafe { p.add(tail_at + k).read_volatile() };
         }
     }
 
@@ -187,6 +200,124 @@ impl Pages {
             // SAFETY: allocated in `new` with this layout; every grant of
             // it is revoked, so nobody else can reach it.
             unsafe { alloc::alloc::dealloc(self.va as *mut u8, Self::layout()) };
+        }
+        result
+    }
+}
+
+/// One direction's pages: [`Pages`] chunks, page `i` of the pool being
+/// page `i % MAX_SEGMENTS` of chunk `i / MAX_SEGMENTS`, and which are free.
+#[derive(Debug)]
+struct Pool {
+    chunks: Vec<Pages>,
+    /// Free page numbers, ascending.
+    free: Vec<u16>,
+}
+
+impl Pool {
+    /// The READ pool (granted read-write) and the WRITE pool (read-only) of
+    /// `chunks` x [`MAX_SEGMENTS`] pages each, allocated in turn (as the
+    /// heap was laid out when each slot owned its pages).
+    fn pair(peer: u16, chunks: usize) -> Result<(Pool, Pool), BlkError> {
+        let empty = || Pool {
+            chunks: Vec::with_capacity(chunks),
+            free: (0..(chunks * MAX_SEGMENTS) as u16).collect(),
+        };
+        let (mut read, mut write) = (empty(), empty());
+        for _ in 0..chunks {
+            let r = Pages::new(peer, false).and_then(|r| match Pages::new(peer, true) {
+                Ok(w) => Ok((r, w)),
+                Err(e) => {
+                    let _ = r.release();
+                    Err(e)
+                }
+            });
+            match r {
+                Ok((r, w)) => {
+                    read.chunks.push(r);
+                    write.chunks.push(w);
+                }
+                Err(e) => {
+                    let _ = read.release();
+                    let _ = write.release();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((read, write))
+    }
+
+    fn chunk(&self, page: u16) -> (&Pages, usize) {
+        let i = usize::from(page);
+        (&self.chunks[i / MAX_SEGMENTS], i % MAX_SEGMENTS)
+    }
+
+    fn gref(&self, page: u16) -> u32 {
+        let (c, i) = self.chunk(page);
+        c.grefs[i]
+    }
+
+    /// Fills `out` with free pages, ascending: the lowest run of adjacent
+    /// ones that holds them all, else the lowest; false (nothing taken) if
+    /// fewer are free. (No allocation: it runs for every request.)
+    fn take(&mut self, out: &mut [u16]) -> bool {
+        let n = out.len();
+        if n == 0 || self.free.len() < n {
+            return false;
+        }
+        let mut start = 0;
+        let mut run = 0;
+        for (i, &page) in self.free.iter().enumerate() {
+            if run > 0 && self.free[i - 1] + 1 == page {
+                run += 1;
+            } else {
+                start = i;
+                run = 1;
+            }
+            if run >= n {
+                break;
+            }
+        }
+        if run < n {
+            start = 0;
+        }
+        out.copy_from_slice(&self.free[start..start + n]);
+        self.free.drain(start..start + n);
+        true
+    }
+
+    fn give(&mut self, pages: &[u16]) {
+        for &p in pages {
+            let at = self.free.partition_point(|f| *f < p);
+            if self.free.get(at) != Some(&p) {
+                self.free.insert(at, p);
+            }
+        }
+    }
+
+    /// Copies `data` into `pages`, a page's worth each.
+    fn write(&mut self, pages: &[u16], data: &[u8]) {
+        for (&page, part) in pages.iter().zip(data.chunks(PAGE)) {
+            let i = usize::from(page);
+            self.chunks[i / MAX_SEGMENTS].write_page(i % MAX_SEGMENTS, part);
+        }
+    }
+
+    /// Copies `pages` out into `out`, a page's worth each.
+    fn read(&self, pages: &[u16], out: &mut [u8]) {
+        for (&page, part) in pages.iter().zip(out.chunks_mut(PAGE)) {
+            let (c, i) = self.chunk(page);
+            c.read_page(i, part);
+        }
+    }
+
+    /// Revokes every grant (see [`Pages::release`]).
+    fn release(self) -> Result<(), GrantError> {
+        let mut result = Ok(());
+        for c in self.chunks {
+            if let Err(e) = c.release() {
+                result = Err(e);
+            }
         }
         result
     }
@@ -234,16 +365,22 @@ pub struct InFlight {
 
 #[derive(Debug)]
 struct Slot {
-    read: Pages,
-    write: Pages,
     busy: Option<InFlight>,
+    /// The pool pages of its last request made by [`Blkfront::submit_read`]
+    /// or [`Blkfront::submit_write`] (none for hand-made requests), and
+    /// whether they are the WRITE pool's. Given back to the pool when the
+    /// request completes; a READ's data stays readable in them until the
+    /// next request is submitted.
+    pages: [u16; MAX_SEGMENTS],
+    npages: usize,
+    write: bool,
 }
 
 /// A completed request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Done {
     /// The slot it used: [`Blkfront::read_data`] copies a READ's data out
-    /// of it until the slot is used again.
+    /// of it until the next request is submitted.
     pub slot: usize,
     pub req: InFlight,
     /// `blkif::status`: OKAY, ERROR or EOPNOTSUPP.
@@ -277,6 +414,8 @@ pub struct Blkfront {
     sectors: u64,
     readonly: bool,
     slots: Vec<Slot>,
+    read_pool: Pool,
+    write_pool: Pool,
     next_id: u64,
     stats: Stats,
 }
@@ -292,21 +431,35 @@ impl Blkfront {
         deadline_ns: u64,
     ) -> Result<Self, BlkError> {
         let slots = slots.clamp(1, MAX_SLOTS);
-        let mut pool = Vec::with_capacity(slots);
-        for _ in 0..slots {
-            pool.push(Slot {
-                read: Pages::new(vbd.peer, false)?,
-                write: Pages::new(vbd.peer, true)?,
-                busy: None,
-            });
-        }
-        let mut conn = FrontConn::start(vbd, ENTRY_SIZE)?;
+        let (read_pool, write_pool) = Pool::pair(vbd.peer, slots)?;
+        let pools = |r: Pool, w: Pool| {
+            let _ = r.release();
+            let _ = w.release();
+        };
+        let mut conn = match FrontConn::start(vbd, ENTRY_SIZE) {
+            Ok(c) => c,
+            Err(e) => {
+                pools(read_pool, write_pool);
+                return Err(e.into());
+            }
+        };
+        // (If the backend never answers, the pages stay granted: it may
+        // have mapped them.)
         conn.wait_connected(w, deadline_ns)?;
         Ok(Blkfront {
             conn,
             sectors: vbd.sectors,
             readonly: vbd.readonly,
-            slots: pool,
+            slots: (0..slots)
+                .map(|_| Slot {
+                    busy: None,
+                    pages: [0; MAX_SEGMENTS],
+                    npages: 0,
+                    write: false,
+                })
+                .collect(),
+            read_pool,
+            write_pool,
             next_id: 1,
             stats: Stats::default(),
         })
@@ -342,23 +495,36 @@ impl Blkfront {
         &mut self.conn
     }
 
-    /// The grant reference of page `page` of slot `slot`'s READ pool
-    /// (`write`: its WRITE pool), for hand-made requests.
+    /// The grant reference of page `slot * 11 + page` of the READ pool
+    /// (`write`: the WRITE pool; `page` below 11, `slot` below
+    /// [`Blkfront::slot_count`]), for hand-made requests.
     pub fn gref(&self, slot: usize, page: usize, write: bool) -> Option<u32> {
-        let s = self.slots.get(slot)?;
-        let p = if write { &s.write } else { &s.read };
-        p.grefs.get(page).copied()
+        if slot >= self.slots.len() || page >= MAX_SEGMENTS {
+            return None;
+        }
+        let p = if write {
+            &self.write_pool
+        } else {
+            &self.read_pool
+        };
+        Some(p.gref((slot * MAX_SEGMENTS + page) as u16))
     }
 
-    /// A READ or WRITE request for `sectors` sectors at `sector` over slot
-    /// `slot`'s pages (not yet submitted).
-    fn request(&self, slot: usize, operation: u8, sector: u64, sectors: u32, id: u64) -> Request {
-        let pages = if operation == op::WRITE {
-            &self.slots[slot].write
+    /// Pool pages (per direction) no request holds now.
+    pub fn free_pages(&self, write: bool) -> usize {
+        if write {
+            self.write_pool.free.len()
         } else {
-            &self.slots[slot].read
-        };
-        data_request(&pages.grefs, operation, sector, sectors, id)
+            self.read_pool.free.len()
+        }
+    }
+
+    fn pool(&mut self, write: bool) -> &mut Pool {
+        if write {
+            &mut self.write_pool
+        } else {
+            &mut self.read_pool
+        }
     }
 
     /// Puts `req` on the ring for slot `slot` (which must be free) and
@@ -404,6 +570,9 @@ impl Blkfront {
         if s.busy.is_some() {
             return Err(BlkError::Busy);
         }
+        // What its last request used went back to the pool when it
+        // completed; `submit` records this one's pages once it is out.
+        s.npages = 0;
         let (ring, page) = self.conn.parts();
         let idx = ring.req_prod_pvt();
         ring.put_request(page, &req.encode())?;
@@ -433,20 +602,56 @@ impl Blkfront {
         id
     }
 
-    fn submit(&mut self, operation: u8, sector: u64, sectors: u32) -> Result<usize, BlkError> {
+    /// Submits a READ or WRITE (`data`: what to write) of `sectors`
+    /// sectors over pages taken from the pool.
+    fn submit(
+        &mut self,
+        operation: u8,
+        sector: u64,
+        sectors: u32,
+        data: Option<&[u8]>,
+    ) -> Result<usize, BlkError> {
         if sectors == 0 || sectors > MAX_REQUEST_SECTORS {
             return Err(BlkError::BadLength);
         }
         let slot = self.free_slot().ok_or(BlkError::Busy)?;
+        let write = operation == op::WRITE;
+        let n = sectors.div_ceil(u32::from(SECTORS_PER_PAGE)) as usize;
+        // Each slot holds at most MAX_SEGMENTS pages and a pool has as many
+        // per slot, so a free slot always finds them.
+        let mut pages = [0u16; MAX_SEGMENTS];
+        let pages = &mut pages[..n];
+        if !self.pool(write).take(pages) {
+            return Err(BlkError::Busy);
+        }
+        if let Some(d) = data {
+            self.pool(write).write(pages, d);
+        }
+        let pool = if write {
+            &self.write_pool
+        } else {
+            &self.read_pool
+        };
+        let mut grefs = [0u32; MAX_SEGMENTS];
+        for (g, &p) in grefs.iter_mut().zip(pages.iter()) {
+            *g = pool.gref(p);
+        }
         let id = self.next_id();
-        let req = self.request(slot, operation, sector, sectors, id);
-        self.submit_raw(slot, &req, sectors)?;
+        let req = data_request(&grefs, operation, sector, sectors, id);
+        if let Err(e) = self.submit_raw(slot, &req, sectors) {
+            self.pool(write).give(pages);
+            return Err(e);
+        }
+        let s = &mut self.slots[slot];
+        s.pages[..n].copy_from_slice(pages);
+        s.npages = n;
+        s.write = write;
         Ok(slot)
     }
 
     /// Starts reading `sectors` sectors at `sector`; returns the slot.
     pub fn submit_read(&mut self, sector: u64, sectors: u32) -> Result<usize, BlkError> {
-        self.submit(op::READ, sector, sectors)
+        self.submit(op::READ, sector, sectors, None)
     }
 
     /// Starts writing `data` (whole sectors, at most 44 KiB) at `sector`;
@@ -458,13 +663,8 @@ impl Blkfront {
         {
             return Err(BlkError::BadLength);
         }
-        let slot = self.free_slot().ok_or(BlkError::Busy)?;
-        self.slots[slot].write.write(data);
         let sectors = (data.len() / SECTOR_SIZE as usize) as u32;
-        let id = self.next_id();
-        let req = self.request(slot, op::WRITE, sector, sectors, id);
-        self.submit_raw(slot, &req, sectors)?;
-        Ok(slot)
+        self.submit(op::WRITE, sector, sectors, Some(data))
     }
 
     /// Starts a cache flush (no segments); returns the slot.
@@ -481,13 +681,14 @@ impl Blkfront {
     }
 
     /// Copies the data of slot `slot`'s last READ into `out` (at most the
-    /// sectors it read).
+    /// sectors it read). Valid until the next request is submitted (its
+    /// pages are free again once it completed).
     pub fn read_data(&self, slot: usize, out: &mut [u8]) -> Result<(), BlkError> {
         let s = self.slots.get(slot).ok_or(BlkError::BadSlot)?;
-        if out.len() > MAX_REQUEST_BYTES {
+        if s.write || out.len() > s.npages * PAGE {
             return Err(BlkError::BadLength);
         }
-        s.read.read(out);
+        self.read_pool.read(&s.pages[..s.npages], out);
         Ok(())
     }
 
@@ -519,6 +720,15 @@ impl Blkfront {
                 sector: 0,
                 sectors: 0,
             });
+            // Its pages are free again; `pages` still names them for
+            // `read_data` until the next submission takes any.
+            let s = &self.slots[slot];
+            let pool = if s.write {
+                &mut self.write_pool
+            } else {
+                &mut self.read_pool
+            };
+            pool.give(&s.pages[..s.npages]);
             if rsp.status != status::OKAY {
                 self.stats.errors += 1;
             }
@@ -634,13 +844,16 @@ impl Blkfront {
     /// Closes the connection (see [`FrontConn::close`]) and revokes the
     /// data grants; pages the backend still holds are leaked, not freed.
     pub fn close(self, w: &mut Waiter, deadline_ns: u64) -> Result<(), BlkError> {
-        let Blkfront { conn, slots, .. } = self;
+        let Blkfront {
+            conn,
+            read_pool,
+            write_pool,
+            ..
+        } = self;
         let mut result = conn.close(w, deadline_ns).map_err(BlkError::from);
-        for s in slots {
-            for p in [s.read, s.write] {
-                if let Err(e) = p.release() {
-                    result = result.and(Err(e.into()));
-                }
+        for p in [read_pool, write_pool] {
+            if let Err(e) = p.release() {
+                result = result.and(Err(e.into()));
             }
         }
         result
@@ -650,6 +863,39 @@ impl Blkfront {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(free: &[u16]) -> Pool {
+        Pool {
+            chunks: Vec::new(),
+            free: free.to_vec(),
+        }
+    }
+
+    #[test]
+    fn pool_takes_the_lowest_run_and_reuses_pages() {
+        let mut p = pool(&(0..44).collect::<Vec<u16>>());
+        // A steady 11 + 5 page pattern keeps to the same 16 pages.
+        for _ in 0..4 {
+            let (mut a, mut b) = ([0u16; 11], [0u16; 5]);
+            assert!(p.take(&mut a) && p.take(&mut b));
+            assert_eq!(a.to_vec(), (0..11).collect::<Vec<u16>>());
+            assert_eq!(b.to_vec(), (11..16).collect::<Vec<u16>>());
+            p.give(&a);
+            p.give(&b);
+        }
+        assert_eq!(p.free, (0..44).collect::<Vec<u16>>());
+        // Out of order: the lowest run that fits, else the lowest pages.
+        let mut p = pool(&[0, 1, 3, 4, 5, 9]);
+        let (mut three, mut two, mut one) = ([0u16; 3], [0u16; 2], [0u16; 1]);
+        assert!(p.take(&mut three) && three == [3, 4, 5]);
+        assert!(p.take(&mut two) && two == [0, 1]);
+        p.give(&[0, 1]);
+        assert!(p.take(&mut three) && three == [0, 1, 9]);
+        assert!(!p.take(&mut one));
+        p.give(&[4, 4, 3]);
+        assert_eq!(p.free, [3, 4]);
+        assert!(!p.take(&mut []));
+    }
 
     #[test]
     fn requests_cover_their_sectors() {
