@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! role=blkfront vbd=xvda [write=S..E] [verify=S..E] [pattern=A] [outside=1]
-//!               [seq_mb=8] [bs=64k] [depth=4] [rand=N] [expect=denied] [wait_ms=10000]
+//!               [seq_mb=8] [bs=64k] [depth=4] [rand=N] [write_mb=N] [expect=denied]
+//!               [wait_ms=10000]
 //! ```
 //!
 //! In this order, each step optional:
@@ -24,7 +25,12 @@
 //!    line with MB/s;
 //! 6. `rand`: that many 4 KiB reads at pseudo-random places, `depth` in
 //!    flight; `throughput {what: "blk-rand-read"}`;
-//! 7. the connection is closed cleanly.
+//! 7. `write_mb`: that many MiB written sequentially from sector 0 (wrapping
+//!    like `seq_mb`) in blocks of `bs`, `depth` blocks in flight, then a
+//!    flush, all timed; the data is not a pattern (the blk driver domain's
+//!    `write_mb` twin writes whatever its buffers hold); `throughput {what:
+//!    "blk-seq-write"}`;
+//! 8. the connection is closed cleanly.
 //!
 //! With `expect=denied` the connection must *not* come up (the policy
 //! refuses the backend the ring): `data_check {what: "blkfront-denied",
@@ -67,6 +73,8 @@ pub struct Plan<'a> {
     pub depth: u32,
     /// Random 4 KiB reads.
     pub rand: u64,
+    /// Bytes of timed sequential writes (0: none).
+    pub write_bytes: u64,
     pub expect_denied: bool,
     pub wait_ms: u64,
 }
@@ -90,9 +98,9 @@ fn arg_err(e: ArgError<'_>) -> String {
 
 impl<'a> Plan<'a> {
     /// The keys `role=blkfront` takes.
-    pub const KEYS: [&'static str; 12] = [
+    pub const KEYS: [&'static str; 13] = [
         "role", "vbd", "write", "verify", "pattern", "outside", "seq_mb", "bs", "depth", "rand",
-        "expect", "wait_ms",
+        "write_mb", "expect", "wait_ms",
     ];
 
     pub fn parse(args: &'a str) -> Result<Self, String> {
@@ -123,10 +131,15 @@ impl<'a> Plan<'a> {
         if !(1..=32).contains(&depth) {
             return Err(format!("argument depth={depth} is outside 1..=32"));
         }
-        let seq_mb = a.u64_or("seq_mb", 0).map_err(arg_err)?;
-        if seq_mb > SEQ_MB_MAX {
-            return Err(format!("argument seq_mb={seq_mb} is over {SEQ_MB_MAX}"));
-        }
+        let mb = |key: &str| -> Result<u64, String> {
+            let mb = a.u64_or(key, 0).map_err(arg_err)?;
+            if mb > SEQ_MB_MAX {
+                return Err(format!("argument {key}={mb} is over {SEQ_MB_MAX}"));
+            }
+            Ok(mb << 20)
+        };
+        let seq_bytes = mb("seq_mb")?;
+        let write_bytes = mb("write_mb")?;
         let expect_denied = match a.get("expect") {
             None => false,
             Some("denied") => true,
@@ -138,10 +151,11 @@ impl<'a> Plan<'a> {
             verify: range("verify")?,
             pattern,
             outside: a.u64_or("outside", 0).map_err(arg_err)? != 0,
-            seq_bytes: seq_mb << 20,
+            seq_bytes,
             bs,
             depth: depth as u32,
             rand: a.u64_or("rand", 0).map_err(arg_err)?,
+            write_bytes,
             expect_denied,
             wait_ms: a.u64_or("wait_ms", 10_000).map_err(arg_err)?,
         })
@@ -172,6 +186,17 @@ pub fn split(sectors: Range<u64>, block: u64, max: u64) -> impl Iterator<Item = 
         let r = (at, n as u32);
         at += n;
         Some(r)
+    })
+}
+
+/// `total` sectors in whole blocks of `block` from sector 0, wrapping at
+/// the last whole block of a disk of `disk` sectors, as requests of at
+/// most `max` sectors.
+pub fn sequential(disk: u64, block: u64, total: u64, max: u64) -> impl Iterator<Item = (u64, u32)> {
+    let blocks_on_disk = (disk / block).max(1);
+    (0..total.div_ceil(block)).flat_map(move |b| {
+        let start = (b % blocks_on_disk) * block;
+        split(start..(start + block).min(disk), block, max)
     })
 }
 
@@ -285,8 +310,9 @@ pub fn mb_per_s_x100(bytes: u64, ns: u64) -> u64 {
     (u128::from(bytes) * 100_000 / u128::from(ns)) as u64
 }
 
-/// Sequential or random reads: reports `throughput` (and, for sequential,
-/// `work_done`); false if a request failed.
+/// Sequential or random reads, or (with `fill`) sequential writes and a
+/// flush: reports `throughput`; false if a request failed.
+#[allow(clippy::too_many_arguments)] // the workload's parts, each used once
 fn measure(
     bf: &mut Blkfront,
     w: &mut Waiter,
@@ -295,14 +321,14 @@ fn measure(
     reqs: &mut dyn Iterator<Item = (u64, u32)>,
     block: u64,
     in_flight: usize,
+    fill: Option<Fill<'_>>,
 ) -> bool {
     let t0 = time_ns();
     let mut bytes = 0u64;
-    let r = stream(bf, w, reqs, in_flight, None, &mut |_, d| {
+    let r = stream(bf, w, reqs, in_flight, fill, &mut |_, d| {
         bytes += u64::from(d.req.sectors) * SECTOR_SIZE;
         d.ok()
     });
-    let ns = time_ns() - t0;
     let (requests, failed) = match r {
         Ok(x) => x,
         Err(e) => {
@@ -310,6 +336,17 @@ fn measure(
             return false;
         }
     };
+    // Writes end with a flush, timed like the blk driver domain's.
+    if fill.is_some() {
+        match bf.flush_sync(w, time_ns() + REQUEST_TIMEOUT_NS) {
+            Ok(0) => {}
+            r => {
+                println!("blkfront: {what}: flush {r:?}");
+                return false;
+            }
+        }
+    }
+    let ns = time_ns() - t0;
     let _ = event(&Throughput {
         what,
         bytes,
@@ -446,12 +483,7 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
         let disk = bf.sectors();
         let block = plan.bs / SECTOR_SIZE;
         let total = plan.seq_bytes / SECTOR_SIZE;
-        // Whole blocks from sector 0, wrapping at the last whole block.
-        let blocks_on_disk = (disk / block).max(1);
-        let mut reqs = (0..total.div_ceil(block)).flat_map(move |b| {
-            let start = (b % blocks_on_disk) * block;
-            split(start..(start + block).min(disk), block, max)
-        });
+        let mut reqs = sequential(disk, block, total, max);
         let ok = measure(
             &mut bf,
             &mut w,
@@ -460,6 +492,7 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
             &mut reqs,
             plan.bs,
             in_flight,
+            None,
         );
         if ok {
             let _ = event(&WorkDone {
@@ -486,6 +519,22 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
             &mut reqs,
             4096,
             depth,
+            None,
+        );
+    }
+
+    if plan.write_bytes > 0 {
+        let block = plan.bs / SECTOR_SIZE;
+        let mut reqs = sequential(bf.sectors(), block, plan.write_bytes / SECTOR_SIZE, max);
+        all_ok &= measure(
+            &mut bf,
+            &mut w,
+            plan,
+            "blk-seq-write",
+            &mut reqs,
+            plan.bs,
+            in_flight,
+            Some(&|_, _| {}),
         );
     }
 
@@ -526,6 +575,8 @@ mod tests {
         );
         // 64 KiB is 128 sectors: two requests (88 + 40) a block.
         assert_eq!((p.requests_per_block(), p.slots()), (2, 8));
+        let w = Plan::parse("role=blkfront write_mb=4 bs=64k depth=16").unwrap();
+        assert_eq!((w.write_bytes, w.seq_bytes), (4 << 20, 0));
         let d = Plan::parse("role=blkfront").unwrap();
         assert_eq!(
             (
@@ -557,6 +608,7 @@ mod tests {
             ("role=blkfront expect=ok", "only \"denied\""),
             ("role=blkfront colour=red", "unknown argument \"colour\""),
             ("role=blkfront seq_mb=2000", "seq_mb=2000 is over"),
+            ("role=blkfront write_mb=2000", "write_mb=2000 is over"),
         ] {
             let e = Plan::parse(args).unwrap_err();
             assert!(e.contains(msg), "{args}: {e}");
@@ -583,6 +635,21 @@ mod tests {
         let r: Vec<_> = split(0..200, 88, 88).collect();
         assert_eq!(r, [(0, 88), (88, 88), (176, 24)]);
         assert_eq!(split(5..5, 8, 8).count(), 0);
+        // Sequential blocks wrap at the disk's last whole block.
+        let r: Vec<_> = sequential(300, 128, 512, 88).collect();
+        assert_eq!(
+            r,
+            [
+                (0, 88),
+                (88, 40),
+                (128, 88),
+                (216, 40),
+                (0, 88),
+                (88, 40),
+                (128, 88),
+                (216, 40)
+            ]
+        );
         let total: u64 = split(3..1000, 64, 88).map(|(_, n)| u64::from(n)).sum();
         assert_eq!(total, 997);
     }

@@ -352,7 +352,12 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
         let mut moved = false;
         let s = sockets.get_mut::<tcp::Socket>(h);
         let state = s.state();
-        if !started && s.is_active() && state == tcp::State::Established {
+        // CloseWait too: a peer that sends nothing (the host peer of a
+        // guest-to-host stream) may close its half before the first look.
+        if !started
+            && s.is_active()
+            && matches!(state, tcp::State::Established | tcp::State::CloseWait)
+        {
             started = true;
             s.set_timeout(None);
             tx.start_ns = now;

@@ -282,9 +282,9 @@ fn boot(
         .test
         .as_ref()
         .ok_or_else(|| format!("{}: a bench manifest needs a [test] table", system.name))?;
-    if spec.peer.is_some() || spec.tcp.is_some() {
+    if spec.peer.is_some() {
         return Err(format!(
-            "{}: the bench runs no host peer ([test.peer], [test.tcp])",
+            "{}: the bench runs no UDP test peer ([test.peer])",
             system.name
         ));
     }
@@ -296,6 +296,19 @@ fn boot(
     } else {
         Vec::new()
     };
+    // The host TCP peer (`[host_tcp]`, or `[test.tcp]`), started as
+    // `cargo xtask run` starts it: every hostfwd rule gets a free host port.
+    let hostfwd = match &spec.tcp {
+        Some(_) => crate::hostfwd_ports(system)?,
+        None => Vec::new(),
+    };
+    let peer = match &spec.tcp {
+        Some(t) => Some((
+            t,
+            crate::start_tcp_peer(system, t, &hostfwd, spec.timeout + Duration::from_secs(5))?,
+        )),
+        None => None,
+    };
     let args = qemu::args(&qemu::Config {
         system,
         accel: Accel::Tcg,
@@ -305,7 +318,7 @@ fn boot(
         disk_dir: &p.airlock,
         extra: &extra,
         udp: None,
-        hostfwd: &[],
+        hostfwd: &hostfwd,
     });
     let mut cmd = Command::new(qemu_bin);
     cmd.args(&args);
@@ -316,13 +329,25 @@ fn boot(
             echo: false,
             own_group: true,
         },
-    )
-    .map_err(|e| format!("could not run {}: {e}", qemu_bin.display()))?;
+    );
+    // QEMU has exited: the peer stops now and says what it saw.
+    let peer = peer.map(|(t, running)| {
+        let r = running.finish();
+        (harness::tcppeer::failures(t, &r), r)
+    });
+    let run = run.map_err(|e| format!("could not run {}: {e}", qemu_bin.display()))?;
     let verdict = harness::check_log(spec, &run.log, &run.outcome);
-    let result = if verdict.passed() {
-        extract::sample(&run.log)
+    let mut failures = verdict.failures.clone();
+    if let Some((f, _)) = &peer {
+        failures.extend(f.iter().cloned());
+    }
+    let result = if failures.is_empty() {
+        extract::sample(&run.log).map(|mut s| {
+            s.peer = peer.map(|(_, r)| extract::PeerSample::of(&r));
+            s
+        })
     } else {
-        Err(verdict.failures.join("; "))
+        Err(failures.join("; "))
     };
     result.map_err(|e| {
         let log = p.airlock.join("bench/logs").join(format!("{log_name}.log"));
@@ -439,6 +464,7 @@ pub fn run_matrix(p: &Paths, a: &BenchArgs, dir: &Path) -> Result<(Report, PathB
             requests: ic[0].requests,
             counts: ic[0].domains.clone(),
             agreement: report::agreement(&ic[0], &ic[1], &drivers),
+            peer: wall[0].peer.clone(),
             figures,
         };
         eprintln!(

@@ -33,7 +33,7 @@ pub struct DomainCounts {
 /// The workload's own measurement and every domain's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
-    /// `throughput.what` ("blk-seq-read", "tcp-rx"), or "blk-direct-read"
+    /// `throughput.what` ("blk-seq-read", "blk-seq-write", "tcp-rx"), or "blk-direct-read"
     /// for the blk driver domain's direct mode.
     pub what: String,
     pub bytes: u64,
@@ -46,6 +46,45 @@ pub struct Sample {
     /// `ready.tsc_khz`: about 1,000,000 under `-icount shift=0`.
     pub tsc_khz: u64,
     pub domains: BTreeMap<String, DomainCounts>,
+    /// The host TCP peer's side (`[host_tcp]`), when the run had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerSample>,
+}
+
+/// What the host TCP peer moved, in host wall-clock time, and the CRC-32
+/// of each direction (checked against the streams' patterns by
+/// `harness::tcppeer::failures` before a run counts).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSample {
+    pub sent: u64,
+    pub sent_crc: u32,
+    pub send_ns: u64,
+    pub received: u64,
+    pub received_crc: u32,
+    pub recv_ns: u64,
+}
+
+impl PeerSample {
+    pub fn of(r: &harness::tcppeer::TcpReport) -> Self {
+        PeerSample {
+            sent: r.sent,
+            sent_crc: r.sent_crc,
+            send_ns: r.send_time.as_nanos() as u64,
+            received: r.received,
+            received_crc: r.received_crc,
+            recv_ns: r.recv_time.as_nanos() as u64,
+        }
+    }
+
+    /// The bytes of the direction that carried more, and the peer's time
+    /// for them.
+    pub fn main_direction(&self) -> (u64, u64) {
+        if self.received >= self.sent {
+            (self.received, self.recv_ns)
+        } else {
+            (self.sent, self.send_ns)
+        }
+    }
 }
 
 fn u(fields: &Map<String, Value>, key: &str) -> u64 {
@@ -88,7 +127,15 @@ pub fn direct_summary(log: &str) -> Option<(u64, u64, u64, u64, u64)> {
 }
 
 /// The workloads a bench manifest may run, in the order they are looked for.
-const WORKLOADS: &[&str] = &["blk-seq-read", "blk-rand-read", "tcp-rx"];
+/// `tcp-rx` before `tcp-tx`: with two guests the receiver's count is the
+/// stream's; a guest that only sends (to the host peer) has only `tcp-tx`.
+const WORKLOADS: &[&str] = &[
+    "blk-seq-read",
+    "blk-rand-read",
+    "blk-seq-write",
+    "tcp-rx",
+    "tcp-tx",
+];
 
 /// Reads one run's log. An error says what is missing.
 pub fn sample(log: &str) -> Result<Sample, String> {
@@ -235,6 +282,43 @@ EV {"ev":"domain_cpu","domain":"blk","weight":1,"cpu_ns":49626210,"dispatches":1
             ("blk-direct-read", 8388608, 512, 53_301_000, 16384, 4)
         );
         assert_eq!(s.domains["blk"].iotlb_invalidations, Some(5376));
+    }
+
+    #[test]
+    fn a_write_run() {
+        let log = SPLIT_LOG.replace("blk-seq-read", "blk-seq-write");
+        let s = sample(&log).unwrap();
+        assert_eq!(
+            (s.what.as_str(), s.bytes, s.requests),
+            ("blk-seq-write", 8388608, 256)
+        );
+    }
+
+    #[test]
+    fn a_guest_that_only_sends() {
+        let log = SPLIT_LOG.replace("blk-seq-read", "tcp-tx");
+        assert_eq!(sample(&log).unwrap().what, "tcp-tx");
+        // With both, the receiver's measurement is the workload's.
+        let both = log.replace(
+            "EV {\"ev\":\"work_done\"",
+            "EV {\"ev\":\"throughput\",\"what\":\"tcp-rx\",\"bytes\":5,\"requests\":1,\"ns\":9}\nEV {\"ev\":\"work_done\"",
+        );
+        let s = sample(&both).unwrap();
+        assert_eq!((s.what.as_str(), s.bytes), ("tcp-rx", 5));
+        let p = PeerSample {
+            sent: 10,
+            send_ns: 1,
+            received: 4 << 20,
+            recv_ns: 2,
+            ..PeerSample::default()
+        };
+        assert_eq!(p.main_direction(), (4 << 20, 2));
+        let p = PeerSample {
+            sent: 4 << 20,
+            send_ns: 3,
+            ..PeerSample::default()
+        };
+        assert_eq!(p.main_direction(), (4 << 20, 3));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use super::extract::{DomainCounts, Sample};
+use super::extract::{DomainCounts, PeerSample, Sample};
 
 /// The `schema` value of every report this code writes.
 pub const SCHEMA: &str = "airlock-bench/1";
@@ -68,6 +68,14 @@ pub const DEFS: &[Def] = &[
         0.30,
         true,
         "requests (frames for TCP) per wall-clock second, median",
+    ),
+    def(
+        "host_mb_s",
+        "MB/s",
+        Better::Higher,
+        0.30,
+        true,
+        "the host TCP peer's throughput (the direction that carried the stream), wall clock, median",
     ),
     def(
         "mb_s_icount",
@@ -219,6 +227,10 @@ pub struct ConfigResult {
     /// when the configuration ran twice under icount).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agreement: BTreeMap<String, f64>,
+    /// The host TCP peer's side of the first wall-clock run (`[host_tcp]`
+    /// configurations): bytes, host time and CRC-32 each way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerSample>,
 }
 
 /// A ratio between two configurations' figure.
@@ -372,6 +384,18 @@ pub fn wall_figures(samples: &[Sample]) -> BTreeMap<String, Figure> {
             .collect(),
     );
     m.insert(k, f);
+    let host: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.peer.as_ref())
+        .map(|p| {
+            let (bytes, ns) = p.main_direction();
+            per(bytes, ns as f64) * 1000.0
+        })
+        .collect();
+    if host.len() == samples.len() {
+        let (k, f) = spread(d("host_mb_s"), host);
+        m.insert(k, f);
+    }
     m
 }
 
@@ -403,6 +427,16 @@ pub const RATIOS: &[(&str, &str, &str)] = &[
         "split/direct 64k d16 map",
         "split-map-64k-d16",
         "direct-64k-d16",
+    ),
+    (
+        "split/direct write 64k d16 copy",
+        "split-copy-write-64k-d16",
+        "direct-write-64k-d16",
+    ),
+    (
+        "split/direct write 64k d16 map",
+        "split-map-write-64k-d16",
+        "direct-write-64k-d16",
     ),
     (
         "split/direct 64k d1 copy",
@@ -516,6 +550,7 @@ pub fn table(r: &Report) -> String {
     let cols: &[(&str, &str)] = &[
         ("mb_s", "MB/s wall (min-max)"),
         ("mb_s_icount", "MB/s ic"),
+        ("host_mb_s", "host MB/s"),
         ("drv_ns_per_kib", "drv ns/KiB"),
         ("drv_ns_per_req", "drv ns/req"),
         ("guest_ns_per_kib", "gst ns/KiB"),
@@ -705,6 +740,7 @@ pub(crate) mod tests {
                 figures,
                 counts: s.domains.clone(),
                 agreement: agree,
+                peer: None,
             }
         };
         let configs = vec![
