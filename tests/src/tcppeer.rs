@@ -427,6 +427,9 @@ fn attempt(spec: &TcpSpec, s: TcpStream, deadline: Instant, stop: &AtomicBool) -
         let mut s = s;
         let mut buf = vec![0u8; CHUNK];
         let mut error = None;
+        // The receive time runs from the first byte: QEMU's user network
+        // accepts the connection while the guest may still be booting.
+        let mut first_byte: Option<Instant> = None;
         loop {
             if stop.load(Ordering::Acquire) || Instant::now() >= deadline {
                 error = Some("receiving: stopped before the guest closed".to_string());
@@ -435,6 +438,7 @@ fn attempt(spec: &TcpSpec, s: TcpStream, deadline: Instant, stop: &AtomicBool) -
             match s.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    first_byte.get_or_insert_with(Instant::now);
                     rx.take(&buf[..n]);
                     if rx.overrun() {
                         break;
@@ -447,7 +451,7 @@ fn attempt(spec: &TcpSpec, s: TcpStream, deadline: Instant, stop: &AtomicBool) -
                 }
             }
         }
-        let recv_time = t0.elapsed();
+        let recv_time = first_byte.map_or(Duration::ZERO, |f| f.elapsed());
         // The guest closed its half: the writer goes on to its end (or the
         // time limit). Anything else ends the connection, and a writer
         // blocked on it.
