@@ -30,6 +30,28 @@ use virtio_drivers::transport::pci::PciTransport;
 
 /// The MSI-X entry every queue and configuration changes use.
 pub const VECTOR: u16 = 0;
+/// How long a driver waits for its device's interrupt before calling it an
+/// error (generous: QEMU's disk thread may be slow on a loaded host).
+pub const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
+
+/// Blocks until `port` (the device's interrupt) is pending. `timer` is the
+/// domain's timer VIRQ port: if the timeout passes first, that is an error.
+pub fn wait_irq(port: u16, timer: u16) -> Result<(), &'static str> {
+    use abi::hypercall::PORT_WORDS;
+    let deadline = time_ns().saturating_add(IRQ_TIMEOUT_NS);
+    libdom::set_timer(deadline).map_err(|_| "set_timer failed")?;
+    loop {
+        let mut words = [0u64; PORT_WORDS];
+        libdom::wait(&mut words, 0).map_err(|_| "wait failed")?;
+        let p = libdom::ports::Pending(words);
+        if p.contains(port) {
+            return Ok(());
+        }
+        if p.contains(timer) && time_ns() >= deadline {
+            return Err("no interrupt from the device within 5 s");
+        }
+    }
+}
 
 /// The transport drivers are made on.
 pub type DomTransport = AccessPlatform<PciTransport>;

@@ -131,7 +131,7 @@ mod domain {
 
     use abi::domain::VifInfo;
     use abi::ev::{DataCheck, WorkDone};
-    use abi::grant::{map_flags, CopyOp, MapOp, Status as GrantStatus, UnmapOp};
+    use abi::grant::{CopyOp, Status as GrantStatus};
     use abi::hypercall::PORT_WORDS;
     use libdom::ports::Pending;
     use libdom::ring::SharedPage;
@@ -342,50 +342,14 @@ mod domain {
 
     impl Grants for NetGrants {
         fn map(&mut self, dom: u16, gref: u32, readonly: bool) -> Result<Mapping, GrantStatus> {
-            let addr = self.window.alloc().ok_or(GrantStatus::NoDeviceSpace)?;
-            let mut flags = map_flags::HOST_MAP;
-            if readonly {
-                flags |= map_flags::READONLY;
-            }
-            let mut op = [MapOp {
-                host_addr: addr,
-                flags,
-                gref,
-                dom,
-                status: GrantStatus::General as i16,
-                ..MapOp::default()
-            }];
             self.calls += 1;
-            let r = grant::map(&mut op);
-            let [op] = op;
-            if !matches!(r, Ok(1)) || op.status != GrantStatus::Okay as i16 {
-                self.window.free(addr);
-                return Err(GrantStatus::from_raw(op.status)
-                    .filter(|s| *s != GrantStatus::Okay)
-                    .unwrap_or(GrantStatus::General));
-            }
-            Ok(Mapping {
-                handle: op.handle,
-                addr,
-            })
+            let (handle, addr) = self.window.map_grant(dom, gref, readonly, false)?;
+            Ok(Mapping { handle, addr })
         }
 
         fn unmap(&mut self, m: Mapping) -> Result<(), GrantStatus> {
-            let mut op = [UnmapOp {
-                host_addr: m.addr,
-                dev_bus_addr: 0,
-                handle: m.handle,
-                status: GrantStatus::General as i16,
-            }];
             self.calls += 1;
-            let r = grant::unmap(&mut op);
-            if matches!(r, Ok(1)) && op[0].status == GrantStatus::Okay as i16 {
-                self.window.free(m.addr);
-                Ok(())
-            } else {
-                // Never reuse the address: it may still be mapped.
-                Err(GrantStatus::from_raw(op[0].status).unwrap_or(GrantStatus::General))
-            }
+            self.window.unmap_grant(m.handle, m.addr)
         }
 
         fn copy(&mut self, ops: &mut [CopyOp]) -> Result<(), GrantStatus> {

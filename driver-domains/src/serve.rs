@@ -52,7 +52,7 @@ use core::fmt;
 
 use abi::blkif::{self, RING_SIZE};
 use abi::domain::{VbdInfo, VbdMode, VbdRole};
-use abi::grant::{GRANT_WINDOW, GRANT_WINDOW_SIZE};
+use abi::grant::{Status as GrantStatus, GRANT_WINDOW, GRANT_WINDOW_SIZE};
 use blkback::{Buf, Config, DataPath, DeviceError, Direction, PAGE_SIZE};
 use libdom::args::ArgError;
 use libdom::Args;
@@ -220,6 +220,68 @@ impl Window {
     /// Gives back an address that is no longer mapped.
     pub fn free(&mut self, addr: u64) {
         self.free.push(addr);
+    }
+
+    /// Maps `dom`'s grant `gref` at a free address of the window (and, with
+    /// `device`, for this domain's devices at the same I/O address);
+    /// returns the handle and the address. The one place blkback's and
+    /// netback's grant maps go through.
+    pub fn map_grant(
+        &mut self,
+        dom: u16,
+        gref: u32,
+        readonly: bool,
+        device: bool,
+    ) -> Result<(u32, u64), GrantStatus> {
+        use abi::grant::{map_flags, MapOp};
+        let addr = self.alloc().ok_or(GrantStatus::NoDeviceSpace)?;
+        let mut flags = map_flags::HOST_MAP;
+        if device {
+            flags |= map_flags::DEVICE_MAP;
+        }
+        if readonly {
+            flags |= map_flags::READONLY;
+        }
+        let mut op = [MapOp {
+            host_addr: addr,
+            flags,
+            gref,
+            dom,
+            status: GrantStatus::General as i16,
+            ..MapOp::default()
+        }];
+        let r = libdom::grant::map(&mut op);
+        let [op] = op;
+        if !matches!(r, Ok(1)) || op.status != GrantStatus::Okay as i16 {
+            self.free(addr);
+            return Err(GrantStatus::from_raw(op.status)
+                .filter(|s| *s != GrantStatus::Okay)
+                .unwrap_or(GrantStatus::General));
+        }
+        if device && op.dev_bus_addr != addr {
+            // The device could not reach the page at its address.
+            let _ = self.unmap_grant(op.handle, addr);
+            return Err(GrantStatus::NoDeviceSpace);
+        }
+        Ok((op.handle, addr))
+    }
+
+    /// Unmaps a mapping `map_grant` made. An address whose unmap failed is
+    /// never reused: it may still be mapped.
+    pub fn unmap_grant(&mut self, handle: u32, addr: u64) -> Result<(), GrantStatus> {
+        let mut op = [abi::grant::UnmapOp {
+            host_addr: addr,
+            dev_bus_addr: 0,
+            handle,
+            status: GrantStatus::General as i16,
+        }];
+        let r = libdom::grant::unmap(&mut op);
+        if matches!(r, Ok(1)) && op[0].status == GrantStatus::Okay as i16 {
+            self.free(addr);
+            Ok(())
+        } else {
+            Err(GrantStatus::from_raw(op[0].status).unwrap_or(GrantStatus::General))
+        }
     }
 }
 
@@ -526,9 +588,7 @@ mod domain {
 
     use abi::domain::{VbdInfo, VbdMode};
     use abi::ev::{DataCheck, WorkDone};
-    use abi::grant::{
-        copy_flags, map_flags, CopyOp, CopyPtr, MapOp, Status as GrantStatus, UnmapOp, DOMID_SELF,
-    };
+    use abi::grant::{copy_flags, CopyOp, CopyPtr, Status as GrantStatus, DOMID_SELF};
     use abi::hypercall::PORT_WORDS;
     use blkback::{Backend, Conn, Direction, Grants, Mapping, Poll, Reject, Stats, PAGE_SIZE};
     use libdom::ports::Pending;
@@ -572,41 +632,9 @@ mod domain {
             readonly: bool,
             device: bool,
         ) -> Result<Mapping, GrantStatus> {
-            let addr = self.window.alloc().ok_or(GrantStatus::NoDeviceSpace)?;
-            let mut flags = map_flags::HOST_MAP;
-            if device {
-                flags |= map_flags::DEVICE_MAP;
-            }
-            if readonly {
-                flags |= map_flags::READONLY;
-            }
-            let mut op = [MapOp {
-                host_addr: addr,
-                flags,
-                gref,
-                dom,
-                status: GrantStatus::General as i16,
-                ..MapOp::default()
-            }];
             self.calls += 1;
-            let r = grant::map(&mut op);
-            let [op] = op;
-            if !matches!(r, Ok(1)) || op.status != GrantStatus::Okay as i16 {
-                self.window.free(addr);
-                return Err(GrantStatus::from_raw(op.status)
-                    .filter(|s| *s != GrantStatus::Okay)
-                    .unwrap_or(GrantStatus::General));
-            }
-            let m = Mapping {
-                handle: op.handle,
-                addr,
-            };
-            if device && op.dev_bus_addr != addr {
-                // The device could not reach the page at its address.
-                let _ = self.unmap(m);
-                return Err(GrantStatus::NoDeviceSpace);
-            }
-            Ok(m)
+            let (handle, addr) = self.window.map_grant(dom, gref, readonly, device)?;
+            Ok(Mapping { handle, addr })
         }
     }
 
@@ -616,21 +644,8 @@ mod domain {
         }
 
         fn unmap(&mut self, m: Mapping) -> Result<(), GrantStatus> {
-            let mut op = [UnmapOp {
-                host_addr: m.addr,
-                dev_bus_addr: 0,
-                handle: m.handle,
-                status: GrantStatus::General as i16,
-            }];
             self.calls += 1;
-            let r = grant::unmap(&mut op);
-            if matches!(r, Ok(1)) && op[0].status == GrantStatus::Okay as i16 {
-                self.window.free(m.addr);
-                Ok(())
-            } else {
-                // Never reuse the address: it may still be mapped.
-                Err(GrantStatus::from_raw(op[0].status).unwrap_or(GrantStatus::General))
-            }
+            self.window.unmap_grant(m.handle, m.addr)
         }
 
         fn copy(&mut self, ops: &mut [CopyOp]) -> Result<(), GrantStatus> {

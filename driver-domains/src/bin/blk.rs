@@ -35,14 +35,12 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use abi::ev::{DataCheck, Throughput};
-use abi::hypercall::PORT_WORDS;
 use driver_domains::blk::{chunks, random, sequential, Plan};
 use driver_domains::blk_pattern::{self, SECTOR};
 use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::serve;
-use libdom::ports::Pending;
 use libdom::virtio::DomHal;
-use libdom::{event, println, set_timer, time_ns, wait};
+use libdom::{event, println, time_ns};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 
 /// virtio-blk, modern (virtio 1.x) PCI ids; one queue.
@@ -53,9 +51,6 @@ static KIND: device::Kind = device::Kind {
     device: 0x1042,
     queues: 1,
 };
-/// How long one wait for an interrupt may take.
-const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
-
 type Blk = VirtIOBlk<DomHal, DomTransport>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,20 +93,9 @@ struct Disk {
 impl Disk {
     /// Blocks until the device's port is pending; a timeout is an error.
     fn wait_irq(&mut self) -> Result<(), &'static str> {
-        let deadline = time_ns().saturating_add(IRQ_TIMEOUT_NS);
-        set_timer(deadline).map_err(|_| "set_timer failed")?;
-        loop {
-            let mut words = [0u64; PORT_WORDS];
-            wait(&mut words, 0).map_err(|_| "wait failed")?;
-            let p = Pending(words);
-            if p.contains(self.port) {
-                self.stats.interrupts += 1;
-                return Ok(());
-            }
-            if p.contains(self.timer) && time_ns() >= deadline {
-                return Err("no interrupt from the device within 5 s");
-            }
-        }
+        device::wait_irq(self.port, self.timer)?;
+        self.stats.interrupts += 1;
+        Ok(())
     }
 
     /// Runs the requests `reqs` gives ((first sector, sectors) each), up

@@ -30,14 +30,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use abi::ev::DataCheck;
-use abi::hypercall::PORT_WORDS;
 use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::net::{Exchange, Plan, MAX_WINDOW};
 use driver_domains::netframe::{self, ShowMac};
 use driver_domains::{netserve, serve};
-use libdom::ports::Pending;
 use libdom::virtio::DomHal;
-use libdom::{event, println, set_timer, time_ns, wait};
+use libdom::{event, println, time_ns};
 use virtio_drivers::device::net::VirtIONetRaw;
 
 /// virtio-net, modern (virtio 1.x) PCI ids; two queues (receive, transmit).
@@ -61,7 +59,6 @@ const TX_SLOTS: usize = MAX_WINDOW as usize;
 /// The virtio-net header (VIRTIO_F_VERSION_1: 12 bytes) and a frame.
 const TX_BUF: usize = 12 + netframe::MAX_LEN;
 /// How long one wait for an interrupt may take.
-const IRQ_TIMEOUT_NS: u64 = 5_000_000_000;
 /// Bad frames printed, at most.
 const REPORT_BAD: u32 = 4;
 
@@ -109,20 +106,9 @@ struct Driver {
 impl Driver {
     /// Blocks until the device's port is pending; a timeout is an error.
     fn wait_irq(&mut self) -> Result<(), &'static str> {
-        let deadline = time_ns().saturating_add(IRQ_TIMEOUT_NS);
-        set_timer(deadline).map_err(|_| "set_timer failed")?;
-        loop {
-            let mut words = [0u64; PORT_WORDS];
-            wait(&mut words, 0).map_err(|_| "wait failed")?;
-            let p = Pending(words);
-            if p.contains(self.port) {
-                self.stats.interrupts += 1;
-                return Ok(());
-            }
-            if p.contains(self.timer) && time_ns() >= deadline {
-                return Err("no interrupt from the device within 5 s");
-            }
-        }
+        device::wait_irq(self.port, self.timer)?;
+        self.stats.interrupts += 1;
+        Ok(())
     }
 
     /// Hands receive slot `i` to the device.
