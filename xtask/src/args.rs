@@ -39,7 +39,15 @@ commands:
   bench compare NEW.json BASELINE.json
                                   compare two results figure by figure
   bench plot [--out DIR]          plot the accumulated results
+  profile
+         run (same options) with a QEMU plugin that counts every executed
+         instruction, then print the instructions per domain and the
+         functions that ran most in each (needs a C compiler and addr2line)
+         --top N                  functions shown per domain (default 15)
   help   print this";
+
+/// Functions `profile` shows per domain unless `--top` says otherwise.
+pub const DEFAULT_TOP: usize = 15;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunArgs {
@@ -65,6 +73,9 @@ pub enum Cmd {
     Test(TestArgs),
     Check(Vec<PathBuf>),
     Bench(crate::bench::BenchCmd),
+    /// `run` under the instruction-counting plugin; the functions shown
+    /// per domain.
+    Profile(RunArgs, usize),
     Help,
 }
 
@@ -138,7 +149,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cmd, String> {
     };
     let mut a = Args { it, pending: None };
     match cmd.as_str() {
-        "run" => {
+        "run" | "profile" => {
+            let profile = cmd == "profile";
+            let mut top = DEFAULT_TOP;
             let mut r = RunArgs {
                 manifest: None,
                 accel: Accel::Tcg,
@@ -164,10 +177,20 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cmd, String> {
                         a.no_value(&f)?;
                         r.keep_running = true;
                     }
-                    _ => return Err(unknown("run", &f)),
+                    "--top" if profile => {
+                        let v = a.value(&f)?;
+                        top = v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                            format!("cargo xtask: --top {v:?}: expected a whole number above 0")
+                        })?;
+                    }
+                    _ => return Err(unknown(&cmd, &f)),
                 }
             }
-            Ok(Cmd::Run(r))
+            Ok(if profile {
+                Cmd::Profile(r, top)
+            } else {
+                Cmd::Run(r)
+            })
         }
         "test" => {
             let mut t = TestArgs {

@@ -8,6 +8,8 @@
 //! - `test`: the host tests, then every QEMU scenario in `tests/scenarios/`,
 //!   then `N passed, N failed`.
 //! - `check`: check manifests without booting anything.
+//! - `profile`: `run` under a QEMU plugin that counts executed
+//!   instructions; prints them per domain and function.
 //!
 //! Every user mistake (a bad flag, a bad manifest, a missing QEMU) is one
 //! clear message and a non-zero exit, never a panic.
@@ -15,6 +17,7 @@
 mod args;
 mod bench;
 mod manifest;
+mod profile;
 mod qemu;
 mod test;
 
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Cmd::Test(t) => test::test(t),
         Cmd::Check(files) => check(files),
         Cmd::Bench(b) => bench::bench(b),
+        Cmd::Profile(r, top) => profile::profile(r, top),
         Cmd::Help => {
             println!("{}", args::USAGE);
             Ok(ExitCode::SUCCESS)
@@ -288,6 +292,48 @@ pub fn start_tcp_peer(
 }
 
 fn run(r: RunArgs) -> Result<ExitCode, String> {
+    boot(&r)?.verdict()
+}
+
+/// A system that ran: what `run` and `profile` report on.
+pub struct Booted {
+    pub system: System,
+    /// Where the domain images are (one ELF per image name).
+    pub image_dir: PathBuf,
+    /// The hypervisor's ELF.
+    pub kernel: PathBuf,
+    pub run: harness::qemu::Run,
+    /// Why the host peer's check failed (empty: it passed, or no peer).
+    pub peer_failures: Vec<String>,
+}
+
+impl Booted {
+    /// Exit 0 exactly when the system reported success and the peer's
+    /// check passed; otherwise an error that says why.
+    pub fn verdict(&self) -> Result<ExitCode, String> {
+        let run = &self.run;
+        let verdict = match run.outcome {
+            harness::Outcome::TimedOut(_) => run.outcome.to_string(),
+            o => format!("{o} after {:.1} s", run.elapsed.as_secs_f64()),
+        };
+        if run.outcome.is_success() && self.peer_failures.is_empty() {
+            eprintln!("airlock: {verdict}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut msg = format!("airlock: {verdict}");
+        if !self.peer_failures.is_empty() {
+            msg.push_str("\nairlock: the host peer's check failed:");
+            for f in &self.peer_failures {
+                msg.push_str(&format!("\n  - {f}"));
+            }
+        }
+        Err(msg)
+    }
+}
+
+/// `run`'s work up to QEMU's exit: build, pack, start the peer, boot,
+/// stream the console.
+pub fn boot(r: &RunArgs) -> Result<Booted, String> {
     let p = Paths::new();
     let (file, shown) = match &r.manifest {
         Some(m) => (m.clone(), m.display().to_string()),
@@ -392,23 +438,13 @@ fn run(r: RunArgs) -> Result<ExitCode, String> {
         eprintln!("airlock: {}", report.summary());
         peer_failures = harness::tcppeer::failures(spec, &report);
     }
-    let run = run?;
-    let verdict = match run.outcome {
-        harness::Outcome::TimedOut(_) => run.outcome.to_string(),
-        o => format!("{o} after {:.1} s", run.elapsed.as_secs_f64()),
-    };
-    if run.outcome.is_success() && peer_failures.is_empty() {
-        eprintln!("airlock: {verdict}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut msg = format!("airlock: {verdict}");
-    if !peer_failures.is_empty() {
-        msg.push_str("\nairlock: the host peer's check failed:");
-        for f in &peer_failures {
-            msg.push_str(&format!("\n  - {f}"));
-        }
-    }
-    Err(msg)
+    Ok(Booted {
+        system,
+        image_dir,
+        kernel,
+        run: run?,
+        peer_failures,
+    })
 }
 
 fn check(files: Vec<PathBuf>) -> Result<ExitCode, String> {
