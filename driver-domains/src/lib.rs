@@ -12,5 +12,6 @@ pub mod device;
 pub mod net;
 pub mod netframe;
 pub mod netserve;
+pub mod nic;
 pub mod serve;
 pub mod stream_pattern;
