@@ -15,3 +15,4 @@ pub mod netserve;
 pub mod nic;
 pub mod serve;
 pub mod stream_pattern;
+pub mod tcp_stream;
