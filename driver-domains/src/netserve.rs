@@ -133,6 +133,7 @@ mod domain {
     use abi::ev::{DataCheck, WorkDone};
     use abi::grant::{CopyOp, Status as GrantStatus};
     use abi::hypercall::PORT_WORDS;
+    use libdom::netfront::{read_shared, write_shared};
     use libdom::ports::Pending;
     use libdom::ring::SharedPage;
     use libdom::{event, evtchn_send, grant, println, set_timer, time_ns, wait};
@@ -178,23 +179,17 @@ mod domain {
         }
 
         fn read(&self, addr: u64, buf: &mut [u8]) {
-            let p = addr as *const u8;
-            for (i, b) in buf.iter_mut().enumerate() {
-                // SAFETY: netback reads only within one page it mapped
-                // through `map` and has not unmapped, or one of its bounce
-                // pages (its contract); volatile, because a frontend may
-                // write its mapped page at any time.
-                *b = unsafe { p.add(i).read_volatile() };
-            }
+            // SAFETY: netback reads only within one page it mapped through
+            // `map` and has not unmapped, or one of its bounce pages (its
+            // contract); volatile, because a frontend may write its mapped
+            // page at any time.
+            unsafe { read_shared(addr as *const u8, buf) };
         }
 
         fn write(&mut self, addr: u64, buf: &[u8]) {
-            let p = addr as *mut u8;
-            for (i, &b) in buf.iter().enumerate() {
-                // SAFETY: as for `read`, within a writable mapping or a
-                // bounce page.
-                unsafe { p.add(i).write_volatile(b) };
-            }
+            // SAFETY: as for `read`, within a writable mapping or a bounce
+            // page, which nothing of ours references.
+            unsafe { write_shared(addr as *mut u8, buf) };
         }
     }
 
