@@ -21,7 +21,9 @@
 //! [`crate::stream_pattern`]: any piece can be checked on its own, so every
 //! received byte is checked as it arrives.
 //!
-//! An end closes its sending half once it has sent everything and received
+//! Once connected, an idle connection sends a keep-alive every 200 ms (the
+//! probe of a closed window that smoltcp lacks). An end closes its sending
+//! half once it has sent everything and received
 //! everything it expects (or the peer closed); the exchange is over when
 //! the connection is Closed or in TimeWait, after which [`run`] keeps
 //! polling for `linger_ms` (so the peer gets the last ACK).
@@ -56,6 +58,15 @@ pub const SOCKET_BUF: usize = 128 * 1024;
 pub const MSS: u64 = 1460;
 /// How long a connection attempt may go unanswered.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// An established connection idle this long sends a keep-alive, which the
+/// peer answers with an ACK carrying its window. smoltcp 0.12 has no
+/// zero-window probe: a sender whose peer closed its window and then
+/// opened it without saying so (QEMU's user network sends no window update
+/// of its own accord, as far as the stalls seen here tell) would wait
+/// forever; the keep-alive is its probe. Seen before it: a guest's stream
+/// to the host stuck until the timeout after 64 KiB, or 8 MiB, twice in
+/// about seven runs.
+const KEEP_ALIVE: Duration = Duration::from_millis(200);
 
 /// How the connection is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,6 +413,7 @@ pub fn run<L: Link>(link: &mut L, plan: &Plan<'_>, who: &str, seed: u64) -> Outc
         {
             started = true;
             s.set_timeout(None);
+            s.set_keep_alive(Some(KEEP_ALIVE));
             tx.start_ns = now;
             rx.start_ns = now;
             println!("{who}: connected ({} attempt(s))", attempts + 1);
