@@ -12,5 +12,8 @@ pub mod device;
 pub mod net;
 pub mod netframe;
 pub mod netserve;
+pub mod nettcp;
+pub mod nic;
 pub mod serve;
 pub mod stream_pattern;
+pub mod tcp_stream;

@@ -18,8 +18,8 @@
 //! says so. The domain exits 0 once every frontend has closed (or its rings
 //! could never be mapped).
 //!
-//! The NIC side ([`Nic`] in the domain part) keeps `rx` receive buffers
-//! posted at all times (a frame taken is copied out and its buffer posted
+//! The NIC side ([`crate::nic::Nic`]) keeps `rx` receive buffers posted at
+//! all times (a frame taken is switched from its buffer, which is posted
 //! again at once) and copies each outgoing frame into one of its own
 //! transmit buffers, so a frontend's TX slot is answered as soon as its
 //! frame is switched, whatever the NIC does with it.
@@ -120,12 +120,12 @@ pub fn counter_work(domid: u16, counter: &str) -> String {
     format!("netback-{domid}-{counter}")
 }
 
-/// The domain's side: the NIC's buffers, grants over the hypercalls, the loop.
-pub use domain::{run, Nic};
+pub use crate::nic::Nic;
+/// The domain's side: grants over the hypercalls, the loop.
+pub use domain::run;
 
 mod domain {
     use alloc::format;
-    use alloc::vec;
     use alloc::vec::Vec;
     use core::alloc::Layout;
 
@@ -133,204 +133,22 @@ mod domain {
     use abi::ev::{DataCheck, WorkDone};
     use abi::grant::{CopyOp, Status as GrantStatus};
     use abi::hypercall::PORT_WORDS;
+    use libdom::netfront::{read_shared, write_shared};
     use libdom::ports::Pending;
     use libdom::ring::SharedPage;
     use libdom::{event, evtchn_send, grant, println, set_timer, time_ns, wait};
-    use netback::{Conn, DataPath, Grants, Mapping, Netback, NicBusy, Reason, VifConfig};
+    use netback::{Conn, DataPath, Grants, Mapping, Netback, Reason, VifConfig};
     use virtio_drivers::device::net::VirtIONetRaw;
     use virtio_drivers::transport::Transport;
-    use virtio_drivers::{Error as VirtioError, Hal};
+    use virtio_drivers::Hal;
 
     use super::{counter_work, served, ServeArgs, BOUNCE_PAGES, QUEUE_SIZE};
+    use crate::nic::Nic;
     use crate::serve::Window;
 
     /// Without an event, look at the NIC and the rings at least this often
     /// (a lost interrupt is a delay, not a hang).
     const SAFETY_POLL_NS: u64 = 50_000_000;
-
-    /// Bytes of a NIC buffer: the 12-byte virtio-net header and a 1514-byte
-    /// frame, rounded up (virtio-drivers asks for at least 1526 to receive).
-    const NIC_BUF: usize = 1536;
-
-    /// A buffer the device owns while `token` is set; it never moves (the
-    /// buffer vectors are made once and never grow).
-    struct NicBuf {
-        buf: Vec<u8>,
-        token: Option<u16>,
-        len: usize,
-    }
-
-    /// Counters of the NIC side.
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct NicStats {
-        pub rx_frames: u64,
-        pub rx_bytes: u64,
-        pub tx_frames: u64,
-        pub tx_bytes: u64,
-        /// Frames for the NIC dropped because every transmit buffer was out.
-        pub tx_busy: u64,
-        pub tx_errors: u64,
-        /// Receive completions that were not a frame (shorter than the
-        /// header, or too long).
-        pub rx_errors: u64,
-    }
-
-    /// The virtio-net as the switch's NIC port.
-    pub struct Nic<H: Hal, T: Transport> {
-        net: VirtIONetRaw<H, T, QUEUE_SIZE>,
-        rx: Vec<NicBuf>,
-        tx: Vec<NicBuf>,
-        tx_free: Vec<usize>,
-        pub stats: NicStats,
-    }
-
-    impl<H: Hal, T: Transport> Nic<H, T> {
-        /// `rx` receive buffers (all posted at once) and `tx` transmit ones.
-        pub fn new(
-            net: VirtIONetRaw<H, T, QUEUE_SIZE>,
-            rx: usize,
-            tx: usize,
-        ) -> Result<Self, VirtioError> {
-            let mk = |n| {
-                (0..n)
-                    .map(|_| NicBuf {
-                        buf: vec![0; NIC_BUF],
-                        token: None,
-                        len: 0,
-                    })
-                    .collect::<Vec<_>>()
-            };
-            let mut nic = Nic {
-                net,
-                rx: mk(rx),
-                tx: mk(tx),
-                tx_free: (0..tx).rev().collect(),
-                stats: NicStats::default(),
-            };
-            for i in 0..rx {
-                nic.post_rx(i)?;
-            }
-            Ok(nic)
-        }
-
-        pub fn mac(&self) -> [u8; 6] {
-            self.net.mac_address()
-        }
-
-        fn post_rx(&mut self, i: usize) -> Result<(), VirtioError> {
-            let b = &mut self.rx[i];
-            // SAFETY: buffer `i` is neither touched, moved nor freed until
-            // its token comes back through `poll_receive` and
-            // `receive_complete` (in `recv`).
-            let token = unsafe { self.net.receive_begin(&mut b.buf) }?;
-            b.token = Some(token);
-            Ok(())
-        }
-
-        /// Hands `frame` to the device (copied into a transmit buffer);
-        /// false if every buffer is out (the frame is dropped and counted).
-        pub fn send(&mut self, frame: &[u8]) -> bool {
-            self.reap_tx();
-            let Some(i) = self.tx_free.pop() else {
-                self.stats.tx_busy += 1;
-                return false;
-            };
-            let b = &mut self.tx[i];
-            let Ok(hdr) = self.net.fill_buffer_header(&mut b.buf) else {
-                self.tx_free.push(i);
-                self.stats.tx_errors += 1;
-                return false;
-            };
-            let Some(dst) = b.buf.get_mut(hdr..hdr + frame.len()) else {
-                self.tx_free.push(i);
-                self.stats.tx_errors += 1;
-                return false;
-            };
-            dst.copy_from_slice(frame);
-            b.len = hdr + frame.len();
-            // SAFETY: as for `post_rx`: buffer `i` is left alone until
-            // `poll_transmit` returns its token (`reap_tx`).
-            match unsafe { self.net.transmit_begin(&b.buf[..b.len]) } {
-                Ok(token) => {
-                    b.token = Some(token);
-                    self.stats.tx_frames += 1;
-                    self.stats.tx_bytes += frame.len() as u64;
-                    true
-                }
-                Err(_) => {
-                    self.tx_free.push(i);
-                    self.stats.tx_busy += 1;
-                    false
-                }
-            }
-        }
-
-        /// Takes back every finished transmission; returns how many.
-        pub fn reap_tx(&mut self) -> usize {
-            let mut n = 0;
-            while let Some(token) = self.net.poll_transmit() {
-                let Some(i) = self.tx.iter().position(|b| b.token == Some(token)) else {
-                    println!("netback: the NIC completed a transmission we did not make");
-                    return n;
-                };
-                let b = &mut self.tx[i];
-                b.token = None;
-                // SAFETY: the buffer of the `transmit_begin` that gave `token`.
-                if unsafe { self.net.transmit_complete(token, &b.buf[..b.len]) }.is_err() {
-                    self.stats.tx_errors += 1;
-                }
-                self.tx_free.push(i);
-                n += 1;
-            }
-            n
-        }
-
-        /// Hands every received frame to `f`, reposting each buffer; returns
-        /// how many frames.
-        pub fn recv(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-            let mut n = 0;
-            while let Some(token) = self.net.poll_receive() {
-                let Some(i) = self.rx.iter().position(|b| b.token == Some(token)) else {
-                    println!("netback: the NIC filled a buffer we did not post");
-                    return n;
-                };
-                let b = &mut self.rx[i];
-                b.token = None;
-                // SAFETY: the buffer of the `receive_begin` that gave `token`.
-                match unsafe { self.net.receive_complete(token, &mut b.buf) } {
-                    Ok((hdr, len)) => match b.buf.get(hdr..hdr + len) {
-                        Some(frame) => {
-                            self.stats.rx_frames += 1;
-                            self.stats.rx_bytes += len as u64;
-                            f(frame);
-                        }
-                        None => self.stats.rx_errors += 1,
-                    },
-                    Err(_) => self.stats.rx_errors += 1,
-                }
-                if let Err(e) = self.post_rx(i) {
-                    println!("netback: reposting a receive buffer: {e:?}");
-                }
-                n += 1;
-            }
-            n
-        }
-
-        /// Receive buffers the device holds.
-        pub fn rx_posted(&self) -> usize {
-            self.rx.iter().filter(|b| b.token.is_some()).count()
-        }
-    }
-
-    impl<H: Hal, T: Transport> netback::Nic for Nic<H, T> {
-        fn send(&mut self, frame: &[u8]) -> Result<(), NicBusy> {
-            if Nic::send(self, frame) {
-                Ok(())
-            } else {
-                Err(NicBusy)
-            }
-        }
-    }
 
     /// [`Grants`] over the grant hypercalls, mapping into the grant window
     /// (for the CPU only: nothing of a frontend's is handed to the NIC).
@@ -361,23 +179,17 @@ mod domain {
         }
 
         fn read(&self, addr: u64, buf: &mut [u8]) {
-            let p = addr as *const u8;
-            for (i, b) in buf.iter_mut().enumerate() {
-                // SAFETY: netback reads only within one page it mapped
-                // through `map` and has not unmapped, or one of its bounce
-                // pages (its contract); volatile, because a frontend may
-                // write its mapped page at any time.
-                *b = unsafe { p.add(i).read_volatile() };
-            }
+            // SAFETY: netback reads only within one page it mapped through
+            // `map` and has not unmapped, or one of its bounce pages (its
+            // contract); volatile, because a frontend may write its mapped
+            // page at any time.
+            unsafe { read_shared(addr as *const u8, buf) };
         }
 
         fn write(&mut self, addr: u64, buf: &[u8]) {
-            let p = addr as *mut u8;
-            for (i, &b) in buf.iter().enumerate() {
-                // SAFETY: as for `read`, within a writable mapping or a
-                // bounce page.
-                unsafe { p.add(i).write_volatile(b) };
-            }
+            // SAFETY: as for `read`, within a writable mapping or a bounce
+            // page, which nothing of ours references.
+            unsafe { write_shared(addr as *mut u8, buf) };
         }
     }
 

@@ -373,8 +373,11 @@ mod tests {
         assert!(matches!(
             role("role=tcp-recv port=5001 bytes=16M"),
             Ok(Role::Tcp(tcp::Plan {
-                mode: tcp::Mode::Listen { port: 5001 },
-                ..
+                stream: driver_domains::tcp_stream::Plan {
+                    mode: tcp::Mode::Listen { port: 5001 },
+                    ..
+                },
+                vif: None
             }))
         ));
         assert_eq!(

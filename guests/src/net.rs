@@ -30,31 +30,9 @@ pub const IPPROTO_UDP: u8 = 17;
 /// The UDP port marked frames go to (nobody listens there).
 pub const MARK_PORT: u16 = 9;
 
-/// `a.b.c.d`.
-pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
-    let mut ip = [0u8; 4];
-    let mut parts = s.split('.');
-    for b in &mut ip {
-        let p = parts.next()?;
-        if p.is_empty() || p.len() > 3 || !p.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        *b = p.parse().ok()?;
-    }
-    parts.next().is_none().then_some(ip)
-}
-
-/// A byte count: decimal, with an optional `K`, `M` or `G` (binary
-/// multiples): `16M` is 16 MiB.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let (num, mul) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mul)
-}
+/// The argument values the TCP workload reads too (one definition, in
+/// `driver_domains::tcp_stream`).
+pub use driver_domains::tcp_stream::{parse_ipv4, parse_size};
 
 /// Displays an IPv4 address.
 pub struct Ip(pub [u8; 4]);

@@ -173,6 +173,71 @@ pub struct Stats {
     pub waits: u64,
 }
 
+/// Copies `out.len()` bytes from `src` with volatile reads, for memory
+/// another domain may write meanwhile (each byte is read once): 8-byte
+/// words where `src` is aligned, single bytes at the ends. (A byte at a time
+/// took ~3 instructions a byte: most of a frame's cost in netfront's RX and
+/// netback's copies.)
+///
+/// # Safety
+///
+/// `src..src + out.len()` must be readable for that long.
+pub unsafe fn read_shared(src: *const u8, out: &mut [u8]) {
+    let len = out.len();
+    let head = src.align_offset(8).min(len);
+    let (pre, rest) = out.split_at_mut(head);
+    for (i, b) in pre.iter_mut().enumerate() {
+        // SAFETY: within the range the caller vouches for.
+        *b = unsafe { src.add(i).read_volatile() };
+    }
+    // SAFETY: as above; `src + head` is 8-aligned (or `rest` is empty).
+    let words = unsafe { src.add(head) } as *const u64;
+    let mut chunks = rest.chunks_exact_mut(8);
+    for (k, w) in (&mut chunks).enumerate() {
+        // SAFETY: aligned, and within the range.
+        let v = unsafe { words.add(k).read_volatile() };
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+    let tail = chunks.into_remainder();
+    let at = len - tail.len();
+    for (i, b) in tail.iter_mut().enumerate() {
+        // SAFETY: within the range.
+        *b = unsafe { src.add(at + i).read_volatile() };
+    }
+}
+
+/// Copies `data` to `dst` with volatile writes, for memory another domain
+/// may read meanwhile: 8-byte words where `dst` is aligned, single bytes
+/// at the ends.
+///
+/// # Safety
+///
+/// `dst..dst + data.len()` must be writable, and no reference of ours may
+/// point into it.
+pub unsafe fn write_shared(dst: *mut u8, data: &[u8]) {
+    let head = dst.align_offset(8).min(data.len());
+    let (pre, rest) = data.split_at(head);
+    for (i, &b) in pre.iter().enumerate() {
+        // SAFETY: within the range the caller vouches for.
+        unsafe { dst.add(i).write_volatile(b) };
+    }
+    // SAFETY: as above; `dst + head` is 8-aligned (or `rest` is empty).
+    let words = unsafe { dst.add(head) } as *mut u64;
+    let mut chunks = rest.chunks_exact(8);
+    for (k, w) in (&mut chunks).enumerate() {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(w);
+        // SAFETY: aligned, and within the range.
+        unsafe { words.add(k).write_volatile(u64::from_ne_bytes(v)) };
+    }
+    let tail = chunks.remainder();
+    let at = data.len() - tail.len();
+    for (i, &b) in tail.iter().enumerate() {
+        // SAFETY: within the range.
+        unsafe { dst.add(at + i).write_volatile(b) };
+    }
+}
+
 /// `count` pages of our heap, each granted to the backend.
 #[derive(Debug)]
 struct Pages {
@@ -223,10 +288,8 @@ impl Pages {
     fn read(&self, page: usize, off: usize, out: &mut [u8]) {
         assert!(page < self.count() && off + out.len() <= PAGE);
         let p = (self.va + (page * PAGE + off) as u64) as *const u8;
-        for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: inside page `page` of our allocation (checked above).
-            *b = unsafe { p.add(i).read_volatile() };
-        }
+        // SAFETY: inside page `page` of our allocation (checked above).
+        unsafe { read_shared(p, out) };
     }
 
     /// Copies `data` in at `off` of page `page` (volatile: the backend
@@ -234,10 +297,8 @@ impl Pages {
     fn write(&mut self, page: usize, off: usize, data: &[u8]) {
         assert!(page < self.count() && off + data.len() <= PAGE);
         let p = (self.va + (page * PAGE + off) as u64) as *mut u8;
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: inside page `page` of our allocation (checked above).
-            unsafe { p.add(i).write_volatile(b) };
-        }
+        // SAFETY: inside page `page` of our allocation (checked above).
+        unsafe { write_shared(p, data) };
     }
 
     /// Revokes every grant; frees the pages if all were revoked (else they
@@ -858,6 +919,28 @@ mod tests {
         assert!(ended(Some(State::Closing)));
         assert!(ended(Some(State::Closed)));
         assert!(ended(None));
+    }
+
+    #[test]
+    fn shared_copies_are_exact_at_every_alignment() {
+        let src: Vec<u8> = (0..64u8).map(|b| b.wrapping_mul(37) ^ 0x5a).collect();
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 40, 55 - start] {
+                let mut out = vec![0xeeu8; len + 2];
+                // SAFETY: `start + len` <= 64, inside `src`.
+                unsafe { read_shared(src.as_ptr().add(start), &mut out[1..len + 1]) };
+                assert_eq!(&out[1..len + 1], &src[start..start + len], "{start}+{len}");
+                assert_eq!((out[0], out[len + 1]), (0xee, 0xee), "{start}+{len}");
+                let mut dst = vec![0xeeu8; 64];
+                // SAFETY: as above, inside `dst`.
+                unsafe { write_shared(dst.as_mut_ptr().add(start), &src[..len]) };
+                assert_eq!(&dst[start..start + len], &src[..len], "{start}+{len}");
+                assert!(dst[..start]
+                    .iter()
+                    .chain(&dst[start + len..])
+                    .all(|&b| b == 0xee));
+            }
+        }
     }
 
     #[test]

@@ -638,10 +638,21 @@ mod tests {
             quick += usize::from(stem.starts_with("quick-"));
         }
         assert!(quick >= 1);
-        // Every ratio names configurations that exist.
-        for (_, a, b) in report::RATIOS {
+        // Every ratio names configurations that exist; a split/direct one
+        // divides a configuration with a guest by one without (what the
+        // report calls "split" and "direct").
+        let direct = |name: &str| {
+            let f = dir.join(format!("{name}.toml"));
+            let src = std::fs::read_to_string(&f).unwrap();
+            let s = crate::manifest::check(&f.display().to_string(), &src).unwrap();
+            s.domains.iter().all(|d| !d.devices.is_empty())
+        };
+        for (what, a, b) in report::RATIOS {
             assert!(dir.join(format!("{a}.toml")).is_file(), "{a}");
             assert!(dir.join(format!("{b}.toml")).is_file(), "{b}");
+            if what.starts_with("split/direct") {
+                assert!(!direct(a) && direct(b), "{what}: {a} / {b}");
+            }
         }
     }
 }

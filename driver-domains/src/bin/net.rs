@@ -22,6 +22,11 @@
 //! lists with role Back: netback's switch between the frontends and this
 //! NIC, until every frontend has closed (`driver_domains::netserve`); the
 //! device is set up the same way, with larger queues.
+//!
+//! With a TCP role in its args (`role=tcp-serve ip=10.0.2.15 port=5001
+//! ...`) it runs that role itself, smoltcp over the NIC
+//! (`driver_domains::nettcp`): the direct twin of a guest's TCP stream
+//! through netback. The device is set up as in serve mode.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 extern crate alloc;
@@ -33,7 +38,8 @@ use abi::ev::DataCheck;
 use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::net::{Exchange, Plan, MAX_WINDOW};
 use driver_domains::netframe::{self, ShowMac};
-use driver_domains::{netserve, serve};
+use driver_domains::nettcp::TcpArgs;
+use driver_domains::{netserve, nettcp, serve, tcp_stream};
 use libdom::virtio::DomHal;
 use libdom::{event, println, time_ns};
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -228,19 +234,36 @@ fn data_check(what: &str, bytes: u64, ok: bool) {
     let _ = event(&DataCheck { what, bytes, ok });
 }
 
-fn run(si: &libdom::StartInfo<'_>) -> i64 {
-    // `serve=1`: netback for the vifs the start info names
-    // (`driver_domains::netserve`); anything else is the direct mode's plan.
-    let serving = serve::is_serve(si.args);
-    let plan = if serving {
-        None
+/// What the domain does, from its args.
+enum Mode<'a> {
+    /// Frames to and from the test peer.
+    Frames(Plan),
+    /// netback for the start info's vifs.
+    Serve,
+    /// A TCP role over the NIC itself.
+    Tcp(TcpArgs<'a>),
+}
+
+fn mode(args: &str) -> Result<Mode<'_>, alloc::string::String> {
+    if serve::is_serve(args) {
+        Ok(Mode::Serve)
+    } else if tcp_stream::is_tcp_role(args) {
+        TcpArgs::parse(args).map(Mode::Tcp)
     } else {
-        match Plan::parse(si.args) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                println!("net: args: {e}");
-                return 1;
-            }
+        Plan::parse(args)
+            .map(Mode::Frames)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+}
+
+fn run(si: &libdom::StartInfo<'_>) -> i64 {
+    let plan = match mode(si.args) {
+        Ok(Mode::Frames(p)) => Some(p),
+        Ok(Mode::Serve) => None,
+        Ok(Mode::Tcp(t)) => return run_tcp(si, &t),
+        Err(e) => {
+            println!("net: args: {e}");
+            return 1;
         }
     };
     let Some((f, transport)) = device::open(si, &KIND) else {
@@ -338,6 +361,32 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         s.spurious
     );
     i64::from(!(tx_ok && rx_ok))
+}
+
+/// The direct TCP mode: the device set up as for serve mode, then the
+/// role over it (`driver_domains::nettcp`).
+fn run_tcp(si: &libdom::StartInfo<'_>, args: &TcpArgs<'_>) -> i64 {
+    let Some((f, transport)) = device::open(si, &KIND) else {
+        return 1;
+    };
+    let net = match NetServe::new(transport) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("net: virtio-net init: {e:?}");
+            return 1;
+        }
+    };
+    let Some(init_us) = f.ready() else {
+        return 1;
+    };
+    println!(
+        "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}; TCP",
+        f.info.bdf,
+        ShowMac(net.mac_address()),
+        f.port,
+        si.dma
+    );
+    nettcp::run(si, args, net)
 }
 
 libdom::entry!(run);

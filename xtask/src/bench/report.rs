@@ -479,6 +479,16 @@ pub const RATIOS: &[(&str, &str, &str)] = &[
         "direct-16k-d4",
     ),
     (
+        "split/direct tcp to host",
+        "tcp-guest-to-host",
+        "tcp-direct-to-host",
+    ),
+    (
+        "split/direct tcp from host",
+        "tcp-host-to-guest",
+        "tcp-direct-from-host",
+    ),
+    (
         "strict/static split 64k d16 copy",
         "split-copy-64k-d16-strict",
         "split-copy-64k-d16",
