@@ -360,28 +360,75 @@ impl Tables {
         let mut done = Mapped::default();
         while done.bytes < len {
             let (va, to, rest) = (iova + done.bytes, pa + done.bytes, len - done.bytes);
-            let mut step = PAGE_SIZE;
-            let mut placed = None;
             if self.large_pages()
                 && va.is_multiple_of(LARGE_2M)
                 && to.is_multiple_of(LARGE_2M)
                 && rest >= LARGE_2M
             {
-                placed = self
+                let placed = self
                     .set_leaf(mem, &domain, va, to | bits | pte::PS, 2)
                     .map_err(|error| MapFailed { error, done })?;
-                step = LARGE_2M;
+                if let Some(replaced) = placed {
+                    done.replaced |= replaced;
+                    done.bytes += LARGE_2M;
+                    continue;
+                }
             }
-            if placed.is_none() {
-                step = PAGE_SIZE;
-                placed = self
-                    .set_leaf(mem, &domain, va, to | bits, 1)
-                    .map_err(|error| MapFailed { error, done })?;
+            // 4 KiB pages: one walk for every entry of this level-1 table the range covers,
+            // and one flush of the entries written.
+            let table = self
+                .table_at(mem, &domain, va, 1, true)
+                .map_err(|error| MapFailed { error, done })?
+                .ok_or(MapFailed {
+                    error: Error::OutOfFrames,
+                    done,
+                })?;
+            let first = pte::index(va, 1);
+            let mut index = first;
+            while index < 512 && done.bytes < len {
+                let addr = table + index as u64 * 8;
+                done.replaced |= read(mem, addr) & (pte::R | pte::W) != 0;
+                write(mem, addr, (pa + done.bytes) | bits);
+                done.bytes += PAGE_SIZE;
+                index += 1;
             }
-            done.replaced |= placed == Some(true);
-            done.bytes += step;
+            self.sync(mem, table + first as u64 * 8, (index - first) * 8);
         }
         Ok(done)
+    }
+
+    /// The level-`level` table that holds `va`'s entry, walking down from the top and, with
+    /// `create`, making the tables missing on the way. `Ok(None)`: a table is missing and
+    /// `create` is off. A large page on the way is [`Error::SplitsLargePage`].
+    fn table_at<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        domain: &Domain,
+        va: u64,
+        level: u8,
+        create: bool,
+    ) -> Result<Option<u64>, Error> {
+        let mut table = domain.table;
+        let mut at = domain.levels;
+        while at > level {
+            let addr = table + pte::index(va, at) as u64 * 8;
+            let current = read(mem, addr);
+            if current & (pte::R | pte::W) == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                let next = self.new_frame(mem)?;
+                write(mem, addr, next | pte::R | pte::W);
+                self.sync(mem, addr, 8);
+                table = next;
+            } else if current & pte::PS != 0 {
+                return Err(Error::SplitsLargePage { iova: va });
+            } else {
+                table = current & pte::ADDR;
+            }
+            at -= 1;
+        }
+        Ok(Some(table))
     }
 
     /// Writes leaf `entry` for `va` at `level`, creating the tables above it. Returns
@@ -395,23 +442,9 @@ impl Tables {
         entry: u64,
         level: u8,
     ) -> Result<Option<bool>, Error> {
-        let mut table = domain.table;
-        let mut at = domain.levels;
-        while at > level {
-            let addr = table + pte::index(va, at) as u64 * 8;
-            let current = read(mem, addr);
-            if current & (pte::R | pte::W) == 0 {
-                let next = self.new_frame(mem)?;
-                write(mem, addr, next | pte::R | pte::W);
-                self.sync(mem, addr, 8);
-                table = next;
-            } else if current & pte::PS != 0 {
-                return Err(Error::SplitsLargePage { iova: va });
-            } else {
-                table = current & pte::ADDR;
-            }
-            at -= 1;
-        }
+        let Some(table) = self.table_at(mem, domain, va, level, true)? else {
+            return Err(Error::OutOfFrames);
+        };
         let addr = table + pte::index(va, level) as u64 * 8;
         let current = read(mem, addr);
         let present = current & (pte::R | pte::W) != 0;
@@ -445,6 +478,20 @@ impl Tables {
         })
     }
 
+    /// How many bytes of `iova..iova + len` of domain `did` are mapped (a large page counts
+    /// only whole: one the range cuts is [`Error::SplitsLargePage`]). Changes nothing.
+    pub fn mapped_bytes<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        did: DomainId,
+        iova: u64,
+        len: u64,
+    ) -> Result<u64, Error> {
+        let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
+        self.check_range(&domain, iova, len)?;
+        self.unmap_pass(mem, &domain, iova, len, false)
+    }
+
     fn unmap_pass<M: TableMemory>(
         &self,
         mem: &mut M,
@@ -468,7 +515,31 @@ impl Tables {
                     va = ((va | (size - 1)) + 1).min(end);
                     continue 'range;
                 }
-                if level == 1 || entry & pte::PS != 0 {
+                if level == 1 {
+                    // Every entry of this table up to the range's end, in one pass, with one
+                    // flush of the entries cleared.
+                    let first = pte::index(va, 1);
+                    let mut index = first;
+                    let mut cleared: Option<(usize, usize)> = None;
+                    while index < 512 && va < end {
+                        let at = table + index as u64 * 8;
+                        if read(mem, at) & (pte::R | pte::W) != 0 {
+                            if clear {
+                                write(mem, at, 0);
+                                cleared =
+                                    Some(cleared.map_or((index, index), |(lo, _)| (lo, index)));
+                            }
+                            bytes += PAGE_SIZE;
+                        }
+                        va += PAGE_SIZE;
+                        index += 1;
+                    }
+                    if let Some((lo, hi)) = cleared {
+                        self.sync(mem, table + lo as u64 * 8, (hi - lo + 1) * 8);
+                    }
+                    continue 'range;
+                }
+                if entry & pte::PS != 0 {
                     if !va.is_multiple_of(size) || end - va < size {
                         return Err(Error::SplitsLargePage { iova: va });
                     }

@@ -18,11 +18,12 @@
 //! from GSTS ([`gsts::PERSISTENT`]) plus or minus the one bit that changes.
 
 use super::fault::decode_record;
-use super::inv::{page_blocks, wait_descriptor, Invalidation, RegisterCommand};
+use super::inv::{covering_block, page_blocks, wait_descriptor, Invalidation, RegisterCommand};
 use super::regs::{self, frcd, fsts, gcmd, gsts, iotlb, iqa, irta, Cap, Ecap, Version};
 use super::tables::Tables;
 use crate::api::{
-    Attachment, DomainId, Error, FaultRecord, FaultSummary, Iommu, Perm, TableMemory, PAGE_SIZE,
+    Attachment, Change, DomainId, Error, FaultRecord, FaultSummary, Iommu, Perm, TableMemory,
+    PAGE_SIZE,
 };
 use crate::Bdf;
 
@@ -461,6 +462,26 @@ impl<R: Regs> Vtd<R> {
         }
     }
 
+    /// Invalidates the IOTLB for `lo..hi` of `did` with one request: the smallest aligned
+    /// power-of-two block of pages that covers the range, page-selective (address mask AM)
+    /// where CAP.PSI offers it and AM fits CAP.MAMV, else domain-selective. Either is correct
+    /// on VT-d (a wider invalidation only drops more cached translations); under QEMU 7.2 both
+    /// cost one pass over its IOTLB hash table, so one request per batch is what counts.
+    fn invalidate_covering<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        lo: u64,
+        hi: u64,
+    ) -> Result<(), Error> {
+        let request = covering_block(lo, hi)
+            .filter(|&(_, am)| self.cap.psi() && am <= self.cap.mamv())
+            .map_or(Invalidation::IotlbDomain { did }, |(addr, am)| {
+                Invalidation::IotlbPages { did, addr, am }
+            });
+        self.invalidate(mem, &[request])
+    }
+
     /// `bdf`'s context entry read back from the live tables: (domain id, levels, SLPTPTR).
     pub fn context_entry<M: TableMemory>(&self, mem: &mut M, bdf: Bdf) -> Option<Attachment> {
         self.tables.as_ref()?.context_entry(mem, bdf)
@@ -696,6 +717,83 @@ impl<R: Regs, M: TableMemory> Iommu<M> for Vtd<R> {
             self.invalidate_range(mem, did, unmapped.iova, unmapped.len)?;
         }
         Ok(unmapped.bytes)
+    }
+
+    /// The unmaps, then the maps, each a pass over the tables (one walk per level-1 table,
+    /// one cache flush per run of entries), then one invalidation covering every range that
+    /// was unmapped, remapped, or (caching mode) newly mapped ([`Vtd::invalidate_covering`]).
+    /// Without caching mode, a batch that only adds mappings needs no invalidation (only a
+    /// write-buffer flush where CAP.RWBF).
+    fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error> {
+        let cm = self.cap.cm();
+        // The span that needs invalidating, and whether anything was mapped at all.
+        let mut span: Option<(u64, u64)> = None;
+        let mut mapped_any = false;
+        let mut unmapped = 0;
+        let mut error = None;
+        fn widen(span: &mut Option<(u64, u64)>, iova: u64, len: u64) {
+            let (lo, hi) = (iova, iova.saturating_add(len));
+            *span = Some(span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+        }
+        let tables = self.tables_mut()?;
+        let unmaps = changes.iter().filter_map(|c| match *c {
+            Change::Unmap { iova, len } => Some((iova, len)),
+            Change::Map { .. } => None,
+        });
+        for (iova, len) in unmaps {
+            match tables.unmap(mem, did, iova, len) {
+                Ok(u) => {
+                    unmapped += u.bytes;
+                    if u.bytes != 0 {
+                        widen(&mut span, iova, len);
+                    }
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        if error.is_none() {
+            for change in changes {
+                let Change::Map {
+                    iova,
+                    pa,
+                    len,
+                    perm,
+                } = *change
+                else {
+                    continue;
+                };
+                let (done, failed) = match tables.map(mem, did, iova, pa, len, perm) {
+                    Ok(done) => (done, None),
+                    Err(f) => (f.done, Some(f.error)),
+                };
+                if done.bytes != 0 {
+                    mapped_any = true;
+                    if done.replaced || cm {
+                        widen(&mut span, iova, done.bytes);
+                    }
+                }
+                if failed.is_some() {
+                    error = failed;
+                    break;
+                }
+            }
+        }
+        match span {
+            Some((lo, hi)) => self.invalidate_covering(mem, did, lo, hi)?,
+            None if mapped_any => self.write_buffer_flush()?,
+            None => {}
+        }
+        error.map_or(Ok(unmapped), Err)
+    }
+
+    fn mapped_bytes(&self, mem: &mut M, did: DomainId, iova: u64, len: u64) -> Result<u64, Error> {
+        self.tables
+            .as_ref()
+            .ok_or(Error::NotEnabled)?
+            .mapped_bytes(mem, did, iova, len)
     }
 
     fn attachment(&self, mem: &mut M, bdf: Bdf) -> Option<Attachment> {
