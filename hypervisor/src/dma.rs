@@ -1,0 +1,265 @@
+//! Strict-mode DMA: what a `dma_batch` asks for, checked whole and turned
+//! into IOMMU changes before anything is touched.
+//!
+//! A driver domain in the strict DMA mode makes a page reachable by its
+//! devices only while a request that uses it is in the device. Its I/O
+//! address space mirrors its virtual one (I/O address = virtual address),
+//! and it may map two kinds of page there:
+//!
+//! - its own memory (the permission the device gets is at most the page's
+//!   own: read-only pages are never writable by the device);
+//! - a page it mapped from a grant with `DEVICE_MAP` (writable only if the
+//!   grant mapping is). In strict mode such a grant is not in the IOMMU
+//!   until a `dma_batch` maps it, and unmapping the grant unmaps it.
+//!
+//! [`plan`] checks the operations against a [`DmaSpace`] (the kernel's view
+//! of the caller: its memory, its grant mappings, its IOMMU domain) in the
+//! order `abi::hypercall` documents and returns the changes for
+//! `iommu::Iommu::apply`: one `Unmap` per unmap operation, and one `Map` per
+//! run of pages whose physical pages are contiguous (an own-memory range is
+//! usually one; grant pages are one each). Nothing is changed on a refusal.
+
+use abi::domain::USER_LIMIT;
+use abi::hypercall::{dma_flags, DmaOp, Error};
+use alloc::vec::Vec;
+use iommu::{Change, Perm};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The caller as `dma_batch` sees it.
+pub trait DmaSpace {
+    /// The physical page behind the caller's own page at `va` (page-aligned)
+    /// and whether the caller may write it; `None` if it is not its memory.
+    fn own_page(&self, va: u64) -> Option<(u64, bool)>;
+    /// The page the caller mapped at `va` from a grant with `DEVICE_MAP`,
+    /// and whether that mapping is writable; `None` if there is none.
+    fn device_grant(&self, va: u64) -> Option<(u64, bool)>;
+    /// How many bytes of `va..va + len` its IOMMU domain maps now (`None`:
+    /// the range cuts a large page, which strict mode never makes).
+    fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64>;
+}
+
+/// A checked operation: its byte range.
+#[derive(Clone, Copy)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+fn range(op: &DmaOp) -> Result<Range, Error> {
+    if op.flags & !dma_flags::ALL != 0 || (op.is_write() && !op.is_map()) {
+        return Err(Error::Invalid);
+    }
+    if op.pages == 0 {
+        return Err(Error::BadLength);
+    }
+    if !op.addr.is_multiple_of(PAGE_SIZE) {
+        return Err(Error::BadAddress);
+    }
+    let end = u64::from(op.pages)
+        .checked_mul(PAGE_SIZE)
+        .and_then(|len| op.addr.checked_add(len))
+        .filter(|&end| end <= USER_LIMIT)
+        .ok_or(Error::BadAddress)?;
+    Ok(Range {
+        start: op.addr,
+        end,
+    })
+}
+
+/// Checks `ops` (already copied in; the caller checked their count) and
+/// returns the IOMMU changes that carry them out. Every unmap comes before
+/// every map in the result (they never overlap, so that is the order
+/// `Iommu::apply` uses anyway).
+pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> {
+    let ranges = ops.iter().map(range).collect::<Result<Vec<_>, _>>()?;
+    let mut sorted: Vec<Range> = ranges.clone();
+    sorted.sort_unstable_by_key(|r| r.start);
+    if sorted
+        .windows(2)
+        .any(|w| matches!(w, [a, b] if b.start < a.end))
+    {
+        return Err(Error::Invalid);
+    }
+    let mut unmaps = Vec::new();
+    let mut maps: Vec<Change> = Vec::new();
+    for (op, r) in ops.iter().zip(&ranges) {
+        let len = r.end - r.start;
+        if !op.is_map() {
+            if space.mapped_bytes(r.start, len) != Some(len) {
+                return Err(Error::Invalid);
+            }
+            unmaps.push(Change::Unmap { iova: r.start, len });
+            continue;
+        }
+        let write = op.is_write();
+        let perm = if write { Perm::READ_WRITE } else { Perm::READ };
+        let mut run: Option<(u64, u64, u64)> = None;
+        let mut va = r.start;
+        while va < r.end {
+            let (pa, writable) = space
+                .own_page(va)
+                .or_else(|| space.device_grant(va))
+                .ok_or(Error::BadAddress)?;
+            if write && !writable {
+                return Err(Error::BadAddress);
+            }
+            run = match run {
+                Some((iova, base, n)) if base + n == pa => Some((iova, base, n + PAGE_SIZE)),
+                Some((iova, base, n)) => {
+                    maps.push(map(iova, base, n, perm));
+                    Some((va, pa, PAGE_SIZE))
+                }
+                None => Some((va, pa, PAGE_SIZE)),
+            };
+            va += PAGE_SIZE;
+        }
+        if let Some((iova, base, n)) = run {
+            maps.push(map(iova, base, n, perm));
+        }
+    }
+    unmaps.extend(maps);
+    Ok(unmaps)
+}
+
+fn map(iova: u64, pa: u64, len: u64, perm: Perm) -> Change {
+    Change::Map {
+        iova,
+        pa,
+        len,
+        perm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Own memory: 0x40_0000.. (8 pages, the last two read-only) at
+    /// physical 0x100_0000; grants at 0x8000_0000.. on scattered frames.
+    struct Space {
+        grants: BTreeMap<u64, (u64, bool)>,
+        mapped: BTreeSet<u64>,
+    }
+
+    impl Space {
+        fn new() -> Self {
+            let grants = [
+                (0x8000_0000, (0x700_0000, true)),
+                (0x8000_1000, (0x900_0000, true)),
+                (0x8000_2000, (0x900_1000, false)),
+            ];
+            Space {
+                grants: grants.into_iter().collect(),
+                mapped: BTreeSet::new(),
+            }
+        }
+    }
+
+    impl DmaSpace for Space {
+        fn own_page(&self, va: u64) -> Option<(u64, bool)> {
+            (0x40_0000..0x40_8000)
+                .contains(&va)
+                .then(|| (va - 0x40_0000 + 0x100_0000, va < 0x40_6000))
+        }
+        fn device_grant(&self, va: u64) -> Option<(u64, bool)> {
+            self.grants.get(&va).copied()
+        }
+        fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
+            Some(self.mapped.range(va..va + len).count() as u64 * PAGE_SIZE)
+        }
+    }
+
+    fn op(addr: u64, pages: u32, flags: u32) -> DmaOp {
+        DmaOp { addr, pages, flags }
+    }
+
+    const MAP: u32 = dma_flags::MAP;
+    const MAP_W: u32 = dma_flags::MAP | dma_flags::WRITE;
+
+    #[test]
+    fn maps_become_runs_of_contiguous_frames_after_the_unmaps() {
+        let mut s = Space::new();
+        s.mapped.extend([0x40_0000, 0x40_1000]);
+        let ops = [
+            op(0x8000_0000, 3, MAP),
+            op(0x40_0000, 2, 0),
+            op(0x40_2000, 6, MAP),
+        ];
+        let changes = plan(&s, &ops).unwrap();
+        assert_eq!(
+            changes,
+            [
+                Change::Unmap {
+                    iova: 0x40_0000,
+                    len: 0x2000
+                },
+                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ),
+                map(0x8000_1000, 0x900_0000, 0x2000, Perm::READ),
+                map(0x40_2000, 0x100_2000, 0x6000, Perm::READ),
+            ]
+        );
+        let changes = plan(&s, &[op(0x8000_0000, 2, MAP_W)]).unwrap();
+        assert_eq!(
+            changes,
+            [
+                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ_WRITE),
+                map(0x8000_1000, 0x900_0000, 0x1000, Perm::READ_WRITE),
+            ]
+        );
+    }
+
+    #[test]
+    fn hostile_operations_are_refused_in_order() {
+        let mut s = Space::new();
+        s.mapped.insert(0x40_0000);
+        let refused = |ops: &[DmaOp]| plan(&s, ops).unwrap_err();
+        // Flags first: unknown bits, WRITE on an unmap.
+        assert_eq!(refused(&[op(0x40_0000, 1, 4 | MAP)]), Error::Invalid);
+        assert_eq!(
+            refused(&[op(0x40_0000, 1, dma_flags::WRITE)]),
+            Error::Invalid
+        );
+        assert_eq!(refused(&[op(0x40_0001, 0, 8)]), Error::Invalid);
+        // Then the length, then the address.
+        assert_eq!(refused(&[op(0x40_0001, 0, MAP)]), Error::BadLength);
+        assert_eq!(refused(&[op(0x40_0800, 1, MAP)]), Error::BadAddress);
+        assert_eq!(
+            refused(&[op(!0xfff, 2, MAP)]),
+            Error::BadAddress,
+            "wraps"
+        );
+        assert_eq!(
+            refused(&[op(USER_LIMIT - 0x1000, 2, MAP)]),
+            Error::BadAddress,
+            "reaches the interrupt window"
+        );
+        assert_eq!(
+            refused(&[op(0, u32::MAX, MAP)]),
+            Error::BadAddress,
+            "too long"
+        );
+        // Overlapping operations, even a map and an unmap.
+        assert_eq!(
+            refused(&[op(0x40_0000, 2, MAP), op(0x40_1000, 1, MAP)]),
+            Error::Invalid
+        );
+        assert_eq!(
+            refused(&[op(0x40_1000, 1, MAP), op(0x40_0000, 2, 0)]),
+            Error::Invalid
+        );
+        // Pages that are not the caller's, or not writable for WRITE.
+        assert_eq!(refused(&[op(0x30_0000, 1, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x40_7000, 2, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x8000_3000, 1, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x40_5000, 2, MAP_W)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x8000_1000, 2, MAP_W)]), Error::BadAddress);
+        // An unmap of a page that is not mapped.
+        assert_eq!(refused(&[op(0x40_0000, 2, 0)]), Error::Invalid);
+        assert_eq!(refused(&[op(0x8000_0000, 1, 0)]), Error::Invalid);
+        // A read-only page may be mapped for reading, and a page mapped already may be
+        // mapped again (its permission changes).
+        assert!(plan(&s, &[op(0x40_6000, 2, MAP), op(0x40_0000, 1, MAP_W)]).is_ok());
+    }
+}
