@@ -301,8 +301,10 @@ pub mod dma_flags {
 /// One operation of `dma_batch`: `pages` pages from the page-aligned `addr`
 /// (a virtual address of the caller, which is also the I/O address).
 /// Layout, little-endian: `addr` u64 at 0, `pages` u32 at 8, `flags` u32 at
-/// 12.
+/// 12 (`repr(C)` on a little-endian machine, so an array of them is the
+/// wire format as it stands).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
 pub struct DmaOp {
     pub addr: u64,
     pub pages: u32,
@@ -361,6 +363,7 @@ pub mod virq {
 }
 
 const _: () = assert!(NR_PORTS.is_multiple_of(64));
+const _: () = assert!(core::mem::size_of::<DmaOp>() == DMA_OP_SIZE);
 const _: () = assert!(PORT_WORDS == 4);
 
 #[cfg(test)]

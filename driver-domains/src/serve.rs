@@ -935,11 +935,16 @@ mod domain {
         /// Takes every completion in the used ring; returns how many.
         fn reap(&mut self) -> u64 {
             let mut n = 0;
+            // Strict DMA: the pages of every completion found here are
+            // unmapped in one call when the batch ends, before any request
+            // goes back to its backend.
+            let unmaps = libdom::virtio::UnmapBatch::begin();
+            let mut done = Vec::new();
             while let Some(token) = self.blk.peek_used() {
                 let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
                 else {
                     self.broken = Some("the device completed a request we did not make");
-                    return n;
+                    break;
                 };
                 let s = &mut self.slots[slot];
                 let r = match dir {
@@ -963,8 +968,12 @@ mod domain {
                 n += 1;
                 self.stats.completions += 1;
                 if let Some(d) = self.dispatch.finish(slot, r.is_ok()) {
-                    self.complete(d);
+                    done.push(d);
                 }
+            }
+            unmaps.end();
+            for d in done {
+                self.complete(d);
             }
             n
         }

@@ -72,26 +72,33 @@ fn range(op: &DmaOp) -> Result<Range, Error> {
 /// every map in the result (they never overlap, so that is the order
 /// `Iommu::apply` uses anyway).
 pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> {
-    let ranges = ops.iter().map(range).collect::<Result<Vec<_>, _>>()?;
-    let mut sorted: Vec<Range> = ranges.clone();
-    sorted.sort_unstable_by_key(|r| r.start);
-    if sorted
-        .windows(2)
-        .any(|w| matches!(w, [a, b] if b.start < a.end))
-    {
-        return Err(Error::Invalid);
+    // Each operation's own checks, in order, before any look at the others.
+    for op in ops {
+        range(op)?;
     }
-    let mut unmaps = Vec::new();
-    let mut maps: Vec<Change> = Vec::new();
-    for (op, r) in ops.iter().zip(&ranges) {
-        let len = r.end - r.start;
-        if !op.is_map() {
-            if space.mapped_bytes(r.start, len) != Some(len) {
+    // Overlaps: a batch is a handful of operations (at most DMA_BATCH_MAX),
+    // so pairs are compared directly.
+    for (i, a) in ops.iter().enumerate() {
+        let a = range(a)?;
+        for b in ops.iter().skip(i + 1) {
+            let b = range(b)?;
+            if a.start < b.end && b.start < a.end {
                 return Err(Error::Invalid);
             }
-            unmaps.push(Change::Unmap { iova: r.start, len });
-            continue;
         }
+    }
+    let pages: u64 = ops.iter().map(|op| u64::from(op.pages)).sum();
+    let mut changes = Vec::with_capacity(ops.len() + pages.min(64) as usize);
+    for op in ops.iter().filter(|op| !op.is_map()) {
+        let r = range(op)?;
+        let len = r.end - r.start;
+        if space.mapped_bytes(r.start, len) != Some(len) {
+            return Err(Error::Invalid);
+        }
+        changes.push(Change::Unmap { iova: r.start, len });
+    }
+    for op in ops.iter().filter(|op| op.is_map()) {
+        let r = range(op)?;
         let write = op.is_write();
         let perm = if write { Perm::READ_WRITE } else { Perm::READ };
         let mut run: Option<(u64, u64, u64)> = None;
@@ -107,7 +114,7 @@ pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> 
             run = match run {
                 Some((iova, base, n)) if base + n == pa => Some((iova, base, n + PAGE_SIZE)),
                 Some((iova, base, n)) => {
-                    maps.push(map(iova, base, n, perm));
+                    changes.push(map(iova, base, n, perm));
                     Some((va, pa, PAGE_SIZE))
                 }
                 None => Some((va, pa, PAGE_SIZE)),
@@ -115,11 +122,10 @@ pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> 
             va += PAGE_SIZE;
         }
         if let Some((iova, base, n)) = run {
-            maps.push(map(iova, base, n, perm));
+            changes.push(map(iova, base, n, perm));
         }
     }
-    unmaps.extend(maps);
-    Ok(unmaps)
+    Ok(changes)
 }
 
 fn map(iova: u64, pa: u64, len: u64, perm: Perm) -> Change {
@@ -225,11 +231,7 @@ mod tests {
         // Then the length, then the address.
         assert_eq!(refused(&[op(0x40_0001, 0, MAP)]), Error::BadLength);
         assert_eq!(refused(&[op(0x40_0800, 1, MAP)]), Error::BadAddress);
-        assert_eq!(
-            refused(&[op(!0xfff, 2, MAP)]),
-            Error::BadAddress,
-            "wraps"
-        );
+        assert_eq!(refused(&[op(!0xfff, 2, MAP)]), Error::BadAddress, "wraps");
         assert_eq!(
             refused(&[op(USER_LIMIT - 0x1000, 2, MAP)]),
             Error::BadAddress,

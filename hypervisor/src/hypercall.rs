@@ -262,6 +262,12 @@ fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Er
         .map_err(|_| Error::NoSpace)
 }
 
+/// Whether `va` lies in the grant window (where a domain's own memory never is).
+fn in_grant_window(va: u64) -> bool {
+    use abi::grant::{GRANT_WINDOW, GRANT_WINDOW_SIZE};
+    (GRANT_WINDOW..GRANT_WINDOW + GRANT_WINDOW_SIZE).contains(&va)
+}
+
 /// The caller of a `dma_batch`, as `hypervisor::dma::plan` checks it.
 struct Space<'a> {
     sys: &'a System,
@@ -270,6 +276,9 @@ struct Space<'a> {
 
 impl hypervisor::dma::DmaSpace for Space<'_> {
     fn own_page(&self, va: u64) -> Option<(u64, bool)> {
+        if in_grant_window(va) {
+            return None;
+        }
         let d = &self.sys.domains[self.idx];
         d.memory_map
             .iter()
@@ -278,6 +287,9 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
     }
 
     fn device_grant(&self, va: u64) -> Option<(u64, bool)> {
+        if !in_grant_window(va) {
+            return None;
+        }
         let d = &self.sys.domains[self.idx];
         self.sys
             .grants
@@ -294,11 +306,20 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
 /// (`hypervisor::dma::plan`), then one IOMMU batch with one invalidation.
 fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
     use abi::hypercall::{DmaOp, DMA_BATCH_MAX, DMA_OP_SIZE};
+    /// Batches up to this many operations are decoded on the stack.
+    const SMALL: usize = 4;
     if count == 0 || count > DMA_BATCH_MAX {
         return Err(Error::BadLength);
     }
-    let mut buf = [0u8; DMA_BATCH_MAX as usize * DMA_OP_SIZE];
-    let bytes = &mut buf[..count as usize * DMA_OP_SIZE];
+    let n = count as usize;
+    let mut small = [0u8; SMALL * DMA_OP_SIZE];
+    let mut large = alloc::vec::Vec::new();
+    let bytes = if n <= SMALL {
+        &mut small[..n * DMA_OP_SIZE]
+    } else {
+        large.resize(n * DMA_OP_SIZE, 0);
+        &mut large[..]
+    };
     copy_in(sys, idx, ptr, bytes)?;
     let d = &sys.domains[idx];
     if d.devices.is_empty() {
@@ -307,11 +328,18 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     if d.dma == abi::domain::DmaMode::Static {
         return Err(Error::Invalid);
     }
-    let mut ops = [DmaOp::default(); DMA_BATCH_MAX as usize];
+    let mut small_ops = [DmaOp::default(); SMALL];
+    let mut large_ops = alloc::vec::Vec::new();
+    let ops = if n <= SMALL {
+        &mut small_ops[..n]
+    } else {
+        large_ops.resize(n, DmaOp::default());
+        &mut large_ops[..]
+    };
     for (op, raw) in ops.iter_mut().zip(bytes.chunks_exact(DMA_OP_SIZE)) {
         *op = DmaOp::decode(raw.try_into().map_err(|_| Error::Invalid)?);
     }
-    let changes = hypervisor::dma::plan(&Space { sys, idx }, &ops[..count as usize])?;
+    let changes = hypervisor::dma::plan(&Space { sys, idx }, ops)?;
     crate::iommu_hw::apply(sys.domains[idx].domid, &changes).map_err(|_| Error::NoSpace)?;
     Ok(count)
 }

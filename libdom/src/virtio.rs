@@ -110,7 +110,7 @@ fn take_buffer(iova: u64) -> Option<DmaBuf> {
 /// One page a shared buffer touches (strict mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PageUse {
-    /// Virtual page number (= I/O page number).
+    /// Virtual page number (= I/O page number); [`EMPTY`] in a free slot.
     page: u64,
     /// Buffers on it now; 0: mapped, waiting for its unmap.
     users: u32,
@@ -118,24 +118,55 @@ struct PageUse {
     write: bool,
 }
 
+/// The page number of a free slot (no page of a domain has it).
+const EMPTY: u64 = u64::MAX;
+
+const FREE: PageUse = PageUse {
+    page: EMPTY,
+    users: 0,
+    write: false,
+};
+
 /// The pages `share` has mapped in strict mode, with how many shared
 /// buffers use each: a page is mapped from the first buffer's `share` until
 /// the last one's `unshare` (and, inside an [`UnmapBatch`], until it ends).
-/// Pure bookkeeping: it says which `dma_batch` operations to make.
+/// Pure bookkeeping: it says which `dma_batch` operations to make. An
+/// open-addressing hash table (linear probing, backward-shift deletion), so
+/// each page of a buffer costs one lookup however many are mapped.
 #[derive(Debug, Default)]
 pub struct SharedPages {
-    /// Sorted by page.
-    pages: Vec<PageUse>,
+    /// A power of two in size (or empty), at most half full.
+    slots: Vec<PageUse>,
+    len: usize,
+    /// Pages whose last user left, in that order; some may have users again.
+    idle: Vec<u64>,
     /// Open [`UnmapBatch`]es.
     holding: u32,
+    /// The operations of the next `dma_batch` (kept to reuse its memory).
+    ops: Vec<DmaOp>,
 }
 
 impl SharedPages {
     pub const fn new() -> Self {
         SharedPages {
-            pages: Vec::new(),
+            slots: Vec::new(),
+            len: 0,
+            idle: Vec::new(),
             holding: 0,
+            ops: Vec::new(),
         }
+    }
+
+    /// Runs `f` with the scratch operation list (empty), then makes the
+    /// operations it added with `dma_batch`.
+    fn batch(&mut self, f: impl FnOnce(&mut Self, &mut Vec<DmaOp>)) {
+        let mut ops = core::mem::take(&mut self.ops);
+        ops.clear();
+        f(self, &mut ops);
+        if !ops.is_empty() {
+            dma_batch(&ops);
+        }
+        self.ops = ops;
     }
 
     /// The pages `[va, va + len)` touches: first page number and count.
@@ -148,60 +179,125 @@ impl SharedPages {
         (first, last - first + 1)
     }
 
+    fn home(&self, page: u64) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
+    }
+
+    /// The slot holding `page`, or the free slot where it would go.
+    fn find(&self, page: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(page);
+        loop {
+            match self.slots.get(i) {
+                Some(s) if s.page != page && s.page != EMPTY => i = (i + 1) & mask,
+                _ => return i,
+            }
+        }
+    }
+
+    fn get_mut(&mut self, page: u64) -> Option<&mut PageUse> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.find(page);
+        self.slots.get_mut(i).filter(|s| s.page == page)
+    }
+
+    /// The entry for `page`, and whether it was there (mapped) already; a
+    /// new one has no users and is not writable.
+    fn entry(&mut self, page: u64) -> (&mut PageUse, bool) {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let i = self.find(page);
+        let existed = self.slots[i].page != EMPTY;
+        if !existed {
+            self.slots[i].page = page;
+            self.len += 1;
+        }
+        (&mut self.slots[i], existed)
+    }
+
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(256);
+        let old = core::mem::replace(&mut self.slots, alloc::vec![FREE; size]);
+        for s in old.into_iter().filter(|s| s.page != EMPTY) {
+            let i = self.find(s.page);
+            self.slots[i] = s;
+        }
+    }
+
+    fn remove(&mut self, page: u64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let mut hole = self.find(page);
+        if self.slots[hole].page != page {
+            return;
+        }
+        self.slots[hole] = FREE;
+        self.len -= 1;
+        // Move back every later entry of the run that may not skip the hole.
+        let mut i = (hole + 1) & mask;
+        while self.slots[i].page != EMPTY {
+            let home = self.home(self.slots[i].page);
+            // `home` is cyclically outside (hole, i]: the entry belongs at or before the hole.
+            if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
+                self.slots[hole] = self.slots[i];
+                self.slots[i] = FREE;
+                hole = i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// A buffer at `va` of `len` bytes goes to the device (`write`: the
     /// device writes it). Appends to `ops` the maps it needs: its pages
     /// not mapped yet, and pages mapped read-only it needs writable.
     pub fn share(&mut self, va: u64, len: usize, write: bool, ops: &mut Vec<DmaOp>) {
         let (first, n) = Self::span(va, len);
-        if n == 0 {
-            return;
-        }
-        let lo = self.pages.partition_point(|p| p.page < first);
-        let hi = self.pages.partition_point(|p| p.page < first + n);
-        let mut merged = Vec::with_capacity(n as usize);
-        let mut existing = self.pages.get(lo..hi).unwrap_or_default().iter().peekable();
+        let flags = if write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
         for page in first..first + n {
-            let (users, had, was_write) = match existing.next_if(|p| p.page == page) {
-                Some(p) => (p.users, true, p.write),
-                None => (0, false, false),
-            };
-            let needs_map = !had || (write && !was_write);
-            merged.push(PageUse {
-                page,
-                users: users + 1,
-                write: was_write || write,
-            });
+            // An entry with no users is still mapped, waiting for its unmap.
+            let (e, mapped) = self.entry(page);
+            let needs_map = !mapped || (write && !e.write);
+            e.users += 1;
+            e.write |= write;
             if needs_map {
-                push_run(
-                    ops,
-                    page,
-                    if write { dma_flags::WRITE } else { 0 } | dma_flags::MAP,
-                );
+                push_run(ops, page, flags);
             }
         }
-        self.pages.splice(lo..hi, merged);
     }
 
     /// The buffer at `va` of `len` bytes came back from the device. Its
     /// pages that no other buffer uses are left for [`Self::take_unmaps`].
     pub fn unshare(&mut self, va: u64, len: usize) {
         let (first, n) = Self::span(va, len);
-        let lo = self.pages.partition_point(|p| p.page < first);
-        for p in self.pages.iter_mut().skip(lo) {
-            if p.page >= first + n {
-                break;
+        for page in first..first + n {
+            if let Some(e) = self.get_mut(page) {
+                e.users = e.users.saturating_sub(1);
+                if e.users == 0 {
+                    self.idle.push(page);
+                }
             }
-            p.users = p.users.saturating_sub(1);
         }
     }
 
     /// Appends an unmap for every page no buffer uses any more (runs of
     /// adjacent pages are one operation) and forgets them.
     pub fn take_unmaps(&mut self, ops: &mut Vec<DmaOp>) {
-        for p in self.pages.iter().filter(|p| p.users == 0) {
-            push_run(ops, p.page, 0);
+        let idle = core::mem::take(&mut self.idle);
+        for &page in &idle {
+            if self.get_mut(page).is_some_and(|e| e.users == 0) {
+                self.remove(page);
+                push_run(ops, page, 0);
+            }
         }
-        self.pages.retain(|p| p.users != 0);
+        // Keep the allocation for next time.
+        self.idle = idle;
+        self.idle.clear();
     }
 
     /// Whether unmaps are being held back.
@@ -211,7 +307,7 @@ impl SharedPages {
 
     /// How many pages are mapped now.
     pub fn mapped(&self) -> usize {
-        self.pages.len()
+        self.len
     }
 }
 
@@ -267,16 +363,12 @@ impl UnmapBatch {
 
 impl Drop for UnmapBatch {
     fn drop(&mut self) {
-        let mut ops = Vec::new();
         SHARED.with(|s| {
             s.holding = s.holding.saturating_sub(1);
             if s.holding == 0 {
-                s.take_unmaps(&mut ops);
+                s.batch(|s, ops| s.take_unmaps(ops));
             }
         });
-        if !ops.is_empty() {
-            dma_batch(&ops);
-        }
     }
 }
 
@@ -340,17 +432,15 @@ unsafe impl Hal for DomHal {
             "share of {va:#x}+{len:#x}: it lies on a ring's pages"
         );
         let write = direction != BufferDirection::DriverToDevice;
-        let mut ops = Vec::new();
         SHARED.with(|s| {
-            s.share(va, len, write, &mut ops);
-            // A call is needed anyway: the unmaps held back go with it.
-            if !ops.is_empty() {
-                s.take_unmaps(&mut ops);
-            }
+            s.batch(|s, ops| {
+                s.share(va, len, write, ops);
+                // A call is needed anyway: the unmaps held back go with it.
+                if !ops.is_empty() {
+                    s.take_unmaps(ops);
+                }
+            })
         });
-        if !ops.is_empty() {
-            dma_batch(&ops);
-        }
         va
     }
 
@@ -358,16 +448,14 @@ unsafe impl Hal for DomHal {
         if dma_mode() == DmaMode::Static {
             return;
         }
-        let mut ops = Vec::new();
         SHARED.with(|s| {
-            s.unshare(paddr, buffer.len());
-            if !s.holding() {
-                s.take_unmaps(&mut ops);
-            }
+            s.batch(|s, ops| {
+                s.unshare(paddr, buffer.len());
+                if !s.holding() {
+                    s.take_unmaps(ops);
+                }
+            })
         });
-        if !ops.is_empty() {
-            dma_batch(&ops);
-        }
     }
 }
 
@@ -857,6 +945,83 @@ mod tests {
         s.unshare(0x9000, 0);
         assert!(ops.is_empty());
         assert_eq!(s.mapped(), 4);
+    }
+
+    /// Many buffers over a few hundred pages, shared and unshared in a
+    /// scrambled order, against a plain count per page: the operations
+    /// keep exactly the pages with users mapped, each with the permission
+    /// it needs, and the table survives growth and deletions.
+    #[test]
+    fn the_table_agrees_with_a_model() {
+        use std::collections::BTreeMap;
+        let mut s = SharedPages::new();
+        let mut mapped: BTreeMap<u64, bool> = BTreeMap::new();
+        let mut users: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut live: Vec<(u64, usize, bool)> = Vec::new();
+        let mut x = 12345u64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let apply = |ops: &[DmaOp], mapped: &mut BTreeMap<u64, bool>| {
+            for o in ops {
+                for p in 0..u64::from(o.pages) {
+                    let page = o.addr / 4096 + p;
+                    if o.is_map() {
+                        mapped.insert(page, o.is_write());
+                    } else {
+                        assert!(mapped.remove(&page).is_some(), "unmap of {page:#x}");
+                    }
+                }
+            }
+        };
+        for step in 0..4000 {
+            let mut ops = Vec::new();
+            if live.len() < 40 && rand(3) != 0 {
+                let va = 0x40_0000 + rand(600) * 1024;
+                let len = 1 + rand(5 * 4096) as usize;
+                let write = rand(2) == 0;
+                s.share(va, len, write, &mut ops);
+                let (first, n) = SharedPages::span(va, len);
+                for page in first..first + n {
+                    *users.entry(page).or_default() += 1;
+                }
+                live.push((va, len, write));
+            } else if !live.is_empty() {
+                let (va, len, _) = live.swap_remove(rand(live.len() as u64) as usize);
+                s.unshare(va, len);
+                let (first, n) = SharedPages::span(va, len);
+                for page in first..first + n {
+                    *users.get_mut(&page).unwrap() -= 1;
+                }
+                if step % 7 != 0 {
+                    s.take_unmaps(&mut ops);
+                }
+            }
+            apply(&ops, &mut mapped);
+            // Every page with users is mapped, writable if one of them writes.
+            for &(va, len, write) in &live {
+                let (first, n) = SharedPages::span(va, len);
+                for page in first..first + n {
+                    let w = mapped.get(&page).copied();
+                    assert!(w.is_some(), "step {step}: {page:#x} not mapped");
+                    assert!(
+                        !write || w == Some(true),
+                        "step {step}: {page:#x} read-only"
+                    );
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        for (va, len, _) in live.drain(..) {
+            s.unshare(va, len);
+        }
+        s.take_unmaps(&mut ops);
+        apply(&ops, &mut mapped);
+        assert!(mapped.is_empty(), "left mapped: {mapped:?}");
+        assert_eq!(s.mapped(), 0);
     }
 
     fn config(bars: [Option<ShadowBar>; 6], high_of: [Option<usize>; 6]) -> DomainConfig {
