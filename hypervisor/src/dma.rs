@@ -28,15 +28,34 @@ const PAGE_SIZE: u64 = 4096;
 
 /// The caller as `dma_batch` sees it.
 pub trait DmaSpace {
-    /// The physical page behind the caller's own page at `va` (page-aligned)
-    /// and whether the caller may write it; `None` if it is not its memory.
-    fn own_page(&self, va: u64) -> Option<(u64, bool)>;
-    /// The page the caller mapped at `va` from a grant with `DEVICE_MAP`,
-    /// and whether that mapping is writable; `None` if there is none.
-    fn device_grant(&self, va: u64) -> Option<(u64, bool)>;
+    /// The piece of the caller's own memory holding `va`: its first virtual
+    /// address, its first physical address, its length in bytes (a run of
+    /// contiguous frames) and whether the caller may write it.
+    fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)>;
+    /// Calls `f(va, phys, writable)` for each page the caller mapped from a
+    /// grant with `DEVICE_MAP` in `[start, end)`, in ascending order.
+    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool));
     /// How many bytes of `va..va + len` its IOMMU domain maps now (`None`:
     /// the range cuts a large page, which strict mode never makes).
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64>;
+}
+
+/// Appends a map of `iova..iova + len` to `pa..`, onto the last change when
+/// it continues it (same permission, both addresses contiguous).
+fn push_map(out: &mut Vec<Change>, iova: u64, pa: u64, len: u64, perm: Perm) {
+    if let Some(Change::Map {
+        iova: i,
+        pa: p,
+        len: l,
+        perm: q,
+    }) = out.last_mut()
+    {
+        if *q == perm && *i + *l == iova && *p + *l == pa {
+            *l += len;
+            return;
+        }
+    }
+    out.push(map(iova, pa, len, perm));
 }
 
 /// A checked operation: its byte range.
@@ -68,10 +87,11 @@ fn range(op: &DmaOp) -> Result<Range, Error> {
 }
 
 /// Checks `ops` (already copied in; the caller checked their count) and
-/// returns the IOMMU changes that carry them out. Every unmap comes before
-/// every map in the result (they never overlap, so that is the order
-/// `Iommu::apply` uses anyway).
-pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> {
+/// puts the IOMMU changes that carry them out in `out` (cleared first).
+/// Every unmap comes before every map (they never overlap, so that is the
+/// order `Iommu::apply` uses anyway). On an error `out` means nothing.
+pub fn plan(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Result<(), Error> {
+    out.clear();
     // Each operation's own checks, in order, before any look at the others.
     for op in ops {
         range(op)?;
@@ -87,45 +107,48 @@ pub fn plan(space: &impl DmaSpace, ops: &[DmaOp]) -> Result<Vec<Change>, Error> 
             }
         }
     }
-    let pages: u64 = ops.iter().map(|op| u64::from(op.pages)).sum();
-    let mut changes = Vec::with_capacity(ops.len() + pages.min(64) as usize);
     for op in ops.iter().filter(|op| !op.is_map()) {
         let r = range(op)?;
         let len = r.end - r.start;
         if space.mapped_bytes(r.start, len) != Some(len) {
             return Err(Error::Invalid);
         }
-        changes.push(Change::Unmap { iova: r.start, len });
+        out.push(Change::Unmap { iova: r.start, len });
     }
     for op in ops.iter().filter(|op| op.is_map()) {
         let r = range(op)?;
         let write = op.is_write();
         let perm = if write { Perm::READ_WRITE } else { Perm::READ };
-        let mut run: Option<(u64, u64, u64)> = None;
-        let mut va = r.start;
-        while va < r.end {
-            let (pa, writable) = space
-                .own_page(va)
-                .or_else(|| space.device_grant(va))
-                .ok_or(Error::BadAddress)?;
-            if write && !writable {
-                return Err(Error::BadAddress);
-            }
-            run = match run {
-                Some((iova, base, n)) if base + n == pa => Some((iova, base, n + PAGE_SIZE)),
-                Some((iova, base, n)) => {
-                    changes.push(map(iova, base, n, perm));
-                    Some((va, pa, PAGE_SIZE))
+        if space.own_region(r.start).is_some() {
+            // Own memory: a piece at a time.
+            let mut at = r.start;
+            while at < r.end {
+                let (rva, rpa, rlen, writable) = space.own_region(at).ok_or(Error::BadAddress)?;
+                if write && !writable {
+                    return Err(Error::BadAddress);
                 }
-                None => Some((va, pa, PAGE_SIZE)),
-            };
-            va += PAGE_SIZE;
+                let n = (rva + rlen).min(r.end) - at;
+                push_map(out, at, rpa + (at - rva), n, perm);
+                at += n;
+            }
+            continue;
         }
-        if let Some((iova, base, n)) = run {
-            changes.push(map(iova, base, n, perm));
+        // Grants: every page of the range, in order, with no gap.
+        let mut next = r.start;
+        let mut bad = false;
+        space.device_grants(r.start, r.end, &mut |va, pa, writable| {
+            if bad || va != next || (write && !writable) {
+                bad = true;
+                return;
+            }
+            push_map(out, va, pa, PAGE_SIZE, perm);
+            next += PAGE_SIZE;
+        });
+        if bad || next != r.end {
+            return Err(Error::BadAddress);
         }
     }
-    Ok(changes)
+    Ok(())
 }
 
 fn map(iova: u64, pa: u64, len: u64, perm: Perm) -> Change {
@@ -164,13 +187,17 @@ mod tests {
     }
 
     impl DmaSpace for Space {
-        fn own_page(&self, va: u64) -> Option<(u64, bool)> {
-            (0x40_0000..0x40_8000)
-                .contains(&va)
-                .then(|| (va - 0x40_0000 + 0x100_0000, va < 0x40_6000))
+        fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)> {
+            match va {
+                0x40_0000..0x40_6000 => Some((0x40_0000, 0x100_0000, 0x6000, true)),
+                0x40_6000..0x40_8000 => Some((0x40_6000, 0x100_6000, 0x2000, false)),
+                _ => None,
+            }
         }
-        fn device_grant(&self, va: u64) -> Option<(u64, bool)> {
-            self.grants.get(&va).copied()
+        fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
+            for (&va, &(pa, w)) in self.grants.range(start..end) {
+                f(va, pa, w);
+            }
         }
         fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
             Some(self.mapped.range(va..va + len).count() as u64 * PAGE_SIZE)
@@ -193,7 +220,10 @@ mod tests {
             op(0x40_0000, 2, 0),
             op(0x40_2000, 6, MAP),
         ];
-        let changes = plan(&s, &ops).unwrap();
+        let mut changes = Vec::new();
+        plan(&s, &ops, &mut changes).unwrap();
+        // Own memory in its pieces (writable or not), each merged where the
+        // frames continue.
         assert_eq!(
             changes,
             [
@@ -206,7 +236,7 @@ mod tests {
                 map(0x40_2000, 0x100_2000, 0x6000, Perm::READ),
             ]
         );
-        let changes = plan(&s, &[op(0x8000_0000, 2, MAP_W)]).unwrap();
+        plan(&s, &[op(0x8000_0000, 2, MAP_W)], &mut changes).unwrap();
         assert_eq!(
             changes,
             [
@@ -220,7 +250,7 @@ mod tests {
     fn hostile_operations_are_refused_in_order() {
         let mut s = Space::new();
         s.mapped.insert(0x40_0000);
-        let refused = |ops: &[DmaOp]| plan(&s, ops).unwrap_err();
+        let refused = |ops: &[DmaOp]| plan(&s, ops, &mut Vec::new()).unwrap_err();
         // Flags first: unknown bits, WRITE on an unmap.
         assert_eq!(refused(&[op(0x40_0000, 1, 4 | MAP)]), Error::Invalid);
         assert_eq!(
@@ -262,6 +292,13 @@ mod tests {
         assert_eq!(refused(&[op(0x8000_0000, 1, 0)]), Error::Invalid);
         // A read-only page may be mapped for reading, and a page mapped already may be
         // mapped again (its permission changes).
-        assert!(plan(&s, &[op(0x40_6000, 2, MAP), op(0x40_0000, 1, MAP_W)]).is_ok());
+        assert!(plan(
+            &s,
+            &[op(0x40_6000, 2, MAP), op(0x40_0000, 1, MAP_W)],
+            &mut Vec::new()
+        )
+        .is_ok());
+        // A grant range with a hole (0x8000_3000 is not granted).
+        assert_eq!(refused(&[op(0x8000_2000, 2, MAP)]), Error::BadAddress);
     }
 }

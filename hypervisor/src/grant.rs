@@ -339,6 +339,25 @@ impl GrantTables {
         s.get(handle).filter(|m| m.device)
     }
 
+    /// Calls `f(host_addr, phys, writable)` for each of `mapper`'s mappings
+    /// made for its devices in `[start, end)`, in ascending order.
+    pub fn device_mappings(
+        &self,
+        mapper: DomId,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, bool),
+    ) {
+        let Some(s) = self.doms.get(&mapper) else {
+            return;
+        };
+        for (&addr, &handle) in s.by_addr.range(start..end) {
+            if let Some(m) = s.get(handle).filter(|m| m.device) {
+                f(addr, m.phys, m.writable);
+            }
+        }
+    }
+
     /// How many mappings `mapper` holds.
     pub fn mapping_count(&self, mapper: DomId) -> usize {
         self.doms.get(&mapper).map_or(0, Dom::live)
@@ -1547,6 +1566,11 @@ mod tests {
         assert_eq!((m.phys, m.writable, m.host_addr), (phys, true, W));
         assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);
         assert_eq!(gt.device_mapping_at(N, W), None);
+        let mut seen = Vec::new();
+        gt.device_mappings(M, W - PAGE_SIZE, W + 4 * PAGE_SIZE, &mut |a, p, w| {
+            seen.push((a, p, w))
+        });
+        assert_eq!(seen, [(W, phys, true)]);
         // A host-only mapping is not for the device.
         let (h2, _) = map(&mut f, &mut gt, &mut p, M, mop(W + PAGE_SIZE, RW, 0, G)).unwrap();
         assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);

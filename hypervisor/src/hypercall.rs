@@ -275,26 +275,20 @@ struct Space<'a> {
 }
 
 impl hypervisor::dma::DmaSpace for Space<'_> {
-    fn own_page(&self, va: u64) -> Option<(u64, bool)> {
+    fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)> {
         if in_grant_window(va) {
             return None;
         }
-        let d = &self.sys.domains[self.idx];
-        d.memory_map
+        self.sys.domains[self.idx]
+            .memory_map
             .iter()
             .find(|&&(rva, _, rlen, _)| va >= rva && va - rva < rlen)
-            .map(|&(rva, rpa, _, w)| (rpa + (va - rva), w))
+            .copied()
     }
 
-    fn device_grant(&self, va: u64) -> Option<(u64, bool)> {
-        if !in_grant_window(va) {
-            return None;
-        }
+    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
         let d = &self.sys.domains[self.idx];
-        self.sys
-            .grants
-            .device_mapping_at(d.domid, va)
-            .map(|m| (m.phys, m.writable))
+        self.sys.grants.device_mappings(d.domid, start, end, f);
     }
 
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
@@ -339,9 +333,14 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     for (op, raw) in ops.iter_mut().zip(bytes.chunks_exact(DMA_OP_SIZE)) {
         *op = DmaOp::decode(raw.try_into().map_err(|_| Error::Invalid)?);
     }
-    let changes = hypervisor::dma::plan(&Space { sys, idx }, ops)?;
-    crate::iommu_hw::apply(sys.domains[idx].domid, &changes).map_err(|_| Error::NoSpace)?;
-    Ok(count)
+    // The change list's memory is kept from call to call.
+    let mut changes = core::mem::take(&mut sys.dma_changes);
+    let planned = hypervisor::dma::plan(&Space { sys, idx }, ops, &mut changes);
+    let applied = planned.and_then(|()| {
+        crate::iommu_hw::apply(sys.domains[idx].domid, &changes).map_err(|_| Error::NoSpace)
+    });
+    sys.dma_changes = changes;
+    applied.map(|()| count)
 }
 
 /// A domain id argument: it must fit a `u16` (larger ones name no domain).

@@ -83,6 +83,9 @@ pub struct Domain {
     pub table: u64,
     /// Functions attached.
     pub attached: u32,
+    /// A large page was mapped in it at some time (unmaps then check first that they split
+    /// none).
+    pub large: bool,
 }
 
 /// What [`Tables::map`] did.
@@ -222,6 +225,7 @@ impl Tables {
                 levels,
                 table,
                 attached: 0,
+                large: false,
             });
         }
         Ok(())
@@ -369,6 +373,9 @@ impl Tables {
                     .set_leaf(mem, &domain, va, to | bits | pte::PS, 2)
                     .map_err(|error| MapFailed { error, done })?;
                 if let Some(replaced) = placed {
+                    if let Some(d) = self.domain_mut(did) {
+                        d.large = true;
+                    }
                     done.replaced |= replaced;
                     done.bytes += LARGE_2M;
                     continue;
@@ -467,8 +474,11 @@ impl Tables {
     ) -> Result<Unmapped, Error> {
         let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
         self.check_range(&domain, iova, len)?;
-        // A dry run first, so a refused unmap changes nothing.
-        self.unmap_pass(mem, &domain, iova, len, false)?;
+        // A dry run first, so a refused unmap changes nothing. Only a large page can refuse,
+        // so a domain that never had one needs none.
+        if domain.large {
+            self.unmap_pass(mem, &domain, iova, len, false)?;
+        }
         let bytes = self.unmap_pass(mem, &domain, iova, len, true)?;
         Ok(Unmapped {
             did,
