@@ -726,67 +726,13 @@ impl<R: Regs, M: TableMemory> Iommu<M> for Vtd<R> {
     /// write-buffer flush where CAP.RWBF).
     fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error> {
         let cm = self.cap.cm();
-        // The span that needs invalidating, and whether anything was mapped at all.
-        let mut span: Option<(u64, u64)> = None;
-        let mut mapped_any = false;
-        let mut unmapped = 0;
-        let mut error = None;
-        fn widen(span: &mut Option<(u64, u64)>, iova: u64, len: u64) {
-            let (lo, hi) = (iova, iova.saturating_add(len));
-            *span = Some(span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
-        }
-        let tables = self.tables_mut()?;
-        let unmaps = changes.iter().filter_map(|c| match *c {
-            Change::Unmap { iova, len } => Some((iova, len)),
-            Change::Map { .. } => None,
-        });
-        for (iova, len) in unmaps {
-            match tables.unmap(mem, did, iova, len) {
-                Ok(u) => {
-                    unmapped += u.bytes;
-                    if u.bytes != 0 {
-                        widen(&mut span, iova, len);
-                    }
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        if error.is_none() {
-            for change in changes {
-                let Change::Map {
-                    iova,
-                    pa,
-                    len,
-                    perm,
-                } = *change
-                else {
-                    continue;
-                };
-                let (done, failed) = match tables.map(mem, did, iova, pa, len, perm) {
-                    Ok(done) => (done, None),
-                    Err(f) => (f.done, Some(f.error)),
-                };
-                if done.bytes != 0 {
-                    mapped_any = true;
-                    if done.replaced || cm {
-                        widen(&mut span, iova, done.bytes);
-                    }
-                }
-                if failed.is_some() {
-                    error = failed;
-                    break;
-                }
-            }
-        }
-        match span {
+        let done = self.tables_mut()?.apply(mem, did, changes, cm);
+        match done.span {
             Some((lo, hi)) => self.invalidate_covering(mem, did, lo, hi)?,
-            None if mapped_any => self.write_buffer_flush()?,
+            None if done.mapped => self.write_buffer_flush()?,
             None => {}
         }
-        error.map_or(Ok(unmapped), Err)
+        done.error.map_or(Ok(done.unmapped), Err)
     }
 
     fn mapped_bytes(&self, mem: &mut M, did: DomainId, iova: u64, len: u64) -> Result<u64, Error> {
