@@ -107,39 +107,32 @@ fn take_buffer(iova: u64) -> Option<DmaBuf> {
     })
 }
 
-/// One page a shared buffer touches (strict mode).
+/// A run of pages shared buffers touch (strict mode), all used by the
+/// same buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PageUse {
-    /// Virtual page number (= I/O page number); [`EMPTY`] in a free slot.
-    page: u64,
-    /// Buffers on it now; 0: mapped, waiting for its unmap.
+struct Extent {
+    /// First page number (= I/O page number) and the one after the last.
+    start: u64,
+    end: u64,
+    /// Buffers on these pages now; 0: mapped, waiting for the unmap.
     users: u32,
     /// Mapped writable for the device.
     write: bool,
 }
 
-/// The page number of a free slot (no page of a domain has it).
-const EMPTY: u64 = u64::MAX;
-
-const FREE: PageUse = PageUse {
-    page: EMPTY,
-    users: 0,
-    write: false,
-};
-
 /// The pages `share` has mapped in strict mode, with how many shared
 /// buffers use each: a page is mapped from the first buffer's `share` until
 /// the last one's `unshare` (and, inside an [`UnmapBatch`], until it ends).
-/// Pure bookkeeping: it says which `dma_batch` operations to make. An
-/// open-addressing hash table (linear probing, backward-shift deletion), so
-/// each page of a buffer costs one lookup however many are mapped.
+/// Pure bookkeeping: it says which `dma_batch` operations to make. Kept as
+/// runs of pages ([`Extent`]s), so a buffer of many pages that shares none
+/// of them costs one entry, split only where buffers overlap (a request
+/// header and its status byte on one page).
 #[derive(Debug, Default)]
 pub struct SharedPages {
-    /// A power of two in size (or empty), at most half full.
-    slots: Vec<PageUse>,
-    len: usize,
-    /// Pages whose last user left, in that order; some may have users again.
-    idle: Vec<u64>,
+    /// Sorted, disjoint.
+    extents: Vec<Extent>,
+    /// Extents with no users (mapped, waiting for their unmap).
+    idle: usize,
     /// Open [`UnmapBatch`]es.
     holding: u32,
     /// The operations of the next `dma_batch` (kept to reuse its memory).
@@ -149,9 +142,8 @@ pub struct SharedPages {
 impl SharedPages {
     pub const fn new() -> Self {
         SharedPages {
-            slots: Vec::new(),
-            len: 0,
-            idle: Vec::new(),
+            extents: Vec::new(),
+            idle: 0,
             holding: 0,
             ops: Vec::new(),
         }
@@ -179,77 +171,30 @@ impl SharedPages {
         (first, last - first + 1)
     }
 
-    fn home(&self, page: u64) -> usize {
-        let bits = self.slots.len().trailing_zeros();
-        (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
-    }
-
-    /// The slot holding `page`, or the free slot where it would go.
-    fn find(&self, page: u64) -> usize {
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(page);
-        loop {
-            match self.slots.get(i) {
-                Some(s) if s.page != page && s.page != EMPTY => i = (i + 1) & mask,
-                _ => return i,
+    /// Splits extent `i` at `page` (inside it): `i` ends there, a copy
+    /// from `page` on follows it.
+    fn split(&mut self, i: usize, page: u64) {
+        if let Some(e) = self.extents.get_mut(i) {
+            let mut tail = *e;
+            e.end = page;
+            tail.start = page;
+            if tail.users == 0 {
+                self.idle += 1;
             }
+            self.extents.insert(i + 1, tail);
         }
     }
 
-    fn get_mut(&mut self, page: u64) -> Option<&mut PageUse> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let i = self.find(page);
-        self.slots.get_mut(i).filter(|s| s.page == page)
-    }
-
-    /// The entry for `page`, and whether it was there (mapped) already; a
-    /// new one has no users and is not writable.
-    fn entry(&mut self, page: u64) -> (&mut PageUse, bool) {
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.grow();
-        }
-        let i = self.find(page);
-        let existed = self.slots[i].page != EMPTY;
-        if !existed {
-            self.slots[i].page = page;
-            self.len += 1;
-        }
-        (&mut self.slots[i], existed)
-    }
-
-    fn grow(&mut self) {
-        let size = (self.slots.len() * 2).max(256);
-        let old = core::mem::replace(&mut self.slots, alloc::vec![FREE; size]);
-        for s in old.into_iter().filter(|s| s.page != EMPTY) {
-            let i = self.find(s.page);
-            self.slots[i] = s;
-        }
-    }
-
-    fn remove(&mut self, page: u64) {
-        if self.slots.is_empty() {
-            return;
-        }
-        let mask = self.slots.len() - 1;
-        let mut hole = self.find(page);
-        if self.slots[hole].page != page {
-            return;
-        }
-        self.slots[hole] = FREE;
-        self.len -= 1;
-        // Move back every later entry of the run that may not skip the hole.
-        let mut i = (hole + 1) & mask;
-        while self.slots[i].page != EMPTY {
-            let home = self.home(self.slots[i].page);
-            // `home` is cyclically outside (hole, i]: the entry belongs at or before the hole.
-            if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
-                self.slots[hole] = self.slots[i];
-                self.slots[i] = FREE;
-                hole = i;
+    /// The index of the first extent that ends after `first`, split so that
+    /// it does not start before `first` (one binary search).
+    fn seek(&mut self, first: u64) -> usize {
+        let i = self.extents.partition_point(|e| e.end <= first);
+        match self.extents.get(i) {
+            Some(e) if e.start < first => {
+                self.split(i, first);
+                i + 1
             }
-            i = (i + 1) & mask;
+            _ => i,
         }
     }
 
@@ -258,16 +203,51 @@ impl SharedPages {
     /// not mapped yet, and pages mapped read-only it needs writable.
     pub fn share(&mut self, va: u64, len: usize, write: bool, ops: &mut Vec<DmaOp>) {
         let (first, n) = Self::span(va, len);
+        if n == 0 {
+            return;
+        }
+        let last = first + n;
         let flags = if write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
-        for page in first..first + n {
-            // An entry with no users is still mapped, waiting for its unmap.
-            let (e, mapped) = self.entry(page);
-            let needs_map = !mapped || (write && !e.write);
-            e.users += 1;
-            e.write |= write;
-            if needs_map {
-                push_run(ops, page, flags);
+        let mut i = self.seek(first);
+        let mut at = first;
+        while at < last {
+            match self.extents.get(i).copied() {
+                // Mapped already (in use, or waiting for its unmap).
+                Some(e) if e.start == at => {
+                    if e.end > last {
+                        self.split(i, last);
+                    }
+                    let idle = &mut self.idle;
+                    let Some(e) = self.extents.get_mut(i) else {
+                        break;
+                    };
+                    if e.users == 0 {
+                        *idle -= 1;
+                    }
+                    e.users += 1;
+                    if write && !e.write {
+                        e.write = true;
+                        push_run(ops, e.start, e.end - e.start, flags);
+                    }
+                    at = e.end;
+                }
+                // A gap up to the next extent or the end: new.
+                next => {
+                    let end = next.map_or(last, |e| e.start.min(last));
+                    self.extents.insert(
+                        i,
+                        Extent {
+                            start: at,
+                            end,
+                            users: 1,
+                            write,
+                        },
+                    );
+                    push_run(ops, at, end - at, flags);
+                    at = end;
+                }
             }
+            i += 1;
         }
     }
 
@@ -275,29 +255,41 @@ impl SharedPages {
     /// pages that no other buffer uses are left for [`Self::take_unmaps`].
     pub fn unshare(&mut self, va: u64, len: usize) {
         let (first, n) = Self::span(va, len);
-        for page in first..first + n {
-            if let Some(e) = self.get_mut(page) {
-                e.users = e.users.saturating_sub(1);
-                if e.users == 0 {
-                    self.idle.push(page);
+        if n == 0 {
+            return;
+        }
+        let last = first + n;
+        let mut i = self.seek(first);
+        while let Some(e) = self.extents.get(i).copied() {
+            if e.start >= last {
+                break;
+            }
+            if e.end > last {
+                self.split(i, last);
+            }
+            if let Some(e) = self.extents.get_mut(i) {
+                if e.users > 0 {
+                    e.users -= 1;
+                    if e.users == 0 {
+                        self.idle += 1;
+                    }
                 }
             }
+            i += 1;
         }
     }
 
     /// Appends an unmap for every page no buffer uses any more (runs of
     /// adjacent pages are one operation) and forgets them.
     pub fn take_unmaps(&mut self, ops: &mut Vec<DmaOp>) {
-        let idle = core::mem::take(&mut self.idle);
-        for &page in &idle {
-            if self.get_mut(page).is_some_and(|e| e.users == 0) {
-                self.remove(page);
-                push_run(ops, page, 0);
-            }
+        if self.idle == 0 {
+            return;
         }
-        // Keep the allocation for next time.
-        self.idle = idle;
-        self.idle.clear();
+        for e in self.extents.iter().filter(|e| e.users == 0) {
+            push_run(ops, e.start, e.end - e.start, 0);
+        }
+        self.extents.retain(|e| e.users != 0);
+        self.idle = 0;
     }
 
     /// Whether unmaps are being held back.
@@ -307,25 +299,26 @@ impl SharedPages {
 
     /// How many pages are mapped now.
     pub fn mapped(&self) -> usize {
-        self.len
+        self.extents
+            .iter()
+            .map(|e| (e.end - e.start) as usize)
+            .sum()
     }
 }
 
-/// Adds page `page` to `ops` with `flags`: onto the last operation when it
-/// ends just before this page with the same flags, else as a new one.
-fn push_run(ops: &mut Vec<DmaOp>, page: u64, flags: u32) {
+/// Adds `pages` pages from page `page` to `ops` with `flags`: onto the last
+/// operation when it ends just before them with the same flags, else as a
+/// new one.
+fn push_run(ops: &mut Vec<DmaOp>, page: u64, pages: u64, flags: u32) {
     let addr = page * PAGE as u64;
+    let pages = pages as u32;
     if let Some(last) = ops.last_mut() {
         if last.flags == flags && last.addr + u64::from(last.pages) * PAGE as u64 == addr {
-            last.pages += 1;
+            last.pages += pages;
             return;
         }
     }
-    ops.push(DmaOp {
-        addr,
-        pages: 1,
-        flags,
-    });
+    ops.push(DmaOp { addr, pages, flags });
 }
 
 static SHARED: Global<SharedPages> = Global::new(SharedPages::new());
@@ -419,16 +412,19 @@ unsafe impl Hal for DomHal {
             return va;
         }
         // A ring's pages are mapped for its life: counting a buffer on them
-        // would unmap them at its `unshare`.
-        let (first, n) = SharedPages::span(va, len);
-        let on_ring = BUFFERS.with(|v| {
-            v.iter().any(|b| {
-                let (bf, bn) = SharedPages::span(b.va(), b.len());
-                first < bf + bn && bf < first + n
-            })
-        });
-        assert!(
-            !on_ring,
+        // would unmap them at its `unshare`. virtio-drivers never shares
+        // its rings, and were it to, the device would lose the ring (and
+        // fault), not gain anything: checked in debug builds only.
+        debug_assert!(
+            {
+                let (first, n) = SharedPages::span(va, len);
+                !BUFFERS.with(|v| {
+                    v.iter().any(|b| {
+                        let (bf, bn) = SharedPages::span(b.va(), b.len());
+                        first < bf + bn && bf < first + n
+                    })
+                })
+            },
             "share of {va:#x}+{len:#x}: it lies on a ring's pages"
         );
         let write = direction != BufferDirection::DriverToDevice;
