@@ -723,8 +723,8 @@ mod tests {
             let provoked = t.iter().any(|c| c.expect == Expected::Err(e));
             assert_eq!(provoked, e != Error::NoSpace, "{}", e.name());
         }
-        assert_eq!(t.len(), 105);
-        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 94);
+        assert_eq!(t.len(), 110);
+        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 99);
     }
 
     #[test]
