@@ -77,8 +77,9 @@ pub enum DmaMode {
     /// All of the domain's memory at I/O address = virtual address, from
     /// the start.
     Static,
-    /// Nothing until `dma_map`; `dma_unmap` removes it with IOTLB
-    /// invalidation.
+    /// Nothing until `dma_map` or `dma_batch` maps it (the domain's own
+    /// pages, or grants it mapped with `DEVICE_MAP`); `dma_unmap` and
+    /// `dma_batch` remove it with IOTLB invalidation before they return.
     Strict,
 }
 

@@ -29,6 +29,7 @@
 //! | 19 | `grant_map` | `ops, count` | operations processed |
 //! | 20 | `grant_unmap` | `ops, count` | operations processed |
 //! | 21 | `grant_copy` | `ops, count` | operations processed |
+//! | 22 | `dma_batch` | `ops, count` | operations processed |
 //!
 //! Grants are `abi::grant`'s: `grant_table_set` names the caller's own
 //! page-aligned, writable pages (at most `grant::MAX_TABLE_PAGES`) as its
@@ -54,7 +55,32 @@
 //! memory is reachable at I/O address = virtual address from the start and
 //! `dma_map` only checks and returns `va`. `dma_unmap` removes a strict
 //! mapping and invalidates the IOTLB before it returns; in static mode it
-//! is [`Error::Invalid`].//!
+//! is [`Error::Invalid`].
+//!
+//! `dma_batch` (strict mode only: [`Error::Invalid`] in static mode,
+//! [`Error::BadDevice`] without devices) carries out `count`
+//! (1..=[`DMA_BATCH_MAX`]) [`DmaOp`]s read from `ops` (readable,
+//! [`DMA_OP_SIZE`] bytes each) as one change of the caller's I/O address
+//! space, at I/O address = virtual address: every unmap, then every map,
+//! then one IOTLB invalidation, all before it returns. A map makes the
+//! pages reachable (writable by the device only with [`dma_flags::WRITE`])
+//! and may replace a mapping already there (to change its permission); an
+//! unmap needs every page of its range mapped. A page may be the caller's
+//! own memory (writable for `WRITE`) or a grant it mapped with `DEVICE_MAP`
+//! (writable for `WRITE`): in strict mode a grant mapped for the device is
+//! reachable only while `dma_batch` has it mapped, and unmapping the grant
+//! unmaps it. Checked whole before anything changes, in this order: the
+//! count ([`Error::BadLength`]), the array ([`Error::BadAddress`]); per
+//! operation, unknown flags or `WRITE` on an unmap ([`Error::Invalid`]),
+//! `pages` 0 ([`Error::BadLength`]), an address not page-aligned or a range
+//! that wraps or reaches the interrupt window (`domain::USER_LIMIT`):
+//! [`Error::BadAddress`]; then ranges
+//! that overlap another operation's ([`Error::Invalid`]); then each page: a
+//! map of a page that is neither (or read-only for `WRITE`):
+//! [`Error::BadAddress`]; an unmap of a page not mapped: [`Error::Invalid`].
+//! A batch the IOMMU cannot complete (no memory for a table) is
+//! [`Error::NoSpace`]: its unmaps are done, some maps may be.
+//!
 //! `wait` blocks until at least one of the caller's ports is pending (or
 //! returns 0 at once with [`WAIT_NONBLOCK`]), then writes the pending set as
 //! a bitmap of [`PORT_WORDS`] `u64`s to `out_ptr` (`words` must be at least
@@ -110,10 +136,11 @@ pub enum Call {
     GrantMap = 19,
     GrantUnmap = 20,
     GrantCopy = 21,
+    DmaBatch = 22,
 }
 
 impl Call {
-    pub const ALL: [Call; 21] = [
+    pub const ALL: [Call; 22] = [
         Call::ConsoleWrite,
         Call::Event,
         Call::Exit,
@@ -135,6 +162,7 @@ impl Call {
         Call::GrantMap,
         Call::GrantUnmap,
         Call::GrantCopy,
+        Call::DmaBatch,
     ];
 
     pub fn from_raw(nr: u64) -> Option<Call> {
@@ -164,6 +192,7 @@ impl Call {
             Call::GrantMap => "grant_map",
             Call::GrantUnmap => "grant_unmap",
             Call::GrantCopy => "grant_copy",
+            Call::DmaBatch => "dma_batch",
         }
     }
 }
@@ -255,6 +284,62 @@ pub const CONSOLE_MAX: u64 = 1024;
 /// Most bytes of one `event` object.
 pub const EVENT_MAX: u64 = 1024;
 
+/// Most operations one `dma_batch` takes.
+pub const DMA_BATCH_MAX: u64 = 64;
+/// Bytes of one [`DmaOp`] in memory.
+pub const DMA_OP_SIZE: usize = 16;
+
+/// [`DmaOp::flags`].
+pub mod dma_flags {
+    /// Map the range (else unmap it).
+    pub const MAP: u32 = 1;
+    /// The device may write the pages (maps only).
+    pub const WRITE: u32 = 2;
+    pub const ALL: u32 = MAP | WRITE;
+}
+
+/// One operation of `dma_batch`: `pages` pages from the page-aligned `addr`
+/// (a virtual address of the caller, which is also the I/O address).
+/// Layout, little-endian: `addr` u64 at 0, `pages` u32 at 8, `flags` u32 at
+/// 12 (`repr(C)` on a little-endian machine, so an array of them is the
+/// wire format as it stands).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DmaOp {
+    pub addr: u64,
+    pub pages: u32,
+    pub flags: u32,
+}
+
+impl DmaOp {
+    pub fn encode(&self) -> [u8; DMA_OP_SIZE] {
+        let mut b = [0u8; DMA_OP_SIZE];
+        b[..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.pages.to_le_bytes());
+        b[12..].copy_from_slice(&self.flags.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; DMA_OP_SIZE]) -> DmaOp {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, f0, f1, f2, f3] = *b;
+        DmaOp {
+            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            pages: u32::from_le_bytes([p0, p1, p2, p3]),
+            flags: u32::from_le_bytes([f0, f1, f2, f3]),
+        }
+    }
+
+    /// Whether it maps (else it unmaps).
+    pub const fn is_map(&self) -> bool {
+        self.flags & dma_flags::MAP != 0
+    }
+
+    /// Whether the device may write (a map's permission).
+    pub const fn is_write(&self) -> bool {
+        self.flags & dma_flags::WRITE != 0
+    }
+}
+
 /// Event-channel ports per domain (numbered 1..NR_PORTS; 0 is invalid).
 pub const NR_PORTS: usize = 256;
 /// `u64` words in a pending-port bitmap.
@@ -278,6 +363,7 @@ pub mod virq {
 }
 
 const _: () = assert!(NR_PORTS.is_multiple_of(64));
+const _: () = assert!(core::mem::size_of::<DmaOp>() == DMA_OP_SIZE);
 const _: () = assert!(PORT_WORDS == 4);
 
 #[cfg(test)]
@@ -290,11 +376,25 @@ mod tests {
             assert_eq!(Call::from_raw(c as u64), Some(c));
         }
         assert_eq!(Call::from_raw(0), None);
-        assert_eq!(Call::from_raw(22), None);
+        assert_eq!(Call::from_raw(23), None);
         for e in Error::ALL {
             assert!(e.to_raw() < 0);
             assert_eq!(decode(e.to_raw()), Err(e));
         }
         assert_eq!(decode(5), Ok(5));
+    }
+
+    #[test]
+    fn dma_ops_round_trip() {
+        let op = DmaOp {
+            addr: 0x8000_1000,
+            pages: 16,
+            flags: dma_flags::MAP | dma_flags::WRITE,
+        };
+        let b = op.encode();
+        assert_eq!(&b[..8], &0x8000_1000u64.to_le_bytes());
+        assert_eq!(DmaOp::decode(&b), op);
+        assert!(op.is_map() && op.is_write());
+        assert!(!DmaOp::default().is_map());
     }
 }

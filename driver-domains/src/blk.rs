@@ -47,8 +47,8 @@ pub const KEYS: &[&str] = &[
 pub const DEFAULT_BATCH: u64 = 8;
 /// Most sectors per request (64 KiB). A request's data is one descriptor
 /// (virtio-drivers 0.13 hands the device each buffer whole; the heap is
-/// contiguous in I/O addresses in static mode, and strict mode bounces
-/// through contiguous pages), so the limit is the bench's, not the queue's.
+/// contiguous in I/O addresses in both modes: strict mode maps the buffer's
+/// own pages), so the limit is the bench's, not the queue's.
 pub const MAX_BATCH: u64 = 128;
 /// Requests in flight unless `depth` says otherwise.
 pub const DEFAULT_DEPTH: u64 = 4;

@@ -34,10 +34,12 @@
 //!   grant-window address this module hands out ([`Window`]); the
 //!   hypervisor maps it for the domain's devices at I/O address = that
 //!   address, so virtio-blk DMAs straight into the frontend's page. In the
-//!   static DMA mode virtio-drivers passes the address through unchanged; in
-//!   the strict mode its `Hal` bounces every buffer, so the data is copied
-//!   once by the CPU after all. Up to [`persistent_budget`] grants per
-//!   frontend stay mapped (persistent grants).
+//!   static DMA mode the page is in the IOMMU while the grant is mapped; in
+//!   the strict mode only while a request that uses it is in the device
+//!   (libdom's `Hal` maps it with `dma_batch`, and the loop's `reap` unmaps
+//!   the pages of the completions it finds in one call, before their
+//!   responses go back). Up to [`persistent_budget`] grants per frontend
+//!   stay mapped (persistent grants).
 //! - **copy**: the device works on page-aligned bounce pages from the heap,
 //!   and the hypervisor copies between them and the frontend's pages
 //!   (batched `grant_copy`, up to 64 operations per call).
@@ -935,11 +937,16 @@ mod domain {
         /// Takes every completion in the used ring; returns how many.
         fn reap(&mut self) -> u64 {
             let mut n = 0;
+            // Strict DMA: the pages of every completion found here are
+            // unmapped in one call when the batch ends, before any request
+            // goes back to its backend.
+            let unmaps = libdom::virtio::UnmapBatch::begin();
+            let mut done = Vec::new();
             while let Some(token) = self.blk.peek_used() {
                 let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
                 else {
                     self.broken = Some("the device completed a request we did not make");
-                    return n;
+                    break;
                 };
                 let s = &mut self.slots[slot];
                 let r = match dir {
@@ -963,8 +970,12 @@ mod domain {
                 n += 1;
                 self.stats.completions += 1;
                 if let Some(d) = self.dispatch.finish(slot, r.is_ok()) {
-                    self.complete(d);
+                    done.push(d);
                 }
+            }
+            unmaps.end();
+            for d in done {
+                self.complete(d);
             }
             n
         }

@@ -144,6 +144,7 @@ pub fn table(env: &Env) -> Vec<Case> {
     let irq = Call::DevIrqBind as u64;
     let dmap = Call::DmaMap as u64;
     let dunmap = Call::DmaUnmap as u64;
+    let dbatch = Call::DmaBatch as u64;
     let nb = WAIT_NONBLOCK;
     let words = PORT_WORDS as u64;
     let nr_ports = NR_PORTS as u64;
@@ -164,7 +165,7 @@ pub fn table(env: &Env) -> Vec<Case> {
     let mut t = alloc::vec![
         // Unknown numbers (the upper bits count: no truncation to 32 bits).
         c("unknown-0", 0, [0; 3], E(UnknownCall)),
-        c("unknown-22", 22, [0; 3], E(UnknownCall)),
+        c("unknown-23", 23, [0; 3], E(UnknownCall)),
         c("unknown-999", 999, [0; 3], E(UnknownCall)),
         c("unknown-max", u64::MAX, [0; 3], E(UnknownCall)),
         c(
@@ -583,6 +584,22 @@ pub fn table(env: &Env) -> Vec<Case> {
             [START_INFO_VA, 4096, 0],
             E(Invalid)
         ),
+        // dma_batch: the count, then the array, then the devices.
+        c("dma-batch-none", dbatch, [p(MSG), 0, 0], E(BadLength)),
+        c("dma-batch-too-many", dbatch, [p(MSG), 65, 0], E(BadLength)),
+        c(
+            "dma-batch-kernel-half",
+            dbatch,
+            [KERNEL_DIRECT, 1, 0],
+            E(BadAddress)
+        ),
+        c(
+            "dma-batch-runs-into-unmapped",
+            dbatch,
+            [STACK_TOP - 8, 1, 0],
+            E(BadAddress)
+        ),
+        c("dma-batch-no-device", dbatch, [p(MSG), 1, 0], E(BadDevice)),
     ];
     // A port offered to the peer: it cannot be sent on until bound; closed,
     // it is gone.
@@ -706,8 +723,8 @@ mod tests {
             let provoked = t.iter().any(|c| c.expect == Expected::Err(e));
             assert_eq!(provoked, e != Error::NoSpace, "{}", e.name());
         }
-        assert_eq!(t.len(), 105);
-        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 94);
+        assert_eq!(t.len(), 110);
+        assert_eq!(t.iter().filter(|c| c.expect.is_refusal()).count(), 99);
     }
 
     #[test]

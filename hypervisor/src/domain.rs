@@ -76,8 +76,6 @@ pub struct Domain {
     pub stop_on_dma_fault: bool,
     /// Its devices as its start info lists them (records in `Passthrough`).
     pub devices: Vec<abi::domain::DeviceInfo>,
-    /// Strict-mode DMA mappings it made: (I/O address, bytes).
-    pub dma_maps: Vec<(u64, u64)>,
     /// Grant operations it made, for its `grant_stats` at the end.
     pub grant_stats: [u64; 5],
 }
@@ -300,7 +298,6 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
         dma: spec.dma,
         stop_on_dma_fault: spec.stop_on_dma_fault,
         devices: Vec::new(),
-        dma_maps: Vec::new(),
         grant_stats: [0; 5],
     };
     d.ctx.rdi = START_INFO_VA;

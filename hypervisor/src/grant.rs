@@ -57,7 +57,10 @@
 //! someone else. Xen answers `General` for both and for the read-only case.
 //! `DEVICE_MAP` by a domain without devices maps for the host only and
 //! returns `dev_bus_addr` 0; with devices, the page is at I/O address
-//! `host_addr` too. A failed map returns [`NO_HANDLE`] and `dev_bus_addr` 0.
+//! `host_addr` too: at once in the static DMA mode, and in the strict mode
+//! only while the mapper's `dma_batch` has it mapped (the mapping records
+//! that it may be; [`GrantTables::device_mapping_at`]). A failed map returns
+//! [`NO_HANDLE`] and `dev_bus_addr` 0.
 //!
 //! Unmap ([`GrantTables::unmap_one`]): an unknown handle, or a `host_addr`
 //! that is not the mapping's: `BadHandle`; a non-zero `dev_bus_addr` that
@@ -111,6 +114,9 @@ pub trait GrantEnv {
     fn label(&self, d: DomId) -> &str;
     /// Whether `d` owns devices (has an IOMMU domain to map grants into).
     fn has_devices(&self, d: DomId) -> bool;
+    /// Whether `d`'s DMA is strict: its device grant mappings enter its
+    /// IOMMU domain only through `dma_batch`, not when they are made.
+    fn strict_dma(&self, d: DomId) -> bool;
     /// The physical address of `d`'s own page at virtual page number `vpn`,
     /// if `d` has it mapped (writable, when `write`). Only the domain's own
     /// memory counts: never a grant-window page or a device BAR, so nobody
@@ -134,8 +140,9 @@ pub trait GrantEnv {
     /// Maps `phys` at I/O address `iova` in `d`'s IOMMU domain; false if
     /// it could not.
     fn iommu_map(&mut self, d: DomId, iova: u64, phys: u64, writable: bool) -> bool;
-    /// Removes `d`'s I/O mapping at `iova` and invalidates the IOTLB
-    /// before it returns.
+    /// Removes `d`'s I/O mapping at `iova` (if there is one: a strict
+    /// domain's grant may not be mapped for the device right now) and
+    /// invalidates the IOTLB before it returns.
     fn iommu_unmap(&mut self, d: DomId, iova: u64);
     /// Copies `len` bytes from physical `src` to physical `dst`; neither
     /// range crosses a page, and they may overlap (a `memmove`).
@@ -172,7 +179,9 @@ pub struct Mapping {
     /// Where the mapper sees the page (and its devices, when `device`).
     pub host_addr: u64,
     pub writable: bool,
-    /// Also mapped in the mapper's IOMMU domain at `host_addr`.
+    /// For the mapper's devices at I/O address `host_addr`: mapped in its
+    /// IOMMU domain now (static DMA), or allowed to be by `dma_batch`
+    /// (strict DMA).
     pub device: bool,
     /// The granted page.
     pub phys: u64,
@@ -322,6 +331,33 @@ impl GrantTables {
         self.doms.get(&mapper).and_then(|s| s.get(handle))
     }
 
+    /// `mapper`'s mapping at `host_addr` if it was made for its devices
+    /// (`DEVICE_MAP`, and it has devices): what strict DMA may map.
+    pub fn device_mapping_at(&self, mapper: DomId, host_addr: u64) -> Option<Mapping> {
+        let s = self.doms.get(&mapper)?;
+        let handle = *s.by_addr.get(&host_addr)?;
+        s.get(handle).filter(|m| m.device)
+    }
+
+    /// Calls `f(host_addr, phys, writable)` for each of `mapper`'s mappings
+    /// made for its devices in `[start, end)`, in ascending order.
+    pub fn device_mappings(
+        &self,
+        mapper: DomId,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, u64, bool),
+    ) {
+        let Some(s) = self.doms.get(&mapper) else {
+            return;
+        };
+        for (&addr, &handle) in s.by_addr.range(start..end) {
+            if let Some(m) = s.get(handle).filter(|m| m.device) {
+                f(addr, m.phys, m.writable);
+            }
+        }
+    }
+
     /// How many mappings `mapper` holds.
     pub fn mapping_count(&self, mapper: DomId) -> usize {
         self.doms.get(&mapper).map_or(0, Dom::live)
@@ -404,7 +440,10 @@ impl GrantTables {
             return Err(Status::General);
         }
         let device = op.flags & map_flags::DEVICE_MAP != 0 && env.has_devices(mapper);
-        if device && !env.iommu_map(mapper, host_addr, held.phys, writable) {
+        if device
+            && !env.strict_dma(mapper)
+            && !env.iommu_map(mapper, host_addr, held.phys, writable)
+        {
             env.unmap_page(mapper, host_addr);
             self.release(env, held, true);
             return Err(Status::NoDeviceSpace);
@@ -873,6 +912,8 @@ mod tests {
         race: Option<(u64, u64)>,
         fail_map: bool,
         fail_iommu: bool,
+        /// Domains whose DMA is strict.
+        strict: Vec<DomId>,
     }
 
     impl Fake {
@@ -966,6 +1007,9 @@ mod tests {
         fn has_devices(&self, d: DomId) -> bool {
             self.doms[&d].devices
         }
+        fn strict_dma(&self, d: DomId) -> bool {
+            self.strict.contains(&d)
+        }
         fn translate(&self, d: DomId, vpn: u64, write: bool) -> Option<u64> {
             let (phys, w) = *self.doms.get(&d)?.pages.get(&vpn)?;
             (w || !write).then_some(phys)
@@ -1019,7 +1063,8 @@ mod tests {
             true
         }
         fn iommu_unmap(&mut self, d: DomId, iova: u64) {
-            assert!(self.io.remove(&(d, iova)).is_some());
+            // Only a strict domain's device grant may be absent (not mapped by dma_batch).
+            assert!(self.io.remove(&(d, iova)).is_some() || self.strict.contains(&d));
             self.log.push(Ev::IoUnmap(d, iova));
         }
         fn copy(&mut self, src: u64, dst: u64, len: usize) {
@@ -1506,6 +1551,49 @@ mod tests {
         assert!(f.io.keys().all(|&(d, _)| d == M));
         assert_eq!(f.host[&(N, W)], (phys, true));
         gt.unmap_one(&mut f, N, &uop(W, h)).unwrap();
+    }
+
+    #[test]
+    fn strict_device_maps_reach_the_iommu_only_through_dma_batch() {
+        let (mut f, mut gt, mut p) = setup();
+        f.strict.push(M);
+        let phys = f.phys_of(G, DATA_VPN + 2);
+        let (h, dev) = map(&mut f, &mut gt, &mut p, M, mop(W, DEV, 2, G)).unwrap();
+        // The device address it will have, but nothing in the IOMMU yet.
+        assert_eq!(dev, W);
+        assert!(f.io.is_empty());
+        let m = gt.device_mapping_at(M, W).unwrap();
+        assert_eq!((m.phys, m.writable, m.host_addr), (phys, true, W));
+        assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);
+        assert_eq!(gt.device_mapping_at(N, W), None);
+        let mut seen = Vec::new();
+        gt.device_mappings(M, W - PAGE_SIZE, W + 4 * PAGE_SIZE, &mut |a, p, w| {
+            seen.push((a, p, w))
+        });
+        assert_eq!(seen, [(W, phys, true)]);
+        // A host-only mapping is not for the device.
+        let (h2, _) = map(&mut f, &mut gt, &mut p, M, mop(W + PAGE_SIZE, RW, 0, G)).unwrap();
+        assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);
+        gt.unmap_one(&mut f, M, &uop(W + PAGE_SIZE, h2)).unwrap();
+        // dma_batch mapped it; unmapping the grant takes it out of the IOMMU too, before
+        // the granter's flags clear.
+        f.io.insert((M, W), (phys, true));
+        f.log.clear();
+        gt.unmap_one(&mut f, M, &uop(W, h)).unwrap();
+        assert_eq!(
+            f.log,
+            vec![
+                Ev::Unmap(M, W),
+                Ev::IoUnmap(M, W),
+                Ev::Clear(f.entry_phys(G, 2), flags::READING | flags::WRITING),
+            ]
+        );
+        assert!(f.io.is_empty());
+        assert_eq!(gt.device_mapping_at(M, W), None);
+        // Not mapped by dma_batch at the time: the unmap still asks (and finds nothing).
+        let (h, _) = map(&mut f, &mut gt, &mut p, M, mop(W, DEV, 2, G)).unwrap();
+        gt.unmap_one(&mut f, M, &uop(W, h)).unwrap();
+        assert!(f.io.is_empty() && f.host.is_empty());
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl GrantEnv for Env<'_> {
         self.get(d).is_some_and(|dom| !dom.devices.is_empty())
     }
 
+    fn strict_dma(&self, d: DomId) -> bool {
+        self.get(d)
+            .is_some_and(|dom| dom.dma == abi::domain::DmaMode::Strict)
+    }
+
     fn translate(&self, d: DomId, vpn: u64, write: bool) -> Option<u64> {
         self.get(d)?.translate(vpn, write)
     }

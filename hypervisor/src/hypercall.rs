@@ -180,6 +180,7 @@ fn handle(sys: &mut System, idx: usize, call: Call, a: [u64; 4]) -> Result<Outco
             dma_unmap(sys, idx, a[0], a[1])?;
             ok(0)
         }
+        Call::DmaBatch => dma_batch(sys, idx, a[0], a[1]).map(|n| Outcome::Return(n as i64)),
     }
 }
 
@@ -197,7 +198,9 @@ fn device_arg(sys: &System, idx: usize, dev: u64) -> Result<usize, Error> {
 
 const PAGE: u64 = 4096;
 
-/// `dma_map`: the range must be page-aligned and the caller's own memory.
+/// `dma_map`: the range must be page-aligned and the caller's own memory;
+/// in strict mode none of it may be mapped already. Each piece gets the
+/// permission its pages have.
 fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error> {
     if len == 0 || !len.is_multiple_of(PAGE) {
         return Err(Error::BadLength);
@@ -213,10 +216,10 @@ fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error
     if d.dma == abi::domain::DmaMode::Static {
         return Ok(va);
     }
-    if d.dma_maps.iter().any(|&(s, l)| va < s + l && s < va + len) {
+    if crate::iommu_hw::mapped_bytes(d.domid, va, len) != Some(0) {
         return Err(Error::Invalid);
     }
-    // Map each piece of the range with the permission its pages have.
+    let mut changes = alloc::vec::Vec::new();
     let mut at = va;
     while at < va + len {
         let &(rva, rpa, rlen, writable) = d
@@ -225,29 +228,119 @@ fn dma_map(sys: &mut System, idx: usize, va: u64, len: u64) -> Result<u64, Error
             .find(|&&(rva, _, rlen, _)| at >= rva && at < rva + rlen)
             .ok_or(Error::BadAddress)?;
         let n = (rva + rlen).min(va + len) - at;
-        crate::iommu_hw::map(d.domid, at, rpa + (at - rva), n, writable)
-            .map_err(|_| Error::NoSpace)?;
+        changes.push(iommu::Change::Map {
+            iova: at,
+            pa: rpa + (at - rva),
+            len: n,
+            perm: if writable {
+                iommu::Perm::READ_WRITE
+            } else {
+                iommu::Perm::READ
+            },
+        });
         at += n;
     }
-    sys.domains[idx].dma_maps.push((va, len));
+    crate::iommu_hw::apply(d.domid, &changes).map_err(|_| Error::NoSpace)?;
     Ok(va)
 }
 
-/// `dma_unmap`: exactly a range `dma_map` gave; the IOTLB is invalidated
-/// before this returns.
+/// `dma_unmap`: every page of the range must be mapped (strict mode); the
+/// IOTLB is invalidated before this returns.
 fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Error> {
-    let d = &mut sys.domains[idx];
+    let d = &sys.domains[idx];
     if d.dma == abi::domain::DmaMode::Static || d.devices.is_empty() {
         return Err(Error::Invalid);
     }
-    let i = d
-        .dma_maps
-        .iter()
-        .position(|&m| m == (iova, len))
-        .ok_or(Error::Invalid)?;
-    crate::iommu_hw::unmap(d.domid, iova, len);
-    d.dma_maps.swap_remove(i);
-    Ok(())
+    if len == 0
+        || !len.is_multiple_of(PAGE)
+        || !iova.is_multiple_of(PAGE)
+        || crate::iommu_hw::mapped_bytes(d.domid, iova, len) != Some(len)
+    {
+        return Err(Error::Invalid);
+    }
+    crate::iommu_hw::apply(d.domid, &[iommu::Change::Unmap { iova, len }])
+        .map_err(|_| Error::NoSpace)
+}
+
+/// Whether `va` lies in the grant window (where a domain's own memory never is).
+fn in_grant_window(va: u64) -> bool {
+    use abi::grant::{GRANT_WINDOW, GRANT_WINDOW_SIZE};
+    (GRANT_WINDOW..GRANT_WINDOW + GRANT_WINDOW_SIZE).contains(&va)
+}
+
+/// The caller of a `dma_batch`, as `hypervisor::dma::plan` checks it.
+struct Space<'a> {
+    sys: &'a System,
+    idx: usize,
+}
+
+impl hypervisor::dma::DmaSpace for Space<'_> {
+    fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)> {
+        if in_grant_window(va) {
+            return None;
+        }
+        self.sys.domains[self.idx]
+            .memory_map
+            .iter()
+            .find(|&&(rva, _, rlen, _)| va >= rva && va - rva < rlen)
+            .copied()
+    }
+
+    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
+        let d = &self.sys.domains[self.idx];
+        self.sys.grants.device_mappings(d.domid, start, end, f);
+    }
+
+    fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
+        crate::iommu_hw::mapped_bytes(self.sys.domains[self.idx].domid, va, len)
+    }
+}
+
+/// `dma_batch`: `count` operations at `ptr`, checked whole
+/// (`hypervisor::dma::plan`), then one IOMMU batch with one invalidation.
+fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
+    use abi::hypercall::{DmaOp, DMA_BATCH_MAX, DMA_OP_SIZE};
+    /// Batches up to this many operations are decoded on the stack.
+    const SMALL: usize = 4;
+    if count == 0 || count > DMA_BATCH_MAX {
+        return Err(Error::BadLength);
+    }
+    let n = count as usize;
+    let mut small = [0u8; SMALL * DMA_OP_SIZE];
+    let mut large = alloc::vec::Vec::new();
+    let bytes = if n <= SMALL {
+        &mut small[..n * DMA_OP_SIZE]
+    } else {
+        large.resize(n * DMA_OP_SIZE, 0);
+        &mut large[..]
+    };
+    copy_in(sys, idx, ptr, bytes)?;
+    let d = &sys.domains[idx];
+    if d.devices.is_empty() {
+        return Err(Error::BadDevice);
+    }
+    if d.dma == abi::domain::DmaMode::Static {
+        return Err(Error::Invalid);
+    }
+    let mut small_ops = [DmaOp::default(); SMALL];
+    let mut large_ops = alloc::vec::Vec::new();
+    let ops = if n <= SMALL {
+        &mut small_ops[..n]
+    } else {
+        large_ops.resize(n, DmaOp::default());
+        &mut large_ops[..]
+    };
+    for (op, raw) in ops.iter_mut().zip(bytes.chunks_exact(DMA_OP_SIZE)) {
+        *op = DmaOp::decode(raw.try_into().map_err(|_| Error::Invalid)?);
+    }
+    // The change list's memory is kept from call to call.
+    let mut changes = core::mem::take(&mut sys.dma_changes);
+    let planned = hypervisor::dma::plan(&Space { sys, idx }, ops, &mut changes);
+    let applied = planned.and_then(|()| {
+        crate::iommu_hw::apply(sys.domains[idx].domid, &changes).map_err(|_| Error::NoSpace)
+    });
+    sys.dma_changes = changes;
+    applied.map(|()| count)
 }
 
 /// A domain id argument: it must fit a `u16` (larger ones name no domain).

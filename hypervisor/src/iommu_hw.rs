@@ -16,7 +16,7 @@ use crate::{console, log};
 use abi::ev::{self, Bdf};
 use hypervisor::layout::{DIRECT_MAP, PAGE_SIZE};
 use iommu::vtd::{remappable_msi, Config, Irte, Regs, Vtd};
-use iommu::{FaultRecord, Iommu, Perm, TableMemory};
+use iommu::{Change, FaultRecord, Iommu, Perm, TableMemory};
 
 /// Entries in the interrupt-remapping table.
 const IR_ENTRIES: u32 = 256;
@@ -229,6 +229,35 @@ pub fn map(did: u16, iova: u64, pa: u64, len: u64, writable: bool) -> Result<(),
         h.vtd.map(&mut h.mem, did, iova, pa, len, perm)
     })
     .map_err(|_| "IOMMU mapping failed")
+}
+
+/// Carries out `changes` in IOMMU domain `did` as one batch (unmaps, then
+/// maps, then one IOTLB invalidation: `Iommu::apply`); the invalidation has
+/// completed when this returns, also when it fails part-way (then every
+/// unmap is done, some maps may be).
+pub fn apply(did: u16, changes: &[Change]) -> Result<(), &'static str> {
+    let mut g = UNIT.lock();
+    let h = g.as_mut().ok_or("no DMA remapping unit")?;
+    let before = h.vtd.invalidation_counts().iotlb();
+    let r = h.vtd.apply(&mut h.mem, did, changes);
+    let after = h.vtd.invalidation_counts().iotlb();
+    let maps = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Map { .. }))
+        .count() as u64;
+    let e = h.per_domain.entry(did).or_default();
+    e.0 += maps;
+    e.1 += changes.len() as u64 - maps;
+    e.2 += after - before;
+    r.map(drop).map_err(|_| "IOMMU batch failed")
+}
+
+/// How many bytes of `[iova, iova + len)` IOMMU domain `did` maps now
+/// (`None` without a unit, or for a range that cuts a large page).
+pub fn mapped_bytes(did: u16, iova: u64, len: u64) -> Option<u64> {
+    let mut g = UNIT.lock();
+    let h = g.as_mut()?;
+    h.vtd.mapped_bytes(&mut h.mem, did, iova, len).ok()
 }
 
 /// Unmaps a range; the IOTLB is invalidated before this returns.

@@ -8,6 +8,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod dma;
 pub mod domev;
 pub mod elf;
 pub mod evtchn;

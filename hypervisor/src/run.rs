@@ -48,6 +48,9 @@ pub struct System {
     /// TSC when `current`'s slice ends.
     slice_end: u64,
     exit_rule: ExitRule,
+    /// `dma_batch`'s list of IOMMU changes, kept so that a call allocates
+    /// nothing once it has grown.
+    pub dma_changes: Vec<iommu::Change>,
 }
 
 static SYSTEM: Lock<Option<System>> = Lock::new(None);
@@ -97,6 +100,7 @@ pub fn start(
         dispatched_at: 0,
         slice_end: 0,
         exit_rule: manifest.exit_rule(),
+        dma_changes: Vec::new(),
     };
     let mut ends = Vec::new();
     for (i, d) in specs.iter().enumerate() {

@@ -103,6 +103,20 @@ impl Perm {
     }
 }
 
+/// One change of a batch ([`Iommu::apply`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Map `iova..iova + len` to `pa..pa + len` with `perm` (replacing what is there).
+    Map {
+        iova: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+    },
+    /// Unmap `iova..iova + len` (what of it is mapped).
+    Unmap { iova: u64, len: u64 },
+}
+
 /// A function's attachment as the live tables hold it (VT-d: its context entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -268,6 +282,16 @@ pub trait Iommu<M: TableMemory> {
     /// Unmaps `iova..iova + len` of domain `did` and invalidates it; returns how many of those
     /// bytes were mapped.
     fn unmap(&mut self, mem: &mut M, did: DomainId, iova: u64, len: u64) -> Result<u64, Error>;
+
+    /// Carries out `changes` in domain `did` as one batch: every unmap first, then every map
+    /// (the caller gives ranges that do not overlap, so the order does not change the result),
+    /// then one IOTLB invalidation covering everything that needs one, before it returns.
+    /// Returns the bytes the unmaps removed. On an error the unmaps that were done are
+    /// invalidated before it returns; some maps may be in place (unmap them).
+    fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error>;
+
+    /// How many bytes of `iova..iova + len` of domain `did` are mapped now.
+    fn mapped_bytes(&self, mem: &mut M, did: DomainId, iova: u64, len: u64) -> Result<u64, Error>;
 
     /// `bdf`'s attachment read back from the live tables.
     fn attachment(&self, mem: &mut M, bdf: Bdf) -> Option<Attachment>;

@@ -217,3 +217,19 @@ pub fn dma_map(va: u64, len: u64) -> Result<u64, Error> {
 pub fn dma_unmap(iova: u64, len: u64) -> Result<(), Error> {
     call(Call::DmaUnmap, [iova, len, 0]).map(drop)
 }
+
+/// Carries out up to [`abi::hypercall::DMA_BATCH_MAX`] strict-mode DMA
+/// operations as one change of our I/O address space (`dma_batch`): every
+/// unmap, then every map, then one IOTLB invalidation, all done when it
+/// returns. Checked whole: on an error nothing changed (but for `NoSpace`,
+/// after which the unmaps are done). Returns the operations processed.
+pub fn dma_batch(ops: &[abi::hypercall::DmaOp]) -> Result<usize, Error> {
+    use abi::hypercall::DMA_BATCH_MAX;
+    if ops.is_empty() || ops.len() as u64 > DMA_BATCH_MAX {
+        return Err(Error::BadLength);
+    }
+    const _: () = assert!(cfg!(target_endian = "little"));
+    // `DmaOp` is `repr(C)` and this machine little-endian: the slice is
+    // the wire format. The hypervisor only reads it.
+    call(Call::DmaBatch, [ops.as_ptr() as u64, ops.len() as u64, 0]).map(|n| n as usize)
+}

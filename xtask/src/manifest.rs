@@ -39,7 +39,8 @@
 //! devices = ["05.0"]        # PCI functions it owns: addresses of [[device]]s, at most 4;
 //!                           # each device is owned by at most one domain; default none
 //! dma = "static"            # "static" (default): all its memory at I/O address = virtual
-//!                           # address; "strict": only what it dma_maps, unmapped on dma_unmap
+//!                           # address; "strict": only what it maps (dma_map, dma_batch),
+//!                           # until it unmaps it (IOTLB invalidated before the call returns)
 //! on_dma_fault = "stop"     # "stop" (default): a DMA fault of its device ends it;
 //!                           # "report": the fault is reported and it runs on
 //!

@@ -179,6 +179,20 @@ pub fn page_blocks(iova: u64, len: u64, mamv: u8) -> impl Iterator<Item = (u64, 
     })
 }
 
+/// The smallest naturally aligned block of 2^AM pages that covers `lo..hi` (4 KiB-aligned,
+/// `lo < hi`): `(address, AM)`, what one page-selective IOTLB invalidation names. `None` for
+/// an empty range.
+pub fn covering_block(lo: u64, hi: u64) -> Option<(u64, u8)> {
+    if hi <= lo {
+        return None;
+    }
+    let (first, last) = (lo / PAGE_SIZE, (hi - 1) / PAGE_SIZE);
+    // The pages share every bit above the highest one in which they differ.
+    let am = 64 - (first ^ last).leading_zeros();
+    let base = if am >= 64 { 0 } else { first >> am << am };
+    Some((base * PAGE_SIZE, am as u8))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +249,31 @@ mod tests {
             })
         );
         assert_eq!(Invalidation::IecGlobal.register_command(false, false), None);
+    }
+
+    #[test]
+    fn covering_blocks() {
+        assert_eq!(covering_block(0x5000, 0x6000), Some((0x5000, 0)));
+        assert_eq!(covering_block(0x4000, 0x6000), Some((0x4000, 1)));
+        // Two pages astride a 16 KiB boundary: the 32 KiB block around them.
+        assert_eq!(covering_block(0x3000, 0x5000), Some((0, 3)));
+        assert_eq!(
+            covering_block(0x8000_0000, 0x8001_0000),
+            Some((0x8000_0000, 4))
+        );
+        assert_eq!(
+            covering_block(0x8000_f000, 0x8001_1000),
+            Some((0x8000_0000, 5))
+        );
+        assert_eq!(covering_block(0x40_0000, 0x8000_1000), Some((0, 20)));
+        assert_eq!(covering_block(0x1000, 0x1000), None);
+        // Every page of the range lies in the block, and the block is aligned to its size.
+        for (lo, hi) in [(0x1000u64, 0x9000u64), (0x7f000, 0x81000), (0, 0x1000)] {
+            let (addr, am) = covering_block(lo, hi).unwrap();
+            let size = 4096u64 << am;
+            assert_eq!(addr % size, 0);
+            assert!(addr <= lo && hi <= addr + size);
+        }
     }
 
     #[test]

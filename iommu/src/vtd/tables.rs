@@ -17,7 +17,7 @@
 //! still walk it.
 
 use super::regs::{level_address_bits, Cap, Ecap};
-use crate::api::{Attachment, DomainId, Error, Perm, TableMemory, PAGE_SIZE};
+use crate::api::{Attachment, Change, DomainId, Error, Perm, TableMemory, PAGE_SIZE};
 use crate::Bdf;
 
 /// Root entry fields.
@@ -83,6 +83,9 @@ pub struct Domain {
     pub table: u64,
     /// Functions attached.
     pub attached: u32,
+    /// A large page was mapped in it at some time (unmaps then check first that they split
+    /// none).
+    pub large: bool,
 }
 
 /// What [`Tables::map`] did.
@@ -92,6 +95,35 @@ pub struct Mapped {
     pub bytes: u64,
     /// A present mapping was replaced (needs invalidation even without caching mode).
     pub replaced: bool,
+}
+
+/// The level-1 table a run of 4 KiB entries is being written in (the 2 MiB region it maps,
+/// its address) and the entries written there, not flushed yet.
+#[derive(Clone, Copy, Debug, Default)]
+struct LeafRun {
+    table: Option<(u64, u64)>,
+    dirty: Option<(usize, usize)>,
+}
+
+/// What [`Tables::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Bytes the unmaps removed.
+    pub unmapped: u64,
+    /// The smallest range covering everything that needs invalidating: what was unmapped,
+    /// what replaced a present entry, and (`all_maps`) everything mapped.
+    pub span: Option<(u64, u64)>,
+    /// Something was mapped.
+    pub mapped: bool,
+    /// Where it stopped, if it did; what came before stays done.
+    pub error: Option<Error>,
+}
+
+impl Applied {
+    fn widen(&mut self, iova: u64, len: u64) {
+        let (lo, hi) = (iova, iova.saturating_add(len));
+        self.span = Some(self.span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+    }
 }
 
 /// A [`Tables::map`] that stopped part-way.
@@ -222,6 +254,7 @@ impl Tables {
                 levels,
                 table,
                 attached: 0,
+                large: false,
             });
         }
         Ok(())
@@ -343,12 +376,35 @@ impl Tables {
         len: u64,
         perm: Perm,
     ) -> Result<Mapped, MapFailed> {
+        let domain = self.domain(did).ok_or(MapFailed {
+            error: Error::NoDomain(did),
+            done: Mapped::default(),
+        })?;
+        let mut run = LeafRun::default();
+        let r = self.map_in(mem, &domain, iova, pa, len, perm, &mut run);
+        self.end_run(mem, &mut run);
+        r
+    }
+
+    /// [`Tables::map`] in `domain`, writing 4 KiB entries through `run`: the level-1 table
+    /// last used is reused while the pages stay in its 2 MiB (no walk), and the entries written
+    /// there are flushed together when the run moves on ([`Tables::end_run`]).
+    #[allow(clippy::too_many_arguments)]
+    fn map_in<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &Domain,
+        iova: u64,
+        pa: u64,
+        len: u64,
+        perm: Perm,
+        run: &mut LeafRun,
+    ) -> Result<Mapped, MapFailed> {
         let fail = |error| MapFailed {
             error,
             done: Mapped::default(),
         };
-        let domain = self.domain(did).ok_or(fail(Error::NoDomain(did)))?;
-        self.check_range(&domain, iova, len).map_err(fail)?;
+        self.check_range(domain, iova, len).map_err(fail)?;
         if !pa.is_multiple_of(PAGE_SIZE) {
             return Err(fail(Error::Unaligned));
         }
@@ -360,28 +416,160 @@ impl Tables {
         let mut done = Mapped::default();
         while done.bytes < len {
             let (va, to, rest) = (iova + done.bytes, pa + done.bytes, len - done.bytes);
-            let mut step = PAGE_SIZE;
-            let mut placed = None;
             if self.large_pages()
                 && va.is_multiple_of(LARGE_2M)
                 && to.is_multiple_of(LARGE_2M)
                 && rest >= LARGE_2M
             {
-                placed = self
-                    .set_leaf(mem, &domain, va, to | bits | pte::PS, 2)
+                self.end_run(mem, run);
+                let placed = self
+                    .set_leaf(mem, domain, va, to | bits | pte::PS, 2)
                     .map_err(|error| MapFailed { error, done })?;
-                step = LARGE_2M;
+                if let Some(replaced) = placed {
+                    if let Some(d) = self.domain_mut(domain.did) {
+                        d.large = true;
+                    }
+                    done.replaced |= replaced;
+                    done.bytes += LARGE_2M;
+                    continue;
+                }
             }
-            if placed.is_none() {
-                step = PAGE_SIZE;
-                placed = self
-                    .set_leaf(mem, &domain, va, to | bits, 1)
-                    .map_err(|error| MapFailed { error, done })?;
+            // 4 KiB pages: every entry of this level-1 table the range covers.
+            let region = va & !(LARGE_2M - 1);
+            let table = match run.table {
+                Some((r, t)) if r == region => t,
+                _ => {
+                    self.end_run(mem, run);
+                    let t = self
+                        .table_at(mem, domain, va, 1, true)
+                        .map_err(|error| MapFailed { error, done })?
+                        .ok_or(MapFailed {
+                            error: Error::OutOfFrames,
+                            done,
+                        })?;
+                    run.table = Some((region, t));
+                    t
+                }
+            };
+            let mut index = pte::index(va, 1);
+            while index < 512 && done.bytes < len {
+                let addr = table + index as u64 * 8;
+                done.replaced |= read(mem, addr) & (pte::R | pte::W) != 0;
+                write(mem, addr, (pa + done.bytes) | bits);
+                run.dirty = Some(
+                    run.dirty
+                        .map_or((index, index), |(lo, hi)| (lo.min(index), hi.max(index))),
+                );
+                done.bytes += PAGE_SIZE;
+                index += 1;
             }
-            done.replaced |= placed == Some(true);
-            done.bytes += step;
         }
         Ok(done)
+    }
+
+    /// Flushes the entries `run` wrote in its level-1 table and forgets the table.
+    fn end_run<M: TableMemory>(&self, mem: &mut M, run: &mut LeafRun) {
+        if let (Some((_, table)), Some((lo, hi))) = (run.table, run.dirty) {
+            self.sync(mem, table + lo as u64 * 8, (hi - lo + 1) * 8);
+        }
+        *run = LeafRun::default();
+    }
+
+    /// Carries out `changes` in domain `did`: every unmap, then every map (the caller's
+    /// ranges do not overlap), the domain looked up once and runs of 4 KiB entries written
+    /// without walking from the top for each change. Stops at the first error, keeping what
+    /// was done. `all_maps`: every range mapped needs invalidating (caching mode), not only
+    /// those that replaced a present entry. The invalidations are the caller's.
+    pub fn apply<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        changes: &[Change],
+        all_maps: bool,
+    ) -> Applied {
+        let mut out = Applied::default();
+        let Some(domain) = self.domain(did) else {
+            out.error = Some(Error::NoDomain(did));
+            return out;
+        };
+        for change in changes {
+            let Change::Unmap { iova, len } = *change else {
+                continue;
+            };
+            match self.unmap_in(mem, &domain, iova, len) {
+                Ok(0) => {}
+                Ok(bytes) => {
+                    out.unmapped += bytes;
+                    out.widen(iova, len);
+                }
+                Err(e) => {
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        }
+        let mut run = LeafRun::default();
+        for change in changes {
+            let Change::Map {
+                iova,
+                pa,
+                len,
+                perm,
+            } = *change
+            else {
+                continue;
+            };
+            let (done, error) = match self.map_in(mem, &domain, iova, pa, len, perm, &mut run) {
+                Ok(done) => (done, None),
+                Err(f) => (f.done, Some(f.error)),
+            };
+            if done.bytes != 0 {
+                out.mapped = true;
+                if done.replaced || all_maps {
+                    out.widen(iova, done.bytes);
+                }
+            }
+            if error.is_some() {
+                out.error = error;
+                break;
+            }
+        }
+        self.end_run(mem, &mut run);
+        out
+    }
+
+    /// The level-`level` table that holds `va`'s entry, walking down from the top and, with
+    /// `create`, making the tables missing on the way. `Ok(None)`: a table is missing and
+    /// `create` is off. A large page on the way is [`Error::SplitsLargePage`].
+    fn table_at<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        domain: &Domain,
+        va: u64,
+        level: u8,
+        create: bool,
+    ) -> Result<Option<u64>, Error> {
+        let mut table = domain.table;
+        let mut at = domain.levels;
+        while at > level {
+            let addr = table + pte::index(va, at) as u64 * 8;
+            let current = read(mem, addr);
+            if current & (pte::R | pte::W) == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                let next = self.new_frame(mem)?;
+                write(mem, addr, next | pte::R | pte::W);
+                self.sync(mem, addr, 8);
+                table = next;
+            } else if current & pte::PS != 0 {
+                return Err(Error::SplitsLargePage { iova: va });
+            } else {
+                table = current & pte::ADDR;
+            }
+            at -= 1;
+        }
+        Ok(Some(table))
     }
 
     /// Writes leaf `entry` for `va` at `level`, creating the tables above it. Returns
@@ -395,23 +583,9 @@ impl Tables {
         entry: u64,
         level: u8,
     ) -> Result<Option<bool>, Error> {
-        let mut table = domain.table;
-        let mut at = domain.levels;
-        while at > level {
-            let addr = table + pte::index(va, at) as u64 * 8;
-            let current = read(mem, addr);
-            if current & (pte::R | pte::W) == 0 {
-                let next = self.new_frame(mem)?;
-                write(mem, addr, next | pte::R | pte::W);
-                self.sync(mem, addr, 8);
-                table = next;
-            } else if current & pte::PS != 0 {
-                return Err(Error::SplitsLargePage { iova: va });
-            } else {
-                table = current & pte::ADDR;
-            }
-            at -= 1;
-        }
+        let Some(table) = self.table_at(mem, domain, va, level, true)? else {
+            return Err(Error::OutOfFrames);
+        };
         let addr = table + pte::index(va, level) as u64 * 8;
         let current = read(mem, addr);
         let present = current & (pte::R | pte::W) != 0;
@@ -433,16 +607,44 @@ impl Tables {
         len: u64,
     ) -> Result<Unmapped, Error> {
         let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
-        self.check_range(&domain, iova, len)?;
-        // A dry run first, so a refused unmap changes nothing.
-        self.unmap_pass(mem, &domain, iova, len, false)?;
-        let bytes = self.unmap_pass(mem, &domain, iova, len, true)?;
+        let bytes = self.unmap_in(mem, &domain, iova, len)?;
         Ok(Unmapped {
             did,
             iova,
             len,
             bytes,
         })
+    }
+
+    /// [`Tables::unmap`] in `domain`: the bytes that were mapped.
+    fn unmap_in<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &Domain,
+        iova: u64,
+        len: u64,
+    ) -> Result<u64, Error> {
+        self.check_range(domain, iova, len)?;
+        // A dry run first, so a refused unmap changes nothing. Only a large page can refuse,
+        // so a domain that never had one needs none.
+        if domain.large {
+            self.unmap_pass(mem, domain, iova, len, false)?;
+        }
+        self.unmap_pass(mem, domain, iova, len, true)
+    }
+
+    /// How many bytes of `iova..iova + len` of domain `did` are mapped (a large page counts
+    /// only whole: one the range cuts is [`Error::SplitsLargePage`]). Changes nothing.
+    pub fn mapped_bytes<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        did: DomainId,
+        iova: u64,
+        len: u64,
+    ) -> Result<u64, Error> {
+        let domain = self.domain(did).ok_or(Error::NoDomain(did))?;
+        self.check_range(&domain, iova, len)?;
+        self.unmap_pass(mem, &domain, iova, len, false)
     }
 
     fn unmap_pass<M: TableMemory>(
@@ -468,7 +670,31 @@ impl Tables {
                     va = ((va | (size - 1)) + 1).min(end);
                     continue 'range;
                 }
-                if level == 1 || entry & pte::PS != 0 {
+                if level == 1 {
+                    // Every entry of this table up to the range's end, in one pass, with one
+                    // flush of the entries cleared.
+                    let first = pte::index(va, 1);
+                    let mut index = first;
+                    let mut cleared: Option<(usize, usize)> = None;
+                    while index < 512 && va < end {
+                        let at = table + index as u64 * 8;
+                        if read(mem, at) & (pte::R | pte::W) != 0 {
+                            if clear {
+                                write(mem, at, 0);
+                                cleared =
+                                    Some(cleared.map_or((index, index), |(lo, _)| (lo, index)));
+                            }
+                            bytes += PAGE_SIZE;
+                        }
+                        va += PAGE_SIZE;
+                        index += 1;
+                    }
+                    if let Some((lo, hi)) = cleared {
+                        self.sync(mem, table + lo as u64 * 8, (hi - lo + 1) * 8);
+                    }
+                    continue 'range;
+                }
+                if entry & pte::PS != 0 {
                     if !va.is_multiple_of(size) || end - va < size {
                         return Err(Error::SplitsLargePage { iova: va });
                     }

@@ -766,6 +766,194 @@ fn large_unmaps_become_domain_selective_and_register_mode_works_too() {
     assert_clean(&mem);
 }
 
+/// Small pages across a 2 MiB boundary (two level-1 tables): map, then unmap a part that
+/// crosses it, each checked page by page against the walk model, flushes included.
+#[test]
+fn runs_of_small_pages_across_level_1_tables_match_the_model() {
+    let (mut mem, mut t) = tables(QEMU_CAP);
+    t.add_domain(&mut mem, 1, 3).unwrap();
+    t.attach(&mut mem, BLK, 1).unwrap();
+    let (iova, pa, len) = (0x1f_c000u64, 0x123_4000u64, 0x9000u64);
+    let done = t.map(&mut mem, 1, iova, pa, len, Perm::READ).unwrap();
+    assert_eq!((done.bytes, done.replaced), (len, false));
+    assert_eq!(t.mapped_bytes(&mut mem, 1, 0x1f_0000, 0x2_0000), Ok(len));
+    let u = t.unmap(&mut mem, 1, 0x1f_e000, 0x4000).unwrap();
+    assert_eq!(u.bytes, 0x4000);
+    assert_eq!(t.mapped_bytes(&mut mem, 1, iova, len), Ok(len - 0x4000));
+    for page in (0x1f_0000..0x21_0000u64).step_by(4096) {
+        let want = if (iova..iova + len).contains(&page) && !(0x1f_e000..0x20_2000).contains(&page)
+        {
+            Ok(pa + (page - iova) + 8)
+        } else {
+            Err(FaultReason::READ_DENIED)
+        };
+        assert_eq!(
+            translate(&mem, &t, QEMU_CAP, BLK, page + 8, Access::Read),
+            want,
+            "{page:#x}"
+        );
+    }
+    // A query that cuts a large page says so; one past the domain's width is refused.
+    t.map(&mut mem, 1, 0x40_0000, 0x40_0000, 2 * MIB, Perm::READ)
+        .unwrap();
+    assert_eq!(
+        t.mapped_bytes(&mut mem, 1, 0x40_0000, 0x1000),
+        Err(Error::SplitsLargePage { iova: 0x40_0000 })
+    );
+    assert_eq!(t.mapped_bytes(&mut mem, 1, 0x40_0000, 2 * MIB), Ok(2 * MIB));
+    assert!(t.mapped_bytes(&mut mem, 1, 1 << 39, 0x1000).is_err());
+}
+
+#[test]
+fn a_batch_is_one_invalidation_and_leaves_nothing_stale() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    // Strict DMA: a request's pages come and go. Map a header page and a 16-page buffer of
+    // scattered frames (a grant window's pages), in one batch.
+    let frames: Vec<u64> = (0..16u64).map(|i| 0x300_0000 + i * 0x3000).collect();
+    let mut changes = std::vec![Change::Map {
+        iova: 0x90_1000,
+        pa: 0x200_1000,
+        len: 4096,
+        perm: Perm::READ,
+    }];
+    changes.extend(frames.iter().enumerate().map(|(i, &pa)| Change::Map {
+        iova: 0x8000_0000 + i as u64 * 4096,
+        pa,
+        len: 4096,
+        perm: Perm::READ_WRITE,
+    }));
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.apply(&mut mem, 1, &changes), Ok(0));
+    // Caching mode: the new mappings are invalidated too, once, over the covering block
+    // (0x90_1000 and 0x8000_0000 differ in bit 31: 2^20 pages, beyond MAMV 18: the domain).
+    assert_eq!(
+        mem.unit().invalidations,
+        [Invalidation::IotlbDomain { did: 1 }]
+    );
+    for (i, &pa) in frames.iter().enumerate() {
+        let iova = 0x8000_0000 + i as u64 * 4096;
+        assert_eq!(mem.dma(BLK, iova + 4, Access::Write), Ok(pa + 4));
+    }
+    assert_eq!(mem.dma(BLK, 0x90_1000, Access::Read), Ok(0x200_1000));
+    assert_eq!(
+        mem.dma(BLK, 0x90_1000, Access::Write),
+        Err(FaultReason::WRITE_DENIED)
+    );
+    // The request completes: unmap its buffer and map the next one's in one batch. The old
+    // pages were just used by the device (their translations are cached); after the batch
+    // none of them translates, and the new ones do.
+    let next: Vec<u64> = (0..16u64).map(|i| 0x500_0000 + i * 0x1000).collect();
+    let mut changes = std::vec![Change::Unmap {
+        iova: 0x8000_0000,
+        len: 16 * 4096,
+    }];
+    changes.push(Change::Map {
+        iova: 0x8001_0000,
+        pa: next[0],
+        len: 16 * 4096,
+        perm: Perm::WRITE,
+    });
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.apply(&mut mem, 1, &changes), Ok(16 * 4096));
+    assert_eq!(
+        mem.unit().invalidations,
+        [Invalidation::IotlbPages {
+            did: 1,
+            addr: 0x8000_0000,
+            am: 5
+        }]
+    );
+    for i in 0..16u64 {
+        assert_eq!(
+            mem.dma(BLK, 0x8000_0000 + i * 4096, Access::Write),
+            Err(FaultReason::WRITE_DENIED),
+            "stale page {i}"
+        );
+        assert_eq!(
+            mem.dma(BLK, 0x8001_0000 + i * 4096, Access::Write),
+            Ok(next[0] + i * 4096)
+        );
+    }
+    // A permission change of a present page needs the invalidation even without caching mode.
+    let (mut mem, mut vtd) = enabled(QEMU_CAP, QEMU_ECAP, &CONFIG);
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    let before = mem.unit().invalidations.len();
+    let only_new = [Change::Map {
+        iova: 0x90_0000,
+        pa: 0x200_0000,
+        len: 4096,
+        perm: Perm::READ,
+    }];
+    assert_eq!(vtd.apply(&mut mem, 1, &only_new), Ok(0));
+    assert_eq!(
+        mem.unit().invalidations.len(),
+        before,
+        "not-present to present"
+    );
+    assert_eq!(
+        mem.dma(BLK, 0x90_0000, Access::Write),
+        Err(FaultReason::WRITE_DENIED)
+    );
+    let upgrade = [Change::Map {
+        iova: 0x90_0000,
+        pa: 0x200_0000,
+        len: 4096,
+        perm: Perm::READ_WRITE,
+    }];
+    assert_eq!(vtd.apply(&mut mem, 1, &upgrade), Ok(0));
+    assert_eq!(
+        mem.unit().invalidations.last(),
+        Some(&Invalidation::IotlbPages {
+            did: 1,
+            addr: 0x90_0000,
+            am: 0
+        })
+    );
+    assert_eq!(mem.dma(BLK, 0x90_0000, Access::Write), Ok(0x200_0000));
+    // An unmap of nothing mapped changes nothing and invalidates nothing.
+    let before = mem.unit().invalidations.len();
+    let nothing = [Change::Unmap {
+        iova: 0xa0_0000,
+        len: 4096,
+    }];
+    assert_eq!(vtd.apply(&mut mem, 1, &nothing), Ok(0));
+    assert_eq!(mem.unit().invalidations.len(), before);
+    assert_clean(&mem);
+}
+
+#[test]
+fn a_failed_batch_still_invalidates_its_unmaps() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    vtd.map(&mut mem, 1, 0x90_0000, 0x200_0000, 4096, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(mem.dma(BLK, 0x90_0000, Access::Write), Ok(0x200_0000));
+    // The map needs new tables (far away) and there are no frames left.
+    mem.frame_limit = Some(mem.frames_in_use());
+    let changes = [
+        Change::Map {
+            iova: 0x40_0000_0000 - 0x1000,
+            pa: 0x300_0000,
+            len: 4096,
+            perm: Perm::READ,
+        },
+        Change::Unmap {
+            iova: 0x90_0000,
+            len: 4096,
+        },
+    ];
+    assert_eq!(vtd.apply(&mut mem, 1, &changes), Err(Error::OutOfFrames));
+    assert_eq!(
+        mem.dma(BLK, 0x90_0000, Access::Write),
+        Err(FaultReason::WRITE_DENIED),
+        "the unmap went first and was invalidated"
+    );
+    assert_clean(&mem);
+}
+
 #[test]
 fn the_queue_wraps() {
     let (mut mem, mut vtd) = qemu();

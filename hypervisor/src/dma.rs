@@ -1,0 +1,304 @@
+//! Strict-mode DMA: what a `dma_batch` asks for, checked whole and turned
+//! into IOMMU changes before anything is touched.
+//!
+//! A driver domain in the strict DMA mode makes a page reachable by its
+//! devices only while a request that uses it is in the device. Its I/O
+//! address space mirrors its virtual one (I/O address = virtual address),
+//! and it may map two kinds of page there:
+//!
+//! - its own memory (the permission the device gets is at most the page's
+//!   own: read-only pages are never writable by the device);
+//! - a page it mapped from a grant with `DEVICE_MAP` (writable only if the
+//!   grant mapping is). In strict mode such a grant is not in the IOMMU
+//!   until a `dma_batch` maps it, and unmapping the grant unmaps it.
+//!
+//! [`plan`] checks the operations against a [`DmaSpace`] (the kernel's view
+//! of the caller: its memory, its grant mappings, its IOMMU domain) in the
+//! order `abi::hypercall` documents and returns the changes for
+//! `iommu::Iommu::apply`: one `Unmap` per unmap operation, and one `Map` per
+//! run of pages whose physical pages are contiguous (an own-memory range is
+//! usually one; grant pages are one each). Nothing is changed on a refusal.
+
+use abi::domain::USER_LIMIT;
+use abi::hypercall::{dma_flags, DmaOp, Error};
+use alloc::vec::Vec;
+use iommu::{Change, Perm};
+
+const PAGE_SIZE: u64 = 4096;
+
+/// The caller as `dma_batch` sees it.
+pub trait DmaSpace {
+    /// The piece of the caller's own memory holding `va`: its first virtual
+    /// address, its first physical address, its length in bytes (a run of
+    /// contiguous frames) and whether the caller may write it.
+    fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)>;
+    /// Calls `f(va, phys, writable)` for each page the caller mapped from a
+    /// grant with `DEVICE_MAP` in `[start, end)`, in ascending order.
+    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool));
+    /// How many bytes of `va..va + len` its IOMMU domain maps now (`None`:
+    /// the range cuts a large page, which strict mode never makes).
+    fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64>;
+}
+
+/// Appends a map of `iova..iova + len` to `pa..`, onto the last change when
+/// it continues it (same permission, both addresses contiguous).
+fn push_map(out: &mut Vec<Change>, iova: u64, pa: u64, len: u64, perm: Perm) {
+    if let Some(Change::Map {
+        iova: i,
+        pa: p,
+        len: l,
+        perm: q,
+    }) = out.last_mut()
+    {
+        if *q == perm && *i + *l == iova && *p + *l == pa {
+            *l += len;
+            return;
+        }
+    }
+    out.push(map(iova, pa, len, perm));
+}
+
+/// A checked operation: its byte range.
+#[derive(Clone, Copy)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+fn range(op: &DmaOp) -> Result<Range, Error> {
+    if op.flags & !dma_flags::ALL != 0 || (op.is_write() && !op.is_map()) {
+        return Err(Error::Invalid);
+    }
+    if op.pages == 0 {
+        return Err(Error::BadLength);
+    }
+    if !op.addr.is_multiple_of(PAGE_SIZE) {
+        return Err(Error::BadAddress);
+    }
+    let end = u64::from(op.pages)
+        .checked_mul(PAGE_SIZE)
+        .and_then(|len| op.addr.checked_add(len))
+        .filter(|&end| end <= USER_LIMIT)
+        .ok_or(Error::BadAddress)?;
+    Ok(Range {
+        start: op.addr,
+        end,
+    })
+}
+
+/// Checks `ops` (already copied in; the caller checked their count) and
+/// puts the IOMMU changes that carry them out in `out` (cleared first).
+/// Every unmap comes before every map (they never overlap, so that is the
+/// order `Iommu::apply` uses anyway). On an error `out` means nothing.
+pub fn plan(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Result<(), Error> {
+    out.clear();
+    // Each operation's own checks, in order, before any look at the others.
+    for op in ops {
+        range(op)?;
+    }
+    // Overlaps: a batch is a handful of operations (at most DMA_BATCH_MAX),
+    // so pairs are compared directly.
+    for (i, a) in ops.iter().enumerate() {
+        let a = range(a)?;
+        for b in ops.iter().skip(i + 1) {
+            let b = range(b)?;
+            if a.start < b.end && b.start < a.end {
+                return Err(Error::Invalid);
+            }
+        }
+    }
+    for op in ops.iter().filter(|op| !op.is_map()) {
+        let r = range(op)?;
+        let len = r.end - r.start;
+        if space.mapped_bytes(r.start, len) != Some(len) {
+            return Err(Error::Invalid);
+        }
+        out.push(Change::Unmap { iova: r.start, len });
+    }
+    for op in ops.iter().filter(|op| op.is_map()) {
+        let r = range(op)?;
+        let write = op.is_write();
+        let perm = if write { Perm::READ_WRITE } else { Perm::READ };
+        if space.own_region(r.start).is_some() {
+            // Own memory: a piece at a time.
+            let mut at = r.start;
+            while at < r.end {
+                let (rva, rpa, rlen, writable) = space.own_region(at).ok_or(Error::BadAddress)?;
+                if write && !writable {
+                    return Err(Error::BadAddress);
+                }
+                let n = (rva + rlen).min(r.end) - at;
+                push_map(out, at, rpa + (at - rva), n, perm);
+                at += n;
+            }
+            continue;
+        }
+        // Grants: every page of the range, in order, with no gap.
+        let mut next = r.start;
+        let mut bad = false;
+        space.device_grants(r.start, r.end, &mut |va, pa, writable| {
+            if bad || va != next || (write && !writable) {
+                bad = true;
+                return;
+            }
+            push_map(out, va, pa, PAGE_SIZE, perm);
+            next += PAGE_SIZE;
+        });
+        if bad || next != r.end {
+            return Err(Error::BadAddress);
+        }
+    }
+    Ok(())
+}
+
+fn map(iova: u64, pa: u64, len: u64, perm: Perm) -> Change {
+    Change::Map {
+        iova,
+        pa,
+        len,
+        perm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Own memory: 0x40_0000.. (8 pages, the last two read-only) at
+    /// physical 0x100_0000; grants at 0x8000_0000.. on scattered frames.
+    struct Space {
+        grants: BTreeMap<u64, (u64, bool)>,
+        mapped: BTreeSet<u64>,
+    }
+
+    impl Space {
+        fn new() -> Self {
+            let grants = [
+                (0x8000_0000, (0x700_0000, true)),
+                (0x8000_1000, (0x900_0000, true)),
+                (0x8000_2000, (0x900_1000, false)),
+            ];
+            Space {
+                grants: grants.into_iter().collect(),
+                mapped: BTreeSet::new(),
+            }
+        }
+    }
+
+    impl DmaSpace for Space {
+        fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)> {
+            match va {
+                0x40_0000..0x40_6000 => Some((0x40_0000, 0x100_0000, 0x6000, true)),
+                0x40_6000..0x40_8000 => Some((0x40_6000, 0x100_6000, 0x2000, false)),
+                _ => None,
+            }
+        }
+        fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
+            for (&va, &(pa, w)) in self.grants.range(start..end) {
+                f(va, pa, w);
+            }
+        }
+        fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
+            Some(self.mapped.range(va..va + len).count() as u64 * PAGE_SIZE)
+        }
+    }
+
+    fn op(addr: u64, pages: u32, flags: u32) -> DmaOp {
+        DmaOp { addr, pages, flags }
+    }
+
+    const MAP: u32 = dma_flags::MAP;
+    const MAP_W: u32 = dma_flags::MAP | dma_flags::WRITE;
+
+    #[test]
+    fn maps_become_runs_of_contiguous_frames_after_the_unmaps() {
+        let mut s = Space::new();
+        s.mapped.extend([0x40_0000, 0x40_1000]);
+        let ops = [
+            op(0x8000_0000, 3, MAP),
+            op(0x40_0000, 2, 0),
+            op(0x40_2000, 6, MAP),
+        ];
+        let mut changes = Vec::new();
+        plan(&s, &ops, &mut changes).unwrap();
+        // Own memory in its pieces (writable or not), each merged where the
+        // frames continue.
+        assert_eq!(
+            changes,
+            [
+                Change::Unmap {
+                    iova: 0x40_0000,
+                    len: 0x2000
+                },
+                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ),
+                map(0x8000_1000, 0x900_0000, 0x2000, Perm::READ),
+                map(0x40_2000, 0x100_2000, 0x6000, Perm::READ),
+            ]
+        );
+        plan(&s, &[op(0x8000_0000, 2, MAP_W)], &mut changes).unwrap();
+        assert_eq!(
+            changes,
+            [
+                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ_WRITE),
+                map(0x8000_1000, 0x900_0000, 0x1000, Perm::READ_WRITE),
+            ]
+        );
+    }
+
+    #[test]
+    fn hostile_operations_are_refused_in_order() {
+        let mut s = Space::new();
+        s.mapped.insert(0x40_0000);
+        let refused = |ops: &[DmaOp]| plan(&s, ops, &mut Vec::new()).unwrap_err();
+        // Flags first: unknown bits, WRITE on an unmap.
+        assert_eq!(refused(&[op(0x40_0000, 1, 4 | MAP)]), Error::Invalid);
+        assert_eq!(
+            refused(&[op(0x40_0000, 1, dma_flags::WRITE)]),
+            Error::Invalid
+        );
+        assert_eq!(refused(&[op(0x40_0001, 0, 8)]), Error::Invalid);
+        // Then the length, then the address.
+        assert_eq!(refused(&[op(0x40_0001, 0, MAP)]), Error::BadLength);
+        assert_eq!(refused(&[op(0x40_0800, 1, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(!0xfff, 2, MAP)]), Error::BadAddress, "wraps");
+        assert_eq!(
+            refused(&[op(USER_LIMIT - 0x1000, 2, MAP)]),
+            Error::BadAddress,
+            "reaches the interrupt window"
+        );
+        assert_eq!(
+            refused(&[op(0, u32::MAX, MAP)]),
+            Error::BadAddress,
+            "too long"
+        );
+        // Overlapping operations, even a map and an unmap.
+        assert_eq!(
+            refused(&[op(0x40_0000, 2, MAP), op(0x40_1000, 1, MAP)]),
+            Error::Invalid
+        );
+        assert_eq!(
+            refused(&[op(0x40_1000, 1, MAP), op(0x40_0000, 2, 0)]),
+            Error::Invalid
+        );
+        // Pages that are not the caller's, or not writable for WRITE.
+        assert_eq!(refused(&[op(0x30_0000, 1, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x40_7000, 2, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x8000_3000, 1, MAP)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x40_5000, 2, MAP_W)]), Error::BadAddress);
+        assert_eq!(refused(&[op(0x8000_1000, 2, MAP_W)]), Error::BadAddress);
+        // An unmap of a page that is not mapped.
+        assert_eq!(refused(&[op(0x40_0000, 2, 0)]), Error::Invalid);
+        assert_eq!(refused(&[op(0x8000_0000, 1, 0)]), Error::Invalid);
+        // A read-only page may be mapped for reading, and a page mapped already may be
+        // mapped again (its permission changes).
+        assert!(plan(
+            &s,
+            &[op(0x40_6000, 2, MAP), op(0x40_0000, 1, MAP_W)],
+            &mut Vec::new()
+        )
+        .is_ok());
+        // A grant range with a hole (0x8000_3000 is not granted).
+        assert_eq!(refused(&[op(0x8000_2000, 2, MAP)]), Error::BadAddress);
+    }
+}
