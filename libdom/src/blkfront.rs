@@ -250,10 +250,12 @@ impl Pages {
         assert!(i < self.grefs.len());
         let p = self.page(i) as *mut u64;
         for (k, s) in segs.take(blkif::SEGMENTS_PER_INDIRECT_PAGE).enumerate() {
-            let v = u64::from_le_bytes(s.encode());
+            // blkif's segment layout, as a little-endian word.
+            let v =
+                u64::from(s.gref) | u64::from(s.first_sect) << 32 | u64::from(s.last_sect) << 40;
             // SAFETY: 8-aligned and inside page `i` (at most 512 segments
             // of 8 bytes).
-            unsafe { p.add(k).write_volatile(v) };
+            unsafe { p.add(k).write_volatile(v.to_le()) };
         }
     }
 
@@ -319,18 +321,33 @@ impl FreeSet {
         }
     }
 
-    fn take_one(&mut self, page: usize) {
-        self.bits[page / 64] &= !(1 << (page % 64));
-        self.count -= 1;
+    /// Marks pages `start..start + n` free (`free`) or taken, a word at a
+    /// time; how many changed.
+    fn set_range(&mut self, start: usize, n: usize, free: bool) -> usize {
+        let end = (start + n).min(self.len);
+        let mut changed = 0;
+        let mut p = start;
+        while p < end {
+            let w = p / 64;
+            let hi = end.min((w + 1) * 64);
+            let mask = (u64::MAX >> (64 - (hi - p))) << (p % 64);
+            let old = self.bits[w];
+            let new = if free { old | mask } else { old & !mask };
+            changed += (old ^ new).count_ones() as usize;
+            self.bits[w] = new;
+            p = hi;
+        }
+        changed
     }
 
     /// Fills `out` with free pages, ascending: the lowest run of adjacent
-    /// ones that holds them all, else the lowest; false (nothing taken) if
-    /// fewer are free. (No allocation: it runs for every request.)
-    fn take(&mut self, out: &mut [u16]) -> bool {
+    /// ones that holds them all (`Some(true)`), else the lowest
+    /// (`Some(false)`); `None` (nothing taken) if fewer are free. (No
+    /// allocation: it runs for every request.)
+    fn take(&mut self, out: &mut [u16]) -> Option<bool> {
         let n = out.len();
         if n == 0 || self.count < n {
-            return false;
+            return None;
         }
         let mut at = self.next(0, true);
         while at < self.len {
@@ -338,9 +355,9 @@ impl FreeSet {
             if end - at >= n {
                 for (k, o) in out.iter_mut().enumerate() {
                     *o = (at + k) as u16;
-                    self.take_one(at + k);
                 }
-                return true;
+                self.count -= self.set_range(at, n, false);
+                return Some(true);
             }
             at = self.next(end, true);
         }
@@ -348,9 +365,14 @@ impl FreeSet {
         for o in out.iter_mut() {
             at = self.next(at, true);
             *o = at as u16;
-            self.take_one(at);
+            self.count -= self.set_range(at, 1, false);
         }
-        true
+        Some(false)
+    }
+
+    /// Frees the run `start..start + n` (as [`FreeSet::give`]).
+    fn give_run(&mut self, start: u16, n: usize) {
+        self.count += self.set_range(usize::from(start), n, true);
     }
 
     /// Frees `pages` (again: a page already free stays free once).
@@ -491,6 +513,8 @@ struct Slot {
     /// next request is submitted.
     npages: usize,
     write: bool,
+    /// Its pages are one run of adjacent ones.
+    run: bool,
 }
 
 /// A completed request.
@@ -640,6 +664,7 @@ impl Blkfront {
                     busy: None,
                     npages: 0,
                     write: false,
+                    run: false,
                 })
                 .collect(),
             busy: 0,
@@ -842,9 +867,7 @@ impl Blkfront {
         };
         // A pool holds `shape.pages` pages per slot, so a free slot always
         // finds them.
-        if !pool.free.take(pages) {
-            return Err(BlkError::Busy);
-        }
+        let run = pool.free.take(pages).ok_or(BlkError::Busy)?;
         if let Some(d) = data {
             pool.write(pages, d);
         }
@@ -900,6 +923,7 @@ impl Blkfront {
         let s = &mut self.slots[slot];
         s.npages = n;
         s.write = write;
+        s.run = run;
         Ok(slot)
     }
 
@@ -972,14 +996,18 @@ impl Blkfront {
             self.busy &= !(1 << slot);
             // Its pages are free again; `pages` still names them for
             // `read_data` until the next submission takes any.
-            let (npages, write) = (s.npages, s.write);
+            let (npages, write, run) = (s.npages, s.write, s.run);
             let row = slot * self.shape.pages;
             let pool = if write {
                 &mut self.write_pool
             } else {
                 &mut self.read_pool
             };
-            pool.free.give(&self.pages[row..row + npages]);
+            let pages = &self.pages[row..row + npages];
+            match pages.first() {
+                Some(&first) if run => pool.free.give_run(first, npages),
+                _ => pool.free.give(pages),
+            }
             if rsp.status != status::OKAY {
                 self.stats.errors += 1;
             }
@@ -1155,7 +1183,7 @@ mod tests {
         // A steady 11 + 5 page pattern keeps to the same 16 pages.
         for _ in 0..4 {
             let (mut a, mut b) = ([0u16; 11], [0u16; 5]);
-            assert!(p.take(&mut a) && p.take(&mut b));
+            assert!(p.take(&mut a).is_some() && p.take(&mut b).is_some());
             assert_eq!(a.to_vec(), (0..11).collect::<Vec<u16>>());
             assert_eq!(b.to_vec(), (11..16).collect::<Vec<u16>>());
             p.give(&a);
@@ -1166,17 +1194,31 @@ mod tests {
         // Out of order: the lowest run that fits, else the lowest pages.
         let mut p = set(10, &[0, 1, 3, 4, 5, 9]);
         let (mut three, mut two, mut one) = ([0u16; 3], [0u16; 2], [0u16; 1]);
-        assert!(p.take(&mut three) && three == [3, 4, 5]);
-        assert!(p.take(&mut two) && two == [0, 1]);
+        assert!(p.take(&mut three) == Some(true) && three == [3, 4, 5]);
+        assert!(p.take(&mut two) == Some(true) && two == [0, 1]);
         p.give(&[0, 1]);
-        assert!(p.take(&mut three) && three == [0, 1, 9]);
-        assert!(!p.take(&mut one));
+        assert!(p.take(&mut three) == Some(false) && three == [0, 1, 9]);
+        assert_eq!(p.take(&mut one), None);
         p.give(&[4, 4, 3]);
         assert_eq!((free_list(&p), p.count), (vec![3, 4], 2));
-        assert!(!p.take(&mut []));
+        assert_eq!(p.take(&mut []), None);
         // Pages past the set are not given.
         p.give(&[10, 200]);
         assert_eq!(p.count, 2);
+        // A run given back a word at a time, again or not.
+        let mut p = FreeSet::all(200);
+        let mut run = [0u16; 150];
+        assert_eq!(p.take(&mut run), Some(true));
+        assert_eq!(p.count, 50);
+        p.give_run(60, 10);
+        p.give_run(60, 70);
+        assert_eq!(
+            free_list(&p),
+            (60..130).chain(150..200).collect::<Vec<u16>>()
+        );
+        assert_eq!(p.count, 120);
+        p.give_run(190, 20);
+        assert_eq!(p.count, 120);
     }
 
     #[test]
@@ -1184,21 +1226,21 @@ mod tests {
         let mut p = FreeSet::all(POOL_PAGES);
         let mut a = [0u16; 60];
         let mut b = [0u16; 16];
-        assert!(p.take(&mut a) && p.take(&mut b));
+        assert!(p.take(&mut a).is_some() && p.take(&mut b).is_some());
         assert_eq!(b.to_vec(), (60..76).collect::<Vec<u16>>());
         // Holes at 10..14 and 62..64: a run of 16 is found past them.
         p.give(&[10, 11, 12, 13, 62, 63]);
         let mut c = [0u16; 16];
-        assert!(p.take(&mut c));
+        assert_eq!(p.take(&mut c), Some(true));
         assert_eq!(c.to_vec(), (76..92).collect::<Vec<u16>>());
         // 4 fit the first hole; the last page of the set can be taken.
         let mut d = [0u16; 4];
-        assert!(p.take(&mut d) && d == [10, 11, 12, 13]);
+        assert!(p.take(&mut d) == Some(true) && d == [10, 11, 12, 13]);
         let mut rest = vec![0u16; p.count];
-        assert!(p.take(&mut rest));
+        assert_eq!(p.take(&mut rest), Some(false));
         assert_eq!((rest[0], rest[1], *rest.last().unwrap()), (62, 63, 255));
         assert_eq!(p.count, 0);
-        assert!(!p.take(&mut [0u16; 1]));
+        assert_eq!(p.take(&mut [0u16; 1]), None);
     }
 
     #[test]
