@@ -29,8 +29,9 @@
 //! 7. `write_mb`: that many MiB written sequentially from sector 0 (wrapping
 //!    like `seq_mb`) in blocks of `bs`, `depth` blocks in flight, then a
 //!    flush, all timed; the data is not a pattern (the blk driver domain's
-//!    `write_mb` twin writes whatever its buffers hold); `throughput {what:
-//!    "blk-seq-write"}`;
+//!    `write_mb` twin writes whatever its buffers hold, and this writes
+//!    whatever blkfront's pages hold: writes are filled in place, with
+//!    `Blkfront::submit_write_with`); `throughput {what: "blk-seq-write"}`;
 //! 8. the connection is closed cleanly.
 //!
 //! With `expect=denied` the connection must *not* come up (the policy
@@ -203,7 +204,8 @@ pub fn next_rand(mut x: u64) -> u64 {
     x
 }
 
-/// Fills a write's buffer: its first sector, its bytes.
+/// Fills a write's data in place (a page of blkfront's at a time): the
+/// sector it starts at, its bytes.
 type Fill<'a> = &'a dyn Fn(u64, &mut [u8]);
 
 fn data_check(what: &str, bytes: u64, ok: bool) {
@@ -221,7 +223,6 @@ fn stream(
     fill: Option<Fill<'_>>,
     done: &mut dyn FnMut(&Blkfront, Done) -> bool,
 ) -> Result<(u64, u64), BlkError> {
-    let mut buf = vec![0u8; bf.max_request_bytes()];
     let (mut count, mut failed) = (0u64, 0u64);
     let mut batch: Vec<Done> = Vec::with_capacity(abi::blkif::RING_SIZE as usize);
     let mut more = true;
@@ -234,9 +235,8 @@ fn stream(
             };
             match fill {
                 Some(f) => {
-                    let data = &mut buf[..n as usize * SECTOR];
-                    f(sector, data);
-                    bf.submit_write(sector, data)?;
+                    // Straight into blkfront's granted pages.
+                    bf.submit_write_with(sector, n, &mut |s, page| f(s, page))?;
                 }
                 None => {
                     bf.submit_read(sector, n)?;

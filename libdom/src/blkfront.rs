@@ -212,18 +212,17 @@ impl Pages {
         self.va + (i * PAGE) as u64
     }
 
-    /// Copies `data` in at the start of page `i`, of a read-only grant (the
-    /// backend cannot write it) that no request in flight holds.
-    fn write_page(&mut self, i: usize, data: &[u8]) {
-        assert!(i < self.grefs.len() && data.len() <= PAGE);
+    /// The first `len` bytes of page `i`, to write. Only for pages of a
+    /// read-only grant (the backend cannot write them) that no request in
+    /// flight holds: nobody else writes them while the slice lives.
+    fn page_mut(&mut self, i: usize, len: usize) -> &mut [u8] {
+        assert!(i < self.grefs.len() && len <= PAGE);
         // SAFETY: inside page `i` of our allocation (both checked), which
-        // nobody else writes (the backend's grant is read-only) and `data`
-        // does not overlap (it is not ours to lend). A plain copy: the
-        // ring's full barrier orders it before the request that names
-        // the page is published.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), self.page(i) as *mut u8, data.len())
-        };
+        // lives as long as `self`; nothing else of ours refers to it while
+        // `self` is borrowed mutably, and no other domain writes it (see
+        // above). Plain writes: the ring's full barrier orders them before
+        // the request that names the page is published.
+        unsafe { core::slice::from_raw_parts_mut(self.page(i) as *mut u8, len) }
     }
 
     /// Copies out from the start of page `i` (volatile: the backend may
@@ -410,10 +409,16 @@ impl Pool {
         self.pages.grefs[usize::from(page)]
     }
 
-    /// Copies `data` into `pages`, a page's worth each.
-    fn write(&mut self, pages: &[u16], data: &[u8]) {
-        for (&page, part) in pages.iter().zip(data.chunks(PAGE)) {
-            self.pages.write_page(usize::from(page), part);
+    /// Has `fill` write `sectors` sectors from `sector` into `pages` (of
+    /// the WRITE pool, none in flight): page by page, with the sector each
+    /// starts at, the last one partial.
+    fn fill(&mut self, pages: &[u16], sector: u64, sectors: u32, fill: Fill<'_>) {
+        let mut left = sectors as usize * SECTOR_SIZE as usize;
+        for (k, &page) in pages.iter().enumerate() {
+            let len = left.min(PAGE);
+            left -= len;
+            let first = sector + (k * usize::from(SECTORS_PER_PAGE)) as u64;
+            fill(first, self.pages.page_mut(usize::from(page), len));
         }
     }
 
@@ -492,6 +497,10 @@ pub fn indirect_request(
         indirect_grefs,
     }
 }
+
+/// Writes a WRITE's data into one of its pages: the sector the page starts
+/// at, the page's bytes.
+type Fill<'a> = &'a mut dyn FnMut(u64, &mut [u8]);
 
 /// A request in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -840,7 +849,7 @@ impl Blkfront {
         id
     }
 
-    /// Submits a READ or WRITE (`data`: what to write) of `sectors`
+    /// Submits a READ or WRITE (`fill` writes the data) of `sectors`
     /// sectors over pages taken from the pool: a plain request for up to
     /// 11 pages, else an INDIRECT one.
     fn submit(
@@ -848,7 +857,7 @@ impl Blkfront {
         operation: u8,
         sector: u64,
         sectors: u32,
-        data: Option<&[u8]>,
+        fill: Option<Fill<'_>>,
     ) -> Result<usize, BlkError> {
         if sectors == 0 || sectors > self.max_request_sectors() {
             return Err(BlkError::BadLength);
@@ -868,8 +877,8 @@ impl Blkfront {
         // A pool holds `shape.pages` pages per slot, so a free slot always
         // finds them.
         let run = pool.free.take(pages).ok_or(BlkError::Busy)?;
-        if let Some(d) = data {
-            pool.write(pages, d);
+        if let Some(f) = fill {
+            pool.fill(pages, sector, sectors, f);
         }
         let grefs = pages.iter().map(|&p| pool.gref(p));
         let id = self.next_id;
@@ -942,7 +951,24 @@ impl Blkfront {
             return Err(BlkError::BadLength);
         }
         let sectors = (data.len() / SECTOR_SIZE as usize) as u32;
-        self.submit(op::WRITE, sector, sectors, Some(data))
+        let mut copy = |first: u64, page: &mut [u8]| {
+            let at = (first - sector) as usize * SECTOR_SIZE as usize;
+            page.copy_from_slice(&data[at..at + page.len()]);
+        };
+        self.submit(op::WRITE, sector, sectors, Some(&mut copy))
+    }
+
+    /// Starts writing `sectors` sectors at `sector` whose data `fill`
+    /// writes straight into the granted pages (no copy): it is called for
+    /// each page in turn with the sector the page starts at and the page's
+    /// bytes (4 KiB, the last page as much as is left). Returns the slot.
+    pub fn submit_write_with(
+        &mut self,
+        sector: u64,
+        sectors: u32,
+        fill: &mut dyn FnMut(u64, &mut [u8]),
+    ) -> Result<usize, BlkError> {
+        self.submit(op::WRITE, sector, sectors, Some(fill))
     }
 
     /// Starts a cache flush (no segments); returns the slot.

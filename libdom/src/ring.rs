@@ -112,7 +112,11 @@ impl RingPage for SharedPage {
         let p = self.at(off, buf.len(), 1);
         // Whole words where the range is 8-aligned (ring entries are), the
         // rest byte by byte.
-        let words = if off.is_multiple_of(8) { buf.len() / 8 } else { 0 };
+        let words = if off.is_multiple_of(8) {
+            buf.len() / 8
+        } else {
+            0
+        };
         for (i, w) in buf.chunks_exact_mut(8).take(words).enumerate() {
             // SAFETY: `p + 8i` is 8-aligned (the page is page-aligned and
             // `off` a multiple of 8) and its 8 bytes are inside the page
@@ -129,7 +133,11 @@ impl RingPage for SharedPage {
 
     fn write(&mut self, off: usize, buf: &[u8]) {
         let p = self.at(off, buf.len(), 1);
-        let words = if off.is_multiple_of(8) { buf.len() / 8 } else { 0 };
+        let words = if off.is_multiple_of(8) {
+            buf.len() / 8
+        } else {
+            0
+        };
         for (i, w) in buf.chunks_exact(8).take(words).enumerate() {
             let v = u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
             // SAFETY: as for `read`; the page is mapped writable.
