@@ -243,18 +243,27 @@ impl Pages {
         }
     }
 
-    /// Writes `segs` as an INDIRECT segment list at the start of page `i`
-    /// (volatile: the backend reads it).
-    fn write_segments(&mut self, i: usize, segs: impl Iterator<Item = Segment>) {
-        assert!(i < self.grefs.len());
+    /// Writes the segment list of a transfer of `sectors` sectors over
+    /// `pages` of `pool` (whole pages, the last one partial) at the start
+    /// of page `i` (volatile: the backend reads it).
+    fn write_list(&mut self, i: usize, pool: &Pool, pages: &[u16], sectors: u32) {
+        assert!(i < self.grefs.len() && pages.len() <= blkif::SEGMENTS_PER_INDIRECT_PAGE);
         let p = self.page(i) as *mut u64;
-        for (k, s) in segs.take(blkif::SEGMENTS_PER_INDIRECT_PAGE).enumerate() {
-            // blkif's segment layout, as a little-endian word.
-            let v =
-                u64::from(s.gref) | u64::from(s.first_sect) << 32 | u64::from(s.last_sect) << 40;
-            // SAFETY: 8-aligned and inside page `i` (at most 512 segments
-            // of 8 bytes).
-            unsafe { p.add(k).write_volatile(v.to_le()) };
+        let per_page = u32::from(SECTORS_PER_PAGE);
+        let put = |k: usize, page: u16, n: u32| {
+            // SAFETY: 8-aligned and inside page `i` (`k` is below
+            // `pages.len()`: at most 512 segments of 8 bytes).
+            unsafe {
+                p.add(k)
+                    .write_volatile(segment_word(pool.gref(page), n).to_le())
+            };
+        };
+        // Every page whole, then the last one again as it is.
+        for (k, &page) in pages.iter().enumerate() {
+            put(k, page, per_page);
+        }
+        if let Some((&page, whole)) = pages.split_last() {
+            put(whole.len(), page, sectors - whole.len() as u32 * per_page);
         }
     }
 
@@ -428,6 +437,12 @@ impl Pool {
             self.pages.read_page(usize::from(page), part);
         }
     }
+}
+
+/// The segment of `sectors` (1..=8) sectors from the start of page `gref`,
+/// as blkif lays it out (a little-endian word).
+fn segment_word(gref: u32, sectors: u32) -> u64 {
+    u64::from(gref) | u64::from(sectors.clamp(1, 8) - 1) << 40
 }
 
 /// The data segments of `sectors` sectors over pages `grefs`, one per page
@@ -880,7 +895,8 @@ impl Blkfront {
         if let Some(f) = fill {
             pool.fill(pages, sector, sectors, f);
         }
-        let grefs = pages.iter().map(|&p| pool.gref(p));
+        let pages = &*pages;
+        let pool = &*pool;
         let id = self.next_id;
         let req = InFlight {
             id,
@@ -890,7 +906,7 @@ impl Blkfront {
         };
         let r = match &mut self.lists {
             Some(lists) if n > MAX_SEGMENTS => {
-                lists.write_segments(slot, data_segments(grefs, sectors));
+                lists.write_list(slot, pool, pages, sectors);
                 let r = indirect_request(lists.grefs[slot], operation, sector, sectors, id);
                 self.submit_inner(
                     slot,
@@ -908,6 +924,7 @@ impl Blkfront {
                     sector,
                     ..Request::default()
                 };
+                let grefs = pages.iter().map(|&p| pool.gref(p));
                 for (seg, s) in r.seg.iter_mut().zip(data_segments(grefs, sectors)) {
                     *seg = s;
                 }
@@ -1348,6 +1365,11 @@ mod tests {
         );
         assert_eq!(segs.iter().map(|s| s.sectors()).sum::<u64>(), 100);
         assert_eq!(indirect_request(1, op::READ, 0, 100, 1).nr_segments, 13);
+        // The words of a segment list are the segments' layout.
+        for s in segs {
+            let word = segment_word(s.gref, s.last_sect as u32 + 1);
+            assert_eq!(word.to_le_bytes(), s.encode());
+        }
     }
 
     #[test]
