@@ -20,10 +20,11 @@
 //! `sector_number`. An indirect request's pages each hold
 //! [`SEGMENTS_PER_INDIRECT_PAGE`] segments in the same 8-byte layout.
 //!
-//! Without xenstore there is no feature negotiation: airlock's blkback
+//! Without xenstore there is one feature to negotiate: airlock's blkback
 //! supports READ, WRITE, FLUSH_DISKCACHE and INDIRECT (READ or WRITE, at
-//! most [`MAX_INDIRECT_SEGMENTS`] segments) and answers WRITE_BARRIER and
-//! DISCARD with [`status::EOPNOTSUPP`].
+//! most [`MAX_INDIRECT_SEGMENTS`] segments, or as many as it is configured
+//! for, which it writes into the ring header: `ring::off::BACK_MAX_INDIRECT`)
+//! and answers WRITE_BARRIER and DISCARD with [`status::EOPNOTSUPP`].
 
 use crate::ring;
 

@@ -9,7 +9,8 @@
 //! 12  u32 rsp_event   written by the frontend: notify me when rsp_prod passes this
 //! 16  u32 front state (airlock; Xen's `pvt` bytes, which blkif leaves unused)
 //! 20  u32 back state  (airlock; the first word of Xen's `pad[44]`)
-//! 24  ... pad, zero, up to 64
+//! 24  u32 back max indirect segments (airlock, blkif; 0 for other rings)
+//! 28  ... pad, zero, up to 64
 //! 64  ring[entries]   each slot a request or, once consumed, its response
 //! ```
 //!
@@ -18,7 +19,11 @@
 //! works across the wrap from `0xffff_ffff` to 0.
 //!
 //! airlock has no xenstore; the two state words carry Xen's `XenbusState`
-//! numbers ([`State`]) so that either side can close the connection cleanly.
+//! numbers ([`State`]) so that either side can close the connection cleanly,
+//! and a blkif backend writes the most segments it takes in one INDIRECT
+//! request (Xen's `feature-max-indirect-segments`; 0: no INDIRECT) before
+//! its state says Connected. The frontend zeroed the page, so a backend that
+//! writes nothing offers no INDIRECT.
 //!
 //! Nothing here touches memory directly: the page is reached through
 //! [`RingPage`], which the domain implements with volatile accesses and real
@@ -44,6 +49,9 @@ pub mod off {
     pub const FRONT_STATE: usize = 16;
     /// The backend's [`super::State`] (airlock).
     pub const BACK_STATE: usize = 20;
+    /// blkif: the most segments of an INDIRECT request the backend takes,
+    /// written before its state says Connected (airlock).
+    pub const BACK_MAX_INDIRECT: usize = 24;
 }
 
 /// Slots in a ring whose entries (the union of request and response) are

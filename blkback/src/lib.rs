@@ -148,8 +148,8 @@ pub struct Config {
     pub read_only: bool,
     pub path: DataPath,
     /// Most segments in one INDIRECT request; 0 refuses INDIRECT with
-    /// EOPNOTSUPP. airlock's frontends assume
-    /// [`blkif::MAX_INDIRECT_SEGMENTS`], the most allowed.
+    /// EOPNOTSUPP. Advertised to the frontend in the ring header
+    /// (`abi::ring::off::BACK_MAX_INDIRECT`) when the backend attaches.
     pub max_indirect_segments: u16,
 }
 
@@ -637,6 +637,8 @@ impl Backend {
                 return;
             }
             let r = BackRing::attach(page, ENTRY_SIZE);
+            // Advertised before Connected (set_state fences first).
+            page.store_u32(ring::off::BACK_MAX_INDIRECT, u32::from(self.max_indirect));
             r.set_state(page, State::Connected);
             self.ring = Some(r);
             self.conn = Conn::Connected;

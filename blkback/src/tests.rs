@@ -374,6 +374,10 @@ impl<P: RingPage> H<P> {
         let p = h.poll();
         assert!(p.connected);
         assert_eq!(ring::back_state(&h.page), Some(State::Connected));
+        assert_eq!(
+            h.page.load_u32(off::BACK_MAX_INDIRECT),
+            u32::from(MAX_INDIRECT_SEGMENTS)
+        );
         h
     }
 

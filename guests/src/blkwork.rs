@@ -19,8 +19,9 @@
 //!    past it must both get an error response; `data_check {what:
 //!    "blkfront-outside"}`;
 //! 5. `seq_mb`: that many MiB read sequentially from sector 0 (wrapping at
-//!    the vbd's end) in blocks of `bs` (split into requests of at most 44
-//!    KiB), `depth` blocks in flight; `throughput {what: "blk-seq-read"}`,
+//!    the vbd's end) in blocks of `bs` (one request each if the backend
+//!    takes INDIRECT requests that large, else split into requests of at
+//!    most 44 KiB: `libdom::blkfront::Shape`), `depth` blocks in flight; `throughput {what: "blk-seq-read"}`,
 //!    `work_done {work: "blk-seq-read-64k", units: bytes}` and a console
 //!    line with MB/s;
 //! 6. `rand`: that many 4 KiB reads at pseudo-random places, `depth` in
@@ -28,8 +29,9 @@
 //! 7. `write_mb`: that many MiB written sequentially from sector 0 (wrapping
 //!    like `seq_mb`) in blocks of `bs`, `depth` blocks in flight, then a
 //!    flush, all timed; the data is not a pattern (the blk driver domain's
-//!    `write_mb` twin writes whatever its buffers hold); `throughput {what:
-//!    "blk-seq-write"}`;
+//!    `write_mb` twin writes whatever its buffers hold, and this writes
+//!    whatever blkfront's pages hold: writes are filled in place, with
+//!    `Blkfront::submit_write_with`); `throughput {what: "blk-seq-write"}`;
 //! 8. the connection is closed cleanly.
 //!
 //! With `expect=denied` the connection must *not* come up (the policy
@@ -48,7 +50,7 @@ use abi::blkif::SECTOR_SIZE;
 use abi::ev::{DataCheck, Throughput, WorkDone};
 use driver_domains::blk_pattern::{self, SECTOR};
 use libdom::args::ArgError;
-use libdom::blkfront::{BlkError, Blkfront, Done, MAX_REQUEST_SECTORS};
+use libdom::blkfront::{BlkError, Blkfront, Done};
 use libdom::ring::Waiter;
 use libdom::{event, println, time_ns, Args, StartInfo};
 
@@ -161,15 +163,9 @@ impl<'a> Plan<'a> {
         })
     }
 
-    /// Requests one block takes.
-    pub fn requests_per_block(&self) -> u32 {
-        (self.bs / SECTOR_SIZE).div_ceil(u64::from(MAX_REQUEST_SECTORS)) as u32
-    }
-
-    /// Request slots the workload needs: `depth` blocks' worth, at most
-    /// what blkfront can keep in flight.
-    pub fn slots(&self) -> usize {
-        ((self.depth * self.requests_per_block()) as usize).clamp(1, libdom::blkfront::MAX_SLOTS)
+    /// Sectors of a block.
+    pub fn block_sectors(&self) -> u32 {
+        (self.bs / SECTOR_SIZE) as u32
     }
 }
 
@@ -208,7 +204,8 @@ pub fn next_rand(mut x: u64) -> u64 {
     x
 }
 
-/// Fills a write's buffer: its first sector, its bytes.
+/// Fills a write's data in place (a page of blkfront's at a time): the
+/// sector it starts at, its bytes.
 type Fill<'a> = &'a dyn Fn(u64, &mut [u8]);
 
 fn data_check(what: &str, bytes: u64, ok: bool) {
@@ -226,7 +223,6 @@ fn stream(
     fill: Option<Fill<'_>>,
     done: &mut dyn FnMut(&Blkfront, Done) -> bool,
 ) -> Result<(u64, u64), BlkError> {
-    let mut buf = vec![0u8; libdom::blkfront::MAX_REQUEST_BYTES];
     let (mut count, mut failed) = (0u64, 0u64);
     let mut batch: Vec<Done> = Vec::with_capacity(abi::blkif::RING_SIZE as usize);
     let mut more = true;
@@ -239,9 +235,8 @@ fn stream(
             };
             match fill {
                 Some(f) => {
-                    let data = &mut buf[..n as usize * SECTOR];
-                    f(sector, data);
-                    bf.submit_write(sector, data)?;
+                    // Straight into blkfront's granted pages.
+                    bf.submit_write_with(sector, n, &mut |s, page| f(s, page))?;
                 }
                 None => {
                     bf.submit_read(sector, n)?;
@@ -381,7 +376,13 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
         }
     };
     let deadline = time_ns() + plan.wait_ms.saturating_mul(1_000_000);
-    let bf = Blkfront::connect(&vbd, plan.slots(), &mut w, deadline);
+    let bf = Blkfront::connect_for(
+        &vbd,
+        plan.depth as usize,
+        plan.block_sectors(),
+        &mut w,
+        deadline,
+    );
     if plan.expect_denied {
         let ok = bf.is_err();
         match &bf {
@@ -402,16 +403,18 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
         }
     };
     println!(
-        "blkfront: {} connected: {} sectors{}, backend domain {}, {} slots",
+        "blkfront: {} connected: {} sectors{}, backend domain {} (INDIRECT up to {} segments), {} slots of up to {} KiB",
         plan.vbd,
         bf.sectors(),
         if bf.readonly() { " (read-only)" } else { "" },
         vbd.peer,
-        bf.slot_count()
+        bf.backend_indirect(),
+        bf.slot_count(),
+        bf.max_request_bytes() / 1024
     );
     let mut all_ok = true;
     let mut reported = 0;
-    let max = u64::from(MAX_REQUEST_SECTORS);
+    let max = u64::from(bf.max_request_sectors());
     let in_flight = bf.slot_count();
 
     if let Some(r) = &plan.write {
@@ -434,7 +437,7 @@ pub fn run(si: &StartInfo<'_>, plan: &Plan<'_>) -> i64 {
     }
 
     if let Some(r) = &plan.verify {
-        let mut buf = vec![0u8; libdom::blkfront::MAX_REQUEST_BYTES];
+        let mut buf = vec![0u8; bf.max_request_bytes()];
         let mut bad = 0u64;
         let pattern = plan.pattern;
         let res = stream(
@@ -573,8 +576,7 @@ mod tests {
             (p.pattern, p.seq_bytes, p.bs, p.depth),
             ("B", 8 << 20, 65536, 4)
         );
-        // 64 KiB is 128 sectors: two requests (88 + 40) a block.
-        assert_eq!((p.requests_per_block(), p.slots()), (2, 8));
+        assert_eq!(p.block_sectors(), 128);
         let w = Plan::parse("role=blkfront write_mb=4 bs=64k depth=16").unwrap();
         assert_eq!((w.write_bytes, w.seq_bytes), (4 << 20, 0));
         let d = Plan::parse("role=blkfront").unwrap();
@@ -590,9 +592,8 @@ mod tests {
             ),
             ("xvda", "A", 4, 65536, false, false, 10_000)
         );
-        assert_eq!(d.slots(), 8);
         let big = Plan::parse("role=blkfront bs=1m depth=32").unwrap();
-        assert_eq!(big.slots(), 22);
+        assert_eq!((big.block_sectors(), big.depth), (2048, 32));
         assert!(
             Plan::parse("role=blkfront expect=denied outside=1")
                 .unwrap()

@@ -1,8 +1,8 @@
 //! Grant tables, the granter's side, and the grant hypercalls.
 //!
-//! A domain's grant table is a page of its own heap that it names with
-//! `grant_table_set` the first time it grants anything (one page: 512
-//! entries). An entry is Xen's v1 `{u16 flags; u16 domid; u32 frame}` with
+//! A domain's grant table is [`TABLE_PAGES`] pages of its own heap that it
+//! names with `grant_table_set` the first time it grants anything (1024
+//! entries: a blkfront's data pools and INDIRECT pages alone may take 544). An entry is Xen's v1 `{u16 flags; u16 domid; u32 frame}` with
 //! `frame` the granted page's *virtual* page number in this domain
 //! (`abi::grant`).
 //!
@@ -10,7 +10,7 @@
 //!  ref 0 .. MAX_VBDS          reserved: the ring of the domain's n-th vbd is ref n
 //!  ref MAX_VBDS .. RESERVED_GREFS  reserved: the TX and RX rings of its vifs
 //!                             (grant_at, with the ref its start info names)
-//!  ref RESERVED_GREFS .. 512  handed out by grant(), lowest free first
+//!  ref RESERVED_GREFS .. 1024 handed out by grant(), lowest free first
 //! ```
 //!
 //! Granting writes `domid` and `frame`, then (after a barrier) `flags`;
@@ -37,8 +37,11 @@ use crate::hypercall::raw_hypercall;
 
 /// Bytes of a page.
 pub const PAGE: u64 = 4096;
-/// Entries in the domain's table (one page).
-pub const TABLE_ENTRIES: usize = ENTRIES_PER_PAGE;
+/// Pages of the domain's table (at most `abi::grant::MAX_TABLE_PAGES`).
+pub const TABLE_PAGES: usize = 2;
+/// Entries in the domain's table.
+pub const TABLE_ENTRIES: usize = TABLE_PAGES * ENTRIES_PER_PAGE;
+const _: () = assert!(TABLE_PAGES as u64 <= abi::grant::MAX_TABLE_PAGES);
 /// The first reference [`grant`] hands out; the ones below are the vbd
 /// rings'.
 pub const FIRST_FREE_REF: u32 = RESERVED_GREFS;
@@ -129,11 +132,36 @@ impl<'a> Table<'a> {
     /// or above [`FIRST_FREE_REF`].
     pub fn grant(&self, domid: u16, va: u64, readonly: bool) -> Result<u32, GrantError> {
         let frame = frame_of(va)?;
-        let gref = (FIRST_FREE_REF..self.entries.len() as u32)
-            .find(|&r| self.claim(r))
-            .ok_or(GrantError::NoFreeRef)?;
+        let gref = self.lowest_free().ok_or(GrantError::NoFreeRef)?;
         self.write(gref, domid, frame, readonly);
         Ok(gref)
+    }
+
+    /// Claims the lowest free reference at or above [`FIRST_FREE_REF`],
+    /// a bitmap word at a time (a blkfront grants hundreds of pages in a
+    /// row: one reference at a time made that quadratic).
+    fn lowest_free(&self) -> Option<u32> {
+        let len = self.entries.len();
+        let first = FIRST_FREE_REF as usize;
+        for w in first / 64..len.div_ceil(64) {
+            let mut word = self.used[w].load(Ordering::Acquire);
+            // Refs below FIRST_FREE_REF (and past the table) count as used.
+            if w == first / 64 {
+                word |= (1u64 << (first % 64)) - 1;
+            }
+            while word != u64::MAX {
+                let gref = w * 64 + word.trailing_ones() as usize;
+                if gref >= len {
+                    break;
+                }
+                if self.claim(gref as u32) {
+                    return Some(gref as u32);
+                }
+                // Taken since the load: look again.
+                word = self.used[w].load(Ordering::Acquire);
+            }
+        }
+        None
     }
 
     /// Grants the page at `va` to `domid` at reference `gref` (a reserved
@@ -224,7 +252,7 @@ fn frame_of(va: u64) -> Result<u32, GrantError> {
 mod own {
     use core::sync::atomic::{AtomicU64, Ordering};
 
-    use super::{GrantError, Table, PAGE, TABLE_ENTRIES};
+    use super::{GrantError, Table, PAGE, TABLE_ENTRIES, TABLE_PAGES};
     use crate::hypercall::raw_hypercall;
     use abi::hypercall::{decode, Call};
 
@@ -237,7 +265,8 @@ mod own {
     pub fn table() -> Result<Table<'static>, GrantError> {
         let mut va = TABLE_VA.load(Ordering::Acquire);
         if va == 0 {
-            let layout = core::alloc::Layout::from_size_align(PAGE as usize, PAGE as usize)
+            let bytes = TABLE_PAGES * PAGE as usize;
+            let layout = core::alloc::Layout::from_size_align(bytes, PAGE as usize)
                 .map_err(|_| GrantError::NoFreeRef)?;
             // SAFETY: the layout has a non-zero size.
             let page = unsafe { alloc::alloc::alloc_zeroed(layout) };
@@ -247,7 +276,15 @@ mod own {
             // SAFETY: only numbers are passed; the hypervisor reads and
             // writes the page (ours, allocated above) from now on.
             let r = decode(unsafe {
-                raw_hypercall(Call::GrantTableSet as u64, page as u64, 1, 0, 0, 0, 0)
+                raw_hypercall(
+                    Call::GrantTableSet as u64,
+                    page as u64,
+                    TABLE_PAGES as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                )
             });
             if let Err(e) = r {
                 // SAFETY: allocated above with this layout; nobody has it.
@@ -258,8 +295,8 @@ mod own {
             TABLE_VA.store(page as u64, Ordering::Release);
             va = page as u64;
         }
-        // SAFETY: `va` is a page of our heap that is never freed (it is the
-        // grant table for the domain's life), page-aligned, zeroed at the
+        // SAFETY: `va` is TABLE_PAGES pages of our heap that are never freed
+        // (the grant table for the domain's life), page-aligned, zeroed at the
         // start; `AtomicU64` has `u64`'s size and alignment, and every
         // access to the page (ours here, the hypervisor's on map, unmap
         // and copy) is an atomic one, so shared references are sound.
@@ -406,7 +443,7 @@ mod tests {
         );
         assert_eq!(
             t.grant_at(TABLE_ENTRIES as u32, 2, 0x60_0000, false),
-            Err(GrantError::BadRef(512))
+            Err(GrantError::BadRef(TABLE_ENTRIES as u32))
         );
         // Revoked refs come back, lowest first.
         t.revoke(r).unwrap();
@@ -415,6 +452,29 @@ mod tests {
         assert_eq!(t.grant(5, 0x50_2000, false), Ok(r));
         t.revoke(0).unwrap();
         assert_eq!(t.revoke(9999), Err(GrantError::BadRef(9999)));
+    }
+
+    #[test]
+    fn grants_fill_the_table_lowest_first_across_words() {
+        let (e, u) = table_of(TABLE_ENTRIES);
+        let t = Table::new(&e, &u);
+        let free = TABLE_ENTRIES - FIRST_FREE_REF as usize;
+        for i in 0..free {
+            let va = 0x10_0000 + (i as u64) * PAGE;
+            assert_eq!(t.grant(1, va, false), Ok(FIRST_FREE_REF + i as u32));
+        }
+        assert_eq!(t.grant(1, 0x1000, false), Err(GrantError::NoFreeRef));
+        // Holes in two different words come back lowest first.
+        t.revoke(700).unwrap();
+        t.revoke(130).unwrap();
+        assert_eq!(t.grant(2, 0x1000, true), Ok(130));
+        assert_eq!(t.grant(2, 0x2000, true), Ok(700));
+        assert_eq!(t.entry(700).unwrap().domid, 2);
+        // A reserved ref granted with grant_at is never handed out.
+        let (e, u) = table_of(TABLE_ENTRIES);
+        let t = Table::new(&e, &u);
+        t.grant_at(FIRST_FREE_REF, 1, 0x1000, false).unwrap();
+        assert_eq!(t.grant(1, 0x2000, false), Ok(FIRST_FREE_REF + 1));
     }
 
     #[test]
