@@ -5,6 +5,7 @@
 use super::*;
 use abi::blkif::{DiscardRequest, MAX_INDIRECT_SEGMENTS};
 use abi::ring::{off, FrontRing, PAGE_SIZE as RING_PAGE};
+use std::collections::BTreeMap;
 use std::format;
 use std::string::String;
 use std::vec;
@@ -601,6 +602,87 @@ fn indirect_round_trip() {
         assert_eq!(s.bytes_read, 128 * 512);
         h.assert_clean();
     }
+}
+
+/// In the map path an indirect page is a persistent grant like a data
+/// page: mapped once, yet its segment list is read afresh (and checked
+/// again) for every request that names it.
+#[test]
+fn indirect_pages_are_persistent_and_read_afresh() {
+    let mut h = H::new(map_path(64), false);
+    for (i, x) in h.dev.disk.iter_mut().enumerate() {
+        *x = (i / 512) as u8;
+    }
+    let list = h.world.grant(BACK, true);
+    let a = h.world.grant(BACK, false);
+    let b = h.world.grant(BACK, false);
+    let put = |h: &mut H, segs: &[Segment]| {
+        for (i, s) in segs.iter().enumerate() {
+            h.world.front_page(list)[i * 8..i * 8 + 8].copy_from_slice(&s.encode());
+        }
+    };
+    put(&mut h, &[seg(a, 0, 7), seg(b, 0, 7)]);
+    let r = h.one(&indirect(op::READ, 1, 0, 2, &[list]));
+    assert_eq!(r.status, status::OKAY);
+    assert_eq!(h.world.front_page(b)[0], (FIRST + 8) as u8);
+    let s = *h.be.stats();
+    assert_eq!((s.maps, s.unmaps, s.persistent_hits), (3, 0, 0));
+    assert_eq!(h.be.persistent_grants(), 3);
+    // The same list page with other contents: read again, no new maps.
+    put(&mut h, &[seg(b, 0, 3), seg(a, 4, 7)]);
+    let r = h.one(&indirect(op::READ, 2, 16, 2, &[list]));
+    assert_eq!(r.status, status::OKAY);
+    assert_eq!(h.world.front_page(b)[0], (FIRST + 16) as u8);
+    assert_eq!(h.world.front_page(b)[2047], (FIRST + 19) as u8);
+    assert_eq!(h.world.front_page(a)[2048], (FIRST + 20) as u8);
+    assert_eq!(h.world.front_page(a)[4095], (FIRST + 23) as u8);
+    let s = *h.be.stats();
+    assert_eq!((s.maps, s.unmaps, s.persistent_hits), (3, 0, 3));
+    // A list that turned bad is refused like any other.
+    put(&mut h, &[seg(a, 0, 9)]);
+    let r = h.one(&indirect(op::READ, 3, 0, 1, &[list]));
+    assert_eq!(r.status, status::ERROR);
+    assert_eq!(h.be.stats().errors(Reject::Segment), 1);
+    h.assert_clean();
+    h.be.close(&mut h.page, &mut h.world);
+    assert!(h.world.maps.is_empty());
+    assert_eq!(h.be.stats().unmaps, 3);
+    // Without room for persistent grants the list is mapped and unmapped
+    // for each request.
+    let mut h = H::new(map_path(0), false);
+    let list = h.world.grant(BACK, true);
+    let a = h.world.grant(BACK, false);
+    h.world.front_page(list)[..8].copy_from_slice(&seg(a, 0, 7).encode());
+    for id in 0..2 {
+        assert_eq!(h.one(&indirect(op::READ, id, 0, 1, &[list])).status, 0);
+    }
+    let s = *h.be.stats();
+    assert_eq!((s.maps, s.unmaps), (4, 4));
+    assert!(h.world.maps.is_empty());
+    h.assert_clean();
+}
+
+/// Refs past the largest grant table are never cached (their map fails),
+/// and the cache holds no more than its budget.
+#[test]
+fn persistent_cache_bounds() {
+    let mut c = Cache::new(2);
+    let p = |addr| Persistent {
+        map: Mapping { handle: 1, addr },
+        writable: true,
+    };
+    assert!(c.insert(5, p(0x1000)));
+    assert!(!c.insert(5, p(0x2000)), "a ref is cached once");
+    assert!(!c.insert(GREFS as u32, p(0x3000)));
+    assert!(!c.insert(u32::MAX, p(0x3000)));
+    assert!(c.insert(GREFS as u32 - 1, p(0x4000)));
+    assert!(!c.insert(7, p(0x5000)), "full");
+    assert_eq!(c.get(5).map(|p| p.map.addr), Some(0x1000));
+    assert_eq!(c.get(GREFS as u32 - 1).map(|p| p.map.addr), Some(0x4000));
+    assert!(c.get(7).is_none() && c.get(u32::MAX).is_none());
+    assert_eq!(c.take_all().len(), 2);
+    assert!(c.get(5).is_none());
+    assert!(!Cache::new(0).insert(1, p(0x1000)));
 }
 
 /// Every request the hostile guest of the `hostile-blkfront` scenario
