@@ -343,30 +343,42 @@ pub struct DispatchStats {
 /// virtio request belongs to which backend's request.
 ///
 /// Slots are the device's request memory (the glue keeps a `BlkReq` and a
-/// `BlkResp` per slot); a slot in use holds the virtio token it got.
+/// `BlkResp` per slot); a slot in use holds the virtio token it got, and
+/// `by_token` finds it again from that token. After the first requests
+/// nothing here allocates: parents and slots are reused through free
+/// lists, the queue is reserved for `max_queued`, and `by_token` has grown
+/// to the largest token the device uses (its queue size).
 #[derive(Debug)]
 pub struct Dispatch {
     parents: Vec<Option<Parent>>,
     free_parents: Vec<usize>,
     queue: VecDeque<Sub>,
     slots: Vec<Option<(u16, Sub)>>,
+    /// Free slots, the next one to use last.
+    free_slots: Vec<usize>,
+    /// `by_token[t]` is 1 + the slot of the request with virtio token `t`
+    /// (0: none).
+    by_token: Vec<u16>,
     max_queued: usize,
     busy: Vec<usize>,
     stats: DispatchStats,
 }
 
 impl Dispatch {
-    /// `slots` virtio requests in the device at most; more than
-    /// `max_queued` waiting refuses new requests with `Busy` (a request
-    /// that finds the queue empty is always taken, however long).
+    /// `slots` virtio requests in the device at most (1 to 65535); more
+    /// than `max_queued` waiting refuses new requests with `Busy` (a
+    /// request that finds the queue empty is always taken, however long).
     pub fn new(slots: usize, max_queued: usize) -> Self {
+        let slots = slots.clamp(1, usize::from(u16::MAX));
         let mut s = Vec::new();
-        s.resize_with(slots.max(1), || None);
+        s.resize_with(slots, || None);
         Dispatch {
             parents: Vec::new(),
             free_parents: Vec::new(),
-            queue: VecDeque::new(),
+            queue: VecDeque::with_capacity(max_queued),
             slots: s,
+            free_slots: (0..slots).rev().collect(),
+            by_token: Vec::new(),
             max_queued,
             busy: Vec::new(),
             stats: DispatchStats::default(),
@@ -379,7 +391,7 @@ impl Dispatch {
 
     /// virtio requests in the device.
     pub fn in_device(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.slots.len() - self.free_slots.len()
     }
 
     /// virtio requests waiting for the device.
@@ -394,7 +406,7 @@ impl Dispatch {
 
     /// Backend requests not ended yet.
     pub fn pending(&self) -> usize {
-        self.parents.iter().filter(|p| p.is_some()).count()
+        self.parents.len() - self.free_parents.len()
     }
 
     fn new_parent(&mut self, backend: usize, token: u64, left: u32) -> usize {
@@ -414,8 +426,14 @@ impl Dispatch {
         }
     }
 
-    fn refuse_busy(&mut self, backend: usize, subs: usize) -> Result<(), DeviceError> {
-        if !self.queue.is_empty() && self.queue.len() + subs > self.max_queued {
+    /// `Busy` if `subs` more would overfill a queue that is not empty.
+    fn refuse_busy(
+        &mut self,
+        backend: usize,
+        queued: usize,
+        subs: usize,
+    ) -> Result<(), DeviceError> {
+        if queued > 0 && queued + subs > self.max_queued {
             self.stats.busy += 1;
             if !self.busy.contains(&backend) {
                 self.busy.push(backend);
@@ -435,45 +453,59 @@ impl Dispatch {
         dir: Direction,
         bufs: &[Buf],
     ) -> Result<(), DeviceError> {
-        let mut runs: Vec<SubOp> = Vec::new();
+        // The runs go straight onto the queue, and come off it again if
+        // the request is refused.
+        let before = self.queue.len();
         let mut at = sector;
         let mut merged = 0;
         for b in bufs {
             if b.len == 0 || b.len % blkif::SECTOR_SIZE as u32 != 0 {
+                self.queue.truncate(before);
                 return Err(DeviceError::Failed);
             }
-            match runs.last_mut() {
-                Some(SubOp::Io { addr, len, .. })
-                    if addr.checked_add(u64::from(*len)) == Some(b.addr)
-                        && len.checked_add(b.len).is_some() =>
+            let ours = self.queue.len() > before;
+            match self.queue.back_mut().filter(|_| ours) {
+                Some(Sub {
+                    op: SubOp::Io { addr, len, .. },
+                    ..
+                }) if addr.checked_add(u64::from(*len)) == Some(b.addr)
+                    && len.checked_add(b.len).is_some() =>
                 {
                     *len += b.len;
                     merged += 1;
                 }
-                _ => runs.push(SubOp::Io {
-                    sector: at,
-                    dir,
-                    addr: b.addr,
-                    len: b.len,
+                _ => self.queue.push_back(Sub {
+                    parent: 0,
+                    op: SubOp::Io {
+                        sector: at,
+                        dir,
+                        addr: b.addr,
+                        len: b.len,
+                    },
                 }),
             }
             at += u64::from(b.len) / blkif::SECTOR_SIZE;
         }
-        if runs.is_empty() {
+        let runs = self.queue.len() - before;
+        if runs == 0 {
             return Err(DeviceError::Failed);
         }
-        self.refuse_busy(backend, runs.len())?;
+        if let Err(e) = self.refuse_busy(backend, before, runs) {
+            self.queue.truncate(before);
+            return Err(e);
+        }
         self.stats.merged += merged;
-        let parent = self.new_parent(backend, token, runs.len() as u32);
-        self.stats.subs += runs.len() as u64;
-        self.queue
-            .extend(runs.into_iter().map(|op| Sub { parent, op }));
+        let parent = self.new_parent(backend, token, runs as u32);
+        self.stats.subs += runs as u64;
+        for sub in self.queue.range_mut(before..) {
+            sub.parent = parent;
+        }
         Ok(())
     }
 
     /// Backend `backend`'s flush `token`.
     pub fn flush(&mut self, backend: usize, token: u64) -> Result<(), DeviceError> {
-        self.refuse_busy(backend, 1)?;
+        self.refuse_busy(backend, self.queue.len(), 1)?;
         let parent = self.new_parent(backend, token, 1);
         self.stats.subs += 1;
         self.stats.flushes += 1;
@@ -495,7 +527,7 @@ impl Dispatch {
     /// the device.
     pub fn next(&self) -> Option<(usize, SubOp)> {
         let sub = self.queue.front()?;
-        let slot = self.slots.iter().position(Option::is_none)?;
+        let slot = *self.free_slots.last()?;
         if sub.op == SubOp::Flush && self.in_device() > 0 {
             return None;
         }
@@ -505,11 +537,21 @@ impl Dispatch {
     /// The request [`Dispatch::next`] gave is in the device in `slot` with
     /// virtio token `token`.
     pub fn started(&mut self, slot: usize, token: u16) {
-        if let Some(sub) = self.queue.pop_front() {
-            if let Some(s) = self.slots.get_mut(slot) {
-                *s = Some((token, sub));
-            }
+        // `next` offers the last free slot, so this finds it at once.
+        let Some(i) = self.free_slots.iter().rposition(|s| *s == slot) else {
+            return;
+        };
+        let Some(sub) = self.queue.pop_front() else {
+            return;
+        };
+        self.free_slots.swap_remove(i);
+        self.slots[slot] = Some((token, sub));
+        let t = usize::from(token);
+        if t >= self.by_token.len() {
+            self.by_token.resize(t + 1, 0);
         }
+        // no overflow: slots.len() <= u16::MAX (`new`)
+        self.by_token[t] = slot as u16 + 1;
         let n = self.in_device();
         self.stats.max_in_device = self.stats.max_in_device.max(n);
     }
@@ -524,16 +566,23 @@ impl Dispatch {
     /// The slot and request of virtio token `token`; `None` if no request
     /// in the device has it.
     pub fn lookup(&self, token: u16) -> Option<(usize, SubOp)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.filter(|(t, _)| *t == token).map(|(_, sub)| (i, sub.op)))
+        let slot = usize::from(*self.by_token.get(usize::from(token))?).checked_sub(1)?;
+        match self.slots.get(slot)? {
+            Some((t, sub)) if *t == token => Some((slot, sub.op)),
+            _ => None,
+        }
     }
 
     /// The request in `slot` ended (`ok`: without error). `Some` when that
     /// was the last part of a backend's request.
     pub fn finish(&mut self, slot: usize, ok: bool) -> Option<Done> {
-        let (_, sub) = self.slots.get_mut(slot)?.take()?;
+        let (token, sub) = self.slots.get_mut(slot)?.take()?;
+        self.free_slots.push(slot);
+        if let Some(b) = self.by_token.get_mut(usize::from(token)) {
+            if usize::from(*b) == slot + 1 {
+                *b = 0;
+            }
+        }
         self.end(sub, ok)
     }
 
@@ -1381,6 +1430,7 @@ mod tests {
         assert_eq!(d.in_device(), 3);
         assert_eq!(d.lookup(11), Some((1, got[1])));
         assert_eq!(d.lookup(99), None);
+        assert_eq!(d.lookup(9), None);
         // Completions in any order; the request ends with the last.
         assert_eq!(d.finish(1, true), None);
         assert_eq!(d.finish(0, true), None);
@@ -1395,6 +1445,8 @@ mod tests {
         assert!(d.is_idle());
         assert_eq!(d.pending(), 0);
         assert_eq!(d.finish(2, true), None);
+        // An ended request's token finds nothing.
+        assert_eq!(d.lookup(12), None);
     }
 
     #[test]
@@ -1517,6 +1569,20 @@ mod tests {
         );
         assert_eq!(d.flush(1, 3), Err(DeviceError::Busy));
         assert_eq!(d.stats().busy, 2);
+        // A refused request leaves nothing behind.
+        assert_eq!(d.queued(), 4);
+        assert_eq!(d.pending(), 1);
+        assert_eq!(
+            d.submit(
+                0,
+                4,
+                0,
+                Direction::Read,
+                &[buf(0x9000, 512), buf(0xa000, 100)]
+            ),
+            Err(DeviceError::Failed)
+        );
+        assert_eq!(d.queued(), 4);
         assert_eq!(d.take_busy(), [1]);
         assert!(d.take_busy().is_empty());
         // Bad buffers fail at once.
