@@ -388,6 +388,9 @@ struct Slot {
     bytes: u64,
     /// `acquire` has run to completion; `release` not yet.
     acquired: bool,
+    /// Some segment is [`Backing::Mapped`] or [`Backing::Bounce`]: `release`
+    /// has something to give back (with only persistent grants it has not).
+    holds: bool,
     /// The request's segments. Reserved in [`Backend::new`] for the most
     /// segments a request may have, so it never grows.
     segs: Vec<SegIo>,
@@ -608,6 +611,7 @@ impl Backend {
                 sector: 0,
                 bytes: 0,
                 acquired: false,
+                holds: false,
                 segs: Vec::with_capacity(most_segments),
             })
             .collect();
@@ -847,6 +851,7 @@ impl Backend {
         slot.sector = sector;
         slot.bytes = bytes;
         slot.acquired = false;
+        slot.holds = false;
         Ok(())
     }
 
@@ -1030,6 +1035,7 @@ impl Backend {
                     io.backing = if cache.insert(gref, Persistent { map: m, writable }) {
                         Backing::Persistent
                     } else {
+                        slot.holds = true;
                         Backing::Mapped(m.handle)
                     };
                 }
@@ -1042,6 +1048,7 @@ impl Backend {
                     io.page = page;
                     io.backing = Backing::Bounce;
                 }
+                slot.holds = true;
                 if slot.kind == Kind::Write {
                     let list = slot.segs.iter().map(|io| CopyOp {
                         src: CopyPtr {
@@ -1092,6 +1099,10 @@ impl Backend {
     /// stay).
     fn release<G: Grants>(&mut self, s: usize, grants: &mut G) {
         let slot = &mut self.slots[s];
+        slot.acquired = false;
+        if !core::mem::take(&mut slot.holds) {
+            return;
+        }
         for io in slot.segs.iter_mut() {
             match core::mem::replace(&mut io.backing, Backing::None) {
                 Backing::None | Backing::Persistent => {}
@@ -1110,7 +1121,6 @@ impl Backend {
                 }
             }
         }
-        slot.acquired = false;
     }
 
     /// Acquire pages for slot `s`'s validated request and hand it to the

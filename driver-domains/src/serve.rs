@@ -323,6 +323,20 @@ struct Sub {
     op: SubOp,
 }
 
+/// A run (first sector, address, length) as a queued I/O whose parent is
+/// set once the whole request is queued.
+fn io_sub(dir: Direction, (sector, addr, len): (u64, u64, u32)) -> Sub {
+    Sub {
+        parent: 0,
+        op: SubOp::Io {
+            sector,
+            dir,
+            addr,
+            len,
+        },
+    }
+}
+
 /// Counters of the device side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DispatchStats {
@@ -453,9 +467,10 @@ impl Dispatch {
         dir: Direction,
         bufs: &[Buf],
     ) -> Result<(), DeviceError> {
-        // The runs go straight onto the queue, and come off it again if
-        // the request is refused.
+        // Each run is built here and goes onto the queue when the next
+        // begins; they come off it again if the request is refused.
         let before = self.queue.len();
+        let mut run: Option<(u64, u64, u32)> = None; // sector, addr, len
         let mut at = sector;
         let mut merged = 0;
         for b in bufs {
@@ -463,33 +478,27 @@ impl Dispatch {
                 self.queue.truncate(before);
                 return Err(DeviceError::Failed);
             }
-            let ours = self.queue.len() > before;
-            match self.queue.back_mut().filter(|_| ours) {
-                Some(Sub {
-                    op: SubOp::Io { addr, len, .. },
-                    ..
-                }) if addr.checked_add(u64::from(*len)) == Some(b.addr)
-                    && len.checked_add(b.len).is_some() =>
+            match &mut run {
+                Some((_, addr, len))
+                    if addr.checked_add(u64::from(*len)) == Some(b.addr)
+                        && len.checked_add(b.len).is_some() =>
                 {
                     *len += b.len;
                     merged += 1;
                 }
-                _ => self.queue.push_back(Sub {
-                    parent: 0,
-                    op: SubOp::Io {
-                        sector: at,
-                        dir,
-                        addr: b.addr,
-                        len: b.len,
-                    },
-                }),
+                _ => {
+                    if let Some(r) = run.replace((at, b.addr, b.len)) {
+                        self.queue.push_back(io_sub(dir, r));
+                    }
+                }
             }
             at += u64::from(b.len) / blkif::SECTOR_SIZE;
         }
-        let runs = self.queue.len() - before;
-        if runs == 0 {
+        let Some(last) = run else {
             return Err(DeviceError::Failed);
-        }
+        };
+        self.queue.push_back(io_sub(dir, last));
+        let runs = self.queue.len() - before;
         if let Err(e) = self.refuse_busy(backend, before, runs) {
             self.queue.truncate(before);
             return Err(e);
