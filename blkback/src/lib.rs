@@ -337,8 +337,8 @@ enum Backing {
     Persistent,
     /// Mapped for this request under this handle; unmapped when it ends.
     Mapped(u32),
-    /// One of our bounce pages.
-    Bounce,
+    /// Our bounce page at this position of [`FreePages`].
+    Bounce(u32),
 }
 
 /// One validated segment and, once acquired, where its page is in the
@@ -474,39 +474,71 @@ enum PathState {
     },
 }
 
-/// The free bounce pages, in ascending address order. A request takes the
-/// lowest run of adjacent pages that holds all its segments, in order, so
-/// the device gets one buffer per run of full-page segments (the driver
-/// domain merges buffers that are contiguous) rather than one per page:
+/// The bounce pages, in ascending address order, and which are free (a
+/// bitmap by position). A request takes the lowest run of free pages
+/// adjacent in memory that holds all its segments, in order, so the device
+/// gets one buffer per run of full-page segments (the driver domain merges
+/// buffers that are contiguous) rather than one per page:
 ///
 /// ```text
 ///   free:  0x1000 0x2000 0x3000 | 0x5000 0x6000 0x7000 0x8000
 ///   take(4) -> 0x5000..=0x8000 (first run of 4); take(2) -> 0x1000, 0x2000
 /// ```
 ///
-/// With no such run it takes the lowest pages, still ascending.
+/// With no such run it takes the lowest free pages, still ascending. A page
+/// is given back by its position, so neither taking nor giving moves
+/// anything.
 #[derive(Debug)]
-struct FreePages(Vec<u64>);
+struct FreePages {
+    pages: Vec<u64>,
+    /// Bit `i % 64` of word `i / 64`: `pages[i]` is free.
+    free: Vec<u64>,
+}
 
 impl FreePages {
     fn new(mut pages: Vec<u64>) -> FreePages {
         pages.sort_unstable();
-        FreePages(pages)
+        let mut free = alloc::vec![0u64; pages.len().div_ceil(64)];
+        for i in 0..pages.len() {
+            free[i / 64] |= 1 << (i % 64);
+        }
+        FreePages { pages, free }
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.free.iter().map(|w| w.count_ones() as usize).sum()
     }
 
-    /// `n` pages, ascending; `None` (and nothing taken) if fewer are free.
-    fn take(&mut self, n: usize) -> Option<alloc::vec::Drain<'_, u64>> {
-        if self.0.len() < n {
-            return None;
+    /// The position of the first free page at or after `from`.
+    fn next_free(&self, from: usize) -> Option<usize> {
+        let mut w = from / 64;
+        let mut bits = *self.free.get(w)? & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
+            }
+            w += 1;
+            bits = *self.free.get(w)?;
         }
+    }
+
+    /// Take `n` pages and hand each, ascending, with its position, to
+    /// `put`; false (and nothing taken) if fewer are free.
+    fn take(&mut self, n: usize, mut put: impl FnMut(u64, usize)) -> bool {
+        if n == 0 || self.len() < n {
+            return n == 0;
+        }
+        // The lowest run of n free pages adjacent in memory, else the
+        // lowest n free pages: either way the first n free from `start`.
         let mut start = 0;
         let mut run = 0;
-        for (i, page) in self.0.iter().enumerate() {
-            if run > 0 && self.0[i - 1].checked_add(PAGE_SIZE) == Some(*page) {
+        let mut prev = usize::MAX;
+        let mut at = self.next_free(0);
+        while let Some(i) = at {
+            if run > 0
+                && i == prev + 1
+                && self.pages[prev].checked_add(PAGE_SIZE) == Some(self.pages[i])
+            {
                 run += 1;
             } else {
                 start = i;
@@ -515,16 +547,27 @@ impl FreePages {
             if run >= n {
                 break;
             }
+            prev = i;
+            at = self.next_free(i + 1);
         }
         if run < n {
             start = 0;
         }
-        Some(self.0.drain(start..start + n))
+        let mut at = self.next_free(start);
+        for _ in 0..n {
+            let Some(i) = at else { break };
+            self.free[i / 64] &= !(1 << (i % 64));
+            put(self.pages[i], i);
+            at = self.next_free(i + 1);
+        }
+        true
     }
 
-    fn give(&mut self, page: u64) {
-        let at = self.0.partition_point(|p| *p < page);
-        self.0.insert(at, page);
+    /// Give back the page at position `i` (as `take` handed it out).
+    fn give(&mut self, i: usize) {
+        if let Some(w) = self.free.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
     }
 }
 
@@ -1041,12 +1084,17 @@ impl Backend {
                 }
             }
             PathState::Copy { free, .. } => {
-                let Some(pages) = free.take(slot.segs.len()) else {
+                let mut segs = slot.segs.iter_mut();
+                let taken = free.take(segs.len(), |page, i| {
+                    if let Some(io) = segs.next() {
+                        io.page = page;
+                        // no overflow: positions of pages of the domain's
+                        // memory, far fewer than 2^32
+                        io.backing = Backing::Bounce(i as u32);
+                    }
+                });
+                if !taken {
                     return Ok(false);
-                };
-                for (io, page) in slot.segs.iter_mut().zip(pages) {
-                    io.page = page;
-                    io.backing = Backing::Bounce;
                 }
                 slot.holds = true;
                 if slot.kind == Kind::Write {
@@ -1114,9 +1162,9 @@ impl Backend {
                         addr: io.page,
                     },
                 ),
-                Backing::Bounce => {
+                Backing::Bounce(i) => {
                     if let PathState::Copy { free, .. } = &mut self.path {
-                        free.give(io.page);
+                        free.give(i as usize);
                     }
                 }
             }

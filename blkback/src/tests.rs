@@ -957,15 +957,41 @@ fn bounce_pages_of_a_request_are_adjacent() {
 fn free_pages_take_the_lowest_run() {
     let pg = |i: u64| i * PAGE_SIZE;
     let mut f = FreePages::new([8, 1, 2, 3, 5, 6, 7].map(pg).to_vec());
-    // The first run of 4 is 5..=8; of 2, 1..=2.
-    assert!(f.take(4).unwrap().eq([5, 6, 7, 8].map(pg)));
-    assert!(f.take(2).unwrap().eq([1, 2].map(pg)));
-    f.give(pg(7));
-    f.give(pg(5));
+    let take = |f: &mut FreePages, n| {
+        let mut got = vec![];
+        f.take(n, |page, i| got.push((page, i))).then_some(got)
+    };
+    // The first run of 4 is 5..=8 (positions 3..=6); of 2, 1..=2.
+    assert_eq!(
+        take(&mut f, 4).unwrap(),
+        [(pg(5), 3), (pg(6), 4), (pg(7), 5), (pg(8), 6)]
+    );
+    assert_eq!(take(&mut f, 2).unwrap(), [(pg(1), 0), (pg(2), 1)]);
+    f.give(5);
+    f.give(3);
     // No run of 3 in {3, 5, 7}: the lowest pages, ascending.
-    assert!(f.take(4).is_none());
+    assert!(take(&mut f, 4).is_none());
     assert_eq!(f.len(), 3);
-    assert!(f.take(3).unwrap().eq([3, 5, 7].map(pg)));
+    assert_eq!(
+        take(&mut f, 3).unwrap(),
+        [(pg(3), 2), (pg(5), 3), (pg(7), 5)]
+    );
+    assert_eq!(f.len(), 0);
+    assert_eq!(take(&mut f, 0).unwrap(), []);
+    // Beyond one word of the bitmap: pages that are never adjacent...
+    let mut f = FreePages::new((0..200).map(|i| pg(2 * i)).collect());
+    for i in 0..200 {
+        assert_eq!(take(&mut f, 1).unwrap(), [(pg(2 * i as u64), i)]);
+    }
+    f.give(130);
+    f.give(70);
+    assert_eq!(take(&mut f, 2).unwrap(), [(pg(140), 70), (pg(260), 130)]);
+    // ...and a run across a word boundary.
+    let mut f = FreePages::new((0..130).map(pg).collect());
+    assert_eq!(take(&mut f, 60).unwrap().len(), 60);
+    let got = take(&mut f, 70).unwrap();
+    assert_eq!(got.first(), Some(&(pg(60), 60)));
+    assert_eq!(got.last(), Some(&(pg(129), 129)));
     assert_eq!(f.len(), 0);
 }
 
