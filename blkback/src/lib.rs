@@ -90,7 +90,9 @@ pub enum Direction {
 }
 
 /// One buffer of a transfer, in the driver domain's address space (which
-/// is its devices' I/O address space). Never crosses a page.
+/// is its devices' I/O address space): the pages of one or more segments
+/// that follow each other in memory (the backend merges them), at most
+/// [`blkif::MAX_INDIRECT_SEGMENTS`] pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buf {
     pub addr: u64,
@@ -477,8 +479,7 @@ enum PathState {
 /// The bounce pages, in ascending address order, and which are free (a
 /// bitmap by position). A request takes the lowest run of free pages
 /// adjacent in memory that holds all its segments, in order, so the device
-/// gets one buffer per run of full-page segments (the driver domain merges
-/// buffers that are contiguous) rather than one per page:
+/// gets one buffer per run of full-page segments rather than one per page:
 ///
 /// ```text
 ///   free:  0x1000 0x2000 0x3000 | 0x5000 0x6000 0x7000 0x8000
@@ -1200,11 +1201,17 @@ impl Backend {
         let res = match slot.kind {
             Kind::Flush => dev.flush(token),
             Kind::Read | Kind::Write => {
+                // One buffer per run of segments that follow each other in
+                // memory (no overflow: at most 256 pages).
                 self.bufs.clear();
-                self.bufs.extend(slot.segs.iter().map(|io| Buf {
-                    addr: io.page + io.seg.offset() as u64,
-                    len: io.seg.bytes() as u32,
-                }));
+                for io in &slot.segs {
+                    let addr = io.page + io.seg.offset() as u64;
+                    let len = io.seg.bytes() as u32;
+                    match self.bufs.last_mut() {
+                        Some(b) if b.addr + u64::from(b.len) == addr => b.len += len,
+                        _ => self.bufs.push(Buf { addr, len }),
+                    }
+                }
                 let dir = if slot.kind == Kind::Read {
                     Direction::Read
                 } else {
