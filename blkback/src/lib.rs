@@ -572,10 +572,6 @@ impl FreePages {
     }
 }
 
-/// Segments read from an indirect page per [`Grants::read`] (a stack
-/// buffer of this many).
-const INDIRECT_CHUNK: usize = 64;
-
 const _: () = assert!(RING_SIZE as usize <= u64::BITS as usize);
 
 /// One frontend's backend.
@@ -609,6 +605,8 @@ pub struct Backend {
     bufs: Vec<Buf>,
     /// Scratch: one batch of grant copies.
     ops: Vec<CopyOp>,
+    /// Scratch: one indirect page's segment list, as read.
+    list: Vec<u8>,
     dirty: bool,
     stats: Stats,
 }
@@ -676,6 +674,7 @@ impl Backend {
             stalled: None,
             bufs: Vec::with_capacity(most_segments),
             ops: Vec::with_capacity(MAX_BATCH as usize),
+            list: alloc::vec![0; SEGMENTS_PER_INDIRECT_PAGE * SEGMENT_SIZE],
             dirty: false,
             stats: Stats::default(),
         })
@@ -986,7 +985,6 @@ impl Backend {
         grants: &mut G,
     ) -> Result<(), Reject> {
         let n = usize::from(r.nr_segments);
-        let mut buf = [0u8; INDIRECT_CHUNK * SEGMENT_SIZE];
         for (p, gref) in r.indirect_grefs.iter().take(r.pages()).enumerate() {
             let count = (n - p * SEGMENTS_PER_INDIRECT_PAGE).min(SEGMENTS_PER_INDIRECT_PAGE);
             let (addr, temporary) = match &mut self.path {
@@ -1031,18 +1029,15 @@ impl Backend {
                     (page, None)
                 }
             };
-            let mut at = 0;
-            while at < count {
-                let k = (count - at).min(INDIRECT_CHUNK);
-                let bytes = &mut buf[..k * SEGMENT_SIZE];
-                grants.read(addr + (at * SEGMENT_SIZE) as u64, bytes);
-                segs.extend(
-                    (0..k)
-                        .filter_map(|i| Segment::decode_at(bytes, i))
-                        .map(SegIo::new),
-                );
-                at += k;
-            }
+            // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
+            let bytes = &mut self.list[..count * SEGMENT_SIZE];
+            grants.read(addr, bytes);
+            segs.extend(
+                bytes
+                    .chunks_exact(SEGMENT_SIZE)
+                    .filter_map(|b| b.try_into().ok())
+                    .map(|b| SegIo::new(Segment::decode(b))),
+            );
             if let Some(m) = temporary {
                 unmap(grants, &mut self.stats, m);
             }
@@ -1061,19 +1056,22 @@ impl Backend {
         match &mut self.path {
             PathState::Map(cache) => {
                 let writable = slot.kind == Kind::Read;
+                let mut hits = 0;
+                let mut result = Ok(());
                 for io in slot.segs.iter_mut() {
                     let gref = io.seg.gref;
                     if let Some(p) = cache.get(gref) {
                         if p.writable || !writable {
-                            stats.persistent_hits += 1;
+                            hits += 1;
                             io.page = p.map.addr;
                             io.backing = Backing::Persistent;
                             continue;
                         }
                     }
-                    let m = grants
-                        .map(frontend, gref, !writable)
-                        .map_err(|_| Reject::Grant)?;
+                    let Ok(m) = grants.map(frontend, gref, !writable) else {
+                        result = Err(Reject::Grant);
+                        break;
+                    };
                     stats.maps += 1;
                     io.page = m.addr;
                     io.backing = if cache.insert(gref, Persistent { map: m, writable }) {
@@ -1083,6 +1081,8 @@ impl Backend {
                         Backing::Mapped(m.handle)
                     };
                 }
+                stats.persistent_hits += hits;
+                result?;
             }
             PathState::Copy { free, .. } => {
                 let mut segs = slot.segs.iter_mut();
@@ -1204,14 +1204,20 @@ impl Backend {
                 // One buffer per run of segments that follow each other in
                 // memory (no overflow: at most 256 pages).
                 self.bufs.clear();
+                let mut run: Option<Buf> = None;
                 for io in &slot.segs {
                     let addr = io.page + io.seg.offset() as u64;
                     let len = io.seg.bytes() as u32;
-                    match self.bufs.last_mut() {
+                    match &mut run {
                         Some(b) if b.addr + u64::from(b.len) == addr => b.len += len,
-                        _ => self.bufs.push(Buf { addr, len }),
+                        _ => {
+                            if let Some(b) = run.replace(Buf { addr, len }) {
+                                self.bufs.push(b);
+                            }
+                        }
                     }
                 }
+                self.bufs.extend(run);
                 let dir = if slot.kind == Kind::Read {
                     Direction::Read
                 } else {
