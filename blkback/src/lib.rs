@@ -1032,12 +1032,11 @@ impl Backend {
             // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
             let bytes = &mut self.list[..count * SEGMENT_SIZE];
             grants.read(addr, bytes);
-            segs.extend(
-                bytes
-                    .chunks_exact(SEGMENT_SIZE)
-                    .filter_map(|b| b.try_into().ok())
-                    .map(|b| SegIo::new(Segment::decode(b))),
-            );
+            for b in bytes.chunks_exact(SEGMENT_SIZE) {
+                let mut e = [0u8; SEGMENT_SIZE];
+                e.copy_from_slice(b);
+                segs.push(SegIo::new(Segment::decode(&e)));
+            }
             if let Some(m) = temporary {
                 unmap(grants, &mut self.stats, m);
             }
