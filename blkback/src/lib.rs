@@ -907,26 +907,32 @@ impl Backend {
         segs: &mut Vec<SegIo>,
         grants: &mut G,
     ) -> Result<(Kind, u64, u64), Reject> {
-        let (kind, sector) = match e[0] {
+        let (kind, sector, total) = match e[0] {
             op @ (op::READ | op::WRITE) => {
                 let r = Request::decode(e);
                 let list = r
                     .segments()
                     .filter(|s| !s.is_empty())
                     .ok_or(Reject::SegmentCount)?;
-                segs.extend(list.iter().map(|s| SegIo::new(*s)));
                 let kind = if op == op::READ {
                     Kind::Read
                 } else {
                     Kind::Write
                 };
-                (kind, r.sector)
+                if kind == Kind::Write && self.read_only {
+                    return Err(Reject::ReadOnly);
+                }
+                let mut total = 0;
+                for seg in list {
+                    push_segment(segs, *seg, &mut total)?;
+                }
+                (kind, r.sector, total)
             }
             op::FLUSH_DISKCACHE => {
                 if e[1] != 0 {
                     return Err(Reject::SegmentCount);
                 }
-                (Kind::Flush, 0)
+                return Ok((Kind::Flush, 0, 0));
             }
             op::INDIRECT => {
                 if self.max_indirect == 0 {
@@ -946,27 +952,15 @@ impl Backend {
                 if kind == Kind::Write && self.read_only {
                     return Err(Reject::ReadOnly);
                 }
-                self.read_indirect(&r, segs, grants)?;
-                (kind, r.sector)
+                let total = self.read_indirect(&r, segs, grants)?;
+                (kind, r.sector, total)
             }
             op::WRITE_BARRIER | op::DISCARD => return Err(Reject::Unsupported),
             _ => return Err(Reject::UnknownOp),
         };
-        if kind == Kind::Write && self.read_only {
-            return Err(Reject::ReadOnly);
-        }
-        let mut total = 0;
-        for io in segs.iter() {
-            if !io.seg.is_valid() {
-                return Err(Reject::Segment);
-            }
-            total += io.seg.sectors();
-        }
-        if kind != Kind::Flush {
-            match sector.checked_add(total) {
-                Some(end) if end <= self.sectors => {}
-                _ => return Err(Reject::OutOfRange),
-            }
+        match sector.checked_add(total) {
+            Some(end) if end <= self.sectors => {}
+            _ => return Err(Reject::OutOfRange),
         }
         // no overflow: sector + total <= sectors, and first_sector +
         // sectors was checked in `new`
@@ -974,7 +968,7 @@ impl Backend {
     }
 
     /// Copy an indirect request's segment list out of its granted pages,
-    /// once, into `segs`. In the map path an indirect page is a grant like
+    /// once, into `segs`, checking each segment; the sectors they cover. In the map path an indirect page is a grant like
     /// any other: it stays mapped as a persistent grant while there is
     /// room (read-only; a later READ into that ref maps it writable per
     /// request), and is read afresh for every request that names it.
@@ -983,8 +977,9 @@ impl Backend {
         r: &IndirectRequest,
         segs: &mut Vec<SegIo>,
         grants: &mut G,
-    ) -> Result<(), Reject> {
+    ) -> Result<u64, Reject> {
         let n = usize::from(r.nr_segments);
+        let mut total = 0;
         for (p, gref) in r.indirect_grefs.iter().take(r.pages()).enumerate() {
             let count = (n - p * SEGMENTS_PER_INDIRECT_PAGE).min(SEGMENTS_PER_INDIRECT_PAGE);
             let (addr, temporary) = match &mut self.path {
@@ -1032,16 +1027,21 @@ impl Backend {
             // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
             let bytes = &mut self.list[..count * SEGMENT_SIZE];
             grants.read(addr, bytes);
+            let mut checked = Ok(());
             for b in bytes.chunks_exact(SEGMENT_SIZE) {
                 let mut e = [0u8; SEGMENT_SIZE];
                 e.copy_from_slice(b);
-                segs.push(SegIo::new(Segment::decode(&e)));
+                checked = push_segment(segs, Segment::decode(&e), &mut total);
+                if checked.is_err() {
+                    break;
+                }
             }
             if let Some(m) = temporary {
                 unmap(grants, &mut self.stats, m);
             }
+            checked?;
         }
-        Ok(())
+        Ok(total)
     }
 
     /// Get the pages for slot `s`'s segments: map them, or take bounce
@@ -1350,6 +1350,19 @@ impl Backend {
         self.conn = Conn::Closed;
         out.closed = true;
     }
+}
+
+/// Append a segment that passed the checks, adding its sectors to
+/// `total`; [`Reject::Segment`] if `first_sect > last_sect` or
+/// `last_sect > 7`. `segs` has room for the most segments a request may
+/// have, and no caller pushes more.
+fn push_segment(segs: &mut Vec<SegIo>, seg: Segment, total: &mut u64) -> Result<(), Reject> {
+    if !seg.is_valid() {
+        return Err(Reject::Segment);
+    }
+    *total += seg.sectors();
+    segs.push(SegIo::new(seg));
+    Ok(())
 }
 
 fn unmap<G: Grants>(grants: &mut G, stats: &mut Stats, m: Mapping) {
