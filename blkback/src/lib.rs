@@ -1356,6 +1356,7 @@ impl Backend {
 /// `total`; [`Reject::Segment`] if `first_sect > last_sect` or
 /// `last_sect > 7`. `segs` has room for the most segments a request may
 /// have, and no caller pushes more.
+#[inline]
 fn push_segment(segs: &mut Vec<SegIo>, seg: Segment, total: &mut u64) -> Result<(), Reject> {
     if !seg.is_valid() {
         return Err(Reject::Segment);
