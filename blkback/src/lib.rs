@@ -18,8 +18,9 @@
 //! ([`abi::ring::RingPage`]), the grant operations ([`Grants`]) and the
 //! disk ([`BlockDevice`]). The driver domain calls [`Backend::poll`] when
 //! the frontend's event channel fires (and again while [`Poll::more`]),
-//! [`Backend::complete`] when the device finishes a request, and sends the
-//! frontend an event whenever a call returns [`Poll::notify`].
+//! [`Backend::complete`] when the device finishes a request (or
+//! [`Backend::retire`] for each of several, then `poll` once), and sends
+//! the frontend an event whenever a call returns [`Poll::notify`].
 //!
 //! Every request is copied out of the ring once and only that private copy
 //! is looked at. It is then validated; a bad one is answered with
@@ -725,7 +726,8 @@ impl Backend {
         out
     }
 
-    /// The device finished the request `token` (`ok`: without error).
+    /// The device finished the request `token` (`ok`: without error):
+    /// answer it, then carry on as [`Backend::poll`] does.
     pub fn complete<P, G, D>(
         &mut self,
         token: u64,
@@ -740,6 +742,23 @@ impl Backend {
         D: BlockDevice,
     {
         let mut out = Poll::default();
+        if self.retire(token, ok, page, grants) {
+            self.step(page, grants, dev, &mut out);
+        }
+        out
+    }
+
+    /// The first half of [`Backend::complete`]: answer the request `token`
+    /// (false: no request of ours holds it), but leave the rest to the
+    /// next [`Backend::poll`], which publishes the response (and says
+    /// whether to notify), starts what waited and takes new requests. A
+    /// driver domain that reaps several completions at once retires each
+    /// and polls once.
+    pub fn retire<P, G>(&mut self, token: u64, ok: bool, page: &mut P, grants: &mut G) -> bool
+    where
+        P: RingPage + ?Sized,
+        G: Grants,
+    {
         let s = (token & 0xffff_ffff) as usize;
         let gen = (token >> 32) as u32;
         match self.slots.get_mut(s) {
@@ -749,7 +768,7 @@ impl Backend {
             }
             _ => {
                 self.stats.stale_completions += 1;
-                return out;
+                return false;
             }
         }
         let mut result = if ok { Ok(()) } else { Err(Reject::Device) };
@@ -757,8 +776,7 @@ impl Backend {
             result = self.copy_out(s, grants);
         }
         self.answer(s, page, grants, result);
-        self.step(page, grants, dev, &mut out);
-        out
+        true
     }
 
     /// End the connection from the driver domain's side: stop taking

@@ -986,6 +986,34 @@ fn adjacent_segments_are_one_buffer() {
     h.assert_clean();
 }
 
+/// Completions retired one by one are published by one poll.
+#[test]
+fn retired_requests_are_answered_by_the_next_poll() {
+    for path in paths() {
+        let mut h = H::new(path.clone(), false);
+        let p = h.world.grant(BACK, false);
+        for id in 0..3 {
+            h.send(&rw(op::READ, id, 8 * id, &[seg(p, 0, 7)]));
+        }
+        h.poll();
+        let done = h.dev.run(&mut h.world);
+        assert_eq!(done.len(), 3);
+        for (t, ok) in &done {
+            assert!(h.be.retire(*t, *ok, &mut h.page, &mut h.world));
+        }
+        assert!(!h.be.retire(done[0].0, true, &mut h.page, &mut h.world));
+        assert_eq!(h.be.stats().stale_completions, 1);
+        assert_eq!(h.be.in_flight(), 0);
+        assert!(h.responses().is_empty(), "published before the poll");
+        let before = h.notifies;
+        h.poll();
+        assert_eq!(h.notifies, before + 1, "{path:?}");
+        let ids: Vec<u64> = h.responses().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        h.assert_clean();
+    }
+}
+
 #[test]
 fn free_pages_take_the_lowest_run() {
     let pg = |i: u64| i * PAGE_SIZE;

@@ -12,8 +12,9 @@
 //! frontend grants the ring at `ring_gref`, then notifies); after that it
 //! calls that vbd's [`Backend::poll`]. The device's port collects every
 //! completion from the used ring and hands it to the backend that submitted
-//! it ([`Backend::complete`]). An event goes to a frontend whenever a call
-//! says [`blkback::Poll::notify`]. The domain exits once every frontend's
+//! it ([`Backend::retire`]), then polls each of those backends once. An
+//! event goes to a frontend whenever a call says
+//! [`blkback::Poll::notify`]. The domain exits once every frontend's
 //! connection is Closed (or its ring could never be mapped).
 //!
 //! The backends share the disk through [`Dispatch`]: a backend's request
@@ -663,6 +664,8 @@ mod domain {
         Window,
     };
 
+    const _: () = assert!(abi::domain::MAX_VBDS <= 64);
+
     /// With requests in the device, look at the used ring at least this
     /// often even without an interrupt (a lost one is counted, not a hang).
     const SAFETY_POLL_NS: u64 = 100_000_000;
@@ -1005,9 +1008,12 @@ mod domain {
             }
         }
 
-        /// Takes every completion in the used ring; returns how many.
+        /// Takes every completion in the used ring; returns how many. Each
+        /// backend retires its ended requests, then is polled once.
         fn reap(&mut self) -> u64 {
             let mut n = 0;
+            // Bit i: backend i retired a request (fronts <= MAX_VBDS).
+            let mut retired = 0u64;
             while let Some(token) = self.blk.peek_used() {
                 let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
                 else {
@@ -1036,8 +1042,19 @@ mod domain {
                 n += 1;
                 self.stats.completions += 1;
                 if let Some(d) = self.dispatch.finish(slot, r.is_ok()) {
-                    self.complete(d);
+                    if let Some(f) = self.fronts.get_mut(d.backend) {
+                        if let Some((page, _)) = f.ring.as_mut() {
+                            if f.backend.retire(d.token, d.ok, page, &mut self.grants) {
+                                retired |= 1 << d.backend;
+                            }
+                        }
+                    }
                 }
+            }
+            while retired != 0 {
+                let i = retired.trailing_zeros() as usize;
+                retired &= retired - 1;
+                self.serve(i);
             }
             n
         }
