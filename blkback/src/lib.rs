@@ -495,6 +495,8 @@ struct FreePages {
     pages: Vec<u64>,
     /// Bit `i % 64` of word `i / 64`: `pages[i]` is free.
     free: Vec<u64>,
+    /// Bits set in `free`.
+    count: usize,
 }
 
 impl FreePages {
@@ -504,11 +506,12 @@ impl FreePages {
         for i in 0..pages.len() {
             free[i / 64] |= 1 << (i % 64);
         }
-        FreePages { pages, free }
+        let count = pages.len();
+        FreePages { pages, free, count }
     }
 
     fn len(&self) -> usize {
-        self.free.iter().map(|w| w.count_ones() as usize).sum()
+        self.count
     }
 
     /// The position of the first free page at or after `from`.
@@ -559,16 +562,21 @@ impl FreePages {
         for _ in 0..n {
             let Some(i) = at else { break };
             self.free[i / 64] &= !(1 << (i % 64));
+            self.count -= 1;
             put(self.pages[i], i);
             at = self.next_free(i + 1);
         }
         true
     }
 
-    /// Give back the page at position `i` (as `take` handed it out).
+    /// Give back the page at position `i` (as `take` handed it out); a page
+    /// that is free already stays free once (`count` stays true).
     fn give(&mut self, i: usize) {
         if let Some(w) = self.free.get_mut(i / 64) {
-            *w |= 1 << (i % 64);
+            if *w & 1 << (i % 64) == 0 {
+                *w |= 1 << (i % 64);
+                self.count += 1;
+            }
         }
     }
 }
