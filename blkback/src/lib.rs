@@ -495,6 +495,9 @@ struct FreePages {
     pages: Vec<u64>,
     /// Bit `i % 64` of word `i / 64`: `pages[i]` is free.
     free: Vec<u64>,
+    /// Bit `i % 64` of word `i / 64`: `pages[i]` follows `pages[i - 1]`
+    /// in memory.
+    follows: Vec<u64>,
     /// Bits set in `free`.
     count: usize,
 }
@@ -502,12 +505,22 @@ struct FreePages {
 impl FreePages {
     fn new(mut pages: Vec<u64>) -> FreePages {
         pages.sort_unstable();
-        let mut free = alloc::vec![0u64; pages.len().div_ceil(64)];
+        let words = pages.len().div_ceil(64);
+        let mut free = alloc::vec![0u64; words];
+        let mut follows = alloc::vec![0u64; words];
         for i in 0..pages.len() {
             free[i / 64] |= 1 << (i % 64);
+            if i > 0 && pages[i - 1].checked_add(PAGE_SIZE) == Some(pages[i]) {
+                follows[i / 64] |= 1 << (i % 64);
+            }
         }
         let count = pages.len();
-        FreePages { pages, free, count }
+        FreePages {
+            pages,
+            free,
+            follows,
+            count,
+        }
     }
 
     fn len(&self) -> usize {
@@ -527,44 +540,51 @@ impl FreePages {
         }
     }
 
+    /// How many free pages, each following the one before in memory, start
+    /// at the free page `i`: a word of the bitmaps at a time.
+    fn run_from(&self, i: usize) -> usize {
+        let mut j = i + 1;
+        loop {
+            let w = j / 64;
+            let (Some(f), Some(a)) = (self.free.get(w), self.follows.get(w)) else {
+                return j - i;
+            };
+            let ones = ((f & a) >> (j % 64)).trailing_ones() as usize;
+            j += ones;
+            if ones == 0 || !j.is_multiple_of(64) {
+                return j - i;
+            }
+        }
+    }
+
+    fn claim(&mut self, i: usize, put: &mut impl FnMut(u64, usize)) {
+        self.free[i / 64] &= !(1 << (i % 64));
+        self.count -= 1;
+        put(self.pages[i], i);
+    }
+
     /// Take `n` pages and hand each, ascending, with its position, to
     /// `put`; false (and nothing taken) if fewer are free.
     fn take(&mut self, n: usize, mut put: impl FnMut(u64, usize)) -> bool {
-        if n == 0 || self.len() < n {
-            return n == 0;
+        if self.count < n {
+            return false;
         }
-        // The lowest run of n free pages adjacent in memory, else the
-        // lowest n free pages: either way the first n free from `start`.
-        let mut start = 0;
-        let mut run = 0;
-        let mut prev = usize::MAX;
+        // The lowest run of n free pages adjacent in memory...
         let mut at = self.next_free(0);
         while let Some(i) = at {
-            if run > 0
-                && i == prev + 1
-                && self.pages[prev].checked_add(PAGE_SIZE) == Some(self.pages[i])
-            {
-                run += 1;
-            } else {
-                start = i;
-                run = 1;
-            }
+            let run = self.run_from(i);
             if run >= n {
-                break;
+                for j in i..i + n {
+                    self.claim(j, &mut put);
+                }
+                return true;
             }
-            prev = i;
-            at = self.next_free(i + 1);
+            at = self.next_free(i + run);
         }
-        if run < n {
-            start = 0;
-        }
-        let mut at = self.next_free(start);
+        // ...else the lowest n free pages (there are n).
         for _ in 0..n {
-            let Some(i) = at else { break };
-            self.free[i / 64] &= !(1 << (i % 64));
-            self.count -= 1;
-            put(self.pages[i], i);
-            at = self.next_free(i + 1);
+            let Some(i) = self.next_free(0) else { break };
+            self.claim(i, &mut put);
         }
         true
     }
