@@ -38,7 +38,8 @@
 //!   static DMA mode virtio-drivers passes the address through unchanged; in
 //!   the strict mode its `Hal` bounces every buffer, so the data is copied
 //!   once by the CPU after all. Up to [`persistent_budget`] grants per
-//!   frontend stay mapped (persistent grants).
+//!   frontend stay mapped (persistent grants), INDIRECT segment-list pages
+//!   among them.
 //! - **copy**: the device works on page-aligned bounce pages from the heap,
 //!   and the hypervisor copies between them and the frontend's pages
 //!   (batched `grant_copy`, up to 64 operations per call).
@@ -66,9 +67,9 @@ pub const KEYS: &[&str] = &["serve", "indirect", "persistent"];
 /// (`hypervisor::grant::MAX_MAPS_PER_DOMAIN`); the rest is for the rings and
 /// the per-request mappings past the persistent ones.
 pub const PERSISTENT_TOTAL: usize = 3584;
-/// Persistent grants one frontend can use at most: airlock's blkfront keeps
-/// [`blkif::MAX_SEGMENTS`] pages per request slot for reads and as many for
-/// writes, and has at most a ring's worth of slots.
+/// Persistent grants one frontend can use at most (data pages and INDIRECT
+/// segment-list pages alike): room for [`blkif::MAX_SEGMENTS`] pages per
+/// request slot for reads and as many for writes, a ring's worth of slots.
 pub const PERSISTENT_PER_FRONTEND: usize = 2 * blkif::MAX_SEGMENTS * RING_SIZE as usize;
 
 /// Serve mode's options, from the args:
