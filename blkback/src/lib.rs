@@ -399,9 +399,10 @@ struct Slot {
     segs: Vec<SegIo>,
 }
 
+/// Where a persistent grant is mapped, and whether writably.
 #[derive(Clone, Copy, Debug)]
 struct Persistent {
-    map: Mapping,
+    addr: u64,
     writable: bool,
 }
 
@@ -410,20 +411,23 @@ struct Persistent {
 const GREFS: usize = abi::grant::MAX_TABLE_PAGES as usize * abi::grant::ENTRIES_PER_PAGE;
 
 /// Persistent grants: refs that stay mapped for the connection's life (at
-/// most `max`), found by ref in constant time. `index[gref]` is 1 + the
-/// ref's position in `maps`, or 0 if it is not mapped; a ref at or past
-/// [`GREFS`] is never cached (its map fails anyway), so the index needs no
-/// more room and a hostile frontend cannot make lookups slow.
+/// most `max`), found by ref in constant time. `index[gref]` is the ref's
+/// page address with [`Cache::PRESENT`] (and [`Cache::WRITABLE`] for a
+/// writable mapping) in its low bits, or 0; `maps` keeps the mappings to
+/// undo. A ref at or past [`GREFS`] is never cached (its map fails anyway),
+/// so the index needs no more room and a hostile frontend cannot make
+/// lookups slow.
 #[derive(Debug)]
 struct Cache {
     max: usize,
-    index: Vec<u16>,
-    maps: Vec<Persistent>,
+    index: Vec<u64>,
+    maps: Vec<Mapping>,
 }
 
-const _: () = assert!(GREFS <= u16::MAX as usize);
-
 impl Cache {
+    const PRESENT: u64 = 1;
+    const WRITABLE: u64 = 2;
+
     fn new(max: usize) -> Cache {
         let max = max.min(GREFS);
         let mut index = Vec::new();
@@ -438,21 +442,24 @@ impl Cache {
     }
 
     fn get(&self, gref: u32) -> Option<Persistent> {
-        let at = usize::from(*self.index.get(gref as usize)?);
-        self.maps.get(at.checked_sub(1)?).copied()
+        let e = *self.index.get(gref as usize)?;
+        (e & Self::PRESENT != 0).then_some(Persistent {
+            addr: e & !(PAGE_SIZE - 1),
+            writable: e & Self::WRITABLE != 0,
+        })
     }
 
-    /// Keep `p` as `gref`'s persistent mapping if there is room and the
-    /// ref has none yet; false (and nothing kept) otherwise.
-    fn insert(&mut self, gref: u32, p: Persistent) -> bool {
-        if self.maps.len() >= self.max {
+    /// Keep `m` as `gref`'s persistent mapping (writable or not) if there
+    /// is room and the ref has none yet; false (and nothing kept)
+    /// otherwise.
+    fn insert(&mut self, gref: u32, m: Mapping, writable: bool) -> bool {
+        if self.maps.len() >= self.max || !m.addr.is_multiple_of(PAGE_SIZE) {
             return false;
         }
         match self.index.get_mut(gref as usize) {
-            Some(at) if *at == 0 => {
-                self.maps.push(p);
-                // no overflow: maps.len() <= max <= GREFS <= u16::MAX
-                *at = self.maps.len() as u16;
+            Some(e) if *e == 0 => {
+                self.maps.push(m);
+                *e = m.addr | Self::PRESENT | if writable { Self::WRITABLE } else { 0 };
                 true
             }
             _ => false,
@@ -460,7 +467,7 @@ impl Cache {
     }
 
     /// Forget every mapping; the caller unmaps them.
-    fn take_all(&mut self) -> Vec<Persistent> {
+    fn take_all(&mut self) -> Vec<Mapping> {
         self.index.fill(0);
         core::mem::take(&mut self.maps)
     }
@@ -1032,20 +1039,14 @@ impl Backend {
                 PathState::Map(cache) => match cache.get(*gref) {
                     Some(pm) => {
                         self.stats.persistent_hits += 1;
-                        (pm.map.addr, None)
+                        (pm.addr, None)
                     }
                     None => {
                         let m = grants
                             .map(self.frontend, *gref, true)
                             .map_err(|_| Reject::Grant)?;
                         self.stats.maps += 1;
-                        let kept = cache.insert(
-                            *gref,
-                            Persistent {
-                                map: m,
-                                writable: false,
-                            },
-                        );
+                        let kept = cache.insert(*gref, m, false);
                         (m.addr, (!kept).then_some(m))
                     }
                 },
@@ -1108,7 +1109,7 @@ impl Backend {
                     if let Some(p) = cache.get(gref) {
                         if p.writable || !writable {
                             hits += 1;
-                            io.page = p.map.addr;
+                            io.page = p.addr;
                             io.backing = Backing::Persistent;
                             continue;
                         }
@@ -1119,7 +1120,7 @@ impl Backend {
                     };
                     stats.maps += 1;
                     io.page = m.addr;
-                    io.backing = if cache.insert(gref, Persistent { map: m, writable }) {
+                    io.backing = if cache.insert(gref, m, writable) {
                         Backing::Persistent
                     } else {
                         slot.holds = true;
@@ -1385,8 +1386,8 @@ impl Backend {
             }
         }
         if let PathState::Map(cache) = &mut self.path {
-            for p in cache.take_all() {
-                unmap(grants, &mut self.stats, p.map);
+            for m in cache.take_all() {
+                unmap(grants, &mut self.stats, m);
             }
         }
         if let Some(r) = self.ring.as_ref() {

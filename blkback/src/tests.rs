@@ -674,22 +674,22 @@ fn indirect_pages_are_persistent_and_read_afresh() {
 #[test]
 fn persistent_cache_bounds() {
     let mut c = Cache::new(2);
-    let p = |addr| Persistent {
-        map: Mapping { handle: 1, addr },
-        writable: true,
-    };
-    assert!(c.insert(5, p(0x1000)));
-    assert!(!c.insert(5, p(0x2000)), "a ref is cached once");
-    assert!(!c.insert(GREFS as u32, p(0x3000)));
-    assert!(!c.insert(u32::MAX, p(0x3000)));
-    assert!(c.insert(GREFS as u32 - 1, p(0x4000)));
-    assert!(!c.insert(7, p(0x5000)), "full");
-    assert_eq!(c.get(5).map(|p| p.map.addr), Some(0x1000));
-    assert_eq!(c.get(GREFS as u32 - 1).map(|p| p.map.addr), Some(0x4000));
+    let m = |addr| Mapping { handle: 1, addr };
+    assert!(c.insert(5, m(0x1000), true));
+    assert!(!c.insert(5, m(0x2000), true), "a ref is cached once");
+    assert!(!c.insert(GREFS as u32, m(0x3000), true));
+    assert!(!c.insert(u32::MAX, m(0x3000), true));
+    assert!(!c.insert(6, m(0x3004), true), "not a page");
+    assert!(c.insert(GREFS as u32 - 1, m(0x4000), false));
+    assert!(!c.insert(7, m(0x5000), true), "full");
+    let p = c.get(5).unwrap();
+    assert_eq!((p.addr, p.writable), (0x1000, true));
+    let p = c.get(GREFS as u32 - 1).unwrap();
+    assert_eq!((p.addr, p.writable), (0x4000, false));
     assert!(c.get(7).is_none() && c.get(u32::MAX).is_none());
     assert_eq!(c.take_all().len(), 2);
     assert!(c.get(5).is_none());
-    assert!(!Cache::new(0).insert(1, p(0x1000)));
+    assert!(!Cache::new(0).insert(1, m(0x1000), true));
 }
 
 /// Every request the hostile guest of the `hostile-blkfront` scenario
