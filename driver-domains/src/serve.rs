@@ -27,7 +27,10 @@
 //! device holds nothing, and nothing queued after it starts before it ends.
 //! virtio-drivers 0.13's `flush` is blocking (it spins on the used ring for
 //! that one request), which is sound only with nothing else in flight; the
-//! barrier guarantees that.
+//! barrier guarantees that. virtio-drivers notifies the device for every
+//! request it adds, and under QEMU every notification traps into the device
+//! model; the loop holds them back while it starts a batch and sends one
+//! ([`crate::device::batched`]).
 //!
 //! Data paths (the manifest's `mode` per vbd):
 //!
@@ -658,6 +661,8 @@ mod domain {
     use virtio_drivers::transport::Transport;
     use virtio_drivers::{Error as VirtioError, Hal};
 
+    use crate::device::{Batched, NotifyBatch};
+
     use abi::blkif::{self, RING_SIZE};
 
     use super::{
@@ -804,7 +809,9 @@ mod domain {
     }
 
     struct Server<'a, H: Hal, T: Transport> {
-        blk: VirtIOBlk<H, T>,
+        blk: VirtIOBlk<H, Batched<T>>,
+        /// The device hears of the requests `kick` adds once, at its end.
+        notify: NotifyBatch<T>,
         dispatch: Dispatch,
         /// Made once, never grown: a slot's memory never moves.
         slots: Vec<IoSlot>,
@@ -943,14 +950,18 @@ mod domain {
 
         /// Starts queued virtio requests while the queue has room.
         fn kick(&mut self) {
+            self.notify.hold();
             while let Some((slot, op)) = self.dispatch.next() {
                 match op {
                     SubOp::Flush => {
                         // Nothing else is in the device (the barrier), so
-                        // the blocking flush pops its own completion.
+                        // the blocking flush pops its own completion; it
+                        // notifies the device itself.
+                        self.notify.release();
                         let t0 = time_ns();
                         let ok = self.blk.flush().is_ok();
                         self.stats.flush_ns += time_ns() - t0;
+                        self.notify.hold();
                         if let Some(d) = self.dispatch.ended_now(ok) {
                             self.complete(d);
                         }
@@ -995,7 +1006,7 @@ mod domain {
                         };
                         match r {
                             Ok(token) => self.dispatch.started(slot, token),
-                            Err(VirtioError::QueueFull) => return,
+                            Err(VirtioError::QueueFull) => break,
                             Err(e) => {
                                 println!("blkback: the virtqueue refused a request: {e:?}");
                                 self.stats.failed_subs += 1;
@@ -1007,6 +1018,7 @@ mod domain {
                     }
                 }
             }
+            self.notify.release();
         }
 
         /// Takes every completion in the used ring; returns how many. Each
@@ -1153,7 +1165,8 @@ mod domain {
     /// reached), 1 on a broken device or bad args.
     pub fn run<H: Hal, T: Transport>(
         si: &libdom::StartInfo<'_>,
-        blk: VirtIOBlk<H, T>,
+        blk: VirtIOBlk<H, Batched<T>>,
+        notify: NotifyBatch<T>,
         dev_port: u16,
         timer: u16,
     ) -> i64 {
@@ -1220,6 +1233,7 @@ mod domain {
         let depth = usize::from(blk.virt_queue_size());
         let mut srv = Server {
             blk,
+            notify,
             // Room for every frontend's full ring of 11-segment requests
             // split into one virtio request per segment.
             dispatch: Dispatch::new(
