@@ -111,6 +111,7 @@ pub struct Segment {
 }
 
 impl Segment {
+    #[inline]
     pub fn decode(b: &[u8; SEGMENT_SIZE]) -> Self {
         Segment {
             gref: u32_at(b, 0),

@@ -18,8 +18,9 @@
 //! ([`abi::ring::RingPage`]), the grant operations ([`Grants`]) and the
 //! disk ([`BlockDevice`]). The driver domain calls [`Backend::poll`] when
 //! the frontend's event channel fires (and again while [`Poll::more`]),
-//! [`Backend::complete`] when the device finishes a request, and sends the
-//! frontend an event whenever a call returns [`Poll::notify`].
+//! [`Backend::complete`] when the device finishes a request (or
+//! [`Backend::retire`] for each of several, then `poll` once), and sends
+//! the frontend an event whenever a call returns [`Poll::notify`].
 //!
 //! Every request is copied out of the ring once and only that private copy
 //! is looked at. It is then validated; a bad one is answered with
@@ -37,7 +38,6 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use abi::blkif::{
@@ -91,7 +91,9 @@ pub enum Direction {
 }
 
 /// One buffer of a transfer, in the driver domain's address space (which
-/// is its devices' I/O address space). Never crosses a page.
+/// is its devices' I/O address space): the pages of one or more segments
+/// that follow each other in memory (the backend merges them), at most
+/// [`blkif::MAX_INDIRECT_SEGMENTS`] pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buf {
     pub addr: u64,
@@ -269,7 +271,8 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Requests refused, indexed by `Reject as usize`.
     pub errors: [u64; Reject::COUNT],
-    /// Segments served by an already mapped persistent grant.
+    /// Segments and indirect pages served by an already mapped
+    /// persistent grant.
     pub persistent_hits: u64,
     pub maps: u64,
     pub unmaps: u64,
@@ -331,15 +334,18 @@ enum Kind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backing {
+    /// Not acquired (yet).
+    None,
     /// A persistent mapping, kept until the connection closes.
     Persistent,
-    /// Mapped for this request; unmapped when it ends.
-    Mapped(Mapping),
-    /// One of our bounce pages.
-    Bounce,
+    /// Mapped for this request under this handle; unmapped when it ends.
+    Mapped(u32),
+    /// Our bounce page at this position of [`FreePages`].
+    Bounce(u32),
 }
 
-/// Where one segment's page is in the driver domain.
+/// One validated segment and, once acquired, where its page is in the
+/// driver domain.
 #[derive(Clone, Copy, Debug)]
 struct SegIo {
     seg: Segment,
@@ -347,39 +353,130 @@ struct SegIo {
     backing: Backing,
 }
 
-/// A validated request, private to the backend.
+impl SegIo {
+    fn new(seg: Segment) -> SegIo {
+        SegIo {
+            seg,
+            page: 0,
+            backing: Backing::None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Taken off the ring and not in the device: being parsed or started,
+    /// or waiting for bounce pages or a busy device (then `stalled` names
+    /// it).
+    Taken,
+    /// In the device under the token `gen << 32 | index`.
+    InDevice,
+}
+
+/// A request from the moment it is taken off the ring until it is
+/// answered. Every unanswered request holds one, so [`RING_SIZE`] of them
+/// always suffice (the ring lets the backend take a request only while
+/// fewer than that are unanswered); a request stays in its slot, and the
+/// token the device gets back names the slot.
 #[derive(Debug)]
-struct Work {
+struct Slot {
+    state: SlotState,
+    gen: u32,
     id: u64,
     operation: u8,
     kind: Kind,
     /// On the real disk.
     sector: u64,
-    segs: Vec<Segment>,
-    io: Vec<SegIo>,
-    acquired: bool,
     bytes: u64,
+    /// `acquire` has run to completion; `release` not yet.
+    acquired: bool,
+    /// Some segment is [`Backing::Mapped`] or [`Backing::Bounce`]: `release`
+    /// has something to give back (with only persistent grants it has not).
+    holds: bool,
+    /// The request's segments. Reserved in [`Backend::new`] for the most
+    /// segments a request may have, so it never grows.
+    segs: Vec<SegIo>,
 }
 
-#[derive(Debug)]
-struct InFlight {
-    gen: u32,
-    work: Work,
-}
-
+/// Where a persistent grant is mapped, and whether writably.
 #[derive(Clone, Copy, Debug)]
 struct Persistent {
-    map: Mapping,
+    addr: u64,
     writable: bool,
+}
+
+/// Grant refs a domain's grant table can hold at most; no ref at or past
+/// this can be granted.
+const GREFS: usize = abi::grant::MAX_TABLE_PAGES as usize * abi::grant::ENTRIES_PER_PAGE;
+
+/// Persistent grants: refs that stay mapped for the connection's life (at
+/// most `max`), found by ref in constant time. `index[gref]` is the ref's
+/// page address with [`Cache::PRESENT`] (and [`Cache::WRITABLE`] for a
+/// writable mapping) in its low bits, or 0; `maps` keeps the mappings to
+/// undo. A ref at or past [`GREFS`] is never cached (its map fails anyway),
+/// so the index needs no more room and a hostile frontend cannot make
+/// lookups slow.
+#[derive(Debug)]
+struct Cache {
+    max: usize,
+    index: Vec<u64>,
+    maps: Vec<Mapping>,
+}
+
+impl Cache {
+    const PRESENT: u64 = 1;
+    const WRITABLE: u64 = 2;
+
+    fn new(max: usize) -> Cache {
+        let max = max.min(GREFS);
+        let mut index = Vec::new();
+        if max > 0 {
+            index.resize(GREFS, 0);
+        }
+        Cache {
+            max,
+            index,
+            maps: Vec::with_capacity(max),
+        }
+    }
+
+    fn get(&self, gref: u32) -> Option<Persistent> {
+        let e = *self.index.get(gref as usize)?;
+        (e & Self::PRESENT != 0).then_some(Persistent {
+            addr: e & !(PAGE_SIZE - 1),
+            writable: e & Self::WRITABLE != 0,
+        })
+    }
+
+    /// Keep `m` as `gref`'s persistent mapping (writable or not) if there
+    /// is room and the ref has none yet; false (and nothing kept)
+    /// otherwise.
+    fn insert(&mut self, gref: u32, m: Mapping, writable: bool) -> bool {
+        if self.maps.len() >= self.max || !m.addr.is_multiple_of(PAGE_SIZE) {
+            return false;
+        }
+        match self.index.get_mut(gref as usize) {
+            Some(e) if *e == 0 => {
+                self.maps.push(m);
+                *e = m.addr | Self::PRESENT | if writable { Self::WRITABLE } else { 0 };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forget every mapping; the caller unmaps them.
+    fn take_all(&mut self) -> Vec<Mapping> {
+        self.index.fill(0);
+        core::mem::take(&mut self.maps)
+    }
 }
 
 /// Persistent grants (map path) or bounce pages (copy path).
 #[derive(Debug)]
 enum PathState {
-    Map {
-        max: usize,
-        cache: BTreeMap<u32, Persistent>,
-    },
+    Map(Cache),
     Copy {
         free: FreePages,
         /// Reserved for reading indirect segment lists.
@@ -387,61 +484,139 @@ enum PathState {
     },
 }
 
-/// The free bounce pages, in ascending address order. A request takes the
-/// lowest run of adjacent pages that holds all its segments, in order, so
-/// the device gets one buffer per run of full-page segments (the driver
-/// domain merges buffers that are contiguous) rather than one per page:
+/// The bounce pages, in ascending address order, and which are free (a
+/// bitmap by position). A request takes the lowest run of free pages
+/// adjacent in memory that holds all its segments, in order, so the device
+/// gets one buffer per run of full-page segments rather than one per page:
 ///
 /// ```text
 ///   free:  0x1000 0x2000 0x3000 | 0x5000 0x6000 0x7000 0x8000
 ///   take(4) -> 0x5000..=0x8000 (first run of 4); take(2) -> 0x1000, 0x2000
 /// ```
 ///
-/// With no such run it takes the lowest pages, still ascending.
+/// With no such run it takes the lowest free pages, still ascending. A page
+/// is given back by its position, so neither taking nor giving moves
+/// anything.
 #[derive(Debug)]
-struct FreePages(Vec<u64>);
+struct FreePages {
+    pages: Vec<u64>,
+    /// Bit `i % 64` of word `i / 64`: `pages[i]` is free.
+    free: Vec<u64>,
+    /// Bit `i % 64` of word `i / 64`: `pages[i]` follows `pages[i - 1]`
+    /// in memory.
+    follows: Vec<u64>,
+    /// Bits set in `free`.
+    count: usize,
+}
 
 impl FreePages {
     fn new(mut pages: Vec<u64>) -> FreePages {
         pages.sort_unstable();
-        FreePages(pages)
+        let words = pages.len().div_ceil(64);
+        let mut free = alloc::vec![0u64; words];
+        let mut follows = alloc::vec![0u64; words];
+        for i in 0..pages.len() {
+            free[i / 64] |= 1 << (i % 64);
+            if i > 0 && pages[i - 1].checked_add(PAGE_SIZE) == Some(pages[i]) {
+                follows[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let count = pages.len();
+        FreePages {
+            pages,
+            free,
+            follows,
+            count,
+        }
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.count
     }
 
-    /// `n` pages, ascending; `None` (and nothing taken) if fewer are free.
-    fn take(&mut self, n: usize) -> Option<alloc::vec::Drain<'_, u64>> {
-        if self.0.len() < n {
-            return None;
-        }
-        let mut start = 0;
-        let mut run = 0;
-        for (i, page) in self.0.iter().enumerate() {
-            if run > 0 && self.0[i - 1].checked_add(PAGE_SIZE) == Some(*page) {
-                run += 1;
-            } else {
-                start = i;
-                run = 1;
+    /// The position of the first free page at or after `from`.
+    fn next_free(&self, from: usize) -> Option<usize> {
+        let mut w = from / 64;
+        let mut bits = *self.free.get(w)? & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w * 64 + bits.trailing_zeros() as usize);
             }
+            w += 1;
+            bits = *self.free.get(w)?;
+        }
+    }
+
+    /// How many free pages, each following the one before in memory, start
+    /// at the free page `i`: a word of the bitmaps at a time.
+    fn run_from(&self, i: usize) -> usize {
+        let mut j = i + 1;
+        loop {
+            let w = j / 64;
+            let (Some(f), Some(a)) = (self.free.get(w), self.follows.get(w)) else {
+                return j - i;
+            };
+            let ones = ((f & a) >> (j % 64)).trailing_ones() as usize;
+            j += ones;
+            if ones == 0 || !j.is_multiple_of(64) {
+                return j - i;
+            }
+        }
+    }
+
+    fn claim(&mut self, i: usize, put: &mut impl FnMut(u64, usize)) {
+        self.free[i / 64] &= !(1 << (i % 64));
+        self.count -= 1;
+        put(self.pages[i], i);
+    }
+
+    /// Take `n` pages and hand each, ascending, with its position, to
+    /// `put`; false (and nothing taken) if fewer are free.
+    fn take(&mut self, n: usize, mut put: impl FnMut(u64, usize)) -> bool {
+        if self.count < n {
+            return false;
+        }
+        // The lowest run of n free pages adjacent in memory...
+        let mut at = self.next_free(0);
+        while let Some(i) = at {
+            let run = self.run_from(i);
             if run >= n {
-                break;
+                for j in i..i + n {
+                    self.claim(j, &mut put);
+                }
+                return true;
             }
+            at = self.next_free(i + run);
         }
-        if run < n {
-            start = 0;
+        // ...else the lowest n free pages (there are n).
+        for _ in 0..n {
+            let Some(i) = self.next_free(0) else { break };
+            self.claim(i, &mut put);
         }
-        Some(self.0.drain(start..start + n))
+        true
     }
 
-    fn give(&mut self, page: u64) {
-        let at = self.0.partition_point(|p| *p < page);
-        self.0.insert(at, page);
+    /// Give back the page at position `i` (as `take` handed it out); a page
+    /// that is free already stays free once (`count` stays true).
+    fn give(&mut self, i: usize) {
+        if let Some(w) = self.free.get_mut(i / 64) {
+            if *w & 1 << (i % 64) == 0 {
+                *w |= 1 << (i % 64);
+                self.count += 1;
+            }
+        }
     }
 }
 
+const _: () = assert!(RING_SIZE as usize <= u64::BITS as usize);
+
 /// One frontend's backend.
+///
+/// Taking, starting and completing a request allocates nothing: the
+/// request lives in its [`Slot`] (reserved for the largest request), the
+/// device's buffer list and grant copy batches are built in scratch
+/// vectors reserved up front, and persistent grants are found through a
+/// fixed index.
 #[derive(Debug)]
 pub struct Backend {
     frontend: u16,
@@ -453,9 +628,21 @@ pub struct Backend {
     conn: Conn,
     ring: Option<BackRing>,
     hostile: Option<ring::Error>,
-    slots: Vec<Option<InFlight>>,
+    slots: Vec<Slot>,
+    /// Bit `i` set: slot `i` is free.
+    free_slots: u64,
+    /// Slots in the device.
+    in_device: usize,
     gen: u32,
-    stalled: Option<Work>,
+    /// The slot whose request waits for bounce pages or the device; it is
+    /// started before any new request is taken.
+    stalled: Option<usize>,
+    /// Scratch: the buffer list of the request being submitted.
+    bufs: Vec<Buf>,
+    /// Scratch: one batch of grant copies.
+    ops: Vec<CopyOp>,
+    /// Scratch: one indirect page's segment list, as read.
+    list: Vec<u8>,
     dirty: bool,
     stats: Stats,
 }
@@ -473,10 +660,7 @@ impl Backend {
         }
         let need = cfg.bounce_pages_needed();
         let path = match cfg.path {
-            DataPath::Map { persistent } => PathState::Map {
-                max: persistent,
-                cache: BTreeMap::new(),
-            },
+            DataPath::Map { persistent } => PathState::Map(Cache::new(persistent)),
             DataPath::Copy { mut bounce } => {
                 if let Some(a) = bounce.iter().find(|a| *a % PAGE_SIZE != 0) {
                     return Err(ConfigError::BounceUnaligned(*a));
@@ -494,8 +678,21 @@ impl Backend {
                 }
             }
         };
-        let mut slots = Vec::new();
-        slots.resize_with(RING_SIZE as usize, || None);
+        let most_segments = blkif::MAX_SEGMENTS.max(usize::from(cfg.max_indirect_segments));
+        let slots = (0..RING_SIZE)
+            .map(|_| Slot {
+                state: SlotState::Free,
+                gen: 0,
+                id: 0,
+                operation: 0,
+                kind: Kind::Flush,
+                sector: 0,
+                bytes: 0,
+                acquired: false,
+                holds: false,
+                segs: Vec::with_capacity(most_segments),
+            })
+            .collect();
         Ok(Backend {
             frontend: cfg.frontend,
             first_sector: cfg.first_sector,
@@ -507,8 +704,13 @@ impl Backend {
             ring: None,
             hostile: None,
             slots,
+            free_slots: u64::MAX >> (u64::BITS - RING_SIZE),
+            in_device: 0,
             gen: 0,
             stalled: None,
+            bufs: Vec::with_capacity(most_segments),
+            ops: Vec::with_capacity(MAX_BATCH as usize),
+            list: alloc::vec![0; SEGMENTS_PER_INDIRECT_PAGE * SEGMENT_SIZE],
             dirty: false,
             stats: Stats::default(),
         })
@@ -529,19 +731,19 @@ impl Backend {
     }
     /// Requests the device is working on.
     pub fn in_flight(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.in_device
     }
     /// Grant refs mapped persistently now.
     pub fn persistent_grants(&self) -> usize {
         match &self.path {
-            PathState::Map { cache, .. } => cache.len(),
+            PathState::Map(cache) => cache.maps.len(),
             PathState::Copy { .. } => 0,
         }
     }
     /// Bounce pages not in use (copy path).
     pub fn free_bounce_pages(&self) -> usize {
         match &self.path {
-            PathState::Map { .. } => 0,
+            PathState::Map(_) => 0,
             PathState::Copy { free, .. } => free.len(),
         }
     }
@@ -559,7 +761,8 @@ impl Backend {
         out
     }
 
-    /// The device finished the request `token` (`ok`: without error).
+    /// The device finished the request `token` (`ok`: without error):
+    /// answer it, then carry on as [`Backend::poll`] does.
     pub fn complete<P, G, D>(
         &mut self,
         token: u64,
@@ -574,40 +777,41 @@ impl Backend {
         D: BlockDevice,
     {
         let mut out = Poll::default();
-        let slot = (token & 0xffff_ffff) as usize;
-        let gen = (token >> 32) as u32;
-        let taken = match self.slots.get_mut(slot) {
-            Some(s) if s.as_ref().is_some_and(|f| f.gen == gen) => s.take(),
-            _ => None,
-        };
-        let Some(InFlight { mut work, .. }) = taken else {
-            self.stats.stale_completions += 1;
-            return out;
-        };
-        let mut result = if ok { Ok(()) } else { Err(Reject::Device) };
-        if ok && work.kind == Kind::Read && matches!(self.path, PathState::Copy { .. }) {
-            result = self.copy_out(&work, grants);
+        if self.retire(token, ok, page, grants) {
+            self.step(page, grants, dev, &mut out);
         }
-        self.release(&mut work, grants);
-        match result {
-            Ok(()) => {
-                match work.kind {
-                    Kind::Read => {
-                        self.stats.reads += 1;
-                        self.stats.bytes_read += work.bytes;
-                    }
-                    Kind::Write => {
-                        self.stats.writes += 1;
-                        self.stats.bytes_written += work.bytes;
-                    }
-                    Kind::Flush => self.stats.flushes += 1,
-                }
-                self.respond(page, work.id, work.operation, status::OKAY);
-            }
-            Err(r) => self.refuse(page, work.id, work.operation, r),
-        }
-        self.step(page, grants, dev, &mut out);
         out
+    }
+
+    /// The first half of [`Backend::complete`]: answer the request `token`
+    /// (false: no request of ours holds it), but leave the rest to the
+    /// next [`Backend::poll`], which publishes the response (and says
+    /// whether to notify), starts what waited and takes new requests. A
+    /// driver domain that reaps several completions at once retires each
+    /// and polls once.
+    pub fn retire<P, G>(&mut self, token: u64, ok: bool, page: &mut P, grants: &mut G) -> bool
+    where
+        P: RingPage + ?Sized,
+        G: Grants,
+    {
+        let s = (token & 0xffff_ffff) as usize;
+        let gen = (token >> 32) as u32;
+        match self.slots.get_mut(s) {
+            Some(slot) if slot.state == SlotState::InDevice && slot.gen == gen => {
+                slot.state = SlotState::Taken;
+                self.in_device -= 1;
+            }
+            _ => {
+                self.stats.stale_completions += 1;
+                return false;
+            }
+        }
+        let mut result = if ok { Ok(()) } else { Err(Reject::Device) };
+        if ok && self.slots[s].kind == Kind::Read && matches!(self.path, PathState::Copy { .. }) {
+            result = self.copy_out(s, grants);
+        }
+        self.answer(s, page, grants, result);
+        true
     }
 
     /// End the connection from the driver domain's side: stop taking
@@ -671,8 +875,8 @@ impl Backend {
     {
         let mut budget = Self::BUDGET;
         loop {
-            if let Some(w) = self.stalled.take() {
-                if !self.start(w, page, grants, dev) {
+            if let Some(s) = self.stalled.take() {
+                if !self.start(s, page, grants, dev) {
                     return;
                 }
             }
@@ -703,37 +907,87 @@ impl Backend {
             budget -= 1;
             self.stats.requests += 1;
             // From here on only `e`, our private copy, is looked at.
-            match self.parse(&e, grants) {
-                Ok(w) => {
-                    self.start(w, page, grants, dev);
+            let (id, operation) = (blkif::entry_id(&e), e[0]);
+            // The ring let us take it, so fewer than RING_SIZE requests
+            // (one slot each) were unanswered.
+            if self.free_slots == 0 {
+                self.refuse(page, id, operation, Reject::Device);
+                continue;
+            }
+            let s = self.free_slots.trailing_zeros() as usize;
+            self.free_slots &= !(1 << s);
+            let slot = &mut self.slots[s];
+            slot.state = SlotState::Taken;
+            slot.id = id;
+            slot.operation = operation;
+            match self.parse(&e, s, grants) {
+                Ok(()) => {
+                    self.start(s, page, grants, dev);
                 }
-                Err(reason) => self.refuse(page, blkif::entry_id(&e), e[0], reason),
+                Err(reason) => self.answer(s, page, grants, Err(reason)),
             }
         }
     }
 
-    /// Decode and validate a request; read an indirect request's segments.
-    fn parse<G: Grants>(&mut self, e: &[u8; ENTRY_SIZE], grants: &mut G) -> Result<Work, Reject> {
-        let operation = e[0];
-        let (kind, sector, segs) = match operation {
-            op::READ | op::WRITE => {
+    /// Decode and validate request `e` into slot `s` (whose `id` and
+    /// `operation` are set); read an indirect request's segments.
+    fn parse<G: Grants>(
+        &mut self,
+        e: &[u8; ENTRY_SIZE],
+        s: usize,
+        grants: &mut G,
+    ) -> Result<(), Reject> {
+        // Out of the slot while it is filled (moving a Vec moves no
+        // segments), back in whatever happens.
+        let mut segs = core::mem::take(&mut self.slots[s].segs);
+        segs.clear();
+        let r = self.parse_into(e, &mut segs, grants);
+        let slot = &mut self.slots[s];
+        slot.segs = segs;
+        let (kind, sector, bytes) = r?;
+        slot.kind = kind;
+        slot.sector = sector;
+        slot.bytes = bytes;
+        slot.acquired = false;
+        slot.holds = false;
+        Ok(())
+    }
+
+    /// [`Backend::parse`]'s work: the segments into `segs` (empty, with
+    /// room for the most a request may have); the kind, the first sector
+    /// on the real disk and the bytes.
+    fn parse_into<G: Grants>(
+        &mut self,
+        e: &[u8; ENTRY_SIZE],
+        segs: &mut Vec<SegIo>,
+        grants: &mut G,
+    ) -> Result<(Kind, u64, u64), Reject> {
+        let (kind, sector, total) = match e[0] {
+            op @ (op::READ | op::WRITE) => {
                 let r = Request::decode(e);
-                let segs = r
+                let list = r
                     .segments()
                     .filter(|s| !s.is_empty())
                     .ok_or(Reject::SegmentCount)?;
-                let kind = if operation == op::READ {
+                let kind = if op == op::READ {
                     Kind::Read
                 } else {
                     Kind::Write
                 };
-                (kind, r.sector, segs.to_vec())
+                if kind == Kind::Write && self.read_only {
+                    return Err(Reject::ReadOnly);
+                }
+                let mut total = 0;
+                for seg in list {
+                    push_segment(segs, *seg, &mut total)?;
+                }
+                (kind, r.sector, total)
             }
             op::FLUSH_DISKCACHE => {
                 if e[1] != 0 {
                     return Err(Reject::SegmentCount);
                 }
-                (Kind::Flush, 0, Vec::new())
+                return Ok((Kind::Flush, 0, 0));
             }
             op::INDIRECT => {
                 if self.max_indirect == 0 {
@@ -753,64 +1007,54 @@ impl Backend {
                 if kind == Kind::Write && self.read_only {
                     return Err(Reject::ReadOnly);
                 }
-                let segs = self.read_indirect(&r, grants)?;
-                (kind, r.sector, segs)
+                let total = self.read_indirect(&r, segs, grants)?;
+                (kind, r.sector, total)
             }
             op::WRITE_BARRIER | op::DISCARD => return Err(Reject::Unsupported),
             _ => return Err(Reject::UnknownOp),
         };
-        if kind == Kind::Write && self.read_only {
-            return Err(Reject::ReadOnly);
+        match sector.checked_add(total) {
+            Some(end) if end <= self.sectors => {}
+            _ => return Err(Reject::OutOfRange),
         }
-        if !segs.iter().all(Segment::is_valid) {
-            return Err(Reject::Segment);
-        }
-        let total: u64 = segs.iter().map(Segment::sectors).sum();
-        if kind != Kind::Flush {
-            match sector.checked_add(total) {
-                Some(end) if end <= self.sectors => {}
-                _ => return Err(Reject::OutOfRange),
-            }
-        }
-        Ok(Work {
-            id: blkif::entry_id(e),
-            operation,
-            kind,
-            // no overflow: sector + total <= sectors, and first_sector +
-            // sectors was checked in `new`
-            sector: self.first_sector + sector,
-            segs,
-            io: Vec::new(),
-            acquired: false,
-            bytes: total * SECTOR_SIZE,
-        })
+        // no overflow: sector + total <= sectors, and first_sector +
+        // sectors was checked in `new`
+        Ok((kind, self.first_sector + sector, total * SECTOR_SIZE))
     }
 
     /// Copy an indirect request's segment list out of its granted pages,
-    /// once, into private memory.
+    /// once, into `segs`, checking each segment; the sectors they cover. In the map path an indirect page is a grant like
+    /// any other: it stays mapped as a persistent grant while there is
+    /// room (read-only; a later READ into that ref maps it writable per
+    /// request), and is read afresh for every request that names it.
     fn read_indirect<G: Grants>(
         &mut self,
         r: &IndirectRequest,
+        segs: &mut Vec<SegIo>,
         grants: &mut G,
-    ) -> Result<Vec<Segment>, Reject> {
+    ) -> Result<u64, Reject> {
         let n = usize::from(r.nr_segments);
-        let mut segs = Vec::with_capacity(n);
-        let mut buf = [0u8; PAGE_SIZE as usize];
+        let mut total = 0;
         for (p, gref) in r.indirect_grefs.iter().take(r.pages()).enumerate() {
             let count = (n - p * SEGMENTS_PER_INDIRECT_PAGE).min(SEGMENTS_PER_INDIRECT_PAGE);
-            let bytes = &mut buf[..count * SEGMENT_SIZE];
-            match &self.path {
-                PathState::Map { .. } => {
-                    let m = grants
-                        .map(self.frontend, *gref, true)
-                        .map_err(|_| Reject::Grant)?;
-                    self.stats.maps += 1;
-                    grants.read(m.addr, bytes);
-                    self.unmap(grants, m);
-                }
+            let (addr, temporary) = match &mut self.path {
+                PathState::Map(cache) => match cache.get(*gref) {
+                    Some(pm) => {
+                        self.stats.persistent_hits += 1;
+                        (pm.addr, None)
+                    }
+                    None => {
+                        let m = grants
+                            .map(self.frontend, *gref, true)
+                            .map_err(|_| Reject::Grant)?;
+                        self.stats.maps += 1;
+                        let kept = cache.insert(*gref, m, false);
+                        (m.addr, (!kept).then_some(m))
+                    }
+                },
                 PathState::Copy { indirect_page, .. } => {
                     let page = *indirect_page;
-                    let mut op = [CopyOp {
+                    let op = CopyOp {
                         src: CopyPtr {
                             gref_or_page: u64::from(*gref),
                             domid: self.frontend,
@@ -821,229 +1065,264 @@ impl Backend {
                             domid: DOMID_SELF,
                             offset: 0,
                         },
-                        len: bytes.len() as u16,
+                        len: (count * SEGMENT_SIZE) as u16,
                         flags: copy_flags::SRC_GREF,
                         status: 0,
-                    }];
-                    self.run_copies(grants, &mut op)?;
-                    grants.read(page, bytes);
+                    };
+                    run_copies(grants, &mut self.stats, &mut self.ops, core::iter::once(op))?;
+                    (page, None)
+                }
+            };
+            // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
+            let bytes = &mut self.list[..count * SEGMENT_SIZE];
+            grants.read(addr, bytes);
+            let mut checked = Ok(());
+            for b in bytes.chunks_exact(SEGMENT_SIZE) {
+                let mut e = [0u8; SEGMENT_SIZE];
+                e.copy_from_slice(b);
+                checked = push_segment(segs, Segment::decode(&e), &mut total);
+                if checked.is_err() {
+                    break;
                 }
             }
-            for i in 0..count {
-                if let Some(s) = Segment::decode_at(bytes, i) {
-                    segs.push(s);
-                }
+            if let Some(m) = temporary {
+                unmap(grants, &mut self.stats, m);
             }
+            checked?;
         }
-        Ok(segs)
+        Ok(total)
     }
 
-    /// Get the pages for a request's segments: map them, or take bounce
+    /// Get the pages for slot `s`'s segments: map them, or take bounce
     /// pages (and copy a WRITE's data in). `Ok(false)`: not enough bounce
-    /// pages free now.
-    fn acquire<G: Grants>(&mut self, w: &mut Work, grants: &mut G) -> Result<bool, Reject> {
+    /// pages free now. On an error, what was taken is in the slot for
+    /// `release`.
+    fn acquire<G: Grants>(&mut self, s: usize, grants: &mut G) -> Result<bool, Reject> {
         let frontend = self.frontend;
+        let stats = &mut self.stats;
+        let slot = &mut self.slots[s];
         match &mut self.path {
-            PathState::Map { max, cache } => {
-                w.acquired = true;
-                let writable = w.kind == Kind::Read;
-                for seg in &w.segs {
-                    if let Some(p) = cache.get(&seg.gref) {
+            PathState::Map(cache) => {
+                let writable = slot.kind == Kind::Read;
+                let mut hits = 0;
+                let mut result = Ok(());
+                for io in slot.segs.iter_mut() {
+                    let gref = io.seg.gref;
+                    if let Some(p) = cache.get(gref) {
                         if p.writable || !writable {
-                            self.stats.persistent_hits += 1;
-                            w.io.push(SegIo {
-                                seg: *seg,
-                                page: p.map.addr,
-                                backing: Backing::Persistent,
-                            });
+                            hits += 1;
+                            io.page = p.addr;
+                            io.backing = Backing::Persistent;
                             continue;
                         }
                     }
-                    let m = grants
-                        .map(frontend, seg.gref, !writable)
-                        .map_err(|_| Reject::Grant)?;
-                    self.stats.maps += 1;
-                    let backing = if cache.len() < *max && !cache.contains_key(&seg.gref) {
-                        cache.insert(seg.gref, Persistent { map: m, writable });
+                    let Ok(m) = grants.map(frontend, gref, !writable) else {
+                        result = Err(Reject::Grant);
+                        break;
+                    };
+                    stats.maps += 1;
+                    io.page = m.addr;
+                    io.backing = if cache.insert(gref, m, writable) {
                         Backing::Persistent
                     } else {
-                        Backing::Mapped(m)
+                        slot.holds = true;
+                        Backing::Mapped(m.handle)
                     };
-                    w.io.push(SegIo {
-                        seg: *seg,
-                        page: m.addr,
-                        backing,
-                    });
                 }
-                Ok(true)
+                stats.persistent_hits += hits;
+                result?;
             }
             PathState::Copy { free, .. } => {
-                let Some(pages) = free.take(w.segs.len()) else {
+                let mut segs = slot.segs.iter_mut();
+                let taken = free.take(segs.len(), |page, i| {
+                    if let Some(io) = segs.next() {
+                        io.page = page;
+                        // no overflow: positions of pages of the domain's
+                        // memory, far fewer than 2^32
+                        io.backing = Backing::Bounce(i as u32);
+                    }
+                });
+                if !taken {
                     return Ok(false);
-                };
-                w.acquired = true;
-                for (seg, page) in w.segs.iter().zip(pages) {
-                    w.io.push(SegIo {
-                        seg: *seg,
-                        page,
-                        backing: Backing::Bounce,
+                }
+                slot.holds = true;
+                if slot.kind == Kind::Write {
+                    let list = slot.segs.iter().map(|io| CopyOp {
+                        src: CopyPtr {
+                            gref_or_page: u64::from(io.seg.gref),
+                            domid: frontend,
+                            offset: io.seg.offset() as u16,
+                        },
+                        dst: CopyPtr {
+                            gref_or_page: io.page / PAGE_SIZE,
+                            domid: DOMID_SELF,
+                            offset: io.seg.offset() as u16,
+                        },
+                        len: io.seg.bytes() as u16,
+                        flags: copy_flags::SRC_GREF,
+                        status: 0,
                     });
+                    run_copies(grants, stats, &mut self.ops, list)?;
                 }
-                if w.kind == Kind::Write {
-                    let mut ops: Vec<CopyOp> =
-                        w.io.iter()
-                            .map(|io| CopyOp {
-                                src: CopyPtr {
-                                    gref_or_page: u64::from(io.seg.gref),
-                                    domid: frontend,
-                                    offset: io.seg.offset() as u16,
-                                },
-                                dst: CopyPtr {
-                                    gref_or_page: io.page / PAGE_SIZE,
-                                    domid: DOMID_SELF,
-                                    offset: io.seg.offset() as u16,
-                                },
-                                len: io.seg.bytes() as u16,
-                                flags: copy_flags::SRC_GREF,
-                                status: 0,
-                            })
-                            .collect();
-                    self.run_copies(grants, &mut ops)?;
-                }
-                Ok(true)
             }
         }
+        slot.acquired = true;
+        Ok(true)
     }
 
-    /// Copy a finished READ from the bounce pages to the granted pages.
-    fn copy_out<G: Grants>(&mut self, w: &Work, grants: &mut G) -> Result<(), Reject> {
-        let mut ops: Vec<CopyOp> =
-            w.io.iter()
-                .map(|io| CopyOp {
-                    src: CopyPtr {
-                        gref_or_page: io.page / PAGE_SIZE,
-                        domid: DOMID_SELF,
-                        offset: io.seg.offset() as u16,
+    /// Copy slot `s`'s finished READ from the bounce pages to the granted
+    /// pages.
+    fn copy_out<G: Grants>(&mut self, s: usize, grants: &mut G) -> Result<(), Reject> {
+        let frontend = self.frontend;
+        let list = self.slots[s].segs.iter().map(|io| CopyOp {
+            src: CopyPtr {
+                gref_or_page: io.page / PAGE_SIZE,
+                domid: DOMID_SELF,
+                offset: io.seg.offset() as u16,
+            },
+            dst: CopyPtr {
+                gref_or_page: u64::from(io.seg.gref),
+                domid: frontend,
+                offset: io.seg.offset() as u16,
+            },
+            len: io.seg.bytes() as u16,
+            flags: copy_flags::DST_GREF,
+            status: 0,
+        });
+        run_copies(grants, &mut self.stats, &mut self.ops, list)
+    }
+
+    /// Give back what `acquire` took for slot `s` (persistent mappings
+    /// stay).
+    fn release<G: Grants>(&mut self, s: usize, grants: &mut G) {
+        let slot = &mut self.slots[s];
+        slot.acquired = false;
+        if !core::mem::take(&mut slot.holds) {
+            return;
+        }
+        for io in slot.segs.iter_mut() {
+            match core::mem::replace(&mut io.backing, Backing::None) {
+                Backing::None | Backing::Persistent => {}
+                Backing::Mapped(handle) => unmap(
+                    grants,
+                    &mut self.stats,
+                    Mapping {
+                        handle,
+                        addr: io.page,
                     },
-                    dst: CopyPtr {
-                        gref_or_page: u64::from(io.seg.gref),
-                        domid: self.frontend,
-                        offset: io.seg.offset() as u16,
-                    },
-                    len: io.seg.bytes() as u16,
-                    flags: copy_flags::DST_GREF,
-                    status: 0,
-                })
-                .collect();
-        self.run_copies(grants, &mut ops)
-    }
-
-    /// Issue copies in batches; any failed operation fails them all.
-    fn run_copies<G: Grants>(&mut self, grants: &mut G, ops: &mut [CopyOp]) -> Result<(), Reject> {
-        for chunk in ops.chunks_mut(MAX_BATCH as usize) {
-            for op in chunk.iter_mut() {
-                // an implementation that leaves a status unwritten fails
-                op.status = GrantStatus::General as i16;
-            }
-            self.stats.copies += chunk.len() as u64;
-            grants.copy(chunk).map_err(|_| Reject::Grant)?;
-            if chunk.iter().any(|op| op.status != GrantStatus::Okay as i16) {
-                return Err(Reject::Grant);
-            }
-        }
-        Ok(())
-    }
-
-    fn unmap<G: Grants>(&mut self, grants: &mut G, m: Mapping) {
-        self.stats.unmaps += 1;
-        if grants.unmap(m).is_err() {
-            self.stats.unmap_failures += 1;
-        }
-    }
-
-    /// Give back what `acquire` took (persistent mappings stay).
-    fn release<G: Grants>(&mut self, w: &mut Work, grants: &mut G) {
-        for io in core::mem::take(&mut w.io) {
-            match io.backing {
-                Backing::Persistent => {}
-                Backing::Mapped(m) => self.unmap(grants, m),
-                Backing::Bounce => {
+                ),
+                Backing::Bounce(i) => {
                     if let PathState::Copy { free, .. } = &mut self.path {
-                        free.give(io.page);
+                        free.give(i as usize);
                     }
                 }
             }
         }
-        w.acquired = false;
     }
 
-    /// Acquire pages for a validated request and hand it to the device.
-    /// false: it had to wait (bounce pages or a busy device) and is kept.
-    fn start<P, G, D>(&mut self, mut w: Work, page: &mut P, grants: &mut G, dev: &mut D) -> bool
+    /// Acquire pages for slot `s`'s validated request and hand it to the
+    /// device. false: it had to wait (bounce pages or a busy device) and is
+    /// kept as `stalled`.
+    fn start<P, G, D>(&mut self, s: usize, page: &mut P, grants: &mut G, dev: &mut D) -> bool
     where
         P: RingPage + ?Sized,
         G: Grants,
         D: BlockDevice,
     {
-        if !w.acquired {
-            match self.acquire(&mut w, grants) {
+        if !self.slots[s].acquired {
+            match self.acquire(s, grants) {
                 Ok(true) => {}
                 Ok(false) => {
                     self.stats.stalls += 1;
-                    self.stalled = Some(w);
+                    self.stalled = Some(s);
                     return false;
                 }
                 Err(r) => {
-                    self.release(&mut w, grants);
-                    self.refuse(page, w.id, w.operation, r);
+                    self.answer(s, page, grants, Err(r));
                     return true;
                 }
             }
         }
-        // At most RING_SIZE requests are unanswered, so a slot is free.
-        let Some(slot) = self.slots.iter().position(Option::is_none) else {
-            self.release(&mut w, grants);
-            self.refuse(page, w.id, w.operation, Reject::Device);
-            return true;
-        };
-        self.gen = self.gen.wrapping_add(1);
-        let token = u64::from(self.gen) << 32 | slot as u64;
-        let res = match w.kind {
+        let gen = self.gen.wrapping_add(1);
+        let token = u64::from(gen) << 32 | s as u64;
+        let slot = &self.slots[s];
+        let res = match slot.kind {
             Kind::Flush => dev.flush(token),
             Kind::Read | Kind::Write => {
-                let bufs: Vec<Buf> =
-                    w.io.iter()
-                        .map(|io| Buf {
-                            addr: io.page + io.seg.offset() as u64,
-                            len: io.seg.bytes() as u32,
-                        })
-                        .collect();
-                let dir = if w.kind == Kind::Read {
+                // One buffer per run of segments that follow each other in
+                // memory (no overflow: at most 256 pages).
+                self.bufs.clear();
+                let mut run: Option<Buf> = None;
+                for io in &slot.segs {
+                    let addr = io.page + io.seg.offset() as u64;
+                    let len = io.seg.bytes() as u32;
+                    match &mut run {
+                        Some(b) if b.addr + u64::from(b.len) == addr => b.len += len,
+                        _ => {
+                            if let Some(b) = run.replace(Buf { addr, len }) {
+                                self.bufs.push(b);
+                            }
+                        }
+                    }
+                }
+                self.bufs.extend(run);
+                let dir = if slot.kind == Kind::Read {
                     Direction::Read
                 } else {
                     Direction::Write
                 };
-                dev.submit(token, w.sector, dir, &bufs)
+                dev.submit(token, slot.sector, dir, &self.bufs)
             }
         };
         match res {
             Ok(()) => {
-                self.slots[slot] = Some(InFlight {
-                    gen: self.gen,
-                    work: w,
-                });
+                self.gen = gen;
+                let slot = &mut self.slots[s];
+                slot.state = SlotState::InDevice;
+                slot.gen = gen;
+                self.in_device += 1;
                 true
             }
             Err(DeviceError::Busy) => {
                 self.stats.stalls += 1;
-                self.stalled = Some(w);
+                self.stalled = Some(s);
                 false
             }
             Err(DeviceError::Failed) => {
-                self.release(&mut w, grants);
-                self.refuse(page, w.id, w.operation, Reject::Device);
+                self.answer(s, page, grants, Err(Reject::Device));
                 true
             }
+        }
+    }
+
+    /// Answer slot `s`'s request with `result` (counting it), give back
+    /// what it holds and free the slot.
+    fn answer<P, G>(&mut self, s: usize, page: &mut P, grants: &mut G, result: Result<(), Reject>)
+    where
+        P: RingPage + ?Sized,
+        G: Grants,
+    {
+        self.release(s, grants);
+        let slot = &mut self.slots[s];
+        slot.state = SlotState::Free;
+        self.free_slots |= 1 << s;
+        let (id, operation, kind, bytes) = (slot.id, slot.operation, slot.kind, slot.bytes);
+        match result {
+            Ok(()) => {
+                match kind {
+                    Kind::Read => {
+                        self.stats.reads += 1;
+                        self.stats.bytes_read += bytes;
+                    }
+                    Kind::Write => {
+                        self.stats.writes += 1;
+                        self.stats.bytes_written += bytes;
+                    }
+                    Kind::Flush => self.stats.flushes += 1,
+                }
+                self.respond(page, id, operation, status::OKAY);
+            }
+            Err(r) => self.refuse(page, id, operation, r),
         }
     }
 
@@ -1083,9 +1362,8 @@ impl Backend {
             self.stats.hostile += 1;
             out.hostile = true;
         }
-        if let Some(mut w) = self.stalled.take() {
-            self.release(&mut w, grants);
-            self.refuse(page, w.id, w.operation, Reject::Device);
+        if let Some(s) = self.stalled.take() {
+            self.answer(s, page, grants, Err(Reject::Device));
         }
         self.conn = Conn::Closing;
         if let Some(r) = self.ring.as_ref() {
@@ -1100,7 +1378,7 @@ impl Backend {
         P: RingPage + ?Sized,
         G: Grants,
     {
-        if self.conn != Conn::Closing || self.in_flight() > 0 {
+        if self.conn != Conn::Closing || self.in_device > 0 {
             return;
         }
         if self.dirty {
@@ -1109,13 +1387,9 @@ impl Backend {
                 out.notify |= r.push_responses(page);
             }
         }
-        if let PathState::Map { cache, .. } = &mut self.path {
-            let maps: Vec<Mapping> = core::mem::take(cache)
-                .into_values()
-                .map(|p| p.map)
-                .collect();
-            for m in maps {
-                self.unmap(grants, m);
+        if let PathState::Map(cache) = &mut self.path {
+            for m in cache.take_all() {
+                unmap(grants, &mut self.stats, m);
             }
         }
         if let Some(r) = self.ring.as_ref() {
@@ -1124,5 +1398,53 @@ impl Backend {
         }
         self.conn = Conn::Closed;
         out.closed = true;
+    }
+}
+
+/// Append a segment that passed the checks, adding its sectors to
+/// `total`; [`Reject::Segment`] if `first_sect > last_sect` or
+/// `last_sect > 7`. `segs` has room for the most segments a request may
+/// have, and no caller pushes more.
+#[inline]
+fn push_segment(segs: &mut Vec<SegIo>, seg: Segment, total: &mut u64) -> Result<(), Reject> {
+    if !seg.is_valid() {
+        return Err(Reject::Segment);
+    }
+    *total += seg.sectors();
+    segs.push(SegIo::new(seg));
+    Ok(())
+}
+
+fn unmap<G: Grants>(grants: &mut G, stats: &mut Stats, m: Mapping) {
+    stats.unmaps += 1;
+    if grants.unmap(m).is_err() {
+        stats.unmap_failures += 1;
+    }
+}
+
+/// Issue the copies `list` yields, in batches of at most
+/// [`abi::grant::MAX_BATCH`] built in `ops` (scratch); any failed
+/// operation fails them all.
+fn run_copies<G: Grants>(
+    grants: &mut G,
+    stats: &mut Stats,
+    ops: &mut Vec<CopyOp>,
+    mut list: impl Iterator<Item = CopyOp>,
+) -> Result<(), Reject> {
+    loop {
+        ops.clear();
+        ops.extend(list.by_ref().take(MAX_BATCH as usize).map(|op| CopyOp {
+            // an implementation that leaves a status unwritten fails
+            status: GrantStatus::General as i16,
+            ..op
+        }));
+        if ops.is_empty() {
+            return Ok(());
+        }
+        stats.copies += ops.len() as u64;
+        grants.copy(ops).map_err(|_| Reject::Grant)?;
+        if ops.iter().any(|op| op.status != GrantStatus::Okay as i16) {
+            return Err(Reject::Grant);
+        }
     }
 }

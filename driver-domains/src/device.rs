@@ -13,7 +13,9 @@
 //!    means the device refused them (e.g. MSI-X disabled in config space),
 //!    and then no interrupt would ever come.
 //!
-//! [`open`] does 1-4 and [`Function::ready`] does 6. The driver is made
+//! [`open`] does 1-4 and [`Function::ready`] does 6. [`batched`] wraps a
+//! transport so that a driver can tell the device of several new requests
+//! with one notification. The driver is made
 //! between them, in the caller, because it is large (virtio-drivers keeps
 //! each queue's descriptor shadow inline: some KiB) and a domain has a
 //! 64 KiB stack: passing it through a generic function here added that
@@ -24,9 +26,14 @@
 
 use abi::domain::DeviceInfo;
 use abi::hypercall::virq;
+use alloc::rc::Rc;
+use core::cell::{Cell, RefCell};
 use libdom::virtio::{self, AccessPlatform};
 use libdom::{dev_irq_bind, evtchn_bind_virq, println, time_ns, StartInfo};
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::PhysAddr;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// The MSI-X entry every queue and configuration changes use.
 pub const VECTOR: u16 = 0;
@@ -137,5 +144,234 @@ impl Function {
             }
         }
         Some(init_us)
+    }
+}
+
+/// A transport whose queue notifications can be held back while the driver
+/// adds a batch of requests, then sent as one ([`NotifyBatch::release`]).
+/// virtio-drivers notifies the device for every request it adds; under
+/// QEMU each notification is a trap into the device model, which then
+/// finds just that one request.
+pub struct Batched<T> {
+    shared: Rc<Shared<T>>,
+}
+
+struct Shared<T> {
+    transport: RefCell<T>,
+    holding: Cell<bool>,
+    /// Bit q: queue q was to be notified while holding.
+    held: Cell<u64>,
+}
+
+/// The driver's handle on a [`Batched`] transport's notifications.
+pub struct NotifyBatch<T> {
+    shared: Rc<Shared<T>>,
+}
+
+/// `transport` as a [`Batched`] one, and the handle that holds and
+/// releases its notifications.
+pub fn batched<T: Transport>(transport: T) -> (Batched<T>, NotifyBatch<T>) {
+    let shared = Rc::new(Shared {
+        transport: RefCell::new(transport),
+        holding: Cell::new(false),
+        held: Cell::new(0),
+    });
+    (
+        Batched {
+            shared: shared.clone(),
+        },
+        NotifyBatch { shared },
+    )
+}
+
+impl<T: Transport> NotifyBatch<T> {
+    /// From now on, notifications wait for [`NotifyBatch::release`].
+    pub fn hold(&self) {
+        self.shared.holding.set(true);
+    }
+
+    /// Sends the notifications held since [`NotifyBatch::hold`], one per
+    /// queue, and stops holding. Not while the driver is in a call into
+    /// its transport (the domain is single-threaded: never).
+    pub fn release(&self) {
+        self.shared.holding.set(false);
+        let mut held = self.shared.held.take();
+        while held != 0 {
+            let q = held.trailing_zeros() as u16;
+            held &= held - 1;
+            self.shared.transport.borrow_mut().notify(q);
+        }
+    }
+}
+
+impl<T: Transport> Transport for Batched<T> {
+    fn device_type(&self) -> DeviceType {
+        self.shared.transport.borrow().device_type()
+    }
+    fn read_device_features(&mut self) -> u64 {
+        self.shared.transport.borrow_mut().read_device_features()
+    }
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.shared
+            .transport
+            .borrow_mut()
+            .write_driver_features(driver_features)
+    }
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.shared.transport.borrow_mut().max_queue_size(queue)
+    }
+    fn notify(&mut self, queue: u16) {
+        if self.shared.holding.get() && queue < 64 {
+            self.shared.held.set(self.shared.held.get() | 1 << queue);
+        } else {
+            self.shared.transport.borrow_mut().notify(queue)
+        }
+    }
+    fn get_status(&self) -> DeviceStatus {
+        self.shared.transport.borrow().get_status()
+    }
+    fn set_status(&mut self, status: DeviceStatus) {
+        self.shared.transport.borrow_mut().set_status(status)
+    }
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.shared
+            .transport
+            .borrow_mut()
+            .set_guest_page_size(guest_page_size)
+    }
+    fn requires_legacy_layout(&self) -> bool {
+        self.shared.transport.borrow().requires_legacy_layout()
+    }
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.shared.transport.borrow_mut().queue_set(
+            queue,
+            size,
+            descriptors,
+            driver_area,
+            device_area,
+        )
+    }
+    fn queue_unset(&mut self, queue: u16) {
+        self.shared.transport.borrow_mut().queue_unset(queue)
+    }
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.shared.transport.borrow_mut().queue_used(queue)
+    }
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.shared.transport.borrow_mut().ack_interrupt()
+    }
+    fn read_config_generation(&self) -> u32 {
+        self.shared.transport.borrow().read_config_generation()
+    }
+    fn read_config_space<V: FromBytes + IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> virtio_drivers::Result<V> {
+        self.shared.transport.borrow().read_config_space(offset)
+    }
+    fn write_config_space<V: IntoBytes + Immutable>(
+        &mut self,
+        offset: usize,
+        value: V,
+    ) -> virtio_drivers::Result<()> {
+        self.shared
+            .transport
+            .borrow_mut()
+            .write_config_space(offset, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport that only counts notifications, per queue.
+    #[derive(Default)]
+    struct Counting {
+        notified: [u32; 2],
+    }
+
+    impl Transport for Counting {
+        fn device_type(&self) -> DeviceType {
+            DeviceType::Block
+        }
+        fn read_device_features(&mut self) -> u64 {
+            0
+        }
+        fn write_driver_features(&mut self, _: u64) {}
+        fn max_queue_size(&mut self, _: u16) -> u32 {
+            16
+        }
+        fn notify(&mut self, queue: u16) {
+            self.notified[usize::from(queue)] += 1;
+        }
+        fn get_status(&self) -> DeviceStatus {
+            DeviceStatus::empty()
+        }
+        fn set_status(&mut self, _: DeviceStatus) {}
+        fn set_guest_page_size(&mut self, _: u32) {}
+        fn requires_legacy_layout(&self) -> bool {
+            false
+        }
+        fn queue_set(&mut self, _: u16, _: u32, _: PhysAddr, _: PhysAddr, _: PhysAddr) {}
+        fn queue_unset(&mut self, _: u16) {}
+        fn queue_used(&mut self, _: u16) -> bool {
+            false
+        }
+        fn ack_interrupt(&mut self) -> InterruptStatus {
+            InterruptStatus::empty()
+        }
+        fn read_config_generation(&self) -> u32 {
+            0
+        }
+        fn read_config_space<V: FromBytes + IntoBytes>(
+            &self,
+            _: usize,
+        ) -> virtio_drivers::Result<V> {
+            Err(virtio_drivers::Error::ConfigSpaceMissing)
+        }
+        fn write_config_space<V: IntoBytes + Immutable>(
+            &mut self,
+            _: usize,
+            _: V,
+        ) -> virtio_drivers::Result<()> {
+            Err(virtio_drivers::Error::ConfigSpaceMissing)
+        }
+    }
+
+    fn notified(b: &NotifyBatch<Counting>) -> [u32; 2] {
+        b.shared.transport.borrow().notified
+    }
+
+    #[test]
+    fn held_notifications_go_out_once_per_queue() {
+        let (mut t, batch) = batched(Counting::default());
+        // Not holding: straight through.
+        t.notify(0);
+        assert_eq!(notified(&batch), [1, 0]);
+        batch.hold();
+        for _ in 0..5 {
+            t.notify(0);
+        }
+        t.notify(1);
+        assert_eq!(notified(&batch), [1, 0], "held");
+        batch.release();
+        assert_eq!(notified(&batch), [2, 1]);
+        // Nothing held: a release sends nothing.
+        batch.hold();
+        batch.release();
+        assert_eq!(notified(&batch), [2, 1]);
+        t.notify(0);
+        assert_eq!(notified(&batch), [3, 1]);
+        // The rest goes to the inner transport.
+        assert_eq!(t.max_queue_size(0), 16);
+        assert_eq!(t.device_type(), DeviceType::Block);
     }
 }

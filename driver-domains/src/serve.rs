@@ -12,8 +12,9 @@
 //! frontend grants the ring at `ring_gref`, then notifies); after that it
 //! calls that vbd's [`Backend::poll`]. The device's port collects every
 //! completion from the used ring and hands it to the backend that submitted
-//! it ([`Backend::complete`]). An event goes to a frontend whenever a call
-//! says [`blkback::Poll::notify`]. The domain exits once every frontend's
+//! it ([`Backend::retire`]), then polls each of those backends once. An
+//! event goes to a frontend whenever a call says
+//! [`blkback::Poll::notify`]. The domain exits once every frontend's
 //! connection is Closed (or its ring could never be mapped).
 //!
 //! The backends share the disk through [`Dispatch`]: a backend's request
@@ -26,7 +27,10 @@
 //! device holds nothing, and nothing queued after it starts before it ends.
 //! virtio-drivers 0.13's `flush` is blocking (it spins on the used ring for
 //! that one request), which is sound only with nothing else in flight; the
-//! barrier guarantees that.
+//! barrier guarantees that. virtio-drivers notifies the device for every
+//! request it adds, and under QEMU every notification traps into the device
+//! model; the loop holds them back while it starts a batch and sends one
+//! ([`crate::device::batched`]).
 //!
 //! Data paths (the manifest's `mode` per vbd):
 //!
@@ -39,7 +43,8 @@
 //!   (libdom's `Hal` maps it with `dma_batch`, and the loop's `reap` unmaps
 //!   the pages of the completions it finds in one call, before their
 //!   responses go back). Up to [`persistent_budget`] grants per frontend
-//!   stay mapped (persistent grants).
+//!   stay mapped (persistent grants), INDIRECT segment-list pages among
+//!   them.
 //! - **copy**: the device works on page-aligned bounce pages from the heap,
 //!   and the hypervisor copies between them and the frontend's pages
 //!   (batched `grant_copy`, up to 64 operations per call).
@@ -67,9 +72,9 @@ pub const KEYS: &[&str] = &["serve", "indirect", "persistent"];
 /// (`hypervisor::grant::MAX_MAPS_PER_DOMAIN`); the rest is for the rings and
 /// the per-request mappings past the persistent ones.
 pub const PERSISTENT_TOTAL: usize = 3584;
-/// Persistent grants one frontend can use at most: airlock's blkfront keeps
-/// [`blkif::MAX_SEGMENTS`] pages per request slot for reads and as many for
-/// writes, and has at most a ring's worth of slots.
+/// Persistent grants one frontend can use at most (data pages and INDIRECT
+/// segment-list pages alike): room for [`blkif::MAX_SEGMENTS`] pages per
+/// request slot for reads and as many for writes, a ring's worth of slots.
 pub const PERSISTENT_PER_FRONTEND: usize = 2 * blkif::MAX_SEGMENTS * RING_SIZE as usize;
 
 /// Serve mode's options, from the args:
@@ -325,6 +330,20 @@ struct Sub {
     op: SubOp,
 }
 
+/// A run (first sector, address, length) as a queued I/O whose parent is
+/// set once the whole request is queued.
+fn io_sub(dir: Direction, (sector, addr, len): (u64, u64, u32)) -> Sub {
+    Sub {
+        parent: 0,
+        op: SubOp::Io {
+            sector,
+            dir,
+            addr,
+            len,
+        },
+    }
+}
+
 /// Counters of the device side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DispatchStats {
@@ -345,30 +364,42 @@ pub struct DispatchStats {
 /// virtio request belongs to which backend's request.
 ///
 /// Slots are the device's request memory (the glue keeps a `BlkReq` and a
-/// `BlkResp` per slot); a slot in use holds the virtio token it got.
+/// `BlkResp` per slot); a slot in use holds the virtio token it got, and
+/// `by_token` finds it again from that token. After the first requests
+/// nothing here allocates: parents and slots are reused through free
+/// lists, the queue is reserved for `max_queued`, and `by_token` has grown
+/// to the largest token the device uses (its queue size).
 #[derive(Debug)]
 pub struct Dispatch {
     parents: Vec<Option<Parent>>,
     free_parents: Vec<usize>,
     queue: VecDeque<Sub>,
     slots: Vec<Option<(u16, Sub)>>,
+    /// Free slots, the next one to use last.
+    free_slots: Vec<usize>,
+    /// `by_token[t]` is 1 + the slot of the request with virtio token `t`
+    /// (0: none).
+    by_token: Vec<u16>,
     max_queued: usize,
     busy: Vec<usize>,
     stats: DispatchStats,
 }
 
 impl Dispatch {
-    /// `slots` virtio requests in the device at most; more than
-    /// `max_queued` waiting refuses new requests with `Busy` (a request
-    /// that finds the queue empty is always taken, however long).
+    /// `slots` virtio requests in the device at most (1 to 65535); more
+    /// than `max_queued` waiting refuses new requests with `Busy` (a
+    /// request that finds the queue empty is always taken, however long).
     pub fn new(slots: usize, max_queued: usize) -> Self {
+        let slots = slots.clamp(1, usize::from(u16::MAX));
         let mut s = Vec::new();
-        s.resize_with(slots.max(1), || None);
+        s.resize_with(slots, || None);
         Dispatch {
             parents: Vec::new(),
             free_parents: Vec::new(),
-            queue: VecDeque::new(),
+            queue: VecDeque::with_capacity(max_queued),
             slots: s,
+            free_slots: (0..slots).rev().collect(),
+            by_token: Vec::new(),
             max_queued,
             busy: Vec::new(),
             stats: DispatchStats::default(),
@@ -381,7 +412,7 @@ impl Dispatch {
 
     /// virtio requests in the device.
     pub fn in_device(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
+        self.slots.len() - self.free_slots.len()
     }
 
     /// virtio requests waiting for the device.
@@ -396,7 +427,7 @@ impl Dispatch {
 
     /// Backend requests not ended yet.
     pub fn pending(&self) -> usize {
-        self.parents.iter().filter(|p| p.is_some()).count()
+        self.parents.len() - self.free_parents.len()
     }
 
     fn new_parent(&mut self, backend: usize, token: u64, left: u32) -> usize {
@@ -416,8 +447,14 @@ impl Dispatch {
         }
     }
 
-    fn refuse_busy(&mut self, backend: usize, subs: usize) -> Result<(), DeviceError> {
-        if !self.queue.is_empty() && self.queue.len() + subs > self.max_queued {
+    /// `Busy` if `subs` more would overfill a queue that is not empty.
+    fn refuse_busy(
+        &mut self,
+        backend: usize,
+        queued: usize,
+        subs: usize,
+    ) -> Result<(), DeviceError> {
+        if queued > 0 && queued + subs > self.max_queued {
             self.stats.busy += 1;
             if !self.busy.contains(&backend) {
                 self.busy.push(backend);
@@ -437,45 +474,54 @@ impl Dispatch {
         dir: Direction,
         bufs: &[Buf],
     ) -> Result<(), DeviceError> {
-        let mut runs: Vec<SubOp> = Vec::new();
+        // Each run is built here and goes onto the queue when the next
+        // begins; they come off it again if the request is refused.
+        let before = self.queue.len();
+        let mut run: Option<(u64, u64, u32)> = None; // sector, addr, len
         let mut at = sector;
         let mut merged = 0;
         for b in bufs {
             if b.len == 0 || b.len % blkif::SECTOR_SIZE as u32 != 0 {
+                self.queue.truncate(before);
                 return Err(DeviceError::Failed);
             }
-            match runs.last_mut() {
-                Some(SubOp::Io { addr, len, .. })
+            match &mut run {
+                Some((_, addr, len))
                     if addr.checked_add(u64::from(*len)) == Some(b.addr)
                         && len.checked_add(b.len).is_some() =>
                 {
                     *len += b.len;
                     merged += 1;
                 }
-                _ => runs.push(SubOp::Io {
-                    sector: at,
-                    dir,
-                    addr: b.addr,
-                    len: b.len,
-                }),
+                _ => {
+                    if let Some(r) = run.replace((at, b.addr, b.len)) {
+                        self.queue.push_back(io_sub(dir, r));
+                    }
+                }
             }
             at += u64::from(b.len) / blkif::SECTOR_SIZE;
         }
-        if runs.is_empty() {
+        let Some(last) = run else {
             return Err(DeviceError::Failed);
+        };
+        self.queue.push_back(io_sub(dir, last));
+        let runs = self.queue.len() - before;
+        if let Err(e) = self.refuse_busy(backend, before, runs) {
+            self.queue.truncate(before);
+            return Err(e);
         }
-        self.refuse_busy(backend, runs.len())?;
         self.stats.merged += merged;
-        let parent = self.new_parent(backend, token, runs.len() as u32);
-        self.stats.subs += runs.len() as u64;
-        self.queue
-            .extend(runs.into_iter().map(|op| Sub { parent, op }));
+        let parent = self.new_parent(backend, token, runs as u32);
+        self.stats.subs += runs as u64;
+        for sub in self.queue.range_mut(before..) {
+            sub.parent = parent;
+        }
         Ok(())
     }
 
     /// Backend `backend`'s flush `token`.
     pub fn flush(&mut self, backend: usize, token: u64) -> Result<(), DeviceError> {
-        self.refuse_busy(backend, 1)?;
+        self.refuse_busy(backend, self.queue.len(), 1)?;
         let parent = self.new_parent(backend, token, 1);
         self.stats.subs += 1;
         self.stats.flushes += 1;
@@ -497,7 +543,7 @@ impl Dispatch {
     /// the device.
     pub fn next(&self) -> Option<(usize, SubOp)> {
         let sub = self.queue.front()?;
-        let slot = self.slots.iter().position(Option::is_none)?;
+        let slot = *self.free_slots.last()?;
         if sub.op == SubOp::Flush && self.in_device() > 0 {
             return None;
         }
@@ -507,11 +553,21 @@ impl Dispatch {
     /// The request [`Dispatch::next`] gave is in the device in `slot` with
     /// virtio token `token`.
     pub fn started(&mut self, slot: usize, token: u16) {
-        if let Some(sub) = self.queue.pop_front() {
-            if let Some(s) = self.slots.get_mut(slot) {
-                *s = Some((token, sub));
-            }
+        // `next` offers the last free slot, so this finds it at once.
+        let Some(i) = self.free_slots.iter().rposition(|s| *s == slot) else {
+            return;
+        };
+        let Some(sub) = self.queue.pop_front() else {
+            return;
+        };
+        self.free_slots.swap_remove(i);
+        self.slots[slot] = Some((token, sub));
+        let t = usize::from(token);
+        if t >= self.by_token.len() {
+            self.by_token.resize(t + 1, 0);
         }
+        // no overflow: slots.len() <= u16::MAX (`new`)
+        self.by_token[t] = slot as u16 + 1;
         let n = self.in_device();
         self.stats.max_in_device = self.stats.max_in_device.max(n);
     }
@@ -526,16 +582,23 @@ impl Dispatch {
     /// The slot and request of virtio token `token`; `None` if no request
     /// in the device has it.
     pub fn lookup(&self, token: u16) -> Option<(usize, SubOp)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.filter(|(t, _)| *t == token).map(|(_, sub)| (i, sub.op)))
+        let slot = usize::from(*self.by_token.get(usize::from(token))?).checked_sub(1)?;
+        match self.slots.get(slot)? {
+            Some((t, sub)) if *t == token => Some((slot, sub.op)),
+            _ => None,
+        }
     }
 
     /// The request in `slot` ended (`ok`: without error). `Some` when that
     /// was the last part of a backend's request.
     pub fn finish(&mut self, slot: usize, ok: bool) -> Option<Done> {
-        let (_, sub) = self.slots.get_mut(slot)?.take()?;
+        let (token, sub) = self.slots.get_mut(slot)?.take()?;
+        self.free_slots.push(slot);
+        if let Some(b) = self.by_token.get_mut(usize::from(token)) {
+            if usize::from(*b) == slot + 1 {
+                *b = 0;
+            }
+        }
         self.end(sub, ok)
     }
 
@@ -600,12 +663,16 @@ mod domain {
     use virtio_drivers::transport::Transport;
     use virtio_drivers::{Error as VirtioError, Hal};
 
+    use crate::device::{Batched, NotifyBatch};
+
     use abi::blkif::{self, RING_SIZE};
 
     use super::{
         bounce_pages, config, persistent_budget, served, Dev, Dispatch, Done, ServeArgs, SubOp,
         Window,
     };
+
+    const _: () = assert!(abi::domain::MAX_VBDS <= 64);
 
     /// With requests in the device, look at the used ring at least this
     /// often even without an interrupt (a lost one is counted, not a hang).
@@ -661,12 +728,27 @@ mod domain {
 
         fn read(&self, addr: u64, buf: &mut [u8]) {
             let p = addr as *const u8;
-            for (i, b) in buf.iter_mut().enumerate() {
+            // Whole words while the address is aligned (segment lists
+            // are), then bytes.
+            let words = if addr.is_multiple_of(8) {
+                buf.len() / 8
+            } else {
+                0
+            };
+            let (head, tail) = buf.split_at_mut(words * 8);
+            for (i, w) in head.chunks_exact_mut(8).enumerate() {
                 // SAFETY: blkback reads only pages it mapped through `map`
                 // and has not unmapped, or its own bounce pages (its
-                // contract), within one page; each byte is read once,
-                // volatile because the frontend may write a mapped page.
-                *b = unsafe { p.add(i).read_volatile() };
+                // contract), within one page; `p + 8i` is 8-aligned and
+                // its 8 bytes are inside `buf`'s extent there. Each byte
+                // is read once, volatile because the frontend may write a
+                // mapped page.
+                let v = unsafe { p.add(8 * i).cast::<u64>().read_volatile() };
+                w.copy_from_slice(&v.to_ne_bytes());
+            }
+            for (i, b) in tail.iter_mut().enumerate() {
+                // SAFETY: as above, one byte at a time.
+                *b = unsafe { p.add(words * 8 + i).read_volatile() };
             }
         }
     }
@@ -729,7 +811,9 @@ mod domain {
     }
 
     struct Server<'a, H: Hal, T: Transport> {
-        blk: VirtIOBlk<H, T>,
+        blk: VirtIOBlk<H, Batched<T>>,
+        /// The device hears of the requests `kick` adds once, at its end.
+        notify: NotifyBatch<T>,
         dispatch: Dispatch,
         /// Made once, never grown: a slot's memory never moves.
         slots: Vec<IoSlot>,
@@ -738,6 +822,9 @@ mod domain {
         stats: LoopStats,
         /// The device broke the queue's rules; stop.
         broken: Option<&'static str>,
+        /// `reap`'s list of ended requests, kept between calls (no
+        /// allocation per interrupt once it has held a queue's worth).
+        reaped: Vec<Done>,
     }
 
     /// What a backend call asks of the domain: report, unmap the ring
@@ -868,14 +955,18 @@ mod domain {
 
         /// Starts queued virtio requests while the queue has room.
         fn kick(&mut self) {
+            self.notify.hold();
             while let Some((slot, op)) = self.dispatch.next() {
                 match op {
                     SubOp::Flush => {
                         // Nothing else is in the device (the barrier), so
-                        // the blocking flush pops its own completion.
+                        // the blocking flush pops its own completion; it
+                        // notifies the device itself.
+                        self.notify.release();
                         let t0 = time_ns();
                         let ok = self.blk.flush().is_ok();
                         self.stats.flush_ns += time_ns() - t0;
+                        self.notify.hold();
                         if let Some(d) = self.dispatch.ended_now(ok) {
                             self.complete(d);
                         }
@@ -920,7 +1011,7 @@ mod domain {
                         };
                         match r {
                             Ok(token) => self.dispatch.started(slot, token),
-                            Err(VirtioError::QueueFull) => return,
+                            Err(VirtioError::QueueFull) => break,
                             Err(e) => {
                                 println!("blkback: the virtqueue refused a request: {e:?}");
                                 self.stats.failed_subs += 1;
@@ -932,16 +1023,18 @@ mod domain {
                     }
                 }
             }
+            self.notify.release();
         }
 
-        /// Takes every completion in the used ring; returns how many.
+        /// Takes every completion in the used ring; returns how many. Each
+        /// backend retires its ended requests, then is polled once.
         fn reap(&mut self) -> u64 {
             let mut n = 0;
             // Strict DMA: the pages of every completion found here are
             // unmapped in one call when the batch ends, before any request
-            // goes back to its backend.
+            // is retired (its grants unmapped, its response written).
             let unmaps = libdom::virtio::UnmapBatch::begin();
-            let mut done = Vec::new();
+            let mut done = core::mem::take(&mut self.reaped);
             while let Some(token) = self.blk.peek_used() {
                 let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
                 else {
@@ -974,8 +1067,22 @@ mod domain {
                 }
             }
             unmaps.end();
-            for d in done {
-                self.complete(d);
+            // Bit i: backend i retired a request (fronts <= MAX_VBDS).
+            let mut retired = 0u64;
+            for d in done.drain(..) {
+                if let Some(f) = self.fronts.get_mut(d.backend) {
+                    if let Some((page, _)) = f.ring.as_mut() {
+                        if f.backend.retire(d.token, d.ok, page, &mut self.grants) {
+                            retired |= 1 << d.backend;
+                        }
+                    }
+                }
+            }
+            self.reaped = done;
+            while retired != 0 {
+                let i = retired.trailing_zeros() as usize;
+                retired &= retired - 1;
+                self.serve(i);
             }
             n
         }
@@ -1073,7 +1180,8 @@ mod domain {
     /// reached), 1 on a broken device or bad args.
     pub fn run<H: Hal, T: Transport>(
         si: &libdom::StartInfo<'_>,
-        blk: VirtIOBlk<H, T>,
+        blk: VirtIOBlk<H, Batched<T>>,
+        notify: NotifyBatch<T>,
         dev_port: u16,
         timer: u16,
     ) -> i64 {
@@ -1140,6 +1248,7 @@ mod domain {
         let depth = usize::from(blk.virt_queue_size());
         let mut srv = Server {
             blk,
+            notify,
             // Room for every frontend's full ring of 11-segment requests
             // split into one virtio request per segment.
             dispatch: Dispatch::new(
@@ -1151,6 +1260,7 @@ mod domain {
             fronts,
             stats: LoopStats::default(),
             broken: None,
+            reaped: Vec::with_capacity(RING_SIZE as usize),
         };
         println!(
             "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants each; {} by grant copy), indirect up to {} segments, {depth} virtio descriptors",
@@ -1392,6 +1502,7 @@ mod tests {
         assert_eq!(d.in_device(), 3);
         assert_eq!(d.lookup(11), Some((1, got[1])));
         assert_eq!(d.lookup(99), None);
+        assert_eq!(d.lookup(9), None);
         // Completions in any order; the request ends with the last.
         assert_eq!(d.finish(1, true), None);
         assert_eq!(d.finish(0, true), None);
@@ -1406,6 +1517,8 @@ mod tests {
         assert!(d.is_idle());
         assert_eq!(d.pending(), 0);
         assert_eq!(d.finish(2, true), None);
+        // An ended request's token finds nothing.
+        assert_eq!(d.lookup(12), None);
     }
 
     #[test]
@@ -1528,6 +1641,20 @@ mod tests {
         );
         assert_eq!(d.flush(1, 3), Err(DeviceError::Busy));
         assert_eq!(d.stats().busy, 2);
+        // A refused request leaves nothing behind.
+        assert_eq!(d.queued(), 4);
+        assert_eq!(d.pending(), 1);
+        assert_eq!(
+            d.submit(
+                0,
+                4,
+                0,
+                Direction::Read,
+                &[buf(0x9000, 512), buf(0xa000, 100)]
+            ),
+            Err(DeviceError::Failed)
+        );
+        assert_eq!(d.queued(), 4);
         assert_eq!(d.take_busy(), [1]);
         assert!(d.take_busy().is_empty());
         // Bad buffers fail at once.

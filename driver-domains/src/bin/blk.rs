@@ -42,6 +42,7 @@ use driver_domains::serve;
 use libdom::virtio::DomHal;
 use libdom::{event, println, time_ns};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+use virtio_drivers::transport::Transport;
 
 /// virtio-blk, modern (virtio 1.x) PCI ids; one queue.
 static KIND: device::Kind = device::Kind {
@@ -255,6 +256,27 @@ fn data_check(what: &str, sectors: &Range<u64>, ok: bool) {
     });
 }
 
+/// The driver on `transport`, once the device took its vectors (printed).
+fn make<T: Transport>(
+    f: &device::Function,
+    transport: T,
+    si: &libdom::StartInfo<'_>,
+) -> Option<VirtIOBlk<DomHal, T>> {
+    let blk = VirtIOBlk::new(transport)
+        .inspect_err(|e| println!("blk: virtio-blk init: {e:?}"))
+        .ok()?;
+    let init_us = f.ready()?;
+    println!(
+        "blk: {} {} sectors{}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}",
+        f.info.bdf,
+        blk.capacity(),
+        if blk.readonly() { " (read-only)" } else { "" },
+        f.port,
+        si.dma
+    );
+    Some(blk)
+}
+
 fn run(si: &libdom::StartInfo<'_>) -> i64 {
     // `serve=1`: blkback for the vbds the start info names
     // (`driver_domains::serve`); anything else is the direct mode's plan.
@@ -273,26 +295,16 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
     };
-    let blk = match Blk::new(transport) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("blk: virtio-blk init: {e:?}");
-            return 1;
-        }
-    };
-    let Some(init_us) = f.ready() else {
-        return 1;
-    };
-    let port = f.port;
-    println!(
-        "blk: {} {} sectors{}, init {init_us} us, MSI-X vector {VECTOR} -> port {port}, DMA {:?}",
-        f.info.bdf,
-        blk.capacity(),
-        if blk.readonly() { " (read-only)" } else { "" },
-        si.dma
-    );
     let Some(plan) = plan else {
-        return serve::run(si, blk, port, f.timer);
+        // Serve mode tells the device of a batch of requests at once.
+        let (transport, notify) = device::batched(transport);
+        let Some(blk) = make(&f, transport, si) else {
+            return 1;
+        };
+        return serve::run(si, blk, notify, f.port, f.timer);
+    };
+    let Some(blk) = make(&f, transport, si) else {
+        return 1;
     };
     if plan.end() > blk.capacity() {
         println!(
@@ -319,7 +331,7 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         .collect();
     let mut disk = Disk {
         blk,
-        port,
+        port: f.port,
         timer: f.timer,
         slots,
         stats: Stats::default(),
