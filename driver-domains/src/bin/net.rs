@@ -270,23 +270,9 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         return 1;
     };
     let Some(plan) = plan else {
-        let net = match NetServe::new(transport) {
-            Ok(n) => n,
-            Err(e) => {
-                println!("net: virtio-net init: {e:?}");
-                return 1;
-            }
-        };
-        let Some(init_us) = f.ready() else {
+        let Some((f, net)) = open_nic(si, f, transport, "serving") else {
             return 1;
         };
-        println!(
-            "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}; serving",
-            f.info.bdf,
-            ShowMac(net.mac_address()),
-            f.port,
-            si.dma
-        );
         return netserve::run(si, net, f.port, f.timer);
     };
     let net = match Net::new(transport) {
@@ -369,24 +355,32 @@ fn run_tcp(si: &libdom::StartInfo<'_>, args: &TcpArgs<'_>) -> i64 {
     let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
     };
-    let net = match NetServe::new(transport) {
-        Ok(n) => n,
-        Err(e) => {
-            println!("net: virtio-net init: {e:?}");
-            return 1;
-        }
-    };
-    let Some(init_us) = f.ready() else {
+    let Some((_, net)) = open_nic(si, f, transport, "TCP") else {
         return 1;
     };
+    nettcp::run(si, args, net)
+}
+
+/// Serve mode's and the TCP mode's device: virtio-net with the NIC's
+/// buffers ([`NetServe`]), up and said so (`what`: the mode).
+fn open_nic(
+    si: &libdom::StartInfo<'_>,
+    f: device::Function,
+    transport: DomTransport,
+    what: &str,
+) -> Option<(device::Function, NetServe)> {
+    let net = NetServe::new(transport)
+        .inspect_err(|e| println!("net: virtio-net init: {e:?}"))
+        .ok()?;
+    let init_us = f.ready()?;
     println!(
-        "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}; TCP",
+        "net: {} MAC {}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}; {what}",
         f.info.bdf,
         ShowMac(net.mac_address()),
         f.port,
         si.dma
     );
-    nettcp::run(si, args, net)
+    Some((f, net))
 }
 
 libdom::entry!(run);
