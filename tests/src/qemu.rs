@@ -1,7 +1,7 @@
 //! Running QEMU with a time limit and capturing its console.
 //!
-//! QEMU's stdout and stderr are read by two threads that append to one log
-//! (and echo to our stdout when asked); the main thread waits for QEMU or
+//! QEMU's stdout and stderr are read by two threads that append whole lines
+//! to one log (and echo them to our stdout when asked); the main thread waits for QEMU or
 //! the deadline. A QEMU that outlives its time limit is killed with its
 //! whole process group when it was started in a group of its own
 //! ([`Options::own_group`]), or alone otherwise.
@@ -141,14 +141,28 @@ pub fn run(mut cmd: Command, opts: Options) -> io::Result<Run> {
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     ];
+    // Each stream goes on in whole lines, so a line QEMU prints on stderr
+    // never lands inside a console line (the serial port's bytes arrive in
+    // many small writes).
     for mut pipe in pipes.into_iter().flatten() {
         let tx = tx.clone();
         readers.push(thread::spawn(move || {
             let mut buf = [0u8; 4096];
+            let mut partial = Vec::new();
             while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                if n == 0 {
                     break;
                 }
+                partial.extend_from_slice(&buf[..n]);
+                if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                    let rest = partial.split_off(end + 1);
+                    if tx.send(core::mem::replace(&mut partial, rest)).is_err() {
+                        return;
+                    }
+                }
+            }
+            if !partial.is_empty() {
+                let _ = tx.send(partial);
             }
         }));
     }
@@ -227,6 +241,27 @@ mod tests {
         assert!(r.outcome.is_success());
         assert!(r.log.contains("EV {\"ev\":\"ready\"}\n"), "{}", r.log);
         assert!(r.log.contains("oops\n"), "{}", r.log);
+    }
+
+    #[test]
+    fn a_stderr_line_never_lands_inside_a_console_line() {
+        // The console line is written in two pieces with a whole stderr
+        // line between them, as QEMU's serial output and its warnings do.
+        let r = run(
+            sh(
+                "printf 'EV {\"ev\":'; sleep 0.2; echo 'New fault is not recorded' >&2; \
+                sleep 0.2; printf '\"ready\"}\\n'; printf tail; exit 33",
+            ),
+            opts(10_000),
+        )
+        .unwrap();
+        assert!(r.log.contains("EV {\"ev\":\"ready\"}\n"), "{:?}", r.log);
+        assert!(r.log.contains("New fault is not recorded\n"), "{:?}", r.log);
+        assert!(
+            r.log.ends_with("tail"),
+            "an unfinished last line is kept: {:?}",
+            r.log
+        );
     }
 
     #[test]
