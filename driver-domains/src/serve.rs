@@ -40,9 +40,12 @@
 //!   address, so virtio-blk DMAs straight into the frontend's page. In the
 //!   static DMA mode the page is in the IOMMU while the grant is mapped; in
 //!   the strict mode only while a request that uses it is in the device
-//!   (libdom's `Hal` maps it with `dma_batch`, and the loop's `reap` unmaps
-//!   the pages of the completions it finds in one call, before their
-//!   responses go back). Up to [`persistent_budget`] grants per frontend
+//!   (a turn of the loop: `reap` takes the completions and holds their
+//!   unmaps back, the frontends are polled, `kick` claims the buffers of
+//!   every request it starts and maps them with one `dma_batch` that also
+//!   unmaps the reaped requests' pages, and only then `respond` writes the
+//!   responses, after unmapping what `kick` did not take along; a page a
+//!   new request uses again stays mapped). Up to [`persistent_budget`] grants per frontend
 //!   stay mapped (persistent grants), INDIRECT segment-list pages among
 //!   them.
 //! - **copy**: the device works on page-aligned bounce pages from the heap,
@@ -550,6 +553,19 @@ impl Dispatch {
         Some((slot, sub.op))
     }
 
+    /// The virtio requests [`Dispatch::next`] would offer one after another
+    /// if each were started: the I/O requests at the front of the queue up
+    /// to the first flush, each with the slot it would get, as many as
+    /// there are free slots.
+    pub fn upcoming(&self) -> impl Iterator<Item = (usize, SubOp)> + '_ {
+        self.queue
+            .iter()
+            .map(|sub| sub.op)
+            .take_while(|op| matches!(op, SubOp::Io { .. }))
+            .zip(self.free_slots.iter().rev())
+            .map(|(op, &slot)| (slot, op))
+    }
+
     /// The request [`Dispatch::next`] gave is in the device in `slot` with
     /// virtio token `token`.
     pub fn started(&mut self, slot: usize, token: u16) {
@@ -823,9 +839,32 @@ mod domain {
         /// The device broke the queue's rules; stop.
         broken: Option<&'static str>,
         /// `reap`'s list of ended requests, kept between calls (no
-        /// allocation per interrupt once it has held a queue's worth).
+        /// allocation per interrupt once it has held a queue's worth);
+        /// `respond` retires them.
         reaped: Vec<Done>,
+        /// Strict DMA: the unmaps of the reaped requests' pages, held back
+        /// from `reap` to `respond` so that `kick`'s call in between takes
+        /// them along with its maps.
+        held: Option<libdom::virtio::UnmapBatch>,
+        /// Strict DMA (`claim` does something).
+        strict: bool,
+        /// Blocks of the layout of virtio-drivers' indirect descriptor list
+        /// reserved by `kick` (see [`INDIRECT_LIST`]).
+        lists: Vec<*mut u8>,
     }
+
+    /// virtio-drivers 0.13 gives each request (header, data, status) an
+    /// indirect descriptor list of three 16-byte descriptors, allocated on
+    /// the heap inside `add` and shared with the device there. `kick`
+    /// reserves a block of this layout per request it is about to start,
+    /// claims it, and frees it just before the request's `add`: the heap
+    /// is first-fit, so the list lands there and its `share` finds it
+    /// claimed and mapped. A guess: when it misses, that `share` makes its
+    /// own call (correct, one call more).
+    const INDIRECT_LIST: Layout = match Layout::from_size_align(48, 16) {
+        Ok(l) => l,
+        Err(_) => panic!("bad layout"),
+    };
 
     /// What a backend call asks of the domain: report, unmap the ring
     /// once Closed, notify the frontend.
@@ -953,8 +992,56 @@ mod domain {
             }
         }
 
-        /// Starts queued virtio requests while the queue has room.
+        /// Strict DMA: claims every buffer of the requests `kick` is about
+        /// to start (header, data, status, and a block where the indirect
+        /// list will be), then maps them all with one `dma_batch`, which
+        /// also carries the unmaps `reap` held back.
+        fn claim_upcoming(&mut self) {
+            if !self.strict {
+                return;
+            }
+            let mut any = false;
+            for (slot, op) in self.dispatch.upcoming() {
+                let SubOp::Io { dir, addr, len, .. } = op else {
+                    break;
+                };
+                let s = &self.slots[slot];
+                let req = core::ptr::from_ref(&s.req) as u64;
+                let resp = core::ptr::from_ref(&s.resp) as u64;
+                libdom::virtio::claim(req, core::mem::size_of::<BlkReq>(), false);
+                libdom::virtio::claim(addr, len as usize, dir == Direction::Read);
+                libdom::virtio::claim(resp, core::mem::size_of::<BlkResp>(), true);
+                // SAFETY: the layout has a non-zero size; the block is freed
+                // in `kick` (before its request's `add`, or at the end).
+                let list = unsafe { alloc::alloc::alloc(INDIRECT_LIST) };
+                if !list.is_null() {
+                    libdom::virtio::claim(list as u64, INDIRECT_LIST.size(), false);
+                    self.lists.push(list);
+                }
+                any = true;
+            }
+            if any {
+                libdom::virtio::commit();
+            }
+        }
+
+        /// Frees the reserved list block of the `k`-th request of this kick.
+        fn free_list(&mut self, k: usize) {
+            if let Some(p) = self.lists.get_mut(k) {
+                if !p.is_null() {
+                    // SAFETY: allocated with this layout in `claim_upcoming`
+                    // and not freed yet (set to null once freed).
+                    unsafe { alloc::alloc::dealloc(*p, INDIRECT_LIST) };
+                    *p = core::ptr::null_mut();
+                }
+            }
+        }
+
+        /// Starts queued virtio requests while the queue has room; in strict
+        /// DMA mode their pages are mapped first, by one call.
         fn kick(&mut self) {
+            self.claim_upcoming();
+            let mut k = 0;
             self.notify.hold();
             while let Some((slot, op)) = self.dispatch.next() {
                 match op {
@@ -977,6 +1064,8 @@ mod domain {
                         addr,
                         len,
                     } => {
+                        self.free_list(k);
+                        k += 1;
                         let s = &mut self.slots[slot];
                         let r = match dir {
                             // SAFETY: `addr..addr + len` is what a backend
@@ -1024,16 +1113,24 @@ mod domain {
                 }
             }
             self.notify.release();
+            for k in 0..self.lists.len() {
+                self.free_list(k);
+            }
+            self.lists.clear();
+            libdom::virtio::release_claims();
         }
 
-        /// Takes every completion in the used ring; returns how many. Each
-        /// backend retires its ended requests, then is polled once.
+        /// Takes every completion in the used ring; returns how many. The
+        /// ended backend requests wait in `reaped` for `respond`.
         fn reap(&mut self) -> u64 {
             let mut n = 0;
-            // Strict DMA: the pages of every completion found here are
-            // unmapped in one call when the batch ends, before any request
-            // is retired (its grants unmapped, its response written).
-            let unmaps = libdom::virtio::UnmapBatch::begin();
+            // Strict DMA: the pages of every completion found here stay
+            // mapped until the next call (`kick`'s) or `respond`, whichever
+            // comes first, and are unmapped before any request is retired
+            // (its grants unmapped, its response written).
+            if self.held.is_none() {
+                self.held = Some(libdom::virtio::UnmapBatch::begin());
+            }
             let mut done = core::mem::take(&mut self.reaped);
             while let Some(token) = self.blk.peek_used() {
                 let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
@@ -1066,7 +1163,21 @@ mod domain {
                     done.push(d);
                 }
             }
-            unmaps.end();
+            self.reaped = done;
+            n
+        }
+
+        /// Strict DMA: unmaps what `reap` held back and `kick` did not take
+        /// along (the IOTLB invalidated when this returns); then each
+        /// backend retires its ended requests and is polled once.
+        fn respond(&mut self) {
+            if let Some(unmaps) = self.held.take() {
+                unmaps.end();
+            }
+            if self.reaped.is_empty() {
+                return;
+            }
+            let mut done = core::mem::take(&mut self.reaped);
             // Bit i: backend i retired a request (fronts <= MAX_VBDS).
             let mut retired = 0u64;
             for d in done.drain(..) {
@@ -1084,7 +1195,6 @@ mod domain {
                 retired &= retired - 1;
                 self.serve(i);
             }
-            n
         }
 
         fn retry_busy(&mut self) {
@@ -1261,6 +1371,9 @@ mod domain {
             stats: LoopStats::default(),
             broken: None,
             reaped: Vec::with_capacity(RING_SIZE as usize),
+            held: None,
+            strict: libdom::device::dma_mode() == abi::domain::DmaMode::Strict,
+            lists: Vec::with_capacity(depth),
         };
         println!(
             "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants each; {} by grant copy), indirect up to {} segments, {depth} virtio descriptors",
@@ -1274,8 +1387,13 @@ mod domain {
             srv.serve(i);
         }
         let mut safety_armed = false;
+        // A turn: the completions reaped and the frontends' new requests
+        // polled after the last `wait`, then `kick` (strict DMA: one call
+        // maps the new requests' pages and unmaps the reaped ones'), then
+        // the responses.
         while srv.broken.is_none() {
             srv.kick();
+            srv.respond();
             srv.retry_busy();
             srv.kick();
             if srv.all_ended() {
@@ -1309,6 +1427,7 @@ mod domain {
                 }
             }
         }
+        srv.respond();
         let _ = set_timer(0);
         let ns = time_ns() - t0;
         if let Some(why) = srv.broken {
@@ -1597,6 +1716,54 @@ mod tests {
         let (c, op) = d.next().unwrap();
         assert_eq!(c, a);
         assert_eq!(op, io(16, Direction::Read, 0x10_4000, 4096));
+    }
+
+    #[test]
+    fn upcoming_is_what_next_offers_as_requests_start() {
+        let mut d = Dispatch::new(3, 64);
+        for t in 0..2u64 {
+            d.submit(
+                0,
+                t,
+                t * 8,
+                Direction::Read,
+                &[buf(0x10_0000 + t * 0x2000, 4096)],
+            )
+            .unwrap();
+        }
+        d.flush(0, 9).unwrap();
+        d.submit(0, 3, 64, Direction::Read, &[buf(0x20_0000, 4096)])
+            .unwrap();
+        let (a, _) = d.next().unwrap();
+        d.started(a, 0);
+        // Two I/O requests before the flush, one of them started: the other,
+        // with the slot it gets.
+        let ahead: Vec<_> = d.upcoming().collect();
+        assert_eq!(ahead.len(), 1);
+        assert_eq!(Some(ahead[0]), d.next());
+        let (b, _) = d.next().unwrap();
+        d.started(b, 1);
+        // The flush stops it.
+        assert_eq!(d.upcoming().count(), 0);
+        // Fewer free slots than queued requests: as many as there are slots.
+        let mut d = Dispatch::new(2, 64);
+        for t in 0..4u64 {
+            d.submit(
+                0,
+                t,
+                t * 8,
+                Direction::Read,
+                &[buf(0x10_0000 + t * 0x2000, 4096)],
+            )
+            .unwrap();
+        }
+        let ahead: Vec<_> = d.upcoming().collect();
+        assert_eq!(ahead.len(), 2);
+        for (i, want) in ahead.into_iter().enumerate() {
+            assert_eq!(d.next(), Some(want));
+            d.started(want.0, i as u16);
+        }
+        assert_eq!(d.next(), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub trait DmaSpace {
 
 /// Appends a map of `iova..iova + len` to `pa..`, onto the last change when
 /// it continues it (same permission, both addresses contiguous).
+#[inline]
 fn push_map(out: &mut Vec<Change>, iova: u64, pa: u64, len: u64, perm: Perm) {
     if let Some(Change::Map {
         iova: i,
@@ -65,6 +66,7 @@ struct Range {
     end: u64,
 }
 
+#[inline]
 fn range(op: &DmaOp) -> Result<Range, Error> {
     if op.flags & !dma_flags::ALL != 0 || (op.is_write() && !op.is_map()) {
         return Err(Error::Invalid);
@@ -92,31 +94,41 @@ fn range(op: &DmaOp) -> Result<Range, Error> {
 /// order `Iommu::apply` uses anyway). On an error `out` means nothing.
 pub fn plan(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Result<(), Error> {
     out.clear();
-    // Each operation's own checks, in order, before any look at the others.
-    for op in ops {
-        range(op)?;
+    // Each operation's own checks, in order, before any look at the others;
+    // the ranges are kept (a batch is at most DMA_BATCH_MAX operations).
+    const MAX: usize = abi::hypercall::DMA_BATCH_MAX as usize;
+    if ops.len() > MAX {
+        return Err(Error::BadLength);
     }
-    // Overlaps: a batch is a handful of operations (at most DMA_BATCH_MAX),
-    // so pairs are compared directly.
-    for (i, a) in ops.iter().enumerate() {
-        let a = range(a)?;
-        for b in ops.iter().skip(i + 1) {
-            let b = range(b)?;
-            if a.start < b.end && b.start < a.end {
-                return Err(Error::Invalid);
-            }
+    let mut ranges = [Range { start: 0, end: 0 }; MAX];
+    for (r, op) in ranges.iter_mut().zip(ops) {
+        *r = range(op)?;
+    }
+    let ranges = &ranges[..ops.len()];
+    // Overlaps: sorted by start (an insertion sort: linear for the ascending
+    // batches callers make), each range must end before the next starts.
+    let mut order = [0u8; MAX];
+    for i in 0..ops.len() {
+        let mut j = i;
+        while j > 0 && ranges[usize::from(order[j - 1])].start > ranges[i].start {
+            order[j] = order[j - 1];
+            j -= 1;
+        }
+        order[j] = i as u8;
+    }
+    for w in order[..ops.len()].windows(2) {
+        if ranges[usize::from(w[0])].end > ranges[usize::from(w[1])].start {
+            return Err(Error::Invalid);
         }
     }
-    for op in ops.iter().filter(|op| !op.is_map()) {
-        let r = range(op)?;
+    for (_, r) in ops.iter().zip(ranges).filter(|(op, _)| !op.is_map()) {
         let len = r.end - r.start;
         if space.mapped_bytes(r.start, len) != Some(len) {
             return Err(Error::Invalid);
         }
         out.push(Change::Unmap { iova: r.start, len });
     }
-    for op in ops.iter().filter(|op| op.is_map()) {
-        let r = range(op)?;
+    for (op, r) in ops.iter().zip(ranges).filter(|(op, _)| op.is_map()) {
         let write = op.is_write();
         let perm = if write { Perm::READ_WRITE } else { Perm::READ };
         if space.own_region(r.start).is_some() {
@@ -244,6 +256,30 @@ mod tests {
                 map(0x8000_1000, 0x900_0000, 0x1000, Perm::READ_WRITE),
             ]
         );
+    }
+
+    /// The overlap check sorts: 64 disjoint operations in any order pass,
+    /// and two far apart in the array that overlap are refused.
+    #[test]
+    fn overlaps_are_found_in_any_order() {
+        let mut s = Space::new();
+        s.mapped.extend((0..64).map(|i| 0x40_0000 + i * 0x2000));
+        let unmap = |i: u64| op(0x40_0000 + i * 0x2000, 1, 0);
+        let mut ops: Vec<DmaOp> = (0..64).rev().map(unmap).collect();
+        ops.swap(3, 40);
+        let mut changes = Vec::new();
+        plan(&s, &ops, &mut changes).unwrap();
+        assert_eq!(changes.len(), 64);
+        // ops[0] unmaps the last page; ops[63] (the first page before) now
+        // ends inside it.
+        // (Every page mapped: the overlap alone refuses it.)
+        ops[63] = op(0x40_0000 + 63 * 0x2000 - 0x1000, 2, 0);
+        s.mapped.insert(0x40_0000 + 63 * 0x2000 - 0x1000);
+        assert!(plan(&s, &ops[1..], &mut changes).is_ok());
+        assert_eq!(plan(&s, &ops, &mut changes), Err(Error::Invalid));
+        // More than a batch holds.
+        let many = std::vec![unmap(0); 65];
+        assert_eq!(plan(&s, &many, &mut changes), Err(Error::BadLength));
     }
 
     #[test]

@@ -9,17 +9,19 @@
 //!   address = virtual address; no bounce copies). In static mode all of
 //!   the domain's memory is reachable anyway; in strict mode `share` maps
 //!   the pages the buffer touches and `unshare` unmaps them, through
-//!   `dma_batch` (one call and one IOTLB invalidation for all of a buffer's
-//!   pages). Pages are counted ([`SharedPages`]): two buffers on one page
-//!   (a request header and its status byte) share its mapping, which goes
-//!   only when the last of them is unshared, so an `unshare` never takes a
-//!   page away from another buffer in the device. A page is writable by the
-//!   device while any buffer on it is device-writable (and until it is
-//!   unmapped). The granularity is the page: the rest of a page a buffer
-//!   touches is reachable while the buffer is. An [`UnmapBatch`] holds
-//!   `unshare`'s unmaps back so that the completions of several requests
-//!   cost one call; a `share` that needs a call takes the held-back unmaps
-//!   with it.
+//!   `dma_batch` (one call and one IOTLB invalidation for all the pages
+//!   that need it). Pages are counted ([`SharedPages`]): two buffers on one
+//!   page (a request header and its status byte) share its mapping, which
+//!   goes only when the last of them is unshared, so an `unshare` never
+//!   takes a page away from another buffer in the device. A page is
+//!   writable by the device while any buffer on it is device-writable (and
+//!   until it is unmapped). The granularity is the page: the rest of a page
+//!   a buffer touches is reachable while the buffer is. An [`UnmapBatch`]
+//!   holds `unshare`'s unmaps back so that the completions of several
+//!   requests cost one call; any call made meanwhile takes them along. A
+//!   loop that starts several requests [`claim`]s their buffers first and
+//!   [`commit`]s them with one call; each `share` then finds its buffer
+//!   claimed and mapped and makes no call.
 //! - [`DomainConfig`]: config-space reads go through `dev_config_read`;
 //!   the BARs are shadowed (their value is the domain's mapping, sizing
 //!   writes answer with the mapping's length), because the hypervisor
@@ -114,27 +116,62 @@ struct Extent {
     /// First page number (= I/O page number) and the one after the last.
     start: u64,
     end: u64,
-    /// Buffers on these pages now; 0: mapped, waiting for the unmap.
+    /// Buffers on these pages now; 0: idle (mapped or not, waiting to go).
     users: u32,
-    /// Mapped writable for the device.
+    /// The device must be able to write the pages (some buffer on them is
+    /// device-writable, now or since they were last unmapped).
+    write: bool,
+    /// What the IOMMU holds for them: `None` not mapped, `Some(w)` mapped,
+    /// writable if `w`.
+    sent: Option<bool>,
+}
+
+impl Extent {
+    /// Whether the IOMMU lacks what the extent's users need.
+    fn behind(&self) -> bool {
+        self.users > 0 && self.sent != Some(self.write)
+    }
+}
+
+/// A buffer claimed ahead of its `share` ([`claim`]): counted and mapped
+/// already, so the `share` that matches it only takes it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claim {
+    va: u64,
+    len: usize,
     write: bool,
 }
 
 /// The pages `share` has mapped in strict mode, with how many shared
 /// buffers use each: a page is mapped from the first buffer's `share` until
-/// the last one's `unshare` (and, inside an [`UnmapBatch`], until it ends).
-/// Pure bookkeeping: it says which `dma_batch` operations to make. Kept as
-/// runs of pages ([`Extent`]s), so a buffer of many pages that shares none
-/// of them costs one entry, split only where buffers overlap (a request
+/// the last one's `unshare` (and, inside an [`UnmapBatch`], until it ends
+/// or the next call takes its unmap along). Pure bookkeeping: it says which
+/// `dma_batch` operations to make ([`SharedPages::take_ops`]). Kept as runs
+/// of pages ([`Extent`]s), so a buffer of many pages that shares none of
+/// them costs one entry, split only where buffers overlap (a request
 /// header and its status byte on one page).
+///
+/// Invariant (what makes the mode strict): whenever the `Hal` hands an
+/// address to virtio-drivers, every extent with users is `sent` with its
+/// permission (`share` makes the call before it returns); an extent's
+/// unmap is in the first call after its last user left, and
+/// [`UnmapBatch`] bounds when that call is made.
 #[derive(Debug, Default)]
 pub struct SharedPages {
     /// Sorted, disjoint.
     extents: Vec<Extent>,
-    /// Extents with no users (mapped, waiting for their unmap).
+    /// Extents with no users.
     idle: usize,
+    /// Some extent may be [`Extent::behind`].
+    unsent: bool,
     /// Open [`UnmapBatch`]es.
     holding: u32,
+    /// Buffers counted by [`claim`], in order; `None` once a `share` took
+    /// one over.
+    claims: Vec<Option<Claim>>,
+    /// Claims before this index are all taken over (the `share`s come in
+    /// the order of the claims, so the next one is usually here).
+    next_claim: usize,
     /// The operations of the next `dma_batch` (kept to reuse its memory).
     ops: Vec<DmaOp>,
 }
@@ -144,17 +181,21 @@ impl SharedPages {
         SharedPages {
             extents: Vec::new(),
             idle: 0,
+            unsent: false,
             holding: 0,
+            claims: Vec::new(),
+            next_claim: 0,
             ops: Vec::new(),
         }
     }
 
-    /// Runs `f` with the scratch operation list (empty), then makes the
-    /// operations it added with `dma_batch`.
-    fn batch(&mut self, f: impl FnOnce(&mut Self, &mut Vec<DmaOp>)) {
+    /// Brings the IOMMU in line with one `dma_batch`: the maps the users
+    /// need and, with `unmaps`, the unmaps of every idle extent. No call
+    /// when there is nothing to do.
+    fn send(&mut self, unmaps: bool) {
         let mut ops = core::mem::take(&mut self.ops);
         ops.clear();
-        f(self, &mut ops);
+        self.take_ops(&mut ops, unmaps);
         if !ops.is_empty() {
             dma_batch(&ops);
         }
@@ -186,9 +227,16 @@ impl SharedPages {
     }
 
     /// The index of the first extent that ends after `first`, split so that
-    /// it does not start before `first` (one binary search).
+    /// it does not start before `first`. The common cases look at the last
+    /// extent only (a buffer above every other one, or the newest one).
     fn seek(&mut self, first: u64) -> usize {
-        let i = self.extents.partition_point(|e| e.end <= first);
+        let n = self.extents.len();
+        let i = match self.extents.last() {
+            None => 0,
+            Some(e) if e.end <= first => n,
+            Some(e) if e.start <= first => n - 1,
+            _ => self.extents.partition_point(|e| e.end <= first),
+        };
         match self.extents.get(i) {
             Some(e) if e.start < first => {
                 self.split(i, first);
@@ -199,20 +247,20 @@ impl SharedPages {
     }
 
     /// A buffer at `va` of `len` bytes goes to the device (`write`: the
-    /// device writes it). Appends to `ops` the maps it needs: its pages
-    /// not mapped yet, and pages mapped read-only it needs writable.
-    pub fn share(&mut self, va: u64, len: usize, write: bool, ops: &mut Vec<DmaOp>) {
+    /// device writes it): its pages are counted, and those the IOMMU does
+    /// not hold as needed are marked for the next [`Self::take_ops`].
+    /// Returns whether a call is needed before the device may see it.
+    pub fn share(&mut self, va: u64, len: usize, write: bool) -> bool {
         let (first, n) = Self::span(va, len);
         if n == 0 {
-            return;
+            return self.unsent;
         }
         let last = first + n;
-        let flags = if write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
         let mut i = self.seek(first);
         let mut at = first;
         while at < last {
             match self.extents.get(i).copied() {
-                // Mapped already (in use, or waiting for its unmap).
+                // Known already (in use, or idle).
                 Some(e) if e.start == at => {
                     if e.end > last {
                         self.split(i, last);
@@ -225,10 +273,8 @@ impl SharedPages {
                         *idle -= 1;
                     }
                     e.users += 1;
-                    if write && !e.write {
-                        e.write = true;
-                        push_run(ops, e.start, e.end - e.start, flags);
-                    }
+                    e.write |= write;
+                    self.unsent |= e.behind();
                     at = e.end;
                 }
                 // A gap up to the next extent or the end: new.
@@ -241,18 +287,21 @@ impl SharedPages {
                             end,
                             users: 1,
                             write,
+                            sent: None,
                         },
                     );
-                    push_run(ops, at, end - at, flags);
+                    self.unsent = true;
                     at = end;
                 }
             }
             i += 1;
         }
+        self.unsent
     }
 
     /// The buffer at `va` of `len` bytes came back from the device. Its
-    /// pages that no other buffer uses are left for [`Self::take_unmaps`].
+    /// pages that no other buffer uses become idle, for the unmaps of
+    /// [`Self::take_ops`].
     pub fn unshare(&mut self, va: u64, len: usize) {
         let (first, n) = Self::span(va, len);
         if n == 0 {
@@ -279,17 +328,71 @@ impl SharedPages {
         }
     }
 
-    /// Appends an unmap for every page no buffer uses any more (runs of
-    /// adjacent pages are one operation) and forgets them.
-    pub fn take_unmaps(&mut self, ops: &mut Vec<DmaOp>) {
-        if self.idle == 0 {
+    /// Appends the operations that bring the IOMMU in line, one pass over
+    /// the extents (runs of adjacent pages with the same flags are one
+    /// operation; no two overlap): a map for every extent behind, and with
+    /// `unmaps` an unmap for every idle extent that is mapped, which is
+    /// then forgotten (an idle extent never mapped is forgotten then too).
+    pub fn take_ops(&mut self, ops: &mut Vec<DmaOp>, unmaps: bool) {
+        let unmaps = unmaps && self.idle > 0;
+        if !self.unsent && !unmaps {
             return;
         }
-        for e in self.extents.iter().filter(|e| e.users == 0) {
-            push_run(ops, e.start, e.end - e.start, 0);
+        for e in self.extents.iter_mut() {
+            if e.users > 0 {
+                if e.behind() {
+                    let flags = if e.write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
+                    push_run(ops, e.start, e.end - e.start, flags);
+                    e.sent = Some(e.write);
+                }
+            } else if unmaps && e.sent.is_some() {
+                push_run(ops, e.start, e.end - e.start, 0);
+            }
         }
-        self.extents.retain(|e| e.users != 0);
-        self.idle = 0;
+        if unmaps {
+            self.extents.retain(|e| e.users != 0);
+            self.idle = 0;
+        }
+        self.unsent = false;
+    }
+
+    /// Counts a buffer the caller is about to give virtio-drivers, so
+    /// that one call maps the buffers of many requests: the `share` that
+    /// matches it takes it over instead of counting it again.
+    fn claim(&mut self, va: u64, len: usize, write: bool) {
+        self.share(va, len, write);
+        self.claims.push(Some(Claim { va, len, write }));
+    }
+
+    /// Takes over a claim for this buffer (same address and length, and
+    /// claimed writable if it needs to be), if there is one.
+    fn take_claim(&mut self, va: u64, len: usize, write: bool) -> bool {
+        let start = self.next_claim.min(self.claims.len());
+        let Some(i) = self.claims[start..]
+            .iter()
+            .position(|c| c.is_some_and(|c| c.va == va && c.len == len && (c.write || !write)))
+        else {
+            return false;
+        };
+        self.claims[start + i] = None;
+        while self
+            .claims
+            .get(self.next_claim)
+            .is_some_and(Option::is_none)
+        {
+            self.next_claim += 1;
+        }
+        true
+    }
+
+    /// Uncounts every claim no `share` took over.
+    fn release_claims(&mut self) {
+        let mut claims = core::mem::take(&mut self.claims);
+        for c in claims.drain(..).flatten() {
+            self.unshare(c.va, c.len);
+        }
+        self.claims = claims;
+        self.next_claim = 0;
     }
 
     /// Whether unmaps are being held back.
@@ -297,10 +400,11 @@ impl SharedPages {
         self.holding != 0
     }
 
-    /// How many pages are mapped now.
+    /// How many pages the IOMMU holds now.
     pub fn mapped(&self) -> usize {
         self.extents
             .iter()
+            .filter(|e| e.sent.is_some())
             .map(|e| (e.end - e.start) as usize)
             .sum()
     }
@@ -334,12 +438,54 @@ fn dma_batch(ops: &[DmaOp]) {
     }
 }
 
+/// Strict mode: counts the buffer `[va, va + len)` (`write`: the device
+/// writes it) for a request the caller is about to give virtio-drivers,
+/// without a call yet. [`commit`] (or the first `share` that needs the
+/// IOMMU) maps every claimed buffer with one `dma_batch`, which also takes
+/// the unmaps an [`UnmapBatch`] holds back; the `share` of the same buffer
+/// (address, length, and no more permission) then only takes the claim
+/// over, and its `unshare` uncounts it as usual. Claims no `share` took
+/// over must be given back with [`release_claims`]. Nothing in static mode.
+pub fn claim(va: u64, len: usize, write: bool) {
+    if dma_mode() != DmaMode::Static {
+        SHARED.with(|s| s.claim(va, len, write));
+    }
+}
+
+/// Strict mode: maps what [`claim`]s and `share`s need, with the unmaps
+/// held back, in one `dma_batch`; no call if every page is mapped as
+/// needed already.
+pub fn commit() {
+    if dma_mode() != DmaMode::Static {
+        SHARED.with(|s| {
+            if s.unsent {
+                s.send(true);
+            }
+        });
+    }
+}
+
+/// Uncounts the [`claim`]s no `share` took over (their pages go with the
+/// next call's unmaps, or now outside an [`UnmapBatch`]).
+pub fn release_claims() {
+    if dma_mode() != DmaMode::Static {
+        SHARED.with(|s| {
+            s.release_claims();
+            if !s.holding() && s.idle > 0 {
+                s.send(true);
+            }
+        });
+    }
+}
+
 /// Holds back the unmaps of `unshare` while it lives: the pages the
-/// buffers used stay mapped until it ends, when they are all unmapped in
-/// one `dma_batch` (one IOTLB invalidation). Strict mode's rule is the
-/// caller's then: hand no buffer unshared inside the batch back to its
-/// owner (a frontend, the heap) before the batch ends. Batches nest; the
-/// outermost one unmaps. In static mode it does nothing.
+/// buffers used stay mapped until it ends, when those still idle are
+/// unmapped in one `dma_batch` (one IOTLB invalidation), or until a call
+/// made before then (a `share` or [`commit`] that maps) takes them along.
+/// Strict mode's rule is the caller's then: hand no buffer unshared inside
+/// the batch back to its owner (a frontend, the heap) before the batch
+/// ends. Batches nest; the outermost one unmaps. In static mode it does
+/// nothing.
 #[must_use = "the unmaps happen when the batch ends"]
 pub struct UnmapBatch(());
 
@@ -358,8 +504,8 @@ impl Drop for UnmapBatch {
     fn drop(&mut self) {
         SHARED.with(|s| {
             s.holding = s.holding.saturating_sub(1);
-            if s.holding == 0 {
-                s.batch(|s, ops| s.take_unmaps(ops));
+            if s.holding == 0 && (s.idle > 0 || s.unsent) {
+                s.send(true);
             }
         });
     }
@@ -429,13 +575,15 @@ unsafe impl Hal for DomHal {
         );
         let write = direction != BufferDirection::DriverToDevice;
         SHARED.with(|s| {
-            s.batch(|s, ops| {
-                s.share(va, len, write, ops);
-                // A call is needed anyway: the unmaps held back go with it.
-                if !ops.is_empty() {
-                    s.take_unmaps(ops);
-                }
-            })
+            // A claimed buffer is counted already; otherwise count it. Either
+            // way, what is not mapped as needed is mapped now (with the
+            // unmaps held back), before the device can see the buffer.
+            if !s.take_claim(va, len, write) {
+                s.share(va, len, write);
+            }
+            if s.unsent {
+                s.send(true);
+            }
         });
         va
     }
@@ -445,12 +593,10 @@ unsafe impl Hal for DomHal {
             return;
         }
         SHARED.with(|s| {
-            s.batch(|s, ops| {
-                s.unshare(paddr, buffer.len());
-                if !s.holding() {
-                    s.take_unmaps(ops);
-                }
-            })
+            s.unshare(paddr, buffer.len());
+            if !s.holding() && s.idle > 0 {
+                s.send(true);
+            }
         });
     }
 }
@@ -881,78 +1027,154 @@ mod tests {
     const MAP: u32 = dma_flags::MAP;
     const MAP_W: u32 = dma_flags::MAP | dma_flags::WRITE;
 
+    /// Shares a buffer as the `Hal` does: counted, then the operations a
+    /// call would carry if one is needed.
+    fn share(s: &mut SharedPages, va: u64, len: usize, write: bool) -> Vec<DmaOp> {
+        let mut ops = Vec::new();
+        if s.share(va, len, write) {
+            s.take_ops(&mut ops, true);
+        }
+        ops
+    }
+
+    fn take(s: &mut SharedPages) -> Vec<DmaOp> {
+        let mut ops = Vec::new();
+        s.take_ops(&mut ops, true);
+        ops
+    }
+
     #[test]
     fn a_request_maps_its_pages_once_and_unmaps_them_when_the_last_buffer_returns() {
         let mut s = SharedPages::new();
-        let mut ops = Vec::new();
         // Header (device reads) and status (device writes) on one page, a
         // 64 KiB data buffer over 16 pages of its own.
-        s.share(0x40_1010, 16, false, &mut ops);
-        assert_eq!(ops, [op(0x40_1000, 1, MAP)]);
-        ops.clear();
-        s.share(0x8000_0000, 0x1_0000, true, &mut ops);
-        assert_eq!(ops, [op(0x8000_0000, 16, MAP_W)]);
-        ops.clear();
-        s.share(0x40_1020, 1, true, &mut ops);
-        assert_eq!(ops, [op(0x40_1000, 1, MAP_W)], "made writable");
-        ops.clear();
+        assert_eq!(share(&mut s, 0x40_1010, 16, false), [op(0x40_1000, 1, MAP)]);
+        assert_eq!(
+            share(&mut s, 0x8000_0000, 0x1_0000, true),
+            [op(0x8000_0000, 16, MAP_W)]
+        );
+        assert_eq!(
+            share(&mut s, 0x40_1020, 1, true),
+            [op(0x40_1000, 1, MAP_W)],
+            "made writable"
+        );
         assert_eq!(s.mapped(), 17);
         // A second request's header on the same page needs no call.
-        s.share(0x40_1030, 16, false, &mut ops);
-        assert!(ops.is_empty());
+        assert!(share(&mut s, 0x40_1030, 16, false).is_empty());
         // The first request completes: only its data pages are free.
         s.unshare(0x40_1010, 16);
         s.unshare(0x8000_0000, 0x1_0000);
         s.unshare(0x40_1020, 1);
-        s.take_unmaps(&mut ops);
-        assert_eq!(ops, [op(0x8000_0000, 16, 0)]);
-        ops.clear();
+        assert_eq!(take(&mut s), [op(0x8000_0000, 16, 0)]);
         assert_eq!(s.mapped(), 1);
         // The second one's header was the last user of the shared page.
         s.unshare(0x40_1030, 16);
-        s.take_unmaps(&mut ops);
-        assert_eq!(ops, [op(0x40_1000, 1, 0)]);
+        assert_eq!(take(&mut s), [op(0x40_1000, 1, 0)]);
         assert_eq!(s.mapped(), 0);
     }
 
     #[test]
     fn held_back_pages_are_reused_and_runs_merge() {
         let mut s = SharedPages::new();
-        let mut ops = Vec::new();
         // Unaligned: 0x1ff0..0x3010 touches three pages.
-        s.share(0x1ff0, 0x1020, false, &mut ops);
-        assert_eq!(ops, [op(0x1000, 3, MAP)]);
-        ops.clear();
+        assert_eq!(share(&mut s, 0x1ff0, 0x1020, false), [op(0x1000, 3, MAP)]);
         s.unshare(0x1ff0, 0x1020);
         // Still mapped (users 0): a new buffer there needs no map, and the
         // pages it does not use are what is left to unmap.
-        s.share(0x2000, 8, false, &mut ops);
-        assert!(ops.is_empty());
-        s.take_unmaps(&mut ops);
-        assert_eq!(ops, [op(0x1000, 1, 0), op(0x3000, 1, 0)]);
-        ops.clear();
-        // Between mapped pages: only the gap is mapped; an empty buffer
-        // touches nothing.
-        s.share(0x5000, 1, false, &mut ops);
-        s.share(0x3000, 0x3000, false, &mut ops);
-        assert_eq!(ops, [op(0x5000, 1, MAP), op(0x3000, 2, MAP)]);
-        ops.clear();
-        s.share(0x9000, 0, true, &mut ops);
+        assert!(share(&mut s, 0x2000, 8, false).is_empty());
+        assert_eq!(take(&mut s), [op(0x1000, 1, 0), op(0x3000, 1, 0)]);
+        // Around a mapped page: only the gaps are mapped, in one operation
+        // where they meet; an empty buffer touches nothing.
+        assert!(s.share(0x5000, 1, false));
+        assert!(s.share(0x3000, 0x3000, false));
+        assert_eq!(take(&mut s), [op(0x3000, 3, MAP)]);
+        assert!(share(&mut s, 0x9000, 0, true).is_empty());
         s.unshare(0x9000, 0);
-        assert!(ops.is_empty());
         assert_eq!(s.mapped(), 4);
     }
 
-    /// Many buffers over a few hundred pages, shared and unshared in a
-    /// scrambled order, against a plain count per page: the operations
-    /// keep exactly the pages with users mapped, each with the permission
-    /// it needs, and the table survives growth and deletions.
+    /// The serve loop's order: a reap's unmaps held back, then the next
+    /// requests claimed, then one call for both; the `share`s take the
+    /// claims over without a call, and an unclaimed or unused buffer is
+    /// handled as ever.
+    #[test]
+    fn claims_fold_many_requests_and_the_held_unmaps_into_one_call() {
+        let mut s = SharedPages::new();
+        assert_eq!(
+            share(&mut s, 0x8000_0000, 0x2000, true),
+            [op(0x8000_0000, 2, MAP_W)]
+        );
+        // It completes inside an UnmapBatch: held back.
+        s.holding += 1;
+        s.unshare(0x8000_0000, 0x2000);
+        // Two requests claimed: a header page and two data runs (the second
+        // reuses the held-back page 0x8000_1000, still writable).
+        s.claim(0x40_0010, 16, false);
+        s.claim(0x8000_1000, 0x1000, true);
+        s.claim(0x8000_4000, 0x2000, true);
+        s.claim(0x40_0030, 16, false);
+        // A claim nobody will share.
+        s.claim(0x40_5000, 48, false);
+        assert_eq!(
+            take(&mut s),
+            [
+                op(0x40_0000, 1, MAP),
+                op(0x40_5000, 1, MAP),
+                op(0x8000_0000, 1, 0),
+                op(0x8000_4000, 2, MAP_W),
+            ],
+            "one call: the maps and the held unmap, no op for the page reused"
+        );
+        // The shares take the claims over: nothing more to send. A share
+        // needing more permission than its claim is counted on its own.
+        for (va, len, w) in [
+            (0x40_0010, 16, false),
+            (0x8000_1000, 0x1000, true),
+            (0x8000_4000, 0x2000, true),
+        ] {
+            assert!(s.take_claim(va, len, w));
+            assert!(!s.unsent);
+        }
+        assert!(!s.take_claim(0x40_0030, 16, true));
+        assert_eq!(
+            share(&mut s, 0x40_0030, 16, true),
+            [op(0x40_0000, 1, MAP_W)]
+        );
+        s.release_claims();
+        assert!(s.claims.is_empty());
+        // Released: the read-only claim on the header page and the unused
+        // one go; the header page keeps its users.
+        assert_eq!(take(&mut s), [op(0x40_5000, 1, 0)]);
+        s.holding -= 1;
+        for (va, len) in [
+            (0x40_0010, 16),
+            (0x8000_1000, 0x1000),
+            (0x8000_4000, 0x2000),
+        ] {
+            s.unshare(va, len);
+        }
+        s.unshare(0x40_0030, 16);
+        assert_eq!(
+            take(&mut s),
+            [
+                op(0x40_0000, 1, 0),
+                op(0x8000_1000, 1, 0),
+                op(0x8000_4000, 2, 0)
+            ]
+        );
+        assert_eq!(s.mapped(), 0);
+    }
+
+    /// Many buffers over a few hundred pages, claimed or shared and
+    /// unshared in a scrambled order, against a plain count per page: after
+    /// every call the operations keep exactly the pages with users mapped,
+    /// each with the permission it needs, no batch has overlapping
+    /// operations, and the table survives growth and deletions.
     #[test]
     fn the_table_agrees_with_a_model() {
         use std::collections::BTreeMap;
         let mut s = SharedPages::new();
         let mut mapped: BTreeMap<u64, bool> = BTreeMap::new();
-        let mut users: BTreeMap<u64, u32> = BTreeMap::new();
         let mut live: Vec<(u64, usize, bool)> = Vec::new();
         let mut x = 12345u64;
         let mut rand = move |n: u64| {
@@ -962,9 +1184,11 @@ mod tests {
             x % n
         };
         let apply = |ops: &[DmaOp], mapped: &mut BTreeMap<u64, bool>| {
+            let mut seen = std::collections::BTreeSet::new();
             for o in ops {
                 for p in 0..u64::from(o.pages) {
                     let page = o.addr / 4096 + p;
+                    assert!(seen.insert(page), "{page:#x} twice in one batch");
                     if o.is_map() {
                         mapped.insert(page, o.is_write());
                     } else {
@@ -973,32 +1197,8 @@ mod tests {
                 }
             }
         };
-        for step in 0..4000 {
-            let mut ops = Vec::new();
-            if live.len() < 40 && rand(3) != 0 {
-                let va = 0x40_0000 + rand(600) * 1024;
-                let len = 1 + rand(5 * 4096) as usize;
-                let write = rand(2) == 0;
-                s.share(va, len, write, &mut ops);
-                let (first, n) = SharedPages::span(va, len);
-                for page in first..first + n {
-                    *users.entry(page).or_default() += 1;
-                }
-                live.push((va, len, write));
-            } else if !live.is_empty() {
-                let (va, len, _) = live.swap_remove(rand(live.len() as u64) as usize);
-                s.unshare(va, len);
-                let (first, n) = SharedPages::span(va, len);
-                for page in first..first + n {
-                    *users.get_mut(&page).unwrap() -= 1;
-                }
-                if step % 7 != 0 {
-                    s.take_unmaps(&mut ops);
-                }
-            }
-            apply(&ops, &mut mapped);
-            // Every page with users is mapped, writable if one of them writes.
-            for &(va, len, write) in &live {
+        let check = |live: &[(u64, usize, bool)], mapped: &BTreeMap<u64, bool>, step| {
+            for &(va, len, write) in live {
                 let (first, n) = SharedPages::span(va, len);
                 for page in first..first + n {
                     let w = mapped.get(&page).copied();
@@ -1009,12 +1209,56 @@ mod tests {
                     );
                 }
             }
+        };
+        for step in 0..6000 {
+            let mut ops = Vec::new();
+            let r = rand(10);
+            if live.len() < 40 && r < 4 {
+                let va = 0x40_0000 + rand(600) * 1024;
+                let len = 1 + rand(5 * 4096) as usize;
+                let write = rand(2) == 0;
+                if s.share(va, len, write) {
+                    s.take_ops(&mut ops, !s.holding());
+                }
+                live.push((va, len, write));
+            } else if live.len() < 40 && r < 6 {
+                // A few claims, one call, then shares take most of them.
+                let k = 1 + rand(4);
+                let mut claimed = Vec::new();
+                for _ in 0..k {
+                    let va = 0x40_0000 + rand(600) * 1024;
+                    let len = 1 + rand(3 * 4096) as usize;
+                    let write = rand(2) == 0;
+                    s.claim(va, len, write);
+                    claimed.push((va, len, write));
+                }
+                s.take_ops(&mut ops, true);
+                for (va, len, write) in claimed {
+                    if rand(4) != 0 {
+                        assert!(s.take_claim(va, len, write));
+                        live.push((va, len, write));
+                    }
+                }
+                s.release_claims();
+            } else if r == 6 {
+                s.holding ^= 1;
+            } else if !live.is_empty() {
+                let (va, len, _) = live.swap_remove(rand(live.len() as u64) as usize);
+                s.unshare(va, len);
+                if !s.holding() {
+                    s.take_ops(&mut ops, true);
+                }
+            }
+            apply(&ops, &mut mapped);
+            if !ops.is_empty() || !s.unsent {
+                check(&live, &mapped, step);
+            }
         }
         let mut ops = Vec::new();
         for (va, len, _) in live.drain(..) {
             s.unshare(va, len);
         }
-        s.take_unmaps(&mut ops);
+        s.take_ops(&mut ops, true);
         apply(&ops, &mut mapped);
         assert!(mapped.is_empty(), "left mapped: {mapped:?}");
         assert_eq!(s.mapped(), 0);
