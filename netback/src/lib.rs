@@ -111,7 +111,8 @@ pub trait Grants {
     fn copy(&mut self, ops: &mut [CopyOp]) -> Result<(), GrantStatus>;
     /// Copy `buf.len()` bytes of the driver domain's memory at `addr` into
     /// `buf`. netback only asks within one page it mapped with
-    /// [`Grants::map`] and has not unmapped, or one of its bounce pages.
+    /// [`Grants::map`] and has not unmapped, one of its bounce pages, or a
+    /// NIC buffer it was lent ([`TxBuf`]) or holds ([`RxBuf`]).
     fn read(&self, addr: u64, buf: &mut [u8]);
     /// Copy `buf` into the driver domain's memory at `addr` (same rule,
     /// writable mappings only).

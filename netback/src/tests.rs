@@ -1687,7 +1687,13 @@ fn held_nic_frames_are_copied_straight_and_given_back() {
     let back = ipv4(mac(1), HOST, HOST_IP, ip(1), &pattern(1400, 9));
     put(&mut h, &back);
     let r = h.nb.nic_input_held(&back, RxBuf { id: 7, addr: at });
-    assert_eq!(r, NicInput { wake: 0b10, held: true });
+    assert_eq!(
+        r,
+        NicInput {
+            wake: 0b10,
+            held: true
+        }
+    );
     assert_eq!(h.nb.nic_held(), 1);
     // nothing posted yet: it waits, held
     h.settle();
@@ -1702,7 +1708,13 @@ fn held_nic_frames_are_copied_straight_and_given_back() {
     // a broadcast is copied for every vif, not held
     let b = arp(BROADCAST, HOST, 1, HOST, HOST_IP, ip(0));
     let r = h.nb.nic_input_held(&b, RxBuf { id: 8, addr: at });
-    assert_eq!(r, NicInput { wake: 0b11, held: false });
+    assert_eq!(
+        r,
+        NicInput {
+            wake: 0b11,
+            held: false
+        }
+    );
     // a vif that closes with held frames gives them back
     let f = ipv4(mac(0), HOST, HOST_IP, ip(0), b"never read");
     put(&mut h, &f);
