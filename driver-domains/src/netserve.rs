@@ -180,15 +180,16 @@ mod domain {
 
         fn read(&self, addr: u64, buf: &mut [u8]) {
             // SAFETY: netback reads only within one page it mapped through
-            // `map` and has not unmapped, or one of its bounce pages (its
-            // contract); volatile, because a frontend may write its mapped
-            // page at any time.
+            // `map` and has not unmapped, one of its bounce pages, or a NIC
+            // buffer the NIC lent it or it holds (its contract: the arenas
+            // in `crate::nic` never move); volatile, because a frontend may
+            // write its mapped page at any time.
             unsafe { read_shared(addr as *const u8, buf) };
         }
 
         fn write(&mut self, addr: u64, buf: &[u8]) {
-            // SAFETY: as for `read`, within a writable mapping or a bounce
-            // page, which nothing of ours references.
+            // SAFETY: as for `read`, within a writable mapping, a bounce
+            // page or a lent NIC buffer, which nothing of ours references.
             unsafe { write_shared(addr as *mut u8, buf) };
         }
     }
@@ -331,6 +332,7 @@ mod domain {
                 }
                 self.act(i, p);
             }
+            self.give_back();
         }
 
         /// What a netback call asks of the domain.
@@ -391,13 +393,26 @@ mod domain {
             self.nic.reap_tx();
             let nb = &mut self.nb;
             let mut wake = 0u64;
-            let n = self.nic.recv(|f| wake |= nb.nic_input(f));
+            let n = self.nic.recv(|f, at| {
+                let r = nb.nic_input_held(f, at);
+                wake |= r.wake;
+                r.held
+            });
             while wake != 0 {
                 let i = wake.trailing_zeros() as usize;
                 wake &= !(1 << i);
                 self.serve(i);
             }
+            self.give_back();
             n
+        }
+
+        /// Posts again the receive buffers netback has copied out (or
+        /// dropped).
+        fn give_back(&mut self) {
+            while let Some(id) = self.nb.take_nic_done() {
+                self.nic.rx_done(id);
+            }
         }
 
         fn all_ended(&self) -> bool {

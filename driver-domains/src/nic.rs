@@ -3,19 +3,23 @@
 //! [`smoltcp::phy::Device`] for the direct TCP mode (`crate::nettcp`).
 //!
 //! It keeps `rx` receive buffers posted at all times and `tx` transmit
-//! buffers, each a `Vec` made once (the vectors never grow, so a buffer the
-//! device holds never moves). A received frame is looked at in its buffer
-//! and the buffer posted again at once ([`Nic::recv`]) or, under smoltcp,
-//! when the stack is done with it (at the next `receive` or `transmit`, or
-//! [`Nic::repost`]). An outgoing frame is copied into a free transmit
-//! buffer ([`Nic::send`]) or built there by smoltcp.
+//! buffers, slots of [`SLOT`] bytes of one arena made once (it never grows,
+//! so a buffer the device holds never moves; a slot is 2 KiB-aligned, so a
+//! buffer never crosses a page). Device tokens are descriptor indices below
+//! [`QUEUE_SIZE`]: a table per queue maps each to its buffer. A received
+//! frame is looked at in its buffer and the buffer posted again at once
+//! ([`Nic::recv`]), or later when its taker is done: netback holding it
+//! ([`Nic::rx_done`]), smoltcp at the next `receive` or `transmit`
+//! ([`Nic::repost`]). An outgoing frame is copied into a free transmit
+//! buffer ([`Nic::send`]), grant-copied there by the hypervisor for netback
+//! (`netback::Nic::tx_buffer`), or built there by smoltcp.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
 use libdom::println;
 use libdom::smoltcp::phy::{self, DeviceCapabilities, Medium};
-use netback::NicBusy;
+use netback::{NicBusy, RxBuf, TxBuf};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::{Error as VirtioError, Hal};
@@ -25,15 +29,47 @@ use crate::netserve::QUEUE_SIZE;
 /// Bytes of a NIC buffer: the 12-byte virtio-net header and a 1514-byte
 /// frame, rounded up (virtio-drivers asks for at least 1526 to receive).
 const NIC_BUF: usize = 1536;
+/// Bytes (and alignment) of a buffer's slot in the arena.
+pub const SLOT: usize = 2048;
 /// The largest Ethernet frame without its FCS.
 const MTU: usize = 1514;
+const _: () = assert!(NIC_BUF <= SLOT && 4096 % SLOT == 0);
 
-/// A buffer the device owns while `token` is set; it never moves (the
-/// buffer vectors are made once and never grow).
+/// A buffer's state; its bytes are slot `i` of the arena. The device owns
+/// it while `token` is set; a transmit buffer lent to netback is `lent`.
+#[derive(Clone, Copy, Default)]
 struct NicBuf {
-    buf: Vec<u8>,
     token: Option<u16>,
     len: usize,
+    lent: bool,
+}
+
+/// The arena: `count` slots of [`SLOT`] bytes, the first at a 2 KiB
+/// boundary. Never resized after `new`.
+struct Arena {
+    mem: Vec<u8>,
+    base: usize,
+}
+
+impl Arena {
+    fn new(count: usize) -> Arena {
+        let mem = vec![0u8; (count + 1) * SLOT];
+        let base = (SLOT - mem.as_ptr() as usize % SLOT) % SLOT;
+        Arena { mem, base }
+    }
+
+    fn buf(&self, i: usize) -> &[u8] {
+        &self.mem[self.base + i * SLOT..][..NIC_BUF]
+    }
+
+    fn buf_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.mem[self.base + i * SLOT..][..NIC_BUF]
+    }
+
+    /// Slot `i`'s address in this domain.
+    fn addr(&self, i: usize) -> u64 {
+        self.buf(i).as_ptr() as u64
+    }
 }
 
 /// Counters of the NIC side.
@@ -51,12 +87,50 @@ pub struct NicStats {
     pub rx_errors: u64,
 }
 
-/// The virtio-net and its buffers.
+/// Which buffer a device token names: `slots[token]` (tokens are
+/// descriptor indices, below [`QUEUE_SIZE`]).
+struct Tokens {
+    slots: [Option<u16>; QUEUE_SIZE],
+}
+
+impl Tokens {
+    const fn new() -> Tokens {
+        Tokens {
+            slots: [None; QUEUE_SIZE],
+        }
+    }
+
+    fn set(&mut self, token: u16, i: usize) {
+        if let Some(s) = self.slots.get_mut(usize::from(token)) {
+            *s = Some(i as u16);
+        }
+    }
+
+    fn take(&mut self, token: u16) -> Option<usize> {
+        self.slots
+            .get_mut(usize::from(token))?
+            .take()
+            .map(usize::from)
+    }
+}
+
+/// The transmit buffers: buffer `i` is slot `i` of their arena.
+struct TxBufs {
+    arena: Arena,
+    bufs: Vec<NicBuf>,
+    tokens: Tokens,
+    /// Neither the device's nor lent.
+    free: Vec<usize>,
+}
+
+/// The virtio-net and its buffers: receive buffer `i` is slot `i` of
+/// `arena`.
 pub struct Nic<H: Hal, T: Transport> {
     net: VirtIONetRaw<H, T, QUEUE_SIZE>,
+    arena: Arena,
     rx: Vec<NicBuf>,
-    tx: Vec<NicBuf>,
-    tx_free: Vec<usize>,
+    rx_tokens: Tokens,
+    tx: TxBufs,
     /// A receive buffer whose frame smoltcp was given: posted again at the
     /// next call.
     rx_held: Option<usize>,
@@ -70,20 +144,17 @@ impl<H: Hal, T: Transport> Nic<H, T> {
         rx: usize,
         tx: usize,
     ) -> Result<Self, VirtioError> {
-        let mk = |n| {
-            (0..n)
-                .map(|_| NicBuf {
-                    buf: vec![0; NIC_BUF],
-                    token: None,
-                    len: 0,
-                })
-                .collect::<Vec<_>>()
-        };
         let mut nic = Nic {
             net,
-            rx: mk(rx),
-            tx: mk(tx),
-            tx_free: (0..tx).rev().collect(),
+            arena: Arena::new(rx),
+            rx: vec![NicBuf::default(); rx],
+            rx_tokens: Tokens::new(),
+            tx: TxBufs {
+                arena: Arena::new(tx),
+                bufs: vec![NicBuf::default(); tx],
+                tokens: Tokens::new(),
+                free: (0..tx).rev().collect(),
+            },
             rx_held: None,
             stats: NicStats::default(),
         };
@@ -98,12 +169,12 @@ impl<H: Hal, T: Transport> Nic<H, T> {
     }
 
     fn post_rx(&mut self, i: usize) -> Result<(), VirtioError> {
-        let b = &mut self.rx[i];
-        // SAFETY: buffer `i` is neither touched, moved nor freed until
-        // its token comes back through `poll_receive` and
-        // `receive_complete` (in `take_rx`).
-        let token = unsafe { self.net.receive_begin(&mut b.buf) }?;
-        b.token = Some(token);
+        // SAFETY: slot `i` is neither touched, moved nor freed (the arena
+        // never resizes) until its token comes back through `poll_receive`
+        // and `receive_complete` (in `take_rx`).
+        let token = unsafe { self.net.receive_begin(self.arena.buf_mut(i)) }?;
+        self.rx[i].token = Some(token);
+        self.rx_tokens.set(token, i);
         Ok(())
     }
 
@@ -120,24 +191,35 @@ impl<H: Hal, T: Transport> Nic<H, T> {
         }
     }
 
+    /// Posts again receive buffer `id`, which a [`Nic::recv`] callback
+    /// kept; an id that is not such a buffer is ignored.
+    pub fn rx_done(&mut self, id: u16) {
+        let i = usize::from(id);
+        if self.rx.get(i).is_some_and(|b| b.token.is_none() && b.lent) {
+            self.rx[i].lent = false;
+            self.repost_rx(i);
+        }
+    }
+
     /// Hands `frame` to the device (copied into a transmit buffer);
     /// false if every buffer is out (the frame is dropped and counted).
     pub fn send(&mut self, frame: &[u8]) -> bool {
         self.reap_tx();
-        let Some(i) = self.tx_free.pop() else {
+        let Some(i) = self.tx.free.pop() else {
             self.stats.tx_busy += 1;
             return false;
         };
         let sent = transmit(
             &mut self.net,
-            &mut self.tx[i],
+            &mut self.tx,
             &mut self.stats,
+            i,
             frame.len(),
             |b| b.copy_from_slice(frame),
         );
         let queued = matches!(sent, Ok(((), true)));
         if !queued {
-            self.tx_free.push(i);
+            self.tx.free.push(i);
         }
         queued
     }
@@ -146,17 +228,18 @@ impl<H: Hal, T: Transport> Nic<H, T> {
     pub fn reap_tx(&mut self) -> usize {
         let mut n = 0;
         while let Some(token) = self.net.poll_transmit() {
-            let Some(i) = self.tx.iter().position(|b| b.token == Some(token)) else {
+            let Some(i) = self.tx.tokens.take(token) else {
                 println!("net: the NIC completed a transmission we did not make");
                 return n;
             };
-            let b = &mut self.tx[i];
+            let b = &mut self.tx.bufs[i];
             b.token = None;
+            let buf = &self.tx.arena.buf(i)[..b.len];
             // SAFETY: the buffer of the `transmit_begin` that gave `token`.
-            if unsafe { self.net.transmit_complete(token, &b.buf[..b.len]) }.is_err() {
+            if unsafe { self.net.transmit_complete(token, buf) }.is_err() {
                 self.stats.tx_errors += 1;
             }
-            self.tx_free.push(i);
+            self.tx.free.push(i);
             n += 1;
         }
         n
@@ -167,15 +250,16 @@ impl<H: Hal, T: Transport> Nic<H, T> {
     /// is the caller's until it posts it again.
     fn take_rx(&mut self) -> Option<(usize, Option<(usize, usize)>)> {
         let token = self.net.poll_receive()?;
-        let Some(i) = self.rx.iter().position(|b| b.token == Some(token)) else {
+        let Some(i) = self.rx_tokens.take(token) else {
             println!("net: the NIC filled a buffer we did not post");
             return None;
         };
-        let b = &mut self.rx[i];
-        b.token = None;
+        self.rx[i].token = None;
+        let buf = self.arena.buf_mut(i);
+        let cap = buf.len();
         // SAFETY: the buffer of the `receive_begin` that gave `token`.
-        let frame = match unsafe { self.net.receive_complete(token, &mut b.buf) } {
-            Ok((hdr, len)) if hdr + len <= b.buf.len() => {
+        let frame = match unsafe { self.net.receive_complete(token, buf) } {
+            Ok((hdr, len)) if hdr + len <= cap => {
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += len as u64;
                 Some((hdr, len))
@@ -188,16 +272,26 @@ impl<H: Hal, T: Transport> Nic<H, T> {
         Some((i, frame))
     }
 
-    /// Hands every received frame to `f`, reposting each buffer; returns
-    /// how many frames.
-    pub fn recv(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+    /// Hands every received frame to `f` with where it lies, reposting each
+    /// buffer unless `f` returns true: then the buffer stays out until
+    /// [`Nic::rx_done`] names it. Returns how many frames.
+    pub fn recv(&mut self, mut f: impl FnMut(&[u8], RxBuf) -> bool) -> usize {
         self.repost();
         let mut n = 0;
         while let Some((i, frame)) = self.take_rx() {
+            let mut kept = false;
             if let Some((hdr, len)) = frame {
-                f(&self.rx[i].buf[hdr..hdr + len]);
+                let at = RxBuf {
+                    id: i as u16,
+                    addr: self.arena.addr(i) + hdr as u64,
+                };
+                kept = f(&self.arena.buf(i)[hdr..hdr + len], at);
             }
-            self.repost_rx(i);
+            if kept {
+                self.rx[i].lent = true;
+            } else {
+                self.repost_rx(i);
+            }
             n += 1;
         }
         n
@@ -211,10 +305,10 @@ impl<H: Hal, T: Transport> Nic<H, T> {
     /// A free transmit buffer's index (reaping finished transmissions if
     /// none is free).
     fn free_tx(&mut self) -> Option<usize> {
-        if self.tx_free.is_empty() {
+        if self.tx.free.is_empty() {
             self.reap_tx();
         }
-        let i = self.tx_free.pop();
+        let i = self.tx.free.pop();
         if i.is_none() {
             self.stats.tx_busy += 1;
         }
@@ -222,39 +316,60 @@ impl<H: Hal, T: Transport> Nic<H, T> {
     }
 }
 
-/// Fills transmit buffer `b` with the virtio-net header and a `len`-byte
+/// Fills transmit buffer `i` with the virtio-net header and a `len`-byte
 /// frame that `fill` writes, and hands it to the device: `fill`'s result
-/// and whether the queue took the buffer (if not, counted, and the buffer
-/// stays free). `Err(fill)`, not called, if the frame does not fit.
+/// and whether the queue took the buffer (if not, counted; the caller
+/// frees it). `Err(fill)`, not called, if the frame does not fit.
 fn transmit<H: Hal, T: Transport, R, F: FnOnce(&mut [u8]) -> R>(
     net: &mut VirtIONetRaw<H, T, QUEUE_SIZE>,
-    b: &mut NicBuf,
+    tx: &mut TxBufs,
     stats: &mut NicStats,
+    i: usize,
     len: usize,
     fill: F,
 ) -> Result<(R, bool), F> {
-    let Ok(hdr) = net.fill_buffer_header(&mut b.buf) else {
+    let buf = tx.arena.buf_mut(i);
+    let Ok(hdr) = net.fill_buffer_header(buf) else {
         stats.tx_errors += 1;
         return Err(fill);
     };
-    let Some(dst) = b.buf.get_mut(hdr..hdr + len) else {
+    let Some(dst) = buf.get_mut(hdr..hdr + len) else {
         stats.tx_errors += 1;
         return Err(fill);
     };
     let r = fill(dst);
-    b.len = hdr + len;
-    // SAFETY: buffer `b` is left alone (not touched, moved or freed) until
-    // `poll_transmit` returns its token (`Nic::reap_tx`).
-    match unsafe { net.transmit_begin(&b.buf[..b.len]) } {
+    Ok((r, begin(net, tx, stats, i, hdr, len)))
+}
+
+/// Hands transmit buffer `i`, filled with a `hdr`-byte header and a
+/// `len`-byte frame, to the device; false if the queue refused it
+/// (counted).
+fn begin<H: Hal, T: Transport>(
+    net: &mut VirtIONetRaw<H, T, QUEUE_SIZE>,
+    tx: &mut TxBufs,
+    stats: &mut NicStats,
+    i: usize,
+    hdr: usize,
+    len: usize,
+) -> bool {
+    let total = hdr + len;
+    let buf = &tx.arena.buf(i)[..total];
+    // SAFETY: the buffer is left alone (not touched, moved or freed: the
+    // arena never resizes) until `poll_transmit` returns its token
+    // (`Nic::reap_tx`).
+    match unsafe { net.transmit_begin(buf) } {
         Ok(token) => {
+            let b = &mut tx.bufs[i];
             b.token = Some(token);
+            b.len = total;
+            tx.tokens.set(token, i);
             stats.tx_frames += 1;
             stats.tx_bytes += len as u64;
-            Ok((r, true))
+            true
         }
         Err(_) => {
             stats.tx_busy += 1;
-            Ok((r, false))
+            false
         }
     }
 }
@@ -265,6 +380,50 @@ impl<H: Hal, T: Transport> netback::Nic for Nic<H, T> {
             Ok(())
         } else {
             Err(NicBusy)
+        }
+    }
+
+    fn tx_buffer(&mut self) -> Option<TxBuf> {
+        if self.tx.free.is_empty() {
+            self.reap_tx();
+        }
+        let i = self.tx.free.pop()?;
+        let Ok(hdr) = self.net.fill_buffer_header(self.tx.arena.buf_mut(i)) else {
+            self.stats.tx_errors += 1;
+            self.tx.free.push(i);
+            return None;
+        };
+        self.tx.bufs[i].lent = true;
+        self.tx.bufs[i].len = hdr;
+        Some(TxBuf {
+            id: i as u16,
+            addr: self.tx.arena.addr(i) + hdr as u64,
+            room: (NIC_BUF - hdr).min(MTU),
+        })
+    }
+
+    fn submit(&mut self, id: u16, len: usize) -> Result<(), NicBusy> {
+        let i = usize::from(id);
+        if !self.tx.bufs.get(i).is_some_and(|b| b.lent) {
+            self.stats.tx_errors += 1;
+            return Err(NicBusy);
+        }
+        // the header's length, written when it was lent
+        let hdr = self.tx.bufs[i].len;
+        self.tx.bufs[i].lent = false;
+        if hdr + len > NIC_BUF || !begin(&mut self.net, &mut self.tx, &mut self.stats, i, hdr, len)
+        {
+            self.tx.free.push(i);
+            return Err(NicBusy);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, id: u16) {
+        let i = usize::from(id);
+        if let Some(b) = self.tx.bufs.get_mut(i).filter(|b| b.lent) {
+            b.lent = false;
+            self.tx.free.push(i);
         }
     }
 }
@@ -286,8 +445,7 @@ impl phy::RxToken for RxToken<'_> {
 /// the token is dropped unused, as smoltcp does with `receive`'s).
 pub struct TxToken<'a, H: Hal, T: Transport> {
     net: &'a mut VirtIONetRaw<H, T, QUEUE_SIZE>,
-    tx: &'a mut [NicBuf],
-    tx_free: &'a mut Vec<usize>,
+    tx: &'a mut TxBufs,
     stats: &'a mut NicStats,
     i: usize,
     used: bool,
@@ -296,7 +454,7 @@ pub struct TxToken<'a, H: Hal, T: Transport> {
 impl<H: Hal, T: Transport> Drop for TxToken<'_, H, T> {
     fn drop(&mut self) {
         if !self.used {
-            self.tx_free.push(self.i);
+            self.tx.free.push(self.i);
         }
     }
 }
@@ -306,11 +464,11 @@ impl<H: Hal, T: Transport> phy::TxToken for TxToken<'_, H, T> {
         self.used = true;
         let i = self.i;
         let f = if len <= MTU {
-            match transmit(self.net, &mut self.tx[i], self.stats, len, f) {
+            match transmit(self.net, self.tx, self.stats, i, len, f) {
                 Ok((r, queued)) => {
                     // A frame the queue refused is lost (TCP sends again).
                     if !queued {
-                        self.tx_free.push(i);
+                        self.tx.free.push(i);
                     }
                     return r;
                 }
@@ -322,7 +480,7 @@ impl<H: Hal, T: Transport> phy::TxToken for TxToken<'_, H, T> {
         };
         // smoltcp never asks for more than the MTU; build anything else
         // somewhere and drop it.
-        self.tx_free.push(i);
+        self.tx.free.push(i);
         let mut scratch = vec![0u8; len];
         f(&mut scratch)
     }
@@ -347,7 +505,7 @@ impl<H: Hal, T: Transport> phy::Device for Nic<H, T> {
         let (i, hdr, len) = loop {
             match self.take_rx() {
                 None => {
-                    self.tx_free.push(ti);
+                    self.tx.free.push(ti);
                     return None;
                 }
                 Some((i, Some((hdr, len)))) => break (i, hdr, len),
@@ -357,20 +515,18 @@ impl<H: Hal, T: Transport> phy::Device for Nic<H, T> {
         self.rx_held = Some(i);
         let Nic {
             net,
-            rx,
+            arena,
             tx,
-            tx_free,
             stats,
             ..
         } = self;
         Some((
             RxToken {
-                frame: &rx[i].buf[hdr..hdr + len],
+                frame: &arena.buf(i)[hdr..hdr + len],
             },
             TxToken {
                 net,
                 tx,
-                tx_free,
                 stats,
                 i: ti,
                 used: false,
@@ -387,7 +543,6 @@ impl<H: Hal, T: Transport> phy::Device for Nic<H, T> {
         Some(TxToken {
             net: &mut self.net,
             tx: &mut self.tx,
-            tx_free: &mut self.tx_free,
             stats: &mut self.stats,
             i,
             used: false,

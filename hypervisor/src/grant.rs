@@ -79,6 +79,12 @@
 //! `BadPage`. A grant side holds the entry's `READING` (and `WRITING` for
 //! the destination) while the hypervisor copies. `len` 0 checks everything
 //! and copies nothing.
+//!
+//! Per copy the cost is kept small: within one call the policy is asked
+//! once per granter it allows (it cannot change during the call; a refusal
+//! is asked and reported again), a grant table's pages are translated once
+//! when it is set, and an entry nothing has pinned is checked and flagged
+//! for the one copy without recording a pin.
 
 use crate::policy::{Perms, Policy};
 use crate::DomId;
@@ -214,6 +220,9 @@ pub struct Teardown {
 #[derive(Clone, Debug, Default)]
 struct Dom {
     table: Option<TableLoc>,
+    /// The table's pages, translated when it was set (a domain's own
+    /// memory stays mapped where it is while it lives).
+    table_phys: Vec<u64>,
     /// Its mappings by handle.
     maps: Vec<Option<Mapping>>,
     /// Handles below `maps.len()` that are free.
@@ -262,6 +271,9 @@ struct Held {
     gref: u32,
     write: bool,
     phys: u64,
+    /// Held by a copy alone, with no pin recorded (nothing else used the
+    /// entry): `release` just clears the entry's bits at `entry_phys`.
+    transient: Option<u64>,
 }
 
 /// Every domain's grant table and every grant mapping.
@@ -308,16 +320,20 @@ impl GrantTables {
             return Err(Error::BadAddress);
         }
         let first = va >> PAGE_SHIFT;
+        let mut phys = Vec::new();
         for vpn in first..first + pages {
             let addr = vpn << PAGE_SHIFT;
-            if in_window(addr) || env.translate(d, vpn, true).is_none() {
-                return Err(Error::BadAddress);
+            match env.translate(d, vpn, true) {
+                Some(p) if !in_window(addr) => phys.push(p),
+                _ => return Err(Error::BadAddress),
             }
         }
         if self.pins_of(d).next().is_some() {
             return Err(Error::Denied);
         }
-        self.doms.entry(d).or_default().table = Some(TableLoc { va, pages });
+        let s = self.doms.entry(d).or_default();
+        s.table = Some(TableLoc { va, pages });
+        s.table_phys = phys;
         Ok(())
     }
 
@@ -513,6 +529,7 @@ impl GrantTables {
                 gref: mapping.gref,
                 write: mapping.writable,
                 phys: mapping.phys,
+                transient: None,
             },
             touch_table,
         );
@@ -532,8 +549,11 @@ impl GrantTables {
         caller: DomId,
         ops: &mut [CopyOp],
     ) {
+        // The policy cannot change within one call: a granter it allowed
+        // once stays allowed for the rest of the batch.
+        let mut allowed = None;
         for op in ops {
-            op.status = match self.copy_one(env, policy, caller, op) {
+            op.status = match self.copy_op(env, policy, caller, op, &mut allowed) {
                 Ok(()) => Status::Okay,
                 Err(s) => s,
             } as i16;
@@ -548,6 +568,19 @@ impl GrantTables {
         caller: DomId,
         op: &CopyOp,
     ) -> Result<(), Status> {
+        self.copy_op(env, policy, caller, op, &mut None)
+    }
+
+    /// One copy; `allowed` is a granter the policy allowed `grant:copy`
+    /// earlier in the same call (asked again for any other).
+    fn copy_op(
+        &mut self,
+        env: &mut impl GrantEnv,
+        policy: &mut Policy,
+        caller: DomId,
+        op: &CopyOp,
+        allowed: &mut Option<DomId>,
+    ) -> Result<(), Status> {
         if op.flags & !(copy_flags::SRC_GREF | copy_flags::DST_GREF) != 0 {
             return Err(Status::BadCopyArg);
         }
@@ -558,16 +591,18 @@ impl GrantTables {
         }
         let src_gref = op.flags & copy_flags::SRC_GREF != 0;
         let dst_gref = op.flags & copy_flags::DST_GREF != 0;
-        let (src, src_held) = self.copy_side(env, policy, caller, &op.src, src_gref, false)?;
-        let (dst, dst_held) = match self.copy_side(env, policy, caller, &op.dst, dst_gref, true) {
-            Ok(d) => d,
-            Err(s) => {
-                if let Some(h) = src_held {
-                    self.release(env, h, true);
+        let (src, src_held) =
+            self.copy_side(env, policy, caller, &op.src, src_gref, false, allowed)?;
+        let (dst, dst_held) =
+            match self.copy_side(env, policy, caller, &op.dst, dst_gref, true, allowed) {
+                Ok(d) => d,
+                Err(s) => {
+                    if let Some(h) = src_held {
+                        self.release(env, h, true);
+                    }
+                    return Err(s);
                 }
-                return Err(s);
-            }
-        };
+            };
         if len > 0 {
             env.copy(
                 src + u64::from(op.src.offset),
@@ -582,6 +617,7 @@ impl GrantTables {
     }
 
     /// One side of a copy: the page, and the grant held while copying.
+    #[allow(clippy::too_many_arguments)]
     fn copy_side(
         &mut self,
         env: &mut impl GrantEnv,
@@ -590,6 +626,7 @@ impl GrantTables {
         ptr: &CopyPtr,
         is_gref: bool,
         write: bool,
+        allowed: &mut Option<DomId>,
     ) -> Result<(u64, Option<Held>), Status> {
         if !is_gref {
             if ptr.domid != DOMID_SELF && ptr.domid != caller {
@@ -607,10 +644,89 @@ impl GrantTables {
         if granter == caller || granter == DOMID_SELF || !env.domain_exists(granter) {
             return Err(Status::BadDomain);
         }
-        check(env, policy, caller, granter, Perms::GRANT_COPY)?;
+        if *allowed != Some(granter) {
+            check(env, policy, caller, granter, Perms::GRANT_COPY)?;
+            *allowed = Some(granter);
+        }
         let gref = u32::try_from(ptr.gref_or_page).map_err(|_| Status::BadGntref)?;
-        let held = self.acquire(env, caller, granter, gref, write)?;
+        let held = if self.pins.contains_key(&(granter, gref)) {
+            self.acquire(env, caller, granter, gref, write)?
+        } else {
+            self.acquire_transient(env, caller, granter, gref, write)?
+        };
         Ok((held.phys, Some(held)))
+    }
+
+    /// Where `granter`'s entry `gref` is (`BadGntref`: no table, or past
+    /// it).
+    fn entry_phys(&self, granter: DomId, gref: u32) -> Result<u64, Status> {
+        let s = self.doms.get(&granter).ok_or(Status::BadGntref)?;
+        let per_page = ENTRIES_PER_PAGE as u64;
+        let page = s
+            .table_phys
+            .get(usize::try_from(u64::from(gref) / per_page).map_err(|_| Status::BadGntref)?)
+            .ok_or(Status::BadGntref)?;
+        Ok(page + (u64::from(gref) % per_page) * ENTRY_SIZE as u64)
+    }
+
+    /// Checks `granter`'s entry at `entry_phys` for a use by `user`
+    /// (writing, when `write`) and sets READING (and WRITING) in it with a
+    /// CAS of the word checked.
+    fn pin_entry(
+        env: &mut impl GrantEnv,
+        entry_phys: u64,
+        user: DomId,
+        write: bool,
+    ) -> Result<(), Status> {
+        for _ in 0..PIN_RETRIES {
+            let raw = env.entry_load(entry_phys);
+            let e = Entry::decode(raw);
+            if e.flags & flags::TYPE_MASK != flags::PERMIT_ACCESS || e.domid != user {
+                return Err(Status::BadGntref);
+            }
+            if write && e.flags & flags::READONLY != 0 {
+                return Err(Status::PermissionDenied);
+            }
+            let bits = flags::READING | if write { flags::WRITING } else { 0 };
+            let old = raw as u32;
+            if env.entry_cas(entry_phys, old, old | u32::from(bits)) {
+                return Ok(());
+            }
+        }
+        Err(Status::General)
+    }
+
+    /// [`GrantTables::acquire`] for a copy of an entry nothing else uses
+    /// (no pin): the same checks and bits, and the page found for this
+    /// access alone, with no pin recorded; [`GrantTables::release`] clears
+    /// the bits again.
+    fn acquire_transient(
+        &mut self,
+        env: &mut impl GrantEnv,
+        user: DomId,
+        granter: DomId,
+        gref: u32,
+        write: bool,
+    ) -> Result<Held, Status> {
+        let entry_phys = self.entry_phys(granter, gref)?;
+        Self::pin_entry(env, entry_phys, user, write)?;
+        let frame = u64::from(Entry::decode(env.entry_load(entry_phys)).frame);
+        let page = if in_window(frame << PAGE_SHIFT) {
+            None
+        } else {
+            env.translate(granter, frame, write)
+        };
+        let Some(phys) = page else {
+            env.entry_clear_flags(entry_phys, flags::READING | flags::WRITING);
+            return Err(Status::BadPage);
+        };
+        Ok(Held {
+            granter,
+            gref,
+            write,
+            phys,
+            transient: Some(entry_phys),
+        })
     }
 
     /// Pins `granter`'s entry `gref` for a use by `user` (writing, when
@@ -624,37 +740,8 @@ impl GrantTables {
         gref: u32,
         write: bool,
     ) -> Result<Held, Status> {
-        let table = self.table(granter).ok_or(Status::BadGntref)?;
-        if u64::from(gref) >= table.entries() {
-            return Err(Status::BadGntref);
-        }
-        let per_page = ENTRIES_PER_PAGE as u64;
-        let table_vpn = (table.va >> PAGE_SHIFT) + u64::from(gref) / per_page;
-        let entry_phys = env
-            .translate(granter, table_vpn, true)
-            .ok_or(Status::General)?
-            + (u64::from(gref) % per_page) * ENTRY_SIZE as u64;
-
-        let mut pinned = false;
-        for _ in 0..PIN_RETRIES {
-            let raw = env.entry_load(entry_phys);
-            let e = Entry::decode(raw);
-            if e.flags & flags::TYPE_MASK != flags::PERMIT_ACCESS || e.domid != user {
-                return Err(Status::BadGntref);
-            }
-            if write && e.flags & flags::READONLY != 0 {
-                return Err(Status::PermissionDenied);
-            }
-            let bits = flags::READING | if write { flags::WRITING } else { 0 };
-            let old = raw as u32;
-            if env.entry_cas(entry_phys, old, old | u32::from(bits)) {
-                pinned = true;
-                break;
-            }
-        }
-        if !pinned {
-            return Err(Status::General);
-        }
+        let entry_phys = self.entry_phys(granter, gref)?;
+        Self::pin_entry(env, entry_phys, user, write)?;
 
         let key = (granter, gref);
         let pin = match self.pins.get(&key) {
@@ -709,6 +796,7 @@ impl GrantTables {
             gref,
             write,
             phys: pin.page_phys,
+            transient: None,
         })
     }
 
@@ -716,6 +804,11 @@ impl GrantTables {
     /// writer and READING after the last use, in the granter's table if
     /// `touch_table` (not when the granter is dying).
     fn release(&mut self, env: &mut impl GrantEnv, held: Held, touch_table: bool) {
+        if let Some(entry_phys) = held.transient {
+            // Nothing else held it: as the last use of a pin.
+            env.entry_clear_flags(entry_phys, flags::READING | flags::WRITING);
+            return;
+        }
         let key = (held.granter, held.gref);
         let Some(pin) = self.pins.get_mut(&key) else {
             return;
@@ -1786,6 +1879,43 @@ mod tests {
         );
         gt.copy_one(&mut f, &mut p, M, &op).unwrap();
         assert!(!matches!(f.log.last(), Some(Ev::Copy(..))));
+    }
+
+    #[test]
+    fn a_copy_batch_asks_the_policy_once_per_granter() {
+        let (mut f, mut gt, mut p) = setup();
+        let asked = |p: &Policy| p.stats().hits + p.stats().misses;
+        let before = asked(&p);
+        let mut ops: Vec<CopyOp> = (0..3)
+            .map(|r| {
+                cop(
+                    gref_ptr(G, r, 0),
+                    own_ptr(DATA_VPN, 8 * r as u16),
+                    8,
+                    copy_flags::SRC_GREF,
+                )
+            })
+            .collect();
+        gt.copy(&mut f, &mut p, M, &mut ops);
+        assert!(ops.iter().all(|o| o.status == 0));
+        assert_eq!(asked(&p) - before, 1);
+        assert!(gt.pins.is_empty() && (0..3).all(|r| flags_of(&f, r) == PA));
+        // a refusal is not remembered: each operation is refused and
+        // reported
+        let mut ops: Vec<CopyOp> = (0..2)
+            .map(|_| {
+                cop(
+                    gref_ptr(G, 1, 0),
+                    own_ptr(DATA_VPN, 0),
+                    8,
+                    copy_flags::SRC_GREF,
+                )
+            })
+            .collect();
+        gt.copy(&mut f, &mut p, O, &mut ops);
+        let denied = Status::PermissionDenied as i16;
+        assert!(ops.iter().all(|o| o.status == denied), "{ops:?}");
+        assert_eq!(f.denials().len(), 2);
     }
 
     #[test]

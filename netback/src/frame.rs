@@ -50,9 +50,20 @@ pub fn ethertype(f: &[u8]) -> u16 {
     be16(f, 12)
 }
 
+/// Bytes at the start of a frame that [`check_head`] looks at: more are
+/// never needed to check a sender.
+pub const HEAD: usize = ARP_MIN;
+
 /// May a frontend whose address is `mac`/`ip` send `f`?
 pub fn check_source(f: &[u8], mac: &Mac, ip: &[u8; 4]) -> Result<(), Reason> {
-    if f.len() < ETH_HEADER_SIZE {
+    check_head(&f[..f.len().min(HEAD)], f.len(), mac, ip)
+}
+
+/// [`check_source`] of a `len`-byte frame from its first bytes alone:
+/// `f` is the frame's first `len.min(HEAD)` bytes.
+pub fn check_head(f: &[u8], len: usize, mac: &Mac, ip: &[u8; 4]) -> Result<(), Reason> {
+    debug_assert_eq!(f.len(), len.min(HEAD));
+    if len < ETH_HEADER_SIZE {
         return Err(Reason::Malformed);
     }
     if src(f) != *mac {
@@ -60,7 +71,7 @@ pub fn check_source(f: &[u8], mac: &Mac, ip: &[u8; 4]) -> Result<(), Reason> {
     }
     match ethertype(f) {
         ETHERTYPE_IPV4 => {
-            if f.len() < IPV4_MIN || f[14] >> 4 != 4 || f[14] & 0xf < 5 {
+            if len < IPV4_MIN || f[14] >> 4 != 4 || f[14] & 0xf < 5 {
                 return Err(Reason::Malformed);
             }
             if f[26..30] != ip[..] {
@@ -69,7 +80,7 @@ pub fn check_source(f: &[u8], mac: &Mac, ip: &[u8; 4]) -> Result<(), Reason> {
             Ok(())
         }
         ETHERTYPE_ARP => {
-            if f.len() < ARP_MIN
+            if len < ARP_MIN
                 || be16(f, 14) != 1
                 || be16(f, 16) != ETHERTYPE_IPV4
                 || f[18] != 6

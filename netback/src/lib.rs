@@ -111,7 +111,8 @@ pub trait Grants {
     fn copy(&mut self, ops: &mut [CopyOp]) -> Result<(), GrantStatus>;
     /// Copy `buf.len()` bytes of the driver domain's memory at `addr` into
     /// `buf`. netback only asks within one page it mapped with
-    /// [`Grants::map`] and has not unmapped, or one of its bounce pages.
+    /// [`Grants::map`] and has not unmapped, one of its bounce pages, or a
+    /// NIC buffer it was lent ([`TxBuf`]) or holds ([`RxBuf`]).
     fn read(&self, addr: u64, buf: &mut [u8]);
     /// Copy `buf` into the driver domain's memory at `addr` (same rule,
     /// writable mappings only).
@@ -122,11 +123,54 @@ pub trait Grants {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NicBusy;
 
+/// A transmit buffer the NIC lends netback for one frame, in the driver
+/// domain's memory: netback copies a frame to `addr` (grant copies straight
+/// from the frontend's pages) and then either sends it ([`Nic::submit`]) or
+/// gives it back ([`Nic::release`]). Until then the NIC leaves it alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxBuf {
+    /// The NIC's name for it.
+    pub id: u16,
+    /// Where a frame's first byte goes.
+    pub addr: u64,
+    /// The longest frame it holds.
+    pub room: usize,
+}
+
+/// A NIC receive buffer holding a received frame at `addr` (driver domain
+/// memory), which netback may keep until it has copied the frame into a
+/// frontend's page ([`Netback::nic_input_held`]); the NIC leaves it alone
+/// until [`Netback::take_nic_done`] hands its id back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxBuf {
+    pub id: u16,
+    pub addr: u64,
+}
+
 /// The physical (or virtio) NIC, shared by every vif.
 pub trait Nic {
     /// Send one Ethernet frame (no FCS). `Err(NicBusy)`: it is dropped and
     /// counted ([`Reason::NicBusy`]).
     fn send(&mut self, frame: &[u8]) -> Result<(), NicBusy>;
+    /// Lend a free transmit buffer; `None` if none is free now (netback
+    /// then copies through its bounce pages and [`Nic::send`]s).
+    fn tx_buffer(&mut self) -> Option<TxBuf>;
+    /// Send the `len`-byte frame netback wrote into lent buffer `id`.
+    /// `Err(NicBusy)`: dropped and counted; the buffer is free again either
+    /// way once the NIC is done with it.
+    fn submit(&mut self, id: u16, len: usize) -> Result<(), NicBusy>;
+    /// Give back lent buffer `id` unsent.
+    fn release(&mut self, id: u16);
+}
+
+/// What [`Netback::nic_input_held`] did with a frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NicInput {
+    /// Vifs (bit `i` for vif `i`) that got the frame queued: poll them.
+    pub wake: u64,
+    /// netback keeps the receive buffer: it comes back through
+    /// [`Netback::take_nic_done`]; otherwise the NIC may reuse it at once.
+    pub held: bool,
 }
 
 /// How data moves between a frontend's granted pages and netback.
@@ -454,9 +498,44 @@ pub struct Vif {
     tx_ring: Option<BackRing>,
     rx_ring: Option<BackRing>,
     parser: tx::TxParser,
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Queued>,
     hostile: Option<Hostile>,
     stats: Stats,
+}
+
+/// A frame waiting for a vif's RX requests.
+#[derive(Debug)]
+enum Queued {
+    /// A copy of ours.
+    Owned(Vec<u8>),
+    /// Still in the NIC's receive buffer, which netback holds.
+    Nic { buf: RxBuf, len: usize },
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        match self {
+            Queued::Owned(f) => f.len(),
+            Queued::Nic { len, .. } => *len,
+        }
+    }
+}
+
+/// Where a TX frame was copied to in the driver domain.
+#[derive(Clone, Copy, Debug)]
+enum Region {
+    /// A transmit buffer the NIC lent.
+    Nic(TxBuf),
+    /// Consecutive bounce pages of the vif from this index on.
+    Bounce(usize),
+}
+
+/// A TX frame to check and switch: bytes in hand (the map path), or in
+/// the driver domain's memory.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Bytes(&'a [u8]),
+    Local(Region),
 }
 
 impl Vif {
@@ -494,20 +573,67 @@ impl Vif {
     }
 }
 
-/// A packet copied into bounce pages, waiting for its copies to run.
+/// Packets whose copies (into lent NIC buffers or bounce pages) wait to
+/// run.
 struct TxBatch {
     pkts: Vec<tx::Packet>,
-    /// Per packet: its first bounce page index and its op range.
-    spans: Vec<(usize, usize, usize)>,
+    /// Per packet: where it goes and its op range.
+    spans: Vec<(Region, usize, usize)>,
     ops: Vec<CopyOp>,
     pages: usize,
 }
 
-/// A frame copied into bounce pages for RX.
+/// A frame whose copies into a frontend's pages wait to run.
 struct RxPlan {
     reqs: Vec<RxRequest>,
     len: usize,
     ops: (usize, usize),
+    /// The NIC receive buffer it is copied from, given back afterwards.
+    held: Option<u16>,
+}
+
+/// Adds copy operations moving `len` bytes between the driver domain's
+/// memory (`local(pos)`: the address of byte `pos`; consecutive within a
+/// page) and a grant (`dom`'s `gref` from `offset`, which does not cross
+/// its page), split wherever a local page ends. `to_grant`: the grant is
+/// the destination.
+fn push_copies(
+    ops: &mut Vec<CopyOp>,
+    local: impl Fn(usize) -> u64,
+    start: usize,
+    (dom, gref, offset): (u16, u32, usize),
+    len: usize,
+    to_grant: bool,
+) {
+    let mut done = 0usize;
+    while done < len {
+        let at = local(start + done);
+        let po = (at % PAGE_SIZE as u64) as usize;
+        let n = (len - done).min(PAGE_SIZE - po);
+        let own = CopyPtr {
+            gref_or_page: at / PAGE_SIZE as u64,
+            domid: DOMID_SELF,
+            offset: po as u16,
+        };
+        let grant = CopyPtr {
+            gref_or_page: u64::from(gref),
+            domid: dom,
+            offset: (offset + done) as u16,
+        };
+        let (src, dst, flags) = if to_grant {
+            (own, grant, copy_flags::DST_GREF)
+        } else {
+            (grant, own, copy_flags::SRC_GREF)
+        };
+        ops.push(CopyOp {
+            src,
+            dst,
+            len: n as u16,
+            flags,
+            status: 0,
+        });
+        done += n;
+    }
 }
 
 /// The switch, its vifs and the NIC port.
@@ -517,6 +643,10 @@ pub struct Netback {
     switch: Switch,
     vifs: Vec<Vif>,
     nic: NicStats,
+    /// NIC receive buffers held and now done with ([`Netback::take_nic_done`]).
+    nic_done: Vec<u16>,
+    /// Receive buffers held now.
+    nic_held: usize,
 }
 
 impl Netback {
@@ -534,6 +664,8 @@ impl Netback {
             switch: Switch::new(cfg.learn),
             vifs: Vec::new(),
             nic: NicStats::default(),
+            nic_done: Vec::new(),
+            nic_held: 0,
         })
     }
 
@@ -678,8 +810,33 @@ impl Netback {
     }
 
     /// A frame the NIC received: learn its source, switch it. Returns the
-    /// vifs that got it queued (poll them).
+    /// vifs that got it queued (poll them). The frame is copied.
     pub fn nic_input(&mut self, f: &[u8]) -> u64 {
+        self.input_from_nic(f, None).wake
+    }
+
+    /// [`Netback::nic_input`] of a frame still in the NIC's receive buffer
+    /// `buf`: a frame for one vif on the copy path is kept there (`held`)
+    /// and copied straight into the frontend's page; netback gives the
+    /// buffer back through [`Netback::take_nic_done`] once it has been
+    /// copied or dropped.
+    pub fn nic_input_held(&mut self, f: &[u8], buf: RxBuf) -> NicInput {
+        self.input_from_nic(f, Some(buf))
+    }
+
+    /// The next NIC receive buffer netback held and is done with.
+    pub fn take_nic_done(&mut self) -> Option<u16> {
+        let id = self.nic_done.pop()?;
+        self.nic_held -= 1;
+        Some(id)
+    }
+
+    /// NIC receive buffers netback holds (not yet handed back).
+    pub fn nic_held(&self) -> usize {
+        self.nic_held
+    }
+
+    fn input_from_nic(&mut self, f: &[u8], buf: Option<RxBuf>) -> NicInput {
         self.nic.rx_frames += 1;
         self.nic.rx_bytes += f.len() as u64;
         let bad = if f.len() < MIN_FRAME {
@@ -696,25 +853,48 @@ impl Netback {
                 None
             }
         };
+        let mut out = NicInput::default();
         if let Some(r) = bad {
             self.nic.drops[r as usize] += 1;
-            return 0;
+            return out;
         }
         self.switch.learn(frame::src(f));
-        let mut wake = 0;
+        let wake = &mut out.wake;
         match self.switch.forward(Port::Nic, &frame::dst(f)) {
-            Forward::To(Port::Vif(j)) => self.enqueue(j, f, &mut wake),
+            Forward::To(Port::Vif(j)) => match buf {
+                Some(b) if self.can_hold(j) => {
+                    self.vifs[j].queue.push_back(Queued::Nic {
+                        buf: b,
+                        len: f.len(),
+                    });
+                    self.nic_held += 1;
+                    *wake |= 1 << j;
+                    out.held = true;
+                }
+                _ => self.enqueue(j, f, wake),
+            },
             Forward::Flood { vifs, .. } => {
                 for j in 0..self.vifs.len() {
                     if vifs & (1 << j) != 0 {
-                        self.enqueue(j, f, &mut wake);
+                        self.enqueue(j, f, wake);
                     }
                 }
             }
             Forward::Drop(r) => self.nic.drops[r as usize] += 1,
             Forward::To(Port::Nic) => self.nic.drops[Reason::NoRoute as usize] += 1,
         }
-        wake
+        out
+    }
+
+    /// Whether a frame for vif `j` may wait in a NIC receive buffer: the
+    /// vif copies (the map path writes from our own copy), is connected and
+    /// has room in its queue.
+    fn can_hold(&self, j: VifId) -> bool {
+        self.vifs.get(j).is_some_and(|v| {
+            matches!(v.path, PathState::Copy { .. })
+                && v.conn == Conn::Connected
+                && v.queue.len() < self.cfg.rx_queue
+        })
     }
 
     fn enqueue(&mut self, j: VifId, f: &[u8], wake: &mut u64) {
@@ -726,49 +906,135 @@ impl Netback {
         } else if v.queue.len() >= self.cfg.rx_queue {
             v.drop(Reason::RxNoBuffer);
         } else {
-            v.queue.push_back(f.to_vec());
+            v.queue.push_back(Queued::Owned(f.to_vec()));
             *wake |= 1 << j;
         }
     }
 
-    fn send_nic<N: Nic>(&mut self, id: VifId, f: &[u8], nic: &mut N) {
-        match nic.send(f) {
+    /// Reads `buf.len()` bytes from byte `pos` on of a frame in the driver
+    /// domain's memory, a page at a time.
+    fn read_local<G: Grants>(&self, id: VifId, r: Region, pos: usize, buf: &mut [u8], grants: &G) {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = self.local_addr(id, r, pos + done);
+            let n = (buf.len() - done).min(PAGE_SIZE - (at % PAGE_SIZE as u64) as usize);
+            grants.read(at, &mut buf[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// The address of byte `pos` of a frame in region `r` of vif `id`.
+    fn local_addr(&self, id: VifId, r: Region, pos: usize) -> u64 {
+        match r {
+            Region::Nic(b) => b.addr + pos as u64,
+            Region::Bounce(first) => match &self.vifs[id].path {
+                PathState::Copy { bounce } => {
+                    bounce[first + pos / PAGE_SIZE] + (pos % PAGE_SIZE) as u64
+                }
+                // only copy-path vifs have bounce regions
+                PathState::Map => 0,
+            },
+        }
+    }
+
+    /// A frame's bytes, in a new vector (for a frontend's RX queue, or the
+    /// NIC when it lent no buffer).
+    fn frame_bytes<G: Grants>(&self, id: VifId, src: Src<'_>, len: usize, grants: &G) -> Vec<u8> {
+        match src {
+            Src::Bytes(f) => f.to_vec(),
+            Src::Local(r) => {
+                let mut f = vec![0u8; len];
+                self.read_local(id, r, 0, &mut f, grants);
+                f
+            }
+        }
+    }
+
+    /// Sends vif `id`'s frame to the NIC: a lent buffer is submitted,
+    /// anything else sent as bytes.
+    fn send_nic<G: Grants, N: Nic>(
+        &mut self,
+        id: VifId,
+        src: Src<'_>,
+        len: usize,
+        grants: &G,
+        nic: &mut N,
+    ) {
+        let sent = match src {
+            Src::Local(Region::Nic(b)) => nic.submit(b.id, len),
+            Src::Bytes(f) => nic.send(f),
+            Src::Local(r @ Region::Bounce(_)) => {
+                let f = self.frame_bytes(id, Src::Local(r), len, grants);
+                nic.send(&f)
+            }
+        };
+        match sent {
             Ok(()) => {
                 self.nic.tx_frames += 1;
-                self.nic.tx_bytes += f.len() as u64;
+                self.nic.tx_bytes += len as u64;
             }
             Err(NicBusy) => self.vifs[id].drop(Reason::NicBusy),
         }
     }
 
-    /// Check a frame vif `id` sent and switch it; the TX status for it.
-    fn switch_from<N: Nic>(&mut self, id: VifId, f: &[u8], nic: &mut N, out: &mut Poll) -> i16 {
-        let v = &mut self.vifs[id];
-        if let Err(r) = frame::check_source(f, &v.mac, &v.ip) {
-            v.drop(r);
-            return r.tx_status();
+    /// Check a `len`-byte frame vif `id` sent and switch it; the TX status
+    /// for it. A lent NIC buffer is submitted or released.
+    fn switch_from<G: Grants, N: Nic>(
+        &mut self,
+        id: VifId,
+        src: Src<'_>,
+        len: usize,
+        grants: &G,
+        nic: &mut N,
+        out: &mut Poll,
+    ) -> i16 {
+        let mut head = [0u8; frame::HEAD];
+        let head = &mut head[..len.min(frame::HEAD)];
+        match src {
+            Src::Bytes(f) => head.copy_from_slice(&f[..head.len()]),
+            Src::Local(r) => self.read_local(id, r, 0, head, grants),
         }
-        match self.switch.forward(Port::Vif(id), &frame::dst(f)) {
+        let v = &mut self.vifs[id];
+        let fwd = match frame::check_head(head, len, &v.mac, &v.ip) {
+            Err(r) => Forward::Drop(r),
+            Ok(()) => self.switch.forward(Port::Vif(id), &frame::dst(head)),
+        };
+        let mut submitted = false;
+        match fwd {
             Forward::Drop(r) => {
                 self.vifs[id].drop(r);
+                if let Src::Local(Region::Nic(b)) = src {
+                    nic.release(b.id);
+                }
                 return r.tx_status();
             }
-            Forward::To(Port::Nic) => self.send_nic(id, f, nic),
-            Forward::To(Port::Vif(j)) => self.enqueue(j, f, &mut out.wake),
+            Forward::To(Port::Nic) => {
+                self.send_nic(id, src, len, grants, nic);
+                submitted = true;
+            }
+            Forward::To(Port::Vif(j)) => {
+                let f = self.frame_bytes(id, src, len, grants);
+                self.enqueue(j, &f, &mut out.wake);
+            }
             Forward::Flood { vifs, nic: to_nic } => {
+                let f = self.frame_bytes(id, src, len, grants);
                 for j in 0..self.vifs.len() {
                     if vifs & (1 << j) != 0 {
-                        self.enqueue(j, f, &mut out.wake);
+                        self.enqueue(j, &f, &mut out.wake);
                     }
                 }
                 if to_nic {
-                    self.send_nic(id, f, nic);
+                    self.send_nic(id, src, len, grants, nic);
+                    submitted = true;
                 }
             }
         }
+        if let (false, Src::Local(Region::Nic(b))) = (submitted, src) {
+            nic.release(b.id);
+        }
         let v = &mut self.vifs[id];
         v.stats.tx_frames += 1;
-        v.stats.tx_bytes += f.len() as u64;
+        v.stats.tx_bytes += len as u64;
         status::OKAY
     }
 
@@ -824,11 +1090,26 @@ impl Netback {
                 Some(Ok(pkt)) => match &v.path {
                     PathState::Map => self.tx_mapped(id, pkt, grants, nic, out),
                     PathState::Copy { bounce } => {
-                        let need = pages_for(pkt.len);
-                        if batch.pages + need > bounce.len() {
+                        let bounce_pages = bounce.len();
+                        let mut lent = nic.tx_buffer();
+                        if lent.is_none() && !batch.pkts.is_empty() {
+                            // Sending what we have may free one.
                             self.flush_tx(id, &mut batch, grants, nic, out);
+                            lent = nic.tx_buffer();
                         }
-                        self.plan_tx(id, pkt, &mut batch);
+                        let region = match lent {
+                            Some(b) if pkt.len <= b.room => Region::Nic(b),
+                            _ => {
+                                if let Some(b) = lent {
+                                    nic.release(b.id);
+                                }
+                                if batch.pages + pages_for(pkt.len) > bounce_pages {
+                                    self.flush_tx(id, &mut batch, grants, nic, out);
+                                }
+                                Region::Bounce(batch.pages)
+                            }
+                        };
+                        self.plan_tx(id, pkt, region, &mut batch);
                     }
                 },
             }
@@ -837,48 +1118,33 @@ impl Netback {
         self.respond_tx(id, tx, out);
     }
 
-    /// Add a packet's copies (frontend slots to consecutive bytes of our
-    /// bounce pages, split where a bounce page ends) to the batch.
-    fn plan_tx(&mut self, id: VifId, pkt: tx::Packet, b: &mut TxBatch) {
-        let v = &self.vifs[id];
-        let PathState::Copy { bounce } = &v.path else {
-            return;
-        };
-        let first_page = b.pages;
+    /// Add a packet's copies (frontend slots to consecutive bytes of
+    /// `region`: a lent NIC buffer, or bounce pages, split where a page
+    /// ends) to the batch.
+    fn plan_tx(&mut self, id: VifId, pkt: tx::Packet, region: Region, b: &mut TxBatch) {
         let op_start = b.ops.len();
+        let frontend = self.vifs[id].frontend;
         let mut pos = 0usize;
         for s in &pkt.segs {
-            let mut left = usize::from(s.len);
-            let mut src = usize::from(s.offset);
-            while left > 0 {
-                let po = pos % PAGE_SIZE;
-                let n = left.min(PAGE_SIZE - po);
-                b.ops.push(CopyOp {
-                    src: CopyPtr {
-                        gref_or_page: u64::from(s.gref),
-                        domid: v.frontend,
-                        offset: src as u16,
-                    },
-                    dst: CopyPtr {
-                        gref_or_page: bounce[first_page + pos / PAGE_SIZE] / PAGE_SIZE as u64,
-                        domid: DOMID_SELF,
-                        offset: po as u16,
-                    },
-                    len: n as u16,
-                    flags: copy_flags::SRC_GREF,
-                    status: 0,
-                });
-                pos += n;
-                src += n;
-                left -= n;
-            }
+            let n = usize::from(s.len);
+            push_copies(
+                &mut b.ops,
+                |p| self.local_addr(id, region, p),
+                pos,
+                (frontend, s.gref, usize::from(s.offset)),
+                n,
+                false,
+            );
+            pos += n;
         }
-        b.pages += pages_for(pkt.len);
-        b.spans.push((first_page, op_start, b.ops.len()));
+        if let Region::Bounce(_) = region {
+            b.pages += pages_for(pkt.len);
+        }
+        b.spans.push((region, op_start, b.ops.len()));
         b.pkts.push(pkt);
     }
 
-    /// Run a TX batch's copies, then read, check and switch each packet.
+    /// Run a TX batch's copies, then check and switch each packet.
     fn flush_tx<G: Grants, N: Nic>(
         &mut self,
         id: VifId,
@@ -890,31 +1156,30 @@ impl Netback {
         if b.pkts.is_empty() {
             return;
         }
-        let mut ops = core::mem::take(&mut b.ops);
-        self.run_copies(id, grants, &mut ops);
-        let bounce = match &self.vifs[id].path {
-            PathState::Copy { bounce } => bounce.clone(),
-            PathState::Map => Vec::new(),
-        };
-        let pkts = core::mem::take(&mut b.pkts);
-        let spans = core::mem::take(&mut b.spans);
+        self.run_copies(id, grants, &mut b.ops);
         b.pages = 0;
-        for (pkt, (first_page, o0, o1)) in pkts.into_iter().zip(spans) {
-            let st = if ops[o0..o1]
+        for (k, (region, o0, o1)) in b.spans.iter().copied().enumerate() {
+            let (first_seq, slots, len) = {
+                let p = &b.pkts[k];
+                (p.first_seq, p.slots, p.len)
+            };
+            let st = if b.ops[o0..o1]
                 .iter()
                 .all(|op| op.status == GrantStatus::Okay as i16)
             {
-                let mut f = vec![0u8; pkt.len];
-                for (k, chunk) in f.chunks_mut(PAGE_SIZE).enumerate() {
-                    grants.read(bounce[first_page + k], chunk);
-                }
-                self.switch_from(id, &f, nic, out)
+                self.switch_from(id, Src::Local(region), len, grants, nic, out)
             } else {
+                if let Region::Nic(buf) = region {
+                    nic.release(buf.id);
+                }
                 self.vifs[id].drop(Reason::Grant);
                 status::ERROR
             };
-            self.vifs[id].parser.resolve(pkt.first_seq, pkt.slots, st);
+            self.vifs[id].parser.resolve(first_seq, slots, st);
         }
+        b.pkts.clear();
+        b.spans.clear();
+        b.ops.clear();
     }
 
     /// Map path: map each slot's page read-only, read, unmap; switch.
@@ -949,7 +1214,7 @@ impl Netback {
             pos += n;
         }
         let st = if ok {
-            self.switch_from(id, &f, nic, out)
+            self.switch_from(id, Src::Bytes(&f), f.len(), grants, nic, out)
         } else {
             self.vifs[id].drop(Reason::Grant);
             status::ERROR
@@ -1018,7 +1283,7 @@ impl Netback {
         let mut pages = 0usize;
         loop {
             let v = &mut self.vifs[id];
-            let Some(len) = v.queue.front().map(Vec::len) else {
+            let Some(len) = v.queue.front().map(Queued::len) else {
                 break;
             };
             if budget == 0 {
@@ -1048,7 +1313,8 @@ impl Netback {
                     }
                 }
             }
-            if let PathState::Copy { bounce } = &v.path {
+            let owned = matches!(v.queue.front(), Some(Queued::Owned(_)));
+            if let (PathState::Copy { bounce }, true) = (&v.path, owned) {
                 if pages + need > bounce.len() {
                     self.flush_rx(id, rx, grants, &mut plans, &mut ops, out);
                     pages = 0;
@@ -1067,14 +1333,43 @@ impl Netback {
                     Ok(false) | Err(_) => break,
                 }
             }
-            let Some(f) = v.queue.pop_front() else { break };
+            let Some(q) = v.queue.pop_front() else { break };
             budget -= 1;
             v.stats.rx_slots += reqs.len() as u64;
             if reqs.len() < need {
                 v.drop(Reason::RxGrant);
+                self.release_queued(q);
                 self.respond_rx_error(id, rx, &reqs);
                 continue;
             }
+            let f = match q {
+                Queued::Nic { buf, len } => {
+                    // Straight from the NIC's receive buffer into the
+                    // posted pages (a held frame's vif copies).
+                    let o0 = ops.len();
+                    let frontend = v.frontend;
+                    for (k, q) in reqs.iter().enumerate() {
+                        let at = k * PAGE_SIZE;
+                        push_copies(
+                            &mut ops,
+                            |p| buf.addr + p as u64,
+                            at,
+                            (frontend, q.gref, 0),
+                            (len - at).min(PAGE_SIZE),
+                            true,
+                        );
+                    }
+                    plans.push(RxPlan {
+                        reqs,
+                        len,
+                        ops: (o0, ops.len()),
+                        held: Some(buf.id),
+                    });
+                    continue;
+                }
+                Queued::Owned(f) => f,
+            };
+            let v = &mut self.vifs[id];
             match &v.path {
                 PathState::Map => self.rx_mapped(id, rx, grants, &f, &reqs),
                 PathState::Copy { bounce } => {
@@ -1103,6 +1398,7 @@ impl Netback {
                         reqs,
                         len: f.len(),
                         ops: (o0, ops.len()),
+                        held: None,
                     });
                 }
             }
@@ -1130,6 +1426,9 @@ impl Netback {
             let ok = ops[p.ops.0..p.ops.1]
                 .iter()
                 .all(|op| op.status == GrantStatus::Okay as i16);
+            if let Some(b) = p.held {
+                self.nic_done.push(b);
+            }
             if ok {
                 self.respond_rx_frame(id, rx, &p.reqs, p.len);
             } else {
@@ -1220,6 +1519,14 @@ impl Netback {
         }
     }
 
+    /// A queued frame that will not be delivered: a held NIC buffer goes
+    /// back.
+    fn release_queued(&mut self, q: Queued) {
+        if let Queued::Nic { buf, .. } = q {
+            self.nic_done.push(buf.id);
+        }
+    }
+
     /// A hostile ring: stop, answer nothing more, Closed on both rings.
     fn hostile<T, R>(&mut self, id: VifId, why: Hostile, tx: &mut T, rx: &mut R, out: &mut Poll)
     where
@@ -1252,8 +1559,12 @@ impl Netback {
     {
         let v = &mut self.vifs[id];
         let dropped = v.queue.len() as u64;
-        v.queue.clear();
+        let queue = core::mem::take(&mut v.queue);
         v.stats.drops[Reason::RxDown as usize] += dropped;
+        for q in queue {
+            self.release_queued(q);
+        }
+        let v = &mut self.vifs[id];
         if let Some(r) = v.tx_ring.as_ref() {
             r.set_state(tx, State::Closed);
         }

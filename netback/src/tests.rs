@@ -269,10 +269,54 @@ impl Grants for World {
     }
 }
 
+/// Bytes of a fake NIC transmit buffer (two to a page of the world).
+const NIC_BUF: usize = 2048;
+/// Offset of a frame in its buffer (a virtio-net header before it), so a
+/// frame may cross no page (1514 + 12 < 2048).
+const NIC_HDR: usize = 12;
+
+/// A NIC that lends transmit buffers in the world's memory (if `lend` has
+/// any) and keeps what it sends; `submitted` frames are read out of the
+/// world by [`FakeNic::collect`].
 #[derive(Default)]
 struct FakeNic {
     sent: Vec<Vec<u8>>,
     busy: bool,
+    /// Free lendable buffers (their addresses).
+    lend: Vec<u64>,
+    /// Lent and not back.
+    lent: BTreeMap<u16, u64>,
+    /// Submitted, not read out of the world yet: address and length.
+    submitted: Vec<(u64, usize)>,
+    /// Lent buffers given back unsent.
+    released: u64,
+}
+
+impl FakeNic {
+    /// With `pages` pages of transmit buffers in `w`'s memory.
+    fn lending(w: &mut World, pages: usize) -> FakeNic {
+        let lend = w
+            .bounce_pages(pages)
+            .into_iter()
+            .flat_map(|p| [p, p + NIC_BUF as u64])
+            .rev()
+            .collect();
+        FakeNic {
+            lend,
+            ..FakeNic::default()
+        }
+    }
+
+    /// Reads the submitted frames out of the world into `sent` and frees
+    /// their buffers (the device is done with them).
+    fn collect(&mut self, w: &World) {
+        for (addr, len) in core::mem::take(&mut self.submitted) {
+            let mut f = vec![0u8; len];
+            w.read(addr + NIC_HDR as u64, &mut f);
+            self.sent.push(f);
+            self.lend.push(addr);
+        }
+    }
 }
 
 impl Nic for FakeNic {
@@ -282,6 +326,34 @@ impl Nic for FakeNic {
         }
         self.sent.push(frame.to_vec());
         Ok(())
+    }
+
+    fn tx_buffer(&mut self) -> Option<TxBuf> {
+        let addr = self.lend.pop()?;
+        let id = (0..=u16::MAX).find(|i| !self.lent.contains_key(i))?;
+        self.lent.insert(id, addr);
+        Some(TxBuf {
+            id,
+            addr: addr + NIC_HDR as u64,
+            room: NIC_BUF - NIC_HDR,
+        })
+    }
+
+    fn submit(&mut self, id: u16, len: usize) -> Result<(), NicBusy> {
+        let addr = self.lent.remove(&id).expect("submit of a buffer not lent");
+        assert!(len <= NIC_BUF - NIC_HDR);
+        if self.busy {
+            self.lend.push(addr);
+            return Err(NicBusy);
+        }
+        self.submitted.push((addr, len));
+        Ok(())
+    }
+
+    fn release(&mut self, id: u16) {
+        let addr = self.lent.remove(&id).expect("release of a buffer not lent");
+        self.lend.push(addr);
+        self.released += 1;
     }
 }
 
@@ -359,6 +431,7 @@ impl H {
             nic: FakeNic::default(),
             f: Vec::new(),
         };
+        h.nic = FakeNic::lending(&mut h.w, 4);
         for i in 0..n {
             let path = if copy {
                 DataPath::Copy {
@@ -389,8 +462,12 @@ impl H {
 
     fn poll(&mut self, i: usize) -> Poll {
         let f = &mut self.f[i];
-        self.nb
-            .poll(i, &mut *f.tx, &mut *f.rx, &mut self.w, &mut self.nic)
+        let p = self
+            .nb
+            .poll(i, &mut *f.tx, &mut *f.rx, &mut self.w, &mut self.nic);
+        assert!(self.nic.lent.is_empty(), "a lent buffer kept past a poll");
+        self.nic.collect(&self.w);
+        p
     }
 
     /// Poll every vif until nothing is left to do; collect responses.
@@ -1441,6 +1518,10 @@ fn random_hostile_rings() {
             })
             .collect();
         let hostile_vif = rng.below(n as u64) as usize;
+        // NIC receive buffers (three pages each: room for 9014 bytes) that
+        // netback may hold; `free` are the ids the NIC may fill
+        let rx_bufs: Vec<u64> = (0..6).map(|_| h.w.bounce_pages(3)[0]).collect();
+        let mut free: Vec<u16> = (0..6).collect();
         for _step in 0..300 {
             let i = rng.below(n as u64) as usize;
             if h.nb.vif(i).unwrap().conn() != Conn::Connected {
@@ -1471,7 +1552,21 @@ fn random_hostile_rings() {
                     if f.len() >= 12 && rng.chance(2) {
                         f[6..12].copy_from_slice(&HOST);
                     }
-                    h.nb.nic_input(&f);
+                    match free.pop() {
+                        Some(id) if rng.chance(2) => {
+                            let addr = rx_bufs[usize::from(id)];
+                            for (k, c) in f.chunks(PG).enumerate() {
+                                h.w.write(addr + (k * PG) as u64, c);
+                            }
+                            if !h.nb.nic_input_held(&f, RxBuf { id, addr }).held {
+                                free.push(id);
+                            }
+                        }
+                        other => {
+                            free.extend(other);
+                            h.nb.nic_input(&f);
+                        }
+                    }
                 }
                 8 if i == hostile_vif && rng.chance(8) => {
                     let fr = &mut h.f[i];
@@ -1495,6 +1590,11 @@ fn random_hostile_rings() {
                 }
             }
             h.settle();
+            while let Some(id) = h.nb.take_nic_done() {
+                assert!(!free.contains(&id), "it {it}: buffer {id} given back twice");
+                free.push(id);
+            }
+            assert_eq!(free.len() + h.nb.nic_held(), 6, "it {it}: a buffer lost");
             assert!(h.w.violations.is_empty(), "it {it}: {:?}", h.w.violations);
             assert!(h.w.maps.is_empty(), "it {it}: mappings left");
         }
@@ -1546,4 +1646,84 @@ fn random_hostile_rings() {
             }
         }
     }
+}
+
+#[test]
+fn frames_to_the_nic_are_copied_into_lent_buffers_once() {
+    let mut h = H::new(1, true);
+    let out = ipv4(HOST, mac(0), ip(0), HOST_IP, &pattern(1400, 3));
+    // two slots, so two copy operations, both into the one lent buffer
+    let st = h.send_split(0, &out, &[600, 834], 100);
+    assert_eq!(st, [status::OKAY, status::OKAY]);
+    assert_eq!(h.nic.sent, [out]);
+    assert_eq!(h.nb.vif(0).unwrap().stats().copies, 2);
+    assert_eq!(h.nic.released, 0);
+    // a spoofed frame copied into a lent buffer gives it back unsent
+    let spoof = ipv4(HOST, mac(0), ip(1), HOST_IP, b"not mine");
+    assert_eq!(h.send(0, &spoof), status::DROPPED);
+    assert_eq!(h.nic.sent.len(), 1);
+    assert_eq!(h.nic.released, 1);
+    assert_eq!(h.nb.vif(0).unwrap().stats().drops(Reason::SpoofIp), 1);
+    // no buffer to lend: through a bounce page, then sent as bytes
+    let lend = core::mem::take(&mut h.nic.lend);
+    let again = ipv4(HOST, mac(0), ip(0), HOST_IP, &pattern(900, 5));
+    assert_eq!(h.send(0, &again), status::OKAY);
+    assert_eq!(h.nic.sent.last(), Some(&again));
+    h.nic.lend = lend;
+    h.assert_clean();
+}
+
+#[test]
+fn held_nic_frames_are_copied_straight_and_given_back() {
+    let mut h = H::new(2, true);
+    let rxbuf = h.w.bounce_pages(2);
+    // a frame placed to cross a page of the NIC's memory
+    let at = rxbuf[0] + 3000;
+    let put = |h: &mut H, f: &[u8]| {
+        let n = f.len().min(PG - 3000);
+        h.w.write(at, &f[..n]);
+        h.w.write(rxbuf[1], &f[n..]);
+    };
+    let back = ipv4(mac(1), HOST, HOST_IP, ip(1), &pattern(1400, 9));
+    put(&mut h, &back);
+    let r = h.nb.nic_input_held(&back, RxBuf { id: 7, addr: at });
+    assert_eq!(
+        r,
+        NicInput {
+            wake: 0b10,
+            held: true
+        }
+    );
+    assert_eq!(h.nb.nic_held(), 1);
+    // nothing posted yet: it waits, held
+    h.settle();
+    assert_eq!(h.nb.take_nic_done(), None);
+    h.post(1, 2);
+    h.settle();
+    assert_eq!(h.f[1].frames, [back]);
+    assert_eq!(h.nb.take_nic_done(), Some(7));
+    assert_eq!((h.nb.take_nic_done(), h.nb.nic_held()), (None, 0));
+    // two copies (the source page ends), no bounce page written
+    assert_eq!(h.nb.vif(1).unwrap().stats().copies, 2);
+    // a broadcast is copied for every vif, not held
+    let b = arp(BROADCAST, HOST, 1, HOST, HOST_IP, ip(0));
+    let r = h.nb.nic_input_held(&b, RxBuf { id: 8, addr: at });
+    assert_eq!(
+        r,
+        NicInput {
+            wake: 0b11,
+            held: false
+        }
+    );
+    // a vif that closes with held frames gives them back
+    let f = ipv4(mac(0), HOST, HOST_IP, ip(0), b"never read");
+    put(&mut h, &f);
+    assert!(h.nb.nic_input_held(&f, RxBuf { id: 9, addr: at }).held);
+    let fr = &mut h.f[0];
+    h.nb.close(0, &mut *fr.tx, &mut *fr.rx);
+    assert_eq!(h.nb.take_nic_done(), Some(9));
+    assert_eq!(h.nb.nic_held(), 0);
+    // and a closed vif holds nothing
+    assert!(!h.nb.nic_input_held(&f, RxBuf { id: 10, addr: at }).held);
+    h.assert_clean();
 }
