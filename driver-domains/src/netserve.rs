@@ -512,6 +512,8 @@ mod domain {
         }
         let cfg = netback::Config {
             rx_queue: 256,
+            // netback holds at most a quarter of these for stalled vifs
+            nic_rx: args.rx,
             ..netback::Config::default()
         };
         let mut nb = match Netback::new(cfg) {

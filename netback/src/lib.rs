@@ -42,7 +42,10 @@
 //!
 //! **RX** (switch to frontend): frames for a vif wait in its queue (at most
 //! [`Config::rx_queue`]; past that they are dropped as
-//! [`Reason::RxNoBuffer`]) until the frontend has posted enough RX requests:
+//! [`Reason::RxNoBuffer`]; a frame from the NIC waits in the NIC's receive
+//! buffer only while netback holds fewer than [`Config::held_max`] of them,
+//! and the vif fewer than [`Config::held_per_vif`], else in a copy) until
+//! the frontend has posted enough RX requests:
 //! one per page of the frame. Each request's page gets the next page of the
 //! frame at offset 0; its response, written in the request's own slot,
 //! carries the byte count (`MORE_DATA` on every slot of the frame but the
@@ -220,6 +223,12 @@ pub struct Config {
     pub rx_queue: usize,
     /// MACs learned on the NIC port.
     pub learn: usize,
+    /// Receive buffers the NIC keeps posted. netback holds at most
+    /// [`Config::held_max`] of them (a quarter) in all, and one vif at most
+    /// [`Config::held_per_vif`] (half of that); a frame past either is
+    /// copied, so the NIC always has most of its buffers to receive into,
+    /// whichever frontends stall. 0 (the default): nothing is held.
+    pub nic_rx: usize,
 }
 
 impl Default for Config {
@@ -228,6 +237,7 @@ impl Default for Config {
             max_frame: MAX_FRAME,
             rx_queue: 64,
             learn: 256,
+            nic_rx: 0,
         }
     }
 }
@@ -236,6 +246,18 @@ impl Config {
     /// Pages one frame can take (bounce pages, RX requests).
     pub fn pages_per_frame(&self) -> usize {
         pages_for(self.max_frame)
+    }
+
+    /// NIC receive buffers netback holds at most, over all vifs: a quarter
+    /// of [`Config::nic_rx`].
+    pub fn held_max(&self) -> usize {
+        self.nic_rx / 4
+    }
+
+    /// NIC receive buffers one vif's queue holds at most: half of
+    /// [`Config::held_max`], rounded up.
+    pub fn held_per_vif(&self) -> usize {
+        self.held_max().div_ceil(2)
     }
 }
 
@@ -499,6 +521,8 @@ pub struct Vif {
     rx_ring: Option<BackRing>,
     parser: tx::TxParser,
     queue: VecDeque<Queued>,
+    /// Entries of `queue` that are [`Queued::Nic`].
+    held: usize,
     hostile: Option<Hostile>,
     stats: Stats,
 }
@@ -561,6 +585,10 @@ impl Vif {
     /// Frames waiting for RX requests.
     pub fn rx_queued(&self) -> usize {
         self.queue.len()
+    }
+    /// Of those, frames still in a NIC receive buffer netback holds.
+    pub fn rx_held(&self) -> usize {
+        self.held
     }
     /// TX slots taken and not answered yet (a packet whose chain is not
     /// complete on the ring).
@@ -714,6 +742,7 @@ impl Netback {
             rx_ring: None,
             parser: tx::TxParser::new(self.cfg.max_frame),
             queue: VecDeque::new(),
+            held: 0,
             hostile: None,
             stats: Stats::default(),
         });
@@ -816,8 +845,9 @@ impl Netback {
     }
 
     /// [`Netback::nic_input`] of a frame still in the NIC's receive buffer
-    /// `buf`: a frame for one vif on the copy path is kept there (`held`)
-    /// and copied straight into the frontend's page; netback gives the
+    /// `buf`: a frame for one vif on the copy path is kept there (`held`;
+    /// within the limits of [`Config::nic_rx`], else copied) and copied
+    /// straight into the frontend's page; netback gives the
     /// buffer back through [`Netback::take_nic_done`] once it has been
     /// copied or dropped.
     pub fn nic_input_held(&mut self, f: &[u8], buf: RxBuf) -> NicInput {
@@ -863,10 +893,12 @@ impl Netback {
         match self.switch.forward(Port::Nic, &frame::dst(f)) {
             Forward::To(Port::Vif(j)) => match buf {
                 Some(b) if self.can_hold(j) => {
-                    self.vifs[j].queue.push_back(Queued::Nic {
+                    let v = &mut self.vifs[j];
+                    v.queue.push_back(Queued::Nic {
                         buf: b,
                         len: f.len(),
                     });
+                    v.held += 1;
                     self.nic_held += 1;
                     *wake |= 1 << j;
                     out.held = true;
@@ -888,13 +920,19 @@ impl Netback {
 
     /// Whether a frame for vif `j` may wait in a NIC receive buffer: the
     /// vif copies (the map path writes from our own copy), is connected and
-    /// has room in its queue.
+    /// has room in its queue, and neither netback as a whole nor this vif
+    /// holds its share of the NIC's receive buffers already (a frontend
+    /// that posts no RX requests must not starve the NIC, and with it every
+    /// other vif). Otherwise the frame is copied and the buffer goes back
+    /// at once.
     fn can_hold(&self, j: VifId) -> bool {
-        self.vifs.get(j).is_some_and(|v| {
-            matches!(v.path, PathState::Copy { .. })
-                && v.conn == Conn::Connected
-                && v.queue.len() < self.cfg.rx_queue
-        })
+        self.nic_held < self.cfg.held_max()
+            && self.vifs.get(j).is_some_and(|v| {
+                matches!(v.path, PathState::Copy { .. })
+                    && v.conn == Conn::Connected
+                    && v.queue.len() < self.cfg.rx_queue
+                    && v.held < self.cfg.held_per_vif()
+            })
     }
 
     fn enqueue(&mut self, j: VifId, f: &[u8], wake: &mut u64) {
@@ -1065,7 +1103,7 @@ impl Netback {
                 break;
             }
             let v = &mut self.vifs[id];
-            let Some(r) = v.tx_ring.as_mut() else { return };
+            let Some(r) = v.tx_ring.as_mut() else { break };
             let mut e = [0u8; TX_ENTRY_SIZE];
             let err = match r.take_request(tx, &mut e) {
                 Ok(true) => None,
@@ -1078,6 +1116,9 @@ impl Netback {
                 Err(err) => Some(err),
             };
             if let Some(err) = err {
+                // The batch is never copied or answered: its lent NIC
+                // buffers go back.
+                Self::abandon_tx(&mut batch, nic);
                 self.hostile(id, Hostile::Tx(err), tx, rx, out);
                 return;
             }
@@ -1116,6 +1157,19 @@ impl Netback {
         }
         self.flush_tx(id, &mut batch, grants, nic, out);
         self.respond_tx(id, tx, out);
+    }
+
+    /// Drop a TX batch unrun (the ring turned hostile): every lent NIC
+    /// buffer in it is given back.
+    fn abandon_tx<N: Nic>(b: &mut TxBatch, nic: &mut N) {
+        for (region, _, _) in b.spans.drain(..) {
+            if let Region::Nic(buf) = region {
+                nic.release(buf.id);
+            }
+        }
+        b.pkts.clear();
+        b.ops.clear();
+        b.pages = 0;
     }
 
     /// Add a packet's copies (frontend slots to consecutive bytes of
@@ -1291,10 +1345,11 @@ impl Netback {
                 break;
             }
             let need = pages_for(len);
-            let Some(r) = v.rx_ring.as_mut() else { return };
+            let Some(r) = v.rx_ring.as_mut() else { break };
             let avail = match r.unconsumed_requests(rx) {
                 Ok(n) => n as usize,
                 Err(err) => {
+                    self.abandon_rx(id, &mut plans);
                     self.hostile(id, Hostile::Rx(err), tx, rx, out);
                     return;
                 }
@@ -1308,6 +1363,7 @@ impl Netback {
                     Ok(n) if n as usize >= need => continue,
                     Ok(_) => break,
                     Err(err) => {
+                        self.abandon_rx(id, &mut plans);
                         self.hostile(id, Hostile::Rx(err), tx, rx, out);
                         return;
                     }
@@ -1322,7 +1378,7 @@ impl Netback {
                 }
             }
             let v = &mut self.vifs[id];
-            let Some(r) = v.rx_ring.as_mut() else { return };
+            let Some(r) = v.rx_ring.as_mut() else { break };
             let mut reqs = Vec::with_capacity(need);
             for _ in 0..need {
                 let mut e = [0u8; RX_ENTRY_SIZE];
@@ -1334,6 +1390,9 @@ impl Netback {
                 }
             }
             let Some(q) = v.queue.pop_front() else { break };
+            if let Queued::Nic { .. } = q {
+                v.held -= 1;
+            }
             budget -= 1;
             v.stats.rx_slots += reqs.len() as u64;
             if reqs.len() < need {
@@ -1406,6 +1465,18 @@ impl Netback {
         self.flush_rx(id, rx, grants, &mut plans, &mut ops, out);
         if let Some(r) = self.vifs[id].rx_ring.as_mut() {
             out.notify |= r.push_responses(rx);
+        }
+    }
+
+    /// Drop RX frames taken off the queue but not copied yet (the ring
+    /// turned hostile; their requests are never answered): counted as
+    /// [`Reason::RxDown`], held NIC buffers given back.
+    fn abandon_rx(&mut self, id: VifId, plans: &mut Vec<RxPlan>) {
+        for p in plans.drain(..) {
+            self.vifs[id].drop(Reason::RxDown);
+            if let Some(b) = p.held {
+                self.nic_done.push(b);
+            }
         }
     }
 
@@ -1560,6 +1631,7 @@ impl Netback {
         let v = &mut self.vifs[id];
         let dropped = v.queue.len() as u64;
         let queue = core::mem::take(&mut v.queue);
+        v.held = 0;
         v.stats.drops[Reason::RxDown as usize] += dropped;
         for q in queue {
             self.release_queued(q);

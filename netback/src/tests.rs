@@ -1506,6 +1506,7 @@ fn random_hostile_rings() {
             max_frame: if it % 4 == 1 { 9014 } else { MAX_FRAME },
             rx_queue: 1 + rng.below(16) as usize,
             learn: 4,
+            nic_rx: NIC_RX,
         };
         let n = 2 + rng.below(3) as usize;
         let mut h = H::with(n, copy, cfg, start);
@@ -1520,8 +1521,9 @@ fn random_hostile_rings() {
         let hostile_vif = rng.below(n as u64) as usize;
         // NIC receive buffers (three pages each: room for 9014 bytes) that
         // netback may hold; `free` are the ids the NIC may fill
-        let rx_bufs: Vec<u64> = (0..6).map(|_| h.w.bounce_pages(3)[0]).collect();
-        let mut free: Vec<u16> = (0..6).collect();
+        const NIC_RX: usize = 24;
+        let rx_bufs: Vec<u64> = (0..NIC_RX).map(|_| h.w.bounce_pages(3)[0]).collect();
+        let mut free: Vec<u16> = (0..NIC_RX as u16).collect();
         for _step in 0..300 {
             let i = rng.below(n as u64) as usize;
             if h.nb.vif(i).unwrap().conn() != Conn::Connected {
@@ -1594,7 +1596,15 @@ fn random_hostile_rings() {
                 assert!(!free.contains(&id), "it {it}: buffer {id} given back twice");
                 free.push(id);
             }
-            assert_eq!(free.len() + h.nb.nic_held(), 6, "it {it}: a buffer lost");
+            assert_eq!(
+                free.len() + h.nb.nic_held(),
+                NIC_RX,
+                "it {it}: a buffer lost"
+            );
+            assert!(h.nb.nic_held() <= cfg.held_max(), "it {it}: too many held");
+            for k in 0..n {
+                assert!(h.nb.vif(k).unwrap().rx_held() <= cfg.held_per_vif());
+            }
             assert!(h.w.violations.is_empty(), "it {it}: {:?}", h.w.violations);
             assert!(h.w.maps.is_empty(), "it {it}: mappings left");
         }
@@ -1675,7 +1685,11 @@ fn frames_to_the_nic_are_copied_into_lent_buffers_once() {
 
 #[test]
 fn held_nic_frames_are_copied_straight_and_given_back() {
-    let mut h = H::new(2, true);
+    let cfg = Config {
+        nic_rx: 64,
+        ..Config::default()
+    };
+    let mut h = H::with(2, true, cfg, 0);
     let rxbuf = h.w.bounce_pages(2);
     // a frame placed to cross a page of the NIC's memory
     let at = rxbuf[0] + 3000;
@@ -1725,5 +1739,186 @@ fn held_nic_frames_are_copied_straight_and_given_back() {
     assert_eq!(h.nb.nic_held(), 0);
     // and a closed vif holds nothing
     assert!(!h.nb.nic_input_held(&f, RxBuf { id: 10, addr: at }).held);
+    h.assert_clean();
+}
+
+/// Fills NIC receive buffer `id` (of `bufs`) with `f` and hands it to
+/// netback; true if netback holds it.
+fn nic_frame(h: &mut H, bufs: &[u64], id: u16, f: &[u8]) -> bool {
+    let addr = bufs[usize::from(id)];
+    h.w.write(addr, f);
+    h.nb.nic_input_held(f, RxBuf { id, addr }).held
+}
+
+#[test]
+fn a_stalled_vif_cannot_hold_every_nic_receive_buffer() {
+    // The NIC keeps 16 receive buffers posted; vif 0 is connected but
+    // never posts an RX request, while replies to it keep coming.
+    const NIC_RX: usize = 16;
+    let cfg = Config {
+        rx_queue: 256,
+        nic_rx: NIC_RX,
+        ..Config::default()
+    };
+    let mut h = H::with(3, true, cfg, 0);
+    let bufs: Vec<u64> = (0..NIC_RX).map(|_| h.w.bounce_pages(1)[0]).collect();
+    let mut free: Vec<u16> = (0..NIC_RX as u16).rev().collect();
+    let mut expect = Vec::new();
+    for k in 0..100u8 {
+        let id = free.pop().expect("every NIC receive buffer held");
+        let f = ipv4(mac(0), HOST, HOST_IP, ip(0), &pattern(200, k));
+        if !nic_frame(&mut h, &bufs, id, &f) {
+            free.push(id);
+        }
+        expect.push(f);
+        h.settle();
+        while let Some(id) = h.nb.take_nic_done() {
+            free.push(id);
+        }
+        assert!(
+            free.len() >= NIC_RX - cfg.held_max(),
+            "frame {k}: a stalled vif holds {} of {NIC_RX} NIC receive buffers",
+            NIC_RX - free.len()
+        );
+        assert!(h.nb.nic_held() <= cfg.held_max());
+    }
+    assert_eq!(h.nb.vif(0).unwrap().rx_held(), cfg.held_per_vif());
+    // the NIC still has most of its buffers, and the frames all wait
+    assert!(free.len() >= NIC_RX - cfg.held_max(), "{} free", free.len());
+    assert_eq!(h.nb.vif(0).unwrap().rx_queued(), 100);
+    // another stalled vif takes no more than its own share
+    for k in 0..50u8 {
+        let id = free.pop().expect("every NIC receive buffer held");
+        let f = ipv4(mac(1), HOST, HOST_IP, ip(1), &pattern(100, k));
+        if !nic_frame(&mut h, &bufs, id, &f) {
+            free.push(id);
+        }
+    }
+    assert_eq!(h.nb.nic_held(), cfg.held_max());
+    assert!(free.len() >= NIC_RX - cfg.held_max());
+    // a vif that does post RX requests still receives from the NIC
+    h.post(2, 1);
+    let id = free.pop().unwrap();
+    let f = ipv4(mac(2), HOST, HOST_IP, ip(2), b"still served");
+    let held = nic_frame(&mut h, &bufs, id, &f);
+    assert!(!held, "nothing left to hold: copied");
+    free.push(id);
+    h.settle();
+    assert_eq!(h.f[2].frames, [f]);
+    // vif 0 wakes up and gets everything, in order (held and copied)
+    h.post(0, 100);
+    h.settle();
+    assert!(h.f[0].frames == expect, "frames differ");
+    while let Some(id) = h.nb.take_nic_done() {
+        free.push(id);
+    }
+    assert_eq!(free.len() + h.nb.nic_held(), NIC_RX);
+    assert_eq!(h.nb.nic_held(), h.nb.vif(1).unwrap().rx_held());
+    h.assert_clean();
+}
+
+/// A ring page whose frontend moves `req_prod` past the ring once the
+/// backend has read `after` slots: hostile in the middle of a batch.
+struct TurnsHostile {
+    page: core::cell::RefCell<[u8; RING_PAGE]>,
+    reads: core::cell::Cell<usize>,
+    after: usize,
+}
+
+impl TurnsHostile {
+    fn new(page: &[u8; RING_PAGE], after: usize) -> TurnsHostile {
+        TurnsHostile {
+            page: core::cell::RefCell::new(*page),
+            reads: core::cell::Cell::new(0),
+            after,
+        }
+    }
+}
+
+impl RingPage for TurnsHostile {
+    fn load_u32(&self, off: usize) -> u32 {
+        self.page.borrow().load_u32(off)
+    }
+    fn store_u32(&mut self, off: usize, v: u32) {
+        self.page.get_mut().store_u32(off, v);
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        self.page.borrow().read(off, buf);
+        if off >= 64 {
+            self.reads.set(self.reads.get() + 1);
+            if self.reads.get() == self.after {
+                let mut p = self.page.borrow_mut();
+                let prod = p.load_u32(off::REQ_PROD);
+                p.store_u32(off::REQ_PROD, prod.wrapping_add(1000));
+            }
+        }
+    }
+    fn write(&mut self, off: usize, buf: &[u8]) {
+        self.page.get_mut().write(off, buf);
+    }
+    fn fence(&self) {}
+}
+
+#[test]
+fn hostile_mid_tx_batch_gives_lent_buffers_back() {
+    let mut h = H::new(1, true);
+    let lendable = h.nic.lend.len();
+    // five frames to the wire, each copied into a lent buffer; the ring
+    // turns hostile after the fourth slot is read
+    let reqs: Vec<TxRequest> = (0..5u8)
+        .map(|k| {
+            let f = ipv4(HOST, mac(0), ip(0), HOST_IP, &pattern(300, k));
+            h.frame_req(0, &f, 0)
+        })
+        .collect();
+    h.put(0, &reqs);
+    let fr = &mut h.f[0];
+    let mut page = TurnsHostile::new(&fr.tx, 4);
+    let p = h.nb.poll(0, &mut page, &mut *fr.rx, &mut h.w, &mut h.nic);
+    assert!(p.hostile && p.closed);
+    assert!(matches!(
+        h.nb.vif(0).unwrap().hostile(),
+        Some(Hostile::Tx(ring::Error::Overrun { .. }))
+    ));
+    assert!(h.nic.lent.is_empty(), "lent buffers lost: {:?}", h.nic.lent);
+    assert_eq!(h.nic.lend.len(), lendable);
+    assert!(h.nic.submitted.is_empty() && h.nic.sent.is_empty());
+    // nothing answered on the broken ring
+    assert_eq!(page.load_u32(off::RSP_PROD), 0);
+    h.assert_clean();
+}
+
+#[test]
+fn hostile_mid_rx_batch_gives_held_buffers_back() {
+    let cfg = Config {
+        nic_rx: 64,
+        ..Config::default()
+    };
+    let mut h = H::with(1, true, cfg, 0);
+    let bufs: Vec<u64> = (0..8).map(|_| h.w.bounce_pages(1)[0]).collect();
+    // four held frames and one of ours, waiting for RX requests
+    for k in 0..4u16 {
+        let f = ipv4(mac(0), HOST, HOST_IP, ip(0), &pattern(500, k as u8));
+        assert!(nic_frame(&mut h, &bufs, k, &f));
+    }
+    h.nb.nic_input(&ipv4(mac(0), HOST, HOST_IP, ip(0), b"copied"));
+    assert_eq!(h.nb.nic_held(), 4);
+    h.post(0, 5);
+    // the ring turns hostile once three requests are taken
+    let fr = &mut h.f[0];
+    let mut page = TurnsHostile::new(&fr.rx, 3);
+    let p = h.nb.poll(0, &mut *fr.tx, &mut page, &mut h.w, &mut h.nic);
+    assert!(p.hostile && p.closed);
+    assert!(matches!(
+        h.nb.vif(0).unwrap().hostile(),
+        Some(Hostile::Rx(ring::Error::Overrun { .. }))
+    ));
+    let mut back: Vec<u16> = core::iter::from_fn(|| h.nb.take_nic_done()).collect();
+    back.sort_unstable();
+    assert_eq!(back, [0, 1, 2, 3], "held buffers lost");
+    assert_eq!(h.nb.nic_held(), 0);
+    // every frame counted as dropped, none answered
+    assert_eq!(h.nb.vif(0).unwrap().stats().drops(Reason::RxDown), 5);
+    assert_eq!(page.load_u32(off::RSP_PROD), 0);
     h.assert_clean();
 }
