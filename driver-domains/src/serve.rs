@@ -870,9 +870,12 @@ mod domain {
         stats: LoopStats,
         /// The device broke the queue's rules; stop.
         broken: Option<&'static str>,
-        /// `reap`'s list of ended requests, kept between calls (no
-        /// allocation per interrupt once it has held a queue's worth);
-        /// `respond` retires them.
+        /// Ended requests, kept between calls (no allocation per
+        /// interrupt once it has held a queue's worth): `reap`'s, and
+        /// those `kick` ended without the device (a flush, a request the
+        /// virtqueue refused). Only `respond` retires them, after the held
+        /// unmaps, so no response goes out while a piece of its request is
+        /// still mapped for the device.
         reaped: Vec<Done>,
         /// Strict DMA: the unmaps of the reaped requests' pages, held back
         /// from `reap` to `respond` so that `kick`'s call in between takes
@@ -1003,27 +1006,6 @@ mod domain {
             }
         }
 
-        /// A backend request ended on the device.
-        fn complete(&mut self, d: Done) {
-            let Some(f) = self.fronts.get_mut(d.backend) else {
-                return;
-            };
-            let Some((page, _)) = f.ring.as_mut() else {
-                return;
-            };
-            let mut dev = Dev {
-                dispatch: &mut self.dispatch,
-                backend: d.backend,
-            };
-            let p = f
-                .backend
-                .complete(d.token, d.ok, page, &mut self.grants, &mut dev);
-            act(f, &mut self.grants, p);
-            if p.more {
-                self.serve(d.backend);
-            }
-        }
-
         /// Strict DMA: claims every buffer of the requests `kick` is about
         /// to start (header, data, status, and a block where the indirect
         /// list will be), then maps them all with one `dma_batch`, which
@@ -1086,8 +1068,9 @@ mod domain {
                         let ok = self.blk.flush().is_ok();
                         self.stats.flush_ns += time_ns() - t0;
                         self.notify.hold();
+                        // Answered by `respond`, like every ended request.
                         if let Some(d) = self.dispatch.ended_now(ok) {
-                            self.complete(d);
+                            self.reaped.push(d);
                         }
                     }
                     SubOp::Io {
@@ -1136,8 +1119,12 @@ mod domain {
                             Err(e) => {
                                 println!("blkback: the virtqueue refused a request: {e:?}");
                                 self.stats.failed_subs += 1;
+                                // Not answered here: earlier pieces of the
+                                // same request may have been reaped with
+                                // their unmaps held back; `respond` does
+                                // those unmaps first.
                                 if let Some(d) = self.dispatch.ended_now(false) {
-                                    self.complete(d);
+                                    self.reaped.push(d);
                                 }
                             }
                         }
@@ -1440,6 +1427,11 @@ mod domain {
             srv.kick();
             if srv.all_ended() {
                 break;
+            }
+            if !srv.reaped.is_empty() {
+                // `kick` ended requests without the device (a flush, a
+                // refused request): answer them before waiting.
+                continue;
             }
             if srv.dispatch.in_device() > 0 && !safety_armed {
                 let _ = set_timer(time_ns() + SAFETY_POLL_NS);
