@@ -845,6 +845,67 @@ mod domain {
         resp: BlkResp,
     }
 
+    const SLOTS_PER_PAGE: usize = PAGE_SIZE as usize / core::mem::size_of::<IoSlot>();
+    const _: () = assert!(SLOTS_PER_PAGE > 0);
+
+    /// A page of [`IoSlot`]s and nothing else: page-aligned, and its size
+    /// a page (`size_of` rounds up to the alignment).
+    #[repr(C, align(4096))]
+    struct SlotPage([IoSlot; SLOTS_PER_PAGE]);
+
+    const _: () = assert!(core::mem::size_of::<SlotPage>() == PAGE_SIZE as usize);
+
+    /// The virtio requests' [`IoSlot`]s, on pages of their own. In strict
+    /// DMA mode libdom's Hal maps each buffer's whole pages for the device
+    /// while its request is in flight, the page of a `BlkResp` writably:
+    /// anything else on that page (in a plain heap vector: blkback's slot
+    /// and cache tables, whose entries are addresses later handed to the
+    /// device) would be open to a hostile device. Here those pages hold
+    /// only other slots' headers and statuses, which only the device's own
+    /// requests use. One boxed slice, made once and never grown or
+    /// dropped while the loop runs: a slot never moves.
+    struct IoSlots(alloc::boxed::Box<[SlotPage]>);
+
+    impl IoSlots {
+        fn new(n: usize) -> IoSlots {
+            let pages = n.div_ceil(SLOTS_PER_PAGE).max(1);
+            IoSlots(
+                (0..pages)
+                    .map(|_| SlotPage(core::array::from_fn(|_| IoSlot::default())))
+                    .collect(),
+            )
+        }
+    }
+
+    impl core::ops::Index<usize> for IoSlots {
+        type Output = IoSlot;
+        fn index(&self, i: usize) -> &IoSlot {
+            &self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
+        }
+    }
+
+    impl core::ops::IndexMut<usize> for IoSlots {
+        fn index_mut(&mut self, i: usize) -> &mut IoSlot {
+            &mut self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
+        }
+    }
+
+    #[test]
+    fn io_slots_have_pages_of_their_own() {
+        for n in [1, 16, SLOTS_PER_PAGE, SLOTS_PER_PAGE + 1, 256, 1024] {
+            let s = IoSlots::new(n);
+            let base = s.0.as_ptr() as u64;
+            let len = core::mem::size_of_val(&*s.0) as u64;
+            assert!(base.is_multiple_of(PAGE_SIZE));
+            assert!(len.is_multiple_of(PAGE_SIZE) && len > 0);
+            for i in 0..n {
+                let req = core::ptr::from_ref(&s[i].req) as u64;
+                let resp = core::ptr::from_ref(&s[i].resp) as u64;
+                assert!(req >= base && resp < base + len, "{n} {i}");
+            }
+        }
+    }
+
     #[derive(Default)]
     struct LoopStats {
         waits: u64,
@@ -863,8 +924,9 @@ mod domain {
         /// The device hears of the requests `kick` adds once, at its end.
         notify: NotifyBatch<T>,
         dispatch: Dispatch,
-        /// Made once, never grown: a slot's memory never moves.
-        slots: Vec<IoSlot>,
+        /// Made once, never grown: a slot's memory never moves, and shares
+        /// its page with nothing but other slots ([`IoSlots`]).
+        slots: IoSlots,
         grants: DomGrants,
         fronts: Vec<Frontend<'a>>,
         stats: LoopStats,
@@ -896,6 +958,17 @@ mod domain {
     /// is first-fit, so the list lands there and its `share` finds it
     /// claimed and mapped. A guess: when it misses, that `share` makes its
     /// own call (correct, one call more).
+    ///
+    /// These blocks stay in the general heap: the list is allocated by
+    /// virtio-drivers through the global allocator, so a block reserved in
+    /// an arena of our own would not be where the list lands. What remains
+    /// exposed in strict DMA mode: while a request is in flight, the page
+    /// (or two) holding its 48-byte list is mapped for the device
+    /// read-only, so a hostile device can read, but not write, whatever
+    /// other heap objects share that page (blkback's tables, segment lists
+    /// copied from frontends, and the like). The data buffers (grant
+    /// mappings, page-aligned bounce pages) and the request headers and
+    /// statuses ([`IoSlots`]) are on pages of their own.
     const INDIRECT_LIST: Layout = match Layout::from_size_align(48, 16) {
         Ok(l) => l,
         Err(_) => panic!("bad layout"),
@@ -1088,8 +1161,8 @@ mod domain {
                             // for a READ) or its bounce pages, kept until
                             // its `complete` for this request, which comes
                             // after this virtio request's completion below.
-                            // The slot's `req` and `resp` stay put (the slot
-                            // vector never grows) until then too.
+                            // The slot's `req` and `resp` stay put (the
+                            // slots are never reallocated) until then too.
                             Direction::Read => unsafe {
                                 let buf =
                                     core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
@@ -1393,7 +1466,7 @@ mod domain {
                 depth,
                 fronts.len() * RING_SIZE as usize * blkif::MAX_SEGMENTS,
             ),
-            slots: (0..depth).map(|_| IoSlot::default()).collect(),
+            slots: IoSlots::new(depth),
             grants: DomGrants::default(),
             fronts,
             stats: LoopStats::default(),
