@@ -10,7 +10,11 @@
 //!   into it (zero copy). Up to `persistent` refs stay mapped once mapped
 //!   and are reused (Xen's persistent grants), so the frontend should reuse
 //!   a fixed pool of granted pages; past that, a ref is mapped per request
-//!   and unmapped when it completes.
+//!   and unmapped when it completes. The per-request mappings held at once
+//!   are capped by [`Config::map_quota`], so that one frontend cannot take
+//!   every mapping the driver domain may hold: a request that would exceed
+//!   it waits, like a request that finds too few bounce pages in the copy
+//!   path, until requests in the device give theirs back.
 //! - [`DataPath::Copy`]: the device works on bounce pages of the driver
 //!   domain and the hypervisor copies between them and the granted pages.
 //!
@@ -153,6 +157,21 @@ pub struct Config {
     /// EOPNOTSUPP. Advertised to the frontend in the ring header
     /// (`abi::ring::off::BACK_MAX_INDIRECT`) when the backend attaches.
     pub max_indirect_segments: u16,
+    /// [`DataPath::Map`]: most per-request grant mappings (those past the
+    /// persistent ones) this backend holds at once, over all its requests
+    /// in flight; the copy path ignores it. A request that would take the
+    /// backend past it waits (counted in [`Stats::map_waits`]) and is
+    /// started again when a request in the device completes and gives its
+    /// mappings back; new requests are taken only once it has started. A
+    /// request that alone needs more than the quota starts once the
+    /// backend holds no per-request mapping, so it cannot wait forever:
+    /// the backend then holds at most `max(map_quota, segments of its
+    /// largest request)`; a driver domain that wants the quota to be a hard
+    /// bound keeps `max_indirect_segments` (and 11) within it. Besides, an
+    /// INDIRECT request's segment-list page that cannot stay mapped as a
+    /// persistent grant is mapped for a moment while the list is read: one
+    /// mapping more, at most. `usize::MAX`: no limit.
+    pub map_quota: usize,
 }
 
 impl Config {
@@ -279,8 +298,12 @@ pub struct Stats {
     pub unmap_failures: u64,
     /// Grant copy operations issued.
     pub copies: u64,
-    /// Times a request waited for bounce pages or a busy device.
+    /// Times a request waited for bounce pages, mapping quota or a busy
+    /// device.
     pub stalls: u64,
+    /// Of `stalls`: times a request waited because its mappings would have
+    /// taken the backend past [`Config::map_quota`].
+    pub map_waits: u64,
     /// Completions with a token no request of ours holds.
     pub stale_completions: u64,
     /// Connections ended because the frontend was hostile.
@@ -466,6 +489,31 @@ impl Cache {
         }
     }
 
+    /// Mappings that can still be kept.
+    fn room(&self) -> usize {
+        self.max - self.maps.len()
+    }
+
+    /// An upper bound on the per-request mappings (those `insert` does not
+    /// keep) that acquiring `segs` (`writable` for a READ) makes: a segment
+    /// not served from the cache is mapped; it is kept if its ref can be
+    /// cached and there is room, and later segments with that ref are then
+    /// served from the cache. So past `room` such segments, each may be a
+    /// per-request mapping, and so is every segment whose ref cannot be
+    /// kept (cached read-only but wanted writable, or past the index).
+    fn per_request_bound(&self, segs: &[SegIo], writable: bool) -> usize {
+        let (mut keepable, mut not) = (0usize, 0usize);
+        for io in segs {
+            match self.get(io.seg.gref) {
+                Some(p) if p.writable || !writable => {}
+                Some(_) => not += 1,
+                None if (io.seg.gref as usize) < self.index.len() => keepable += 1,
+                None => not += 1,
+            }
+        }
+        not + keepable.saturating_sub(self.room())
+    }
+
     /// Forget every mapping; the caller unmaps them.
     fn take_all(&mut self) -> Vec<Mapping> {
         self.index.fill(0);
@@ -633,6 +681,10 @@ pub struct Backend {
     free_slots: u64,
     /// Slots in the device.
     in_device: usize,
+    /// [`Config::map_quota`].
+    map_quota: usize,
+    /// Per-request mappings (segments [`Backing::Mapped`]) held now.
+    request_maps: usize,
     gen: u32,
     /// The slot whose request waits for bounce pages or the device; it is
     /// started before any new request is taken.
@@ -706,6 +758,8 @@ impl Backend {
             slots,
             free_slots: u64::MAX >> (u64::BITS - RING_SIZE),
             in_device: 0,
+            map_quota: cfg.map_quota,
+            request_maps: 0,
             gen: 0,
             stalled: None,
             bufs: Vec::with_capacity(most_segments),
@@ -732,6 +786,11 @@ impl Backend {
     /// Requests the device is working on.
     pub fn in_flight(&self) -> usize {
         self.in_device
+    }
+    /// Per-request grant mappings held now (map path; see
+    /// [`Config::map_quota`]).
+    pub fn request_maps(&self) -> usize {
+        self.request_maps
     }
     /// Grant refs mapped persistently now.
     pub fn persistent_grants(&self) -> usize {
@@ -1095,15 +1154,28 @@ impl Backend {
 
     /// Get the pages for slot `s`'s segments: map them, or take bounce
     /// pages (and copy a WRITE's data in). `Ok(false)`: not enough bounce
-    /// pages free now. On an error, what was taken is in the slot for
-    /// `release`.
+    /// pages free now, or the mappings would take the backend past its
+    /// quota (nothing taken either way). On an error, what was taken is in
+    /// the slot for `release`.
     fn acquire<G: Grants>(&mut self, s: usize, grants: &mut G) -> Result<bool, Reject> {
         let frontend = self.frontend;
         let stats = &mut self.stats;
+        let request_maps = &mut self.request_maps;
         let slot = &mut self.slots[s];
         match &mut self.path {
             PathState::Map(cache) => {
                 let writable = slot.kind == Kind::Read;
+                // Within the quota, or alone if the request needs more
+                // than all of it (then it waits for the others to end).
+                let bound = cache.per_request_bound(&slot.segs, writable);
+                if bound > 0
+                    && *request_maps > 0
+                    && request_maps.saturating_add(bound) > self.map_quota
+                {
+                    stats.map_waits += 1;
+                    return Ok(false);
+                }
+                let mut made = 0;
                 let mut hits = 0;
                 let mut result = Ok(());
                 for io in slot.segs.iter_mut() {
@@ -1121,13 +1193,23 @@ impl Backend {
                         break;
                     };
                     stats.maps += 1;
+                    if cache.insert(gref, m, writable) {
+                        io.page = m.addr;
+                        io.backing = Backing::Persistent;
+                        continue;
+                    }
+                    if made == bound {
+                        // Past the bound (a mapping the cache refused for
+                        // its address): keep the quota, fail the request.
+                        unmap(grants, stats, m);
+                        result = Err(Reject::Grant);
+                        break;
+                    }
+                    made += 1;
+                    *request_maps += 1;
+                    slot.holds = true;
                     io.page = m.addr;
-                    io.backing = if cache.insert(gref, m, writable) {
-                        Backing::Persistent
-                    } else {
-                        slot.holds = true;
-                        Backing::Mapped(m.handle)
-                    };
+                    io.backing = Backing::Mapped(m.handle);
                 }
                 stats.persistent_hits += hits;
                 result?;
@@ -1203,14 +1285,20 @@ impl Backend {
         for io in slot.segs.iter_mut() {
             match core::mem::replace(&mut io.backing, Backing::None) {
                 Backing::None | Backing::Persistent => {}
-                Backing::Mapped(handle) => unmap(
-                    grants,
-                    &mut self.stats,
-                    Mapping {
-                        handle,
-                        addr: io.page,
-                    },
-                ),
+                Backing::Mapped(handle) => {
+                    // Counted back even if the unmap fails (counted in
+                    // `unmap_failures`): a quota that shrank for good
+                    // could hold a request back for ever.
+                    self.request_maps = self.request_maps.saturating_sub(1);
+                    unmap(
+                        grants,
+                        &mut self.stats,
+                        Mapping {
+                            handle,
+                            addr: io.page,
+                        },
+                    )
+                }
                 Backing::Bounce(i) => {
                     if let PathState::Copy { free, .. } = &mut self.path {
                         free.give(i as usize);
@@ -1221,8 +1309,9 @@ impl Backend {
     }
 
     /// Acquire pages for slot `s`'s validated request and hand it to the
-    /// device. false: it had to wait (bounce pages or a busy device) and is
-    /// kept as `stalled`.
+    /// device. false: it had to wait (bounce pages, the mapping quota or a
+    /// busy device) and is kept as `stalled`; every `poll` and `complete`
+    /// tries it again before taking new requests.
     fn start<P, G, D>(&mut self, s: usize, page: &mut P, grants: &mut G, dev: &mut D) -> bool
     where
         P: RingPage + ?Sized,

@@ -45,6 +45,8 @@ struct World {
     bounce: BTreeMap<u64, Vec<u8>>,
     violations: Vec<String>,
     map_calls: u64,
+    /// Most mappings held at once.
+    max_live: usize,
 }
 
 impl World {
@@ -174,6 +176,7 @@ impl Grants for World {
                 handle: self.next_handle,
             },
         );
+        self.max_live = self.max_live.max(self.maps.len());
         Ok(Mapping {
             handle: self.next_handle,
             addr,
@@ -342,6 +345,7 @@ fn config(path: DataPath, read_only: bool) -> Config {
         read_only,
         path,
         max_indirect_segments: MAX_INDIRECT_SEGMENTS,
+        map_quota: usize::MAX,
     }
 }
 
@@ -1575,4 +1579,93 @@ fn random_hostile_rings() {
             );
         }
     }
+}
+
+/// Eight INDIRECT WRITEs of 16 one-sector segments, each in a fresh page
+/// and with its own fresh segment-list page, all sent at once to a backend
+/// with `persistent` persistent grants and `quota`; each request's pages
+/// hold its number. Runs them to the end and checks every one succeeded
+/// and the data is on the disk.
+fn fresh_indirect_writes(persistent: usize, quota: usize) -> H {
+    let mut h = H::new(map_path(persistent), false);
+    h.be.map_quota = quota;
+    for i in 0..8u64 {
+        let list = h.world.grant(BACK, true);
+        for j in 0..16usize {
+            let g = h.world.grant(BACK, true);
+            h.world.front_page(g).fill((16 * i as usize + j) as u8);
+            h.world.front_page(list)[j * 8..j * 8 + 8].copy_from_slice(&seg(g, 0, 0).encode());
+        }
+        h.send(&indirect(op::WRITE, i, 16 * i, 16, &[list]));
+    }
+    h.drain();
+    let r = h.responses();
+    assert_eq!(r.len(), 8);
+    assert!(r.iter().all(|r| r.status == status::OKAY), "{r:?}");
+    for k in 0..128u64 {
+        assert!(disk_at(&h, k, 512).iter().all(|x| *x == k as u8), "{k}");
+    }
+    assert_eq!(h.be.request_maps(), 0);
+    assert_eq!(h.world.maps.len(), h.be.persistent_grants());
+    h.assert_clean();
+    h
+}
+
+/// A frontend whose persistent grants are used up and that keeps naming
+/// fresh refs holds at most its quota of per-request mappings (plus one
+/// segment-list page being read); the requests past it wait for mappings
+/// to come back and all complete.
+#[test]
+fn map_quota_bounds_per_request_mappings() {
+    const PERSISTENT: usize = 4;
+    const QUOTA: usize = 40;
+    // Without a quota the same frontend holds far more.
+    let h = fresh_indirect_writes(PERSISTENT, usize::MAX);
+    assert!(
+        h.world.max_live > PERSISTENT + QUOTA + 1,
+        "{}",
+        h.world.max_live
+    );
+    assert_eq!(h.be.stats().map_waits, 0);
+    let h = fresh_indirect_writes(PERSISTENT, QUOTA);
+    assert!(
+        h.world.max_live <= PERSISTENT + QUOTA + 1,
+        "{}",
+        h.world.max_live
+    );
+    let s = h.be.stats();
+    assert!(s.map_waits > 0);
+    assert_eq!(s.maps, s.unmaps + PERSISTENT as u64);
+}
+
+/// A request that alone needs more mappings than the whole quota is not
+/// held back for ever: it starts once the backend holds no per-request
+/// mapping.
+#[test]
+fn request_larger_than_the_quota_goes_alone() {
+    let h = fresh_indirect_writes(0, 5);
+    // one request's 16 data pages and its list page, never two requests'
+    assert!(h.world.max_live <= 17, "{}", h.world.max_live);
+    assert!(h.be.stats().map_waits > 0);
+    // persistent grants count against nothing: an honest frontend that
+    // reuses its pages never waits (a READ first: its pages are cached
+    // writable and serve the WRITEs too)
+    let mut h = H::new(map_path(64), false);
+    h.be.map_quota = 0;
+    let g: Vec<u32> = (0..11).map(|_| h.world.grant(BACK, false)).collect();
+    let segs: Vec<Segment> = g.iter().map(|g| seg(*g, 0, 7)).collect();
+    for i in 0..20 {
+        h.send(&rw(
+            if i % 2 == 0 { op::READ } else { op::WRITE },
+            i,
+            0,
+            &segs,
+        ));
+    }
+    h.drain();
+    let r = h.responses();
+    assert_eq!(r.len(), 20);
+    assert!(r.iter().all(|r| r.status == status::OKAY));
+    assert_eq!(h.be.stats().map_waits, 0);
+    h.assert_clean();
 }

@@ -70,10 +70,14 @@ use libdom::Args;
 /// The keys serve mode takes.
 pub const KEYS: &[&str] = &["serve", "indirect", "persistent"];
 
+/// Grant mappings the hypervisor lets one domain hold at once
+/// (`hypervisor::grant::MAX_MAPS_PER_DOMAIN`, which this crate cannot
+/// name); past it a map fails with `NoDeviceSpace`.
+pub const MAX_MAPS: usize = 4096;
+
 /// Grant mappings this domain keeps for persistent grants, over all its
-/// frontends. The hypervisor allows a domain 4096 grant mappings
-/// (`hypervisor::grant::MAX_MAPS_PER_DOMAIN`); the rest is for the rings and
-/// the per-request mappings past the persistent ones.
+/// frontends, of [`MAX_MAPS`]; the rest is for the rings and the
+/// per-request mappings past the persistent ones ([`map_quota`]).
 pub const PERSISTENT_TOTAL: usize = 3584;
 /// Persistent grants one frontend can use at most (data pages and INDIRECT
 /// segment-list pages alike): room for [`blkif::MAX_SEGMENTS`] pages per
@@ -157,6 +161,21 @@ pub fn persistent_budget(map_vbds: usize) -> usize {
     PERSISTENT_PER_FRONTEND.min(PERSISTENT_TOTAL / map_vbds.max(1))
 }
 
+/// Per-request grant mappings one map vbd's backend may hold at once
+/// ([`blkback::Config::map_quota`]) when the domain serves `vbds` vbds,
+/// `map_vbds` of them by grant map with `persistent` persistent grants
+/// each: what [`MAX_MAPS`] leaves after the rings (one per vbd), the
+/// persistent grants and one segment-list page being read per map vbd,
+/// split evenly among the map vbds. So however one frontend behaves (fresh
+/// refs in every INDIRECT request, say), the others' maps and a new ring's
+/// map still find room. [`config`] keeps a map vbd's INDIRECT limit within
+/// it, which makes it a hard bound. With the default budget and at most
+/// [`abi::domain::MAX_VBDS`] vbds it is at least 62.
+pub fn map_quota(vbds: usize, map_vbds: usize, persistent: usize) -> usize {
+    let fixed = vbds.saturating_add(map_vbds.saturating_mul(persistent.saturating_add(1)));
+    MAX_MAPS.saturating_sub(fixed) / map_vbds.max(1)
+}
+
 /// The vbds of the start info this domain serves.
 pub fn served<'a>(vbds: &[Option<VbdInfo<'a>>]) -> Vec<VbdInfo<'a>> {
     vbds.iter()
@@ -172,10 +191,22 @@ pub fn bounce_pages(indirect: u16) -> usize {
     blkif::MAX_SEGMENTS.max(usize::from(indirect)) + 1
 }
 
-/// The backend's configuration for `vbd`: `persistent` grants if it is a
-/// map vbd, `bounce` (page-aligned, at least [`bounce_pages`]) if it is a
-/// copy vbd.
-pub fn config(vbd: &VbdInfo<'_>, indirect: u16, persistent: usize, bounce: Vec<u64>) -> Config {
+/// The backend's configuration for `vbd`: `persistent` grants and at most
+/// `quota` per-request mappings ([`map_quota`]) if it is a map vbd, its
+/// INDIRECT limit `indirect` lowered to `quota` so that no request needs
+/// more than the quota; `bounce` (page-aligned, at least
+/// [`bounce_pages`]) if it is a copy vbd.
+pub fn config(
+    vbd: &VbdInfo<'_>,
+    indirect: u16,
+    persistent: usize,
+    quota: usize,
+    bounce: Vec<u64>,
+) -> Config {
+    let indirect = match vbd.mode {
+        VbdMode::Map => indirect.min(u16::try_from(quota).unwrap_or(u16::MAX)),
+        VbdMode::Copy => indirect,
+    };
     Config {
         frontend: vbd.peer,
         first_sector: vbd.first_sector,
@@ -186,6 +217,7 @@ pub fn config(vbd: &VbdInfo<'_>, indirect: u16, persistent: usize, bounce: Vec<u
             VbdMode::Copy => DataPath::Copy { bounce },
         },
         max_indirect_segments: indirect,
+        map_quota: quota,
     }
 }
 
@@ -684,8 +716,8 @@ mod domain {
     use abi::blkif::{self, RING_SIZE};
 
     use super::{
-        bounce_pages, config, persistent_budget, served, Dev, Dispatch, Done, ServeArgs, SubOp,
-        Window,
+        bounce_pages, config, map_quota, persistent_budget, served, Dev, Dispatch, Done, ServeArgs,
+        SubOp, Window,
     };
 
     const _: () = assert!(abi::domain::MAX_VBDS <= 64);
@@ -813,6 +845,67 @@ mod domain {
         resp: BlkResp,
     }
 
+    const SLOTS_PER_PAGE: usize = PAGE_SIZE as usize / core::mem::size_of::<IoSlot>();
+    const _: () = assert!(SLOTS_PER_PAGE > 0);
+
+    /// A page of [`IoSlot`]s and nothing else: page-aligned, and its size
+    /// a page (`size_of` rounds up to the alignment).
+    #[repr(C, align(4096))]
+    struct SlotPage([IoSlot; SLOTS_PER_PAGE]);
+
+    const _: () = assert!(core::mem::size_of::<SlotPage>() == PAGE_SIZE as usize);
+
+    /// The virtio requests' [`IoSlot`]s, on pages of their own. In strict
+    /// DMA mode libdom's Hal maps each buffer's whole pages for the device
+    /// while its request is in flight, the page of a `BlkResp` writably:
+    /// anything else on that page (in a plain heap vector: blkback's slot
+    /// and cache tables, whose entries are addresses later handed to the
+    /// device) would be open to a hostile device. Here those pages hold
+    /// only other slots' headers and statuses, which only the device's own
+    /// requests use. One boxed slice, made once and never grown or
+    /// dropped while the loop runs: a slot never moves.
+    struct IoSlots(alloc::boxed::Box<[SlotPage]>);
+
+    impl IoSlots {
+        fn new(n: usize) -> IoSlots {
+            let pages = n.div_ceil(SLOTS_PER_PAGE).max(1);
+            IoSlots(
+                (0..pages)
+                    .map(|_| SlotPage(core::array::from_fn(|_| IoSlot::default())))
+                    .collect(),
+            )
+        }
+    }
+
+    impl core::ops::Index<usize> for IoSlots {
+        type Output = IoSlot;
+        fn index(&self, i: usize) -> &IoSlot {
+            &self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
+        }
+    }
+
+    impl core::ops::IndexMut<usize> for IoSlots {
+        fn index_mut(&mut self, i: usize) -> &mut IoSlot {
+            &mut self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
+        }
+    }
+
+    #[test]
+    fn io_slots_have_pages_of_their_own() {
+        for n in [1, 16, SLOTS_PER_PAGE, SLOTS_PER_PAGE + 1, 256, 1024] {
+            let s = IoSlots::new(n);
+            let base = s.0.as_ptr() as u64;
+            let len = core::mem::size_of_val(&*s.0) as u64;
+            assert!(base.is_multiple_of(PAGE_SIZE));
+            assert!(len.is_multiple_of(PAGE_SIZE) && len > 0);
+            for i in 0..n {
+                let req = core::ptr::from_ref(&s[i].req) as u64;
+                let resp = core::ptr::from_ref(&s[i].resp) as u64;
+                assert!(req >= base && resp < base + len, "{n} {i}");
+            }
+        }
+    }
+
     #[derive(Default)]
     struct LoopStats {
         waits: u64,
@@ -831,16 +924,20 @@ mod domain {
         /// The device hears of the requests `kick` adds once, at its end.
         notify: NotifyBatch<T>,
         dispatch: Dispatch,
-        /// Made once, never grown: a slot's memory never moves.
-        slots: Vec<IoSlot>,
+        /// Made once, never grown: a slot's memory never moves, and shares
+        /// its page with nothing but other slots ([`IoSlots`]).
+        slots: IoSlots,
         grants: DomGrants,
         fronts: Vec<Frontend<'a>>,
         stats: LoopStats,
         /// The device broke the queue's rules; stop.
         broken: Option<&'static str>,
-        /// `reap`'s list of ended requests, kept between calls (no
-        /// allocation per interrupt once it has held a queue's worth);
-        /// `respond` retires them.
+        /// Ended requests, kept between calls (no allocation per
+        /// interrupt once it has held a queue's worth): `reap`'s, and
+        /// those `kick` ended without the device (a flush, a request the
+        /// virtqueue refused). Only `respond` retires them, after the held
+        /// unmaps, so no response goes out while a piece of its request is
+        /// still mapped for the device.
         reaped: Vec<Done>,
         /// Strict DMA: the unmaps of the reaped requests' pages, held back
         /// from `reap` to `respond` so that `kick`'s call in between takes
@@ -861,6 +958,17 @@ mod domain {
     /// is first-fit, so the list lands there and its `share` finds it
     /// claimed and mapped. A guess: when it misses, that `share` makes its
     /// own call (correct, one call more).
+    ///
+    /// These blocks stay in the general heap: the list is allocated by
+    /// virtio-drivers through the global allocator, so a block reserved in
+    /// an arena of our own would not be where the list lands. What remains
+    /// exposed in strict DMA mode: while a request is in flight, the page
+    /// (or two) holding its 48-byte list is mapped for the device
+    /// read-only, so a hostile device can read, but not write, whatever
+    /// other heap objects share that page (blkback's tables, segment lists
+    /// copied from frontends, and the like). The data buffers (grant
+    /// mappings, page-aligned bounce pages) and the request headers and
+    /// statuses ([`IoSlots`]) are on pages of their own.
     const INDIRECT_LIST: Layout = match Layout::from_size_align(48, 16) {
         Ok(l) => l,
         Err(_) => panic!("bad layout"),
@@ -971,27 +1079,6 @@ mod domain {
             }
         }
 
-        /// A backend request ended on the device.
-        fn complete(&mut self, d: Done) {
-            let Some(f) = self.fronts.get_mut(d.backend) else {
-                return;
-            };
-            let Some((page, _)) = f.ring.as_mut() else {
-                return;
-            };
-            let mut dev = Dev {
-                dispatch: &mut self.dispatch,
-                backend: d.backend,
-            };
-            let p = f
-                .backend
-                .complete(d.token, d.ok, page, &mut self.grants, &mut dev);
-            act(f, &mut self.grants, p);
-            if p.more {
-                self.serve(d.backend);
-            }
-        }
-
         /// Strict DMA: claims every buffer of the requests `kick` is about
         /// to start (header, data, status, and a block where the indirect
         /// list will be), then maps them all with one `dma_batch`, which
@@ -1054,8 +1141,9 @@ mod domain {
                         let ok = self.blk.flush().is_ok();
                         self.stats.flush_ns += time_ns() - t0;
                         self.notify.hold();
+                        // Answered by `respond`, like every ended request.
                         if let Some(d) = self.dispatch.ended_now(ok) {
-                            self.complete(d);
+                            self.reaped.push(d);
                         }
                     }
                     SubOp::Io {
@@ -1073,8 +1161,8 @@ mod domain {
                             // for a READ) or its bounce pages, kept until
                             // its `complete` for this request, which comes
                             // after this virtio request's completion below.
-                            // The slot's `req` and `resp` stay put (the slot
-                            // vector never grows) until then too.
+                            // The slot's `req` and `resp` stay put (the
+                            // slots are never reallocated) until then too.
                             Direction::Read => unsafe {
                                 let buf =
                                     core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
@@ -1104,8 +1192,12 @@ mod domain {
                             Err(e) => {
                                 println!("blkback: the virtqueue refused a request: {e:?}");
                                 self.stats.failed_subs += 1;
+                                // Not answered here: earlier pieces of the
+                                // same request may have been reaped with
+                                // their unmaps held back; `respond` does
+                                // those unmaps first.
                                 if let Some(d) = self.dispatch.ended_now(false) {
-                                    self.complete(d);
+                                    self.reaped.push(d);
                                 }
                             }
                         }
@@ -1264,7 +1356,7 @@ mod domain {
             }
         }
         println!(
-            "blkback: {}: errors {}{errs}; grants: {} maps, {} unmaps ({} failed), {} persistent hits, {} copies; {} stalls, {} stale completions, {} hostile; {} polls, {} notifies",
+            "blkback: {}: errors {}{errs}; grants: {} maps, {} unmaps ({} failed), {} persistent hits, {} copies; {} stalls ({} for the mapping quota), {} stale completions, {} hostile; {} polls, {} notifies",
             f.vbd.name,
             s.total_errors(),
             s.maps,
@@ -1273,6 +1365,7 @@ mod domain {
             s.persistent_hits,
             s.copies,
             s.stalls,
+            s.map_waits,
             s.stale_completions,
             s.hostile,
             f.polls,
@@ -1310,6 +1403,14 @@ mod domain {
         let capacity = blk.capacity();
         let maps = vbds.iter().filter(|v| v.mode == VbdMode::Map).count();
         let persistent = args.persistent.unwrap_or(persistent_budget(maps));
+        let quota = map_quota(vbds.len(), maps, persistent);
+        if maps > 0 && quota < blkif::MAX_SEGMENTS {
+            println!(
+                "blkback: persistent={persistent} over {maps} map vbds leaves {quota} grant mappings each for requests, fewer than {}; lower persistent",
+                blkif::MAX_SEGMENTS
+            );
+            return 1;
+        }
         let mut fronts = Vec::new();
         for v in &vbds {
             if v.first_sector
@@ -1337,7 +1438,7 @@ mod domain {
                     pages
                 }
             };
-            let backend = match Backend::new(config(v, args.indirect, persistent, bounce)) {
+            let backend = match Backend::new(config(v, args.indirect, persistent, quota, bounce)) {
                 Ok(b) => b,
                 Err(e) => {
                     println!("blkback: {}: {e}", v.name);
@@ -1365,7 +1466,7 @@ mod domain {
                 depth,
                 fronts.len() * RING_SIZE as usize * blkif::MAX_SEGMENTS,
             ),
-            slots: (0..depth).map(|_| IoSlot::default()).collect(),
+            slots: IoSlots::new(depth),
             grants: DomGrants::default(),
             fronts,
             stats: LoopStats::default(),
@@ -1376,11 +1477,12 @@ mod domain {
             lists: Vec::with_capacity(depth),
         };
         println!(
-            "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants each; {} by grant copy), indirect up to {} segments, {depth} virtio descriptors",
+            "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants and {quota} more mappings each; {} by grant copy), indirect up to {} segments (map vbds: {}), {depth} virtio descriptors",
             srv.fronts.len(),
             maps,
             srv.fronts.len() - maps,
-            args.indirect
+            args.indirect,
+            args.indirect.min(u16::try_from(quota).unwrap_or(u16::MAX))
         );
         let t0 = time_ns();
         for i in 0..srv.fronts.len() {
@@ -1398,6 +1500,11 @@ mod domain {
             srv.kick();
             if srv.all_ended() {
                 break;
+            }
+            if !srv.reaped.is_empty() {
+                // `kick` ended requests without the device (a flush, a
+                // refused request): answer them before waiting.
+                continue;
             }
             if srv.dispatch.in_device() > 0 && !safety_armed {
                 let _ = set_timer(time_ns() + SAFETY_POLL_NS);
@@ -1537,7 +1644,7 @@ mod tests {
 
     #[test]
     fn configs_from_vbds() {
-        let c = config(&vbd(VbdMode::Map, VbdRole::Back), 256, 704, vec![]);
+        let c = config(&vbd(VbdMode::Map, VbdRole::Back), 256, 704, 3000, vec![]);
         assert_eq!(
             c,
             Config {
@@ -1547,17 +1654,30 @@ mod tests {
                 read_only: true,
                 path: DataPath::Map { persistent: 704 },
                 max_indirect_segments: 256,
+                map_quota: 3000,
             }
         );
+        // A map vbd's INDIRECT limit stays within its quota; a copy vbd's
+        // does not depend on it.
+        let c = config(&vbd(VbdMode::Map, VbdRole::Back), 256, 448, 62, vec![]);
+        assert_eq!((c.max_indirect_segments, c.map_quota), (62, 62));
+        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 256, 448, 62, vec![]);
+        assert_eq!(c.max_indirect_segments, 256);
         let pages: Vec<u64> = (0..bounce_pages(0) as u64)
             .map(|i| 0x50_0000 + i * 4096)
             .collect();
-        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 0, 704, pages.clone());
+        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 0, 704, 0, pages.clone());
         assert_eq!(c.path, DataPath::Copy { bounce: pages });
         assert_eq!(c.bounce_pages_needed(), bounce_pages(0));
         assert!(blkback::Backend::new(c).is_ok());
         assert_eq!(bounce_pages(256), 257);
-        let c = config(&vbd(VbdMode::Copy, VbdRole::Back), 256, 0, vec![0x1000; 12]);
+        let c = config(
+            &vbd(VbdMode::Copy, VbdRole::Back),
+            256,
+            0,
+            0,
+            vec![0x1000; 12],
+        );
         assert!(blkback::Backend::new(c).is_err());
         // Only the vbds this domain serves.
         let mut list = [None; abi::domain::MAX_VBDS];
@@ -1571,6 +1691,25 @@ mod tests {
         assert_eq!(persistent_budget(2), PERSISTENT_PER_FRONTEND);
         assert_eq!(persistent_budget(8), PERSISTENT_TOTAL / 8);
         assert!(persistent_budget(8) * 8 <= PERSISTENT_TOTAL);
+        // What is left is split among the map vbds, after the rings and
+        // one segment-list page each; with the default budget every map
+        // vbd can take a full request (11 segments) and then some.
+        assert_eq!(map_quota(1, 1, 704), MAX_MAPS - 1 - 705);
+        assert_eq!(
+            map_quota(8, 8, persistent_budget(8)),
+            (MAX_MAPS - 8 - 8 * 449) / 8
+        );
+        assert_eq!(map_quota(8, 8, persistent_budget(8)), 62);
+        for vbds in 1..=abi::domain::MAX_VBDS {
+            for maps in 1..=vbds {
+                let p = persistent_budget(maps);
+                let q = map_quota(vbds, maps, p);
+                assert!(q >= 62, "{vbds} {maps}");
+                assert!(vbds + maps * (p + 1 + q) <= MAX_MAPS, "{vbds} {maps}");
+            }
+        }
+        // An overcommitted persistent= leaves nothing (run refuses it).
+        assert_eq!(map_quota(2, 2, 3584), 0);
     }
 
     #[test]
@@ -1918,7 +2057,7 @@ mod tests {
                     readonly: false,
                     ..vbd(VbdMode::Map, VbdRole::Back)
                 };
-                let b = Backend::new(config(&v, 0, 8, vec![])).unwrap();
+                let b = Backend::new(config(&v, 0, 8, usize::MAX, vec![])).unwrap();
                 (page, f, b)
             })
             .collect();
