@@ -471,7 +471,12 @@ impl Tables {
             let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
             let mut present = 0;
             let mut next = to | bits;
-            for slot in mem.frame(table).iter_mut().skip(first).take(n) {
+            // `first + n <= 512`: the slice is whole, so the loop has no bounds to test.
+            for slot in mem
+                .frame(table)
+                .get_mut(first..first + n)
+                .unwrap_or(&mut [])
+            {
                 present |= *slot;
                 *slot = next;
                 next += PAGE_SIZE;
@@ -537,26 +542,24 @@ impl Tables {
             };
             let first = pte::index(va, 1);
             let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
-            let listed = frames.frames(va).iter().take(n);
-            let mut present = 0;
-            let mut written = 0;
-            for (slot, &frame) in mem.frame(table).iter_mut().skip(first).zip(listed) {
-                present |= *slot;
-                *slot = (frame & !(PAGE_SIZE - 1)) | bits;
-                written += 1;
-            }
-            done.replaced |= present & (pte::R | pte::W) != 0;
-            run.wrote(first, written);
-            done.bytes += written as u64 * PAGE_SIZE;
-            if written < n {
+            let (Some(listed), Some(slots)) = (
+                frames.frames(va).get(..n),
+                mem.frame(table).get_mut(first..first + n),
+            ) else {
                 // The source changed since `check_frames` (it may not): stop there.
                 return Err(MapFailed {
-                    error: Error::MissingFrame {
-                        iova: iova + done.bytes,
-                    },
+                    error: Error::MissingFrame { iova: va },
                     done,
                 });
+            };
+            let mut present = 0;
+            for (slot, &frame) in slots.iter_mut().zip(listed) {
+                present |= *slot;
+                *slot = (frame & !(PAGE_SIZE - 1)) | bits;
             }
+            done.replaced |= present & (pte::R | pte::W) != 0;
+            run.wrote(first, n);
+            done.bytes += n as u64 * PAGE_SIZE;
         }
         Ok(done)
     }
@@ -569,14 +572,13 @@ impl Tables {
         let n = ((block_end.min(end) - va) / PAGE_SIZE) as usize;
         let listed = frames.frames(va);
         let limit = 1u64 << self.mgaw_bits;
-        let mut missing = listed.len() < n;
-        let mut beyond = false;
-        for &frame in listed.iter().take(n) {
-            let pa = frame & !(PAGE_SIZE - 1);
-            missing |= pa == 0;
-            beyond |= pa >= limit;
-        }
-        if missing || beyond {
+        // One test per page: a page address of 0 wraps to the top, so it fails the limit too.
+        let bad = listed.get(..n).is_none_or(|run| {
+            run.iter().fold(false, |bad, &f| {
+                bad | ((f & !(PAGE_SIZE - 1)).wrapping_sub(1) >= limit - 1)
+            })
+        });
+        if bad {
             // Find which page, for the error (the refusal's path only).
             let at = listed
                 .iter()
@@ -824,19 +826,16 @@ impl Tables {
                     // flush of the entries cleared.
                     let first = pte::index(va, 1);
                     let n = (512 - first).min(((end - va) / PAGE_SIZE) as usize);
-                    let entries = mem.frame(table).iter_mut().skip(first).take(n);
-                    let mut present = 0u64;
-                    if clear {
-                        for slot in entries {
-                            present += u64::from(*slot & (pte::R | pte::W) != 0);
-                            *slot = 0;
-                        }
-                    } else {
-                        for slot in entries {
-                            present += u64::from(*slot & (pte::R | pte::W) != 0);
-                        }
-                    }
+                    let entries = mem
+                        .frame(table)
+                        .get_mut(first..first + n)
+                        .unwrap_or(&mut []);
+                    let present = entries
+                        .iter()
+                        .filter(|&&e| e & (pte::R | pte::W) != 0)
+                        .count() as u64;
                     if clear && present != 0 {
+                        entries.fill(0);
                         // Clearing a not-present entry changes nothing the unit sees, so
                         // the flush covers the whole stretch.
                         self.sync(mem, table + first as u64 * 8, n * 8);
