@@ -15,10 +15,18 @@
 //! [`plan`] checks the operations against a [`DmaSpace`] (the kernel's view
 //! of the caller: its memory, its grant mappings, its IOMMU domain) in the
 //! order `abi::hypercall` documents and returns the changes for
-//! `iommu::Iommu::apply`: one `Unmap` per unmap operation, and one `Map` per
-//! run of pages whose physical pages are contiguous (an own-memory range is
-//! usually one; grant pages are one each). Nothing is changed on a refusal.
+//! `iommu::Iommu::apply_frames`: one `Unmap` per unmap operation, one `Map`
+//! per run of own pages whose physical pages are contiguous (an own-memory
+//! range is usually one), and one `MapFrames` per grant operation, whatever
+//! its length: its pages' frames are not copied out but read in place from
+//! the grant mappings' index ([`DmaSpace::device_frames`]; the caller hands
+//! the IOMMU the same index as its `iommu::FrameSource`), which `plan` has
+//! checked page by page. Nothing is changed on a refusal.
+//!
+//! Cost: per grant page, `plan` reads one index entry and the IOMMU writes
+//! one page-table entry from it; nothing is allocated and nothing searched.
 
+use crate::grant::device_frame;
 use abi::domain::USER_LIMIT;
 use abi::hypercall::{dma_flags, DmaOp, Error};
 use alloc::vec::Vec;
@@ -32,9 +40,11 @@ pub trait DmaSpace {
     /// address, its first physical address, its length in bytes (a run of
     /// contiguous frames) and whether the caller may write it.
     fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)>;
-    /// Calls `f(va, phys, writable)` for each page the caller mapped from a
-    /// grant with `DEVICE_MAP` in `[start, end)`, in ascending order.
-    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool));
+    /// The pages the caller mapped from grants with `DEVICE_MAP`, from `va`
+    /// to the end of its 2 MiB block (`iommu::FRAME_BLOCK`): one
+    /// `grant::device_frame` entry per page, 0 where there is none
+    /// (`GrantTables::device_frames`). Empty where the block holds none.
+    fn device_frames(&self, va: u64) -> &[u64];
     /// How many bytes of `va..va + len` its IOMMU domain maps now (`None`:
     /// the range cuts a large page, which strict mode never makes).
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64>;
@@ -145,20 +155,25 @@ pub fn plan(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Resu
             }
             continue;
         }
-        // Grants: every page of the range, in order, with no gap.
-        let mut next = r.start;
-        let mut bad = false;
-        space.device_grants(r.start, r.end, &mut |va, pa, writable| {
-            if bad || va != next || (write && !writable) {
-                bad = true;
-                return;
+        // Grants: every page of the range mapped for the devices (and
+        // writable, for WRITE), a block of the index at a time; the IOMMU
+        // reads the same entries when it writes the page tables.
+        let want = device_frame::PRESENT | if write { device_frame::WRITABLE } else { 0 };
+        let mut at = r.start;
+        while at < r.end {
+            let frames = space.device_frames(at);
+            let n = frames.len().min(((r.end - at) / PAGE_SIZE) as usize);
+            let all = frames.iter().take(n).fold(want, |all, &e| all & e);
+            if n == 0 || all != want {
+                return Err(Error::BadAddress);
             }
-            push_map(out, va, pa, PAGE_SIZE, perm);
-            next += PAGE_SIZE;
-        });
-        if bad || next != r.end {
-            return Err(Error::BadAddress);
+            at += n as u64 * PAGE_SIZE;
         }
+        out.push(Change::MapFrames {
+            iova: r.start,
+            len: r.end - r.start,
+            perm,
+        });
     }
     Ok(())
 }
@@ -175,24 +190,25 @@ fn map(iova: u64, pa: u64, len: u64, perm: Perm) -> Change {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeSet;
+
+    const RW: u64 = device_frame::PRESENT | device_frame::WRITABLE;
+    const RO: u64 = device_frame::PRESENT;
 
     /// Own memory: 0x40_0000.. (8 pages, the last two read-only) at
-    /// physical 0x100_0000; grants at 0x8000_0000.. on scattered frames.
+    /// physical 0x100_0000; grants at 0x8000_0000.. on scattered frames
+    /// (the first 2 MiB block of the window; nothing in the next).
     struct Space {
-        grants: BTreeMap<u64, (u64, bool)>,
+        grants: Vec<u64>,
         mapped: BTreeSet<u64>,
     }
 
     impl Space {
         fn new() -> Self {
-            let grants = [
-                (0x8000_0000, (0x700_0000, true)),
-                (0x8000_1000, (0x900_0000, true)),
-                (0x8000_2000, (0x900_1000, false)),
-            ];
+            let mut grants = std::vec![0; 1024];
+            grants[..3].copy_from_slice(&[0x700_0000 | RW, 0x900_0000 | RW, 0x900_1000 | RO]);
             Space {
-                grants: grants.into_iter().collect(),
+                grants,
                 mapped: BTreeSet::new(),
             }
         }
@@ -206,9 +222,13 @@ mod tests {
                 _ => None,
             }
         }
-        fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
-            for (&va, &(pa, w)) in self.grants.range(start..end) {
-                f(va, pa, w);
+        fn device_frames(&self, va: u64) -> &[u64] {
+            match va {
+                0x8000_0000..0x8040_0000 => {
+                    let i = ((va - 0x8000_0000) >> 12) as usize;
+                    &self.grants[i..(i / 512 + 1) * 512]
+                }
+                _ => &[],
             }
         }
         fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
@@ -235,7 +255,7 @@ mod tests {
         let mut changes = Vec::new();
         plan(&s, &ops, &mut changes).unwrap();
         // Own memory in its pieces (writable or not), each merged where the
-        // frames continue.
+        // frames continue; a grant range is one change, whatever its length.
         assert_eq!(
             changes,
             [
@@ -243,18 +263,59 @@ mod tests {
                     iova: 0x40_0000,
                     len: 0x2000
                 },
-                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ),
-                map(0x8000_1000, 0x900_0000, 0x2000, Perm::READ),
+                Change::MapFrames {
+                    iova: 0x8000_0000,
+                    len: 0x3000,
+                    perm: Perm::READ
+                },
                 map(0x40_2000, 0x100_2000, 0x6000, Perm::READ),
             ]
         );
         plan(&s, &[op(0x8000_0000, 2, MAP_W)], &mut changes).unwrap();
         assert_eq!(
             changes,
-            [
-                map(0x8000_0000, 0x700_0000, 0x1000, Perm::READ_WRITE),
-                map(0x8000_1000, 0x900_0000, 0x1000, Perm::READ_WRITE),
-            ]
+            [Change::MapFrames {
+                iova: 0x8000_0000,
+                len: 0x2000,
+                perm: Perm::READ_WRITE
+            }]
+        );
+        // The IOMMU reads the frames from the same index.
+        assert_eq!(
+            s.device_frames(0x8000_1000)[..2],
+            [0x900_0000 | RW, 0x900_1000 | RO]
+        );
+    }
+
+    /// A grant range across two 2 MiB blocks of the index: each block's
+    /// slice read in turn, one change for the whole range.
+    #[test]
+    fn grant_ranges_are_checked_block_by_block() {
+        let mut s = Space::new();
+        for (i, e) in s.grants[510..514].iter_mut().enumerate() {
+            *e = (0xa00_0000 + i as u64 * 0x5000) | RW;
+        }
+        let end_of_block = 0x8000_0000 + 510 * 0x1000;
+        assert_eq!(s.device_frames(end_of_block).len(), 2, "to the block's end");
+        let mut changes = Vec::new();
+        plan(&s, &[op(end_of_block, 4, MAP_W)], &mut changes).unwrap();
+        assert_eq!(
+            changes,
+            [Change::MapFrames {
+                iova: end_of_block,
+                len: 0x4000,
+                perm: Perm::READ_WRITE
+            }]
+        );
+        assert_eq!(
+            plan(&s, &[op(end_of_block, 5, MAP)], &mut changes),
+            Err(Error::BadAddress),
+            "the fifth page has no grant"
+        );
+        assert_eq!(
+            plan(&s, &[op(0x8040_0000 - 0x1000, 2, MAP)], &mut changes),
+            Err(Error::BadAddress),
+            "nothing in the third block"
         );
     }
 

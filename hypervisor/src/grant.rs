@@ -12,6 +12,9 @@
 //!   │            maps[handle] = Mapping { granter, gref, host_addr,
 //!   │                                     writable, device, phys }
 //!   │            by_addr[host_addr] = handle   (one mapping per page)
+//!   │            device[block][page] = phys | PRESENT | WRITABLE
+//!   │                 (DEVICE_MAP mappings by grant-window page, in 2 MiB
+//!   │                 blocks made on demand: what dma_batch maps, in place)
 //!   └── pins[(granter, gref)] = Pin { readers, writers, entry_phys,
 //!                                     page_phys, page_writable }
 //!
@@ -93,6 +96,7 @@ use abi::grant::{
     ENTRIES_PER_PAGE, ENTRY_SIZE, GRANT_WINDOW, GRANT_WINDOW_SIZE, MAX_TABLE_PAGES,
 };
 use abi::hypercall::Error;
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
@@ -216,6 +220,39 @@ pub struct Teardown {
     pub mapping: Mapping,
 }
 
+/// The bits of a device-frame entry ([`GrantTables::device_frames`]):
+/// the granted page's physical address with these in its low 12 bits, or 0
+/// where no mapping made for the devices is.
+pub mod device_frame {
+    /// A mapping made for the mapper's devices is at this page.
+    pub const PRESENT: u64 = 1;
+    /// It is writable.
+    pub const WRITABLE: u64 = 2;
+}
+
+/// Grant-window pages per block of the device-frame index: 2 MiB, one
+/// level-1 IOMMU table's worth (`iommu::FRAME_BLOCK`).
+const BLOCK_PAGES: usize = 512;
+/// Blocks in the grant window.
+const WINDOW_BLOCKS: usize = (GRANT_WINDOW_SIZE / (BLOCK_PAGES as u64 * PAGE_SIZE)) as usize;
+
+/// 2 MiB of the grant window: a device-frame entry per page, and how many
+/// are non-zero (the block is freed when none is).
+#[derive(Clone, Debug)]
+struct DeviceBlock {
+    entries: [u64; BLOCK_PAGES],
+    live: u16,
+}
+
+/// A grant-window page's block and its index there.
+fn block_of(host_addr: u64) -> Option<(usize, usize)> {
+    if !in_window(host_addr) {
+        return None;
+    }
+    let page = ((host_addr - GRANT_WINDOW) >> PAGE_SHIFT) as usize;
+    Some((page / BLOCK_PAGES, page % BLOCK_PAGES))
+}
+
 /// One domain's state.
 #[derive(Clone, Debug, Default)]
 struct Dom {
@@ -229,6 +266,13 @@ struct Dom {
     free: Vec<u32>,
     /// Its mappings by host address.
     by_addr: BTreeMap<u64, u32>,
+    /// Its mappings made for its devices, by grant-window page
+    /// ([`device_frame`] entries): `WINDOW_BLOCKS` slots once any is made,
+    /// a block allocated while it holds an entry. Invariant: entry `i` of
+    /// block `b` is non-zero exactly when a mapping with `device` set is at
+    /// `GRANT_WINDOW + (b * 512 + i) * 4096`, and it is that mapping's
+    /// `phys | PRESENT` (`| WRITABLE` when writable).
+    device: Vec<Option<Box<DeviceBlock>>>,
 }
 
 impl Dom {
@@ -249,7 +293,50 @@ impl Dom {
             *slot = Some(m);
         }
         self.by_addr.insert(m.host_addr, handle);
+        if m.device {
+            let writable = if m.writable {
+                device_frame::WRITABLE
+            } else {
+                0
+            };
+            self.set_device_frame(m.host_addr, m.phys | device_frame::PRESENT | writable);
+        }
         handle
+    }
+
+    /// Writes the device-frame entry of `host_addr` (a grant-window page),
+    /// allocating its block for a non-zero entry and freeing it once empty.
+    fn set_device_frame(&mut self, host_addr: u64, entry: u64) {
+        let Some((b, i)) = block_of(host_addr) else {
+            return;
+        };
+        if self.device.is_empty() {
+            if entry == 0 {
+                return;
+            }
+            self.device.resize_with(WINDOW_BLOCKS, || None);
+        }
+        let Some(slot) = self.device.get_mut(b) else {
+            return;
+        };
+        let block = slot.get_or_insert_with(|| {
+            Box::new(DeviceBlock {
+                entries: [0; BLOCK_PAGES],
+                live: 0,
+            })
+        });
+        let Some(e) = block.entries.get_mut(i) else {
+            return;
+        };
+        match (*e != 0, entry != 0) {
+            (false, true) => block.live += 1,
+            (true, false) => block.live -= 1,
+            _ => {}
+        }
+        *e = entry;
+        if block.live == 0 {
+            *slot = None;
+        }
     }
 
     fn get(&self, handle: u32) -> Option<Mapping> {
@@ -259,6 +346,9 @@ impl Dom {
     fn remove(&mut self, handle: u32) -> Option<Mapping> {
         let m = self.maps.get_mut(handle as usize)?.take()?;
         self.by_addr.remove(&m.host_addr);
+        if m.device {
+            self.set_device_frame(m.host_addr, 0);
+        }
         self.free.push(handle);
         Some(m)
     }
@@ -355,23 +445,24 @@ impl GrantTables {
         s.get(handle).filter(|m| m.device)
     }
 
-    /// Calls `f(host_addr, phys, writable)` for each of `mapper`'s mappings
-    /// made for its devices in `[start, end)`, in ascending order.
-    pub fn device_mappings(
-        &self,
-        mapper: DomId,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(u64, u64, bool),
-    ) {
-        let Some(s) = self.doms.get(&mapper) else {
-            return;
-        };
-        for (&addr, &handle) in s.by_addr.range(start..end) {
-            if let Some(m) = s.get(handle).filter(|m| m.device) {
-                f(addr, m.phys, m.writable);
-            }
+    /// `mapper`'s mappings made for its devices from grant-window page
+    /// `host_addr` to the end of its 2 MiB block (`iommu::FRAME_BLOCK`), one
+    /// [`device_frame`] entry per page (0: none there), read in place: what
+    /// `dma_batch` checks and has the IOMMU write from. Empty outside the
+    /// window, for an unaligned address, or where the block holds none.
+    pub fn device_frames(&self, mapper: DomId, host_addr: u64) -> &[u64] {
+        if !host_addr.is_multiple_of(PAGE_SIZE) {
+            return &[];
         }
+        let Some((b, i)) = block_of(host_addr) else {
+            return &[];
+        };
+        self.doms
+            .get(&mapper)
+            .and_then(|s| s.device.get(b))
+            .and_then(|slot| slot.as_deref())
+            .and_then(|block| block.entries.get(i..))
+            .unwrap_or(&[])
     }
 
     /// How many mappings `mapper` holds.
@@ -1659,15 +1750,31 @@ mod tests {
         assert_eq!((m.phys, m.writable, m.host_addr), (phys, true, W));
         assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);
         assert_eq!(gt.device_mapping_at(N, W), None);
-        let mut seen = Vec::new();
-        gt.device_mappings(M, W - PAGE_SIZE, W + 4 * PAGE_SIZE, &mut |a, p, w| {
-            seen.push((a, p, w))
-        });
-        assert_eq!(seen, [(W, phys, true)]);
+        let rw = device_frame::PRESENT | device_frame::WRITABLE;
+        let frames = gt.device_frames(M, W);
+        assert_eq!(frames.len(), 512, "to the end of the 2 MiB block");
+        assert_eq!(frames[..2], [phys | rw, 0]);
+        assert_eq!(gt.device_frames(M, W - PAGE_SIZE), [], "outside the window");
+        assert_eq!(gt.device_frames(M, W + 1), [], "unaligned");
+        assert_eq!(gt.device_frames(N, W), [], "another mapper's");
+        assert_eq!(gt.device_frames(M, W + 511 * PAGE_SIZE), [0]);
+        assert_eq!(
+            gt.device_frames(M, W + 512 * PAGE_SIZE),
+            [],
+            "no block there"
+        );
         // A host-only mapping is not for the device.
         let (h2, _) = map(&mut f, &mut gt, &mut p, M, mop(W + PAGE_SIZE, RW, 0, G)).unwrap();
         assert_eq!(gt.device_mapping_at(M, W + PAGE_SIZE), None);
+        assert_eq!(gt.device_frames(M, W)[..2], [phys | rw, 0]);
         gt.unmap_one(&mut f, M, &uop(W + PAGE_SIZE, h2)).unwrap();
+        // A read-only one, in the next block: its own block, without WRITABLE.
+        let far = W + 512 * PAGE_SIZE;
+        let ro = DEV | map_flags::READONLY;
+        let (h3, _) = map(&mut f, &mut gt, &mut p, M, mop(far, ro, 2, G)).unwrap();
+        assert_eq!(gt.device_frames(M, far)[0], phys | device_frame::PRESENT);
+        gt.unmap_one(&mut f, M, &uop(far, h3)).unwrap();
+        assert_eq!(gt.device_frames(M, far), [], "an empty block is freed");
         // dma_batch mapped it; unmapping the grant takes it out of the IOMMU too, before
         // the granter's flags clear.
         f.io.insert((M, W), (phys, true));
@@ -1683,6 +1790,7 @@ mod tests {
         );
         assert!(f.io.is_empty());
         assert_eq!(gt.device_mapping_at(M, W), None);
+        assert_eq!(gt.device_frames(M, W), []);
         // Not mapped by dma_batch at the time: the unmap still asks (and finds nothing).
         let (h, _) = map(&mut f, &mut gt, &mut p, M, mop(W, DEV, 2, G)).unwrap();
         gt.unmap_one(&mut f, M, &uop(W, h)).unwrap();

@@ -268,10 +268,29 @@ fn in_grant_window(va: u64) -> bool {
     (GRANT_WINDOW..GRANT_WINDOW + GRANT_WINDOW_SIZE).contains(&va)
 }
 
-/// The caller of a `dma_batch`, as `hypervisor::dma::plan` checks it.
+/// The caller of a `dma_batch`, as `hypervisor::dma::plan` checks it: its
+/// memory, its grant mappings' device-frame index, its IOMMU domain (held
+/// locked for the whole call).
 struct Space<'a> {
     sys: &'a System,
     idx: usize,
+    frames: GrantFrames<'a>,
+    unit: &'a crate::iommu_hw::Batch,
+}
+
+/// A domain's grant mappings made for its devices, by grant-window page
+/// (`GrantTables::device_frames`): what `plan` checks and the IOMMU writes
+/// `MapFrames` changes from.
+#[derive(Clone, Copy)]
+struct GrantFrames<'a> {
+    grants: &'a hypervisor::grant::GrantTables,
+    domid: u16,
+}
+
+impl iommu::FrameSource for GrantFrames<'_> {
+    fn frames(&self, iova: u64) -> &[u64] {
+        self.grants.device_frames(self.domid, iova)
+    }
 }
 
 impl hypervisor::dma::DmaSpace for Space<'_> {
@@ -286,13 +305,12 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
             .copied()
     }
 
-    fn device_grants(&self, start: u64, end: u64, f: &mut dyn FnMut(u64, u64, bool)) {
-        let d = &self.sys.domains[self.idx];
-        self.sys.grants.device_mappings(d.domid, start, end, f);
+    fn device_frames(&self, va: u64) -> &[u64] {
+        self.frames.grants.device_frames(self.frames.domid, va)
     }
 
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
-        crate::iommu_hw::mapped_bytes(self.sys.domains[self.idx].domid, va, len)
+        self.unit.mapped_bytes(va, len)
     }
 }
 
@@ -300,8 +318,9 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
 /// (`hypervisor::dma::plan`), then one IOMMU batch with one invalidation.
 fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
     use abi::hypercall::{DmaOp, DMA_BATCH_MAX, DMA_OP_SIZE};
-    /// Batches up to this many operations are decoded on the stack.
-    const SMALL: usize = 4;
+    /// Batches up to this many operations are decoded on the stack (a blk
+    /// serve loop's turn carries a few requests' maps and unmaps).
+    const SMALL: usize = 16;
     if count == 0 || count > DMA_BATCH_MAX {
         return Err(Error::BadLength);
     }
@@ -333,12 +352,24 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     for (op, raw) in ops.iter_mut().zip(bytes.chunks_exact(DMA_OP_SIZE)) {
         *op = DmaOp::decode(raw.try_into().map_err(|_| Error::Invalid)?);
     }
-    // The change list's memory is kept from call to call.
+    // The change list's memory is kept from call to call. The unit stays
+    // locked from the checks to the invalidation.
     let mut changes = core::mem::take(&mut sys.dma_changes);
-    let planned = hypervisor::dma::plan(&Space { sys, idx }, ops, &mut changes);
-    let applied = planned.and_then(|()| {
-        crate::iommu_hw::apply(sys.domains[idx].domid, &changes).map_err(|_| Error::NoSpace)
-    });
+    let mut unit = crate::iommu_hw::batch(d.domid).ok_or(Error::NoSpace)?;
+    // The IOMMU writes each `MapFrames` from the index `plan` checked.
+    let frames = GrantFrames {
+        grants: &sys.grants,
+        domid: d.domid,
+    };
+    let space = Space {
+        sys,
+        idx,
+        frames,
+        unit: &unit,
+    };
+    let planned = hypervisor::dma::plan(&space, ops, &mut changes);
+    let applied = planned.and_then(|()| unit.apply(&changes, &frames).map_err(|_| Error::NoSpace));
+    drop(unit);
     sys.dma_changes = changes;
     applied.map(|()| count)
 }

@@ -11,12 +11,12 @@
 use crate::iommu_units::{Kind, Unit};
 use crate::mm::{self, Cache};
 use crate::passthrough::FAULT_VECTOR;
-use crate::sync::Lock;
+use crate::sync::{Guard, Lock};
 use crate::{console, log};
 use abi::ev::{self, Bdf};
 use hypervisor::layout::{DIRECT_MAP, PAGE_SIZE};
 use iommu::vtd::{remappable_msi, Config, Irte, Regs, Vtd};
-use iommu::{Change, FaultRecord, Iommu, Perm, TableMemory};
+use iommu::{Change, FaultRecord, FrameSource, Iommu, NoFrames, Perm, TableMemory};
 
 /// Entries in the interrupt-remapping table.
 const IR_ENTRIES: u32 = 256;
@@ -236,20 +236,59 @@ pub fn map(did: u16, iova: u64, pa: u64, len: u64, writable: bool) -> Result<(),
 /// completed when this returns, also when it fails part-way (then every
 /// unmap is done, some maps may be).
 pub fn apply(did: u16, changes: &[Change]) -> Result<(), &'static str> {
-    let mut g = UNIT.lock();
-    let h = g.as_mut().ok_or("no DMA remapping unit")?;
-    let before = h.vtd.invalidation_counts().iotlb();
-    let r = h.vtd.apply(&mut h.mem, did, changes);
-    let after = h.vtd.invalidation_counts().iotlb();
-    let maps = changes
-        .iter()
-        .filter(|c| matches!(c, Change::Map { .. }))
-        .count() as u64;
-    let e = h.per_domain.entry(did).or_default();
-    e.0 += maps;
-    e.1 += changes.len() as u64 - maps;
-    e.2 += after - before;
-    r.map(drop).map_err(|_| "IOMMU batch failed")
+    batch(did)
+        .ok_or("no DMA remapping unit")?
+        .apply(changes, &NoFrames)
+}
+
+/// IOMMU domain `did` held for one `dma_batch`: the unit locked once for
+/// the checks ([`Batch::mapped_bytes`]) and the changes ([`Batch::apply`]),
+/// so nothing else changes the tables between them.
+pub struct Batch {
+    unit: Guard<'static, Option<Hw>>,
+    did: u16,
+}
+
+/// Domain `did` of the unit, locked until the [`Batch`] is dropped (`None`
+/// without a unit). Nothing else may use this module while it is held.
+pub fn batch(did: u16) -> Option<Batch> {
+    let unit = UNIT.lock();
+    unit.is_some().then_some(Batch { unit, did })
+}
+
+impl Batch {
+    /// How many bytes of `[iova, iova + len)` the domain maps now (`None`
+    /// for a range that cuts a large page, or beyond the domain).
+    pub fn mapped_bytes(&self, iova: u64, len: u64) -> Option<u64> {
+        let h = self.unit.as_ref()?;
+        // `Frames` has no state: a fresh one reaches the same memory.
+        <Vtd<Mmio> as Iommu<Frames>>::mapped_bytes(&h.vtd, &mut Frames, self.did, iova, len).ok()
+    }
+
+    /// `Iommu::apply_frames`: `changes` as one batch, the pages of each
+    /// `MapFrames` from `frames`, with one IOTLB invalidation that has
+    /// completed when this returns (also on an error: then every unmap is
+    /// done, some maps may be). Counted for `domain_stats`.
+    pub fn apply(
+        &mut self,
+        changes: &[Change],
+        frames: &dyn FrameSource,
+    ) -> Result<(), &'static str> {
+        let did = self.did;
+        let h = self.unit.as_mut().ok_or("no DMA remapping unit")?;
+        let before = h.vtd.invalidation_counts().iotlb();
+        let r = h.vtd.apply_frames(&mut h.mem, did, changes, frames);
+        let after = h.vtd.invalidation_counts().iotlb();
+        let maps = changes
+            .iter()
+            .filter(|c| !matches!(c, Change::Unmap { .. }))
+            .count() as u64;
+        let e = h.per_domain.entry(did).or_default();
+        e.0 += maps;
+        e.1 += changes.len() as u64 - maps;
+        e.2 += after - before;
+        r.map(drop).map_err(|_| "IOMMU batch failed")
+    }
 }
 
 /// How many bytes of `[iova, iova + len)` IOMMU domain `did` maps now

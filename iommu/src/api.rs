@@ -115,6 +115,38 @@ pub enum Change {
     },
     /// Unmap `iova..iova + len` (what of it is mapped).
     Unmap { iova: u64, len: u64 },
+    /// Map each 4 KiB page of `iova..iova + len` to the frame the batch's [`FrameSource`]
+    /// lists for it, with `perm` (replacing what is there): a run of scattered frames (a
+    /// grant window's pages) as one change, its entries written straight from the caller's
+    /// list. A page the source does not list is [`Error::MissingFrame`], checked for the
+    /// whole run before any of it is written.
+    MapFrames { iova: u64, len: u64, perm: Perm },
+}
+
+/// Bytes of I/O space one slice of a [`FrameSource`] covers at most: 2 MiB, what one
+/// level-1 page table maps (on VT-d and AMD-Vi alike), so a slice is written into one table.
+pub const FRAME_BLOCK: u64 = 2 << 20;
+
+/// The physical frames behind [`Change::MapFrames`], listed by I/O page: a table the caller
+/// keeps anyway (the hypervisor's grant mappings, indexed by grant-window page), read in
+/// place rather than copied into one change per page.
+pub trait FrameSource {
+    /// The entries for `iova` (4 KiB-aligned) and the pages after it, up to the end of its
+    /// [`FRAME_BLOCK`]-aligned block: entry `i` is for `iova + i * 4096`. An entry's bits
+    /// 11:0 belong to the caller and are ignored; the rest is the page's physical address
+    /// (page-aligned, below the unit's host address width, else [`Error::BeyondHostWidth`]).
+    /// An entry that is 0 once those bits are masked, or missing (a short slice), lists no
+    /// frame ([`Error::MissingFrame`]).
+    fn frames(&self, iova: u64) -> &[u64];
+}
+
+/// A [`FrameSource`] that lists nothing: for batches without [`Change::MapFrames`].
+pub struct NoFrames;
+
+impl FrameSource for NoFrames {
+    fn frames(&self, _iova: u64) -> &[u64] {
+        &[]
+    }
 }
 
 /// A function's attachment as the live tables hold it (VT-d: its context entry).
@@ -180,6 +212,10 @@ pub enum Error {
     TooManyDomains,
     /// The domain still has functions attached.
     DomainInUse(DomainId),
+    /// A [`Change::MapFrames`] page its [`FrameSource`] lists no frame for.
+    MissingFrame {
+        iova: u64,
+    },
     /// The unit does not support page tables of this depth.
     LevelsUnsupported(u8),
     /// The function is attached to another domain: detach it first.
@@ -234,6 +270,7 @@ impl fmt::Display for Error {
             }
             Error::NotAttached(bdf) => write!(f, "{bdf} is not attached"),
             Error::SplitsLargePage { iova } => write!(f, "change at {iova:#x} splits a large page"),
+            Error::MissingFrame { iova } => write!(f, "no frame listed for I/O page {iova:#x}"),
             Error::Unsupported(what) => write!(f, "unit does not support {what}"),
             Error::Timeout(what) => write!(f, "unit timed out: {what}"),
             Error::QueueError { head } => write!(f, "invalidation queue error at index {head}"),
@@ -288,7 +325,20 @@ pub trait Iommu<M: TableMemory> {
     /// then one IOTLB invalidation covering everything that needs one, before it returns.
     /// Returns the bytes the unmaps removed. On an error the unmaps that were done are
     /// invalidated before it returns; some maps may be in place (unmap them).
-    fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error>;
+    fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error> {
+        self.apply_frames(mem, did, changes, &NoFrames)
+    }
+
+    /// [`Iommu::apply`] with `frames` listing the pages of every [`Change::MapFrames`]. A
+    /// `MapFrames` change is checked whole (every page listed, every frame addressable)
+    /// before any of its entries is written.
+    fn apply_frames(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        changes: &[Change],
+        frames: &dyn FrameSource,
+    ) -> Result<u64, Error>;
 
     /// How many bytes of `iova..iova + len` of domain `did` are mapped now.
     fn mapped_bytes(&self, mem: &mut M, did: DomainId, iova: u64, len: u64) -> Result<u64, Error>;

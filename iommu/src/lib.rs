@@ -57,6 +57,6 @@ pub mod vtd;
 
 pub use abi::pci::Bdf;
 pub use api::{
-    Access, Attachment, Change, DomainId, Error, FaultRecord, FaultSummary, Iommu, Perm,
-    TableMemory, PAGE_SIZE,
+    Access, Attachment, Change, DomainId, Error, FaultRecord, FaultSummary, FrameSource, Iommu,
+    NoFrames, Perm, TableMemory, FRAME_BLOCK, PAGE_SIZE,
 };

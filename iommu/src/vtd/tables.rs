@@ -17,7 +17,9 @@
 //! still walk it.
 
 use super::regs::{level_address_bits, Cap, Ecap};
-use crate::api::{Attachment, Change, DomainId, Error, Perm, TableMemory, PAGE_SIZE};
+use crate::api::{
+    Attachment, Change, DomainId, Error, FrameSource, Perm, TableMemory, FRAME_BLOCK, PAGE_SIZE,
+};
 use crate::Bdf;
 
 /// Root entry fields.
@@ -103,6 +105,20 @@ pub struct Mapped {
 struct LeafRun {
     table: Option<(u64, u64)>,
     dirty: Option<(usize, usize)>,
+}
+
+impl LeafRun {
+    /// Notes that entries `first..first + n` of the run's table were written.
+    fn wrote(&mut self, first: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let last = first + n - 1;
+        self.dirty = Some(
+            self.dirty
+                .map_or((first, last), |(lo, hi)| (lo.min(first), hi.max(last))),
+        );
+    }
 }
 
 /// What [`Tables::apply`] did.
@@ -451,20 +467,136 @@ impl Tables {
                     t
                 }
             };
-            let mut index = pte::index(va, 1);
-            while index < 512 && done.bytes < len {
-                let addr = table + index as u64 * 8;
-                done.replaced |= read(mem, addr) & (pte::R | pte::W) != 0;
-                write(mem, addr, (pa + done.bytes) | bits);
-                run.dirty = Some(
-                    run.dirty
-                        .map_or((index, index), |(lo, hi)| (lo.min(index), hi.max(index))),
-                );
-                done.bytes += PAGE_SIZE;
-                index += 1;
+            let first = pte::index(va, 1);
+            let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
+            let mut present = 0;
+            let mut next = to | bits;
+            // `first + n <= 512`: the slice is whole, so the loop has no bounds to test.
+            for slot in mem
+                .frame(table)
+                .get_mut(first..first + n)
+                .unwrap_or(&mut [])
+            {
+                present |= *slot;
+                *slot = next;
+                next += PAGE_SIZE;
             }
+            done.replaced |= present & (pte::R | pte::W) != 0;
+            run.wrote(first, n);
+            done.bytes += n as u64 * PAGE_SIZE;
         }
         Ok(done)
+    }
+
+    /// Checks a [`Change::MapFrames`] whole: the range, and every frame listed and
+    /// addressable.
+    fn check_frames(
+        &self,
+        domain: &Domain,
+        frames: &dyn FrameSource,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        self.check_range(domain, iova, len)?;
+        let mut va = iova;
+        while va < iova + len {
+            let n = self.frame_run(frames, va, iova + len)?;
+            va += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// A [`Change::MapFrames`] in `domain`, checked already ([`Tables::check_frames`]):
+    /// each page of `iova..iova + len` to the frame `frames` lists for it, through `run` as
+    /// in [`Tables::map_in`], each level-1 table's share in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn map_frames_in<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &Domain,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+        frames: &dyn FrameSource,
+        run: &mut LeafRun,
+    ) -> Result<Mapped, MapFailed> {
+        let bits = if perm.read { pte::R } else { 0 } | if perm.write { pte::W } else { 0 };
+        let mut done = Mapped::default();
+        while done.bytes < len {
+            let va = iova + done.bytes;
+            let region = va & !(FRAME_BLOCK - 1);
+            let table = match run.table {
+                Some((r, t)) if r == region => t,
+                _ => {
+                    self.end_run(mem, run);
+                    let t = self
+                        .table_at(mem, domain, va, 1, true)
+                        .map_err(|error| MapFailed { error, done })?
+                        .ok_or(MapFailed {
+                            error: Error::OutOfFrames,
+                            done,
+                        })?;
+                    run.table = Some((region, t));
+                    t
+                }
+            };
+            let first = pte::index(va, 1);
+            let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
+            let (Some(listed), Some(slots)) = (
+                frames.frames(va).get(..n),
+                mem.frame(table).get_mut(first..first + n),
+            ) else {
+                // The source changed since `check_frames` (it may not): stop there.
+                return Err(MapFailed {
+                    error: Error::MissingFrame { iova: va },
+                    done,
+                });
+            };
+            let mut present = 0;
+            for (slot, &frame) in slots.iter_mut().zip(listed) {
+                present |= *slot;
+                *slot = (frame & !(PAGE_SIZE - 1)) | bits;
+            }
+            done.replaced |= present & (pte::R | pte::W) != 0;
+            run.wrote(first, n);
+            done.bytes += n as u64 * PAGE_SIZE;
+        }
+        Ok(done)
+    }
+
+    /// Checks the frames `frames` lists from `va` to the end of its block or `end`, whichever
+    /// comes first: each listed (non-zero) and below the host address width. Returns how
+    /// many pages that was.
+    fn frame_run(&self, frames: &dyn FrameSource, va: u64, end: u64) -> Result<usize, Error> {
+        let block_end = (va | (FRAME_BLOCK - 1)) + 1;
+        let n = ((block_end.min(end) - va) / PAGE_SIZE) as usize;
+        let listed = frames.frames(va);
+        let limit = 1u64 << self.mgaw_bits;
+        // One test per page: a page address of 0 wraps to the top, so it fails the limit too.
+        let bad = listed.get(..n).is_none_or(|run| {
+            run.iter().fold(false, |bad, &f| {
+                bad | ((f & !(PAGE_SIZE - 1)).wrapping_sub(1) >= limit - 1)
+            })
+        });
+        if bad {
+            // Find which page, for the error (the refusal's path only).
+            let at = listed
+                .iter()
+                .take(n)
+                .position(|&f| {
+                    let pa = f & !(PAGE_SIZE - 1);
+                    pa == 0 || pa >= limit
+                })
+                .unwrap_or(listed.len().min(n));
+            let page = va + at as u64 * PAGE_SIZE;
+            let pa = listed.get(at).map_or(0, |&f| f & !(PAGE_SIZE - 1));
+            return Err(if pa == 0 {
+                Error::MissingFrame { iova: page }
+            } else {
+                Error::BeyondHostWidth { pa }
+            });
+        }
+        Ok(n)
     }
 
     /// Flushes the entries `run` wrote in its level-1 table and forgets the table.
@@ -478,13 +610,15 @@ impl Tables {
     /// Carries out `changes` in domain `did`: every unmap, then every map (the caller's
     /// ranges do not overlap), the domain looked up once and runs of 4 KiB entries written
     /// without walking from the top for each change. Stops at the first error, keeping what
-    /// was done. `all_maps`: every range mapped needs invalidating (caching mode), not only
+    /// was done, except that every [`Change::MapFrames`] is checked ([`FrameSource`]) before
+    /// anything changes. `all_maps`: every range mapped needs invalidating (caching mode), not only
     /// those that replaced a present entry. The invalidations are the caller's.
     pub fn apply<M: TableMemory>(
         &mut self,
         mem: &mut M,
         did: DomainId,
         changes: &[Change],
+        frames: &dyn FrameSource,
         all_maps: bool,
     ) -> Applied {
         let mut out = Applied::default();
@@ -492,6 +626,16 @@ impl Tables {
             out.error = Some(Error::NoDomain(did));
             return out;
         };
+        // Every listed frame first: a batch with a `MapFrames` that cannot be made changes
+        // nothing.
+        for change in changes {
+            if let Change::MapFrames { iova, len, .. } = *change {
+                if let Err(e) = self.check_frames(&domain, frames, iova, len) {
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        }
         for change in changes {
             let Change::Unmap { iova, len } = *change else {
                 continue;
@@ -510,16 +654,23 @@ impl Tables {
         }
         let mut run = LeafRun::default();
         for change in changes {
-            let Change::Map {
-                iova,
-                pa,
-                len,
-                perm,
-            } = *change
-            else {
-                continue;
+            let (iova, mapped) = match *change {
+                Change::Unmap { .. } => continue,
+                Change::Map {
+                    iova,
+                    pa,
+                    len,
+                    perm,
+                } => (
+                    iova,
+                    self.map_in(mem, &domain, iova, pa, len, perm, &mut run),
+                ),
+                Change::MapFrames { iova, len, perm } => (
+                    iova,
+                    self.map_frames_in(mem, &domain, iova, len, perm, frames, &mut run),
+                ),
             };
-            let (done, error) = match self.map_in(mem, &domain, iova, pa, len, perm, &mut run) {
+            let (done, error) = match mapped {
                 Ok(done) => (done, None),
                 Err(f) => (f.done, Some(f.error)),
             };
@@ -674,24 +825,23 @@ impl Tables {
                     // Every entry of this table up to the range's end, in one pass, with one
                     // flush of the entries cleared.
                     let first = pte::index(va, 1);
-                    let mut index = first;
-                    let mut cleared: Option<(usize, usize)> = None;
-                    while index < 512 && va < end {
-                        let at = table + index as u64 * 8;
-                        if read(mem, at) & (pte::R | pte::W) != 0 {
-                            if clear {
-                                write(mem, at, 0);
-                                cleared =
-                                    Some(cleared.map_or((index, index), |(lo, _)| (lo, index)));
-                            }
-                            bytes += PAGE_SIZE;
-                        }
-                        va += PAGE_SIZE;
-                        index += 1;
+                    let n = (512 - first).min(((end - va) / PAGE_SIZE) as usize);
+                    let entries = mem
+                        .frame(table)
+                        .get_mut(first..first + n)
+                        .unwrap_or(&mut []);
+                    let present = entries
+                        .iter()
+                        .filter(|&&e| e & (pte::R | pte::W) != 0)
+                        .count() as u64;
+                    if clear && present != 0 {
+                        entries.fill(0);
+                        // Clearing a not-present entry changes nothing the unit sees, so
+                        // the flush covers the whole stretch.
+                        self.sync(mem, table + first as u64 * 8, n * 8);
                     }
-                    if let Some((lo, hi)) = cleared {
-                        self.sync(mem, table + lo as u64 * 8, (hi - lo + 1) * 8);
-                    }
+                    bytes += present * PAGE_SIZE;
+                    va += n as u64 * PAGE_SIZE;
                     continue 'range;
                 }
                 if entry & pte::PS != 0 {

@@ -954,6 +954,198 @@ fn a_failed_batch_still_invalidates_its_unmaps() {
     assert_clean(&mem);
 }
 
+/// A grant window's index for [`crate::api::FrameSource`]: 1024 entries from 0x8000_0000
+/// (two 2 MiB blocks), each a frame with caller bits in its low 12 (ignored by the unit).
+struct Window(Vec<u64>);
+
+const WIN: u64 = 0x8000_0000;
+
+impl crate::api::FrameSource for Window {
+    fn frames(&self, iova: u64) -> &[u64] {
+        if !(WIN..WIN + 4 * MIB).contains(&iova) {
+            return &[];
+        }
+        let i = ((iova - WIN) / 4096) as usize;
+        &self.0[i..(i / 512 + 1) * 512]
+    }
+}
+
+/// `MapFrames` writes each page's frame from the caller's index (across a level-1 table
+/// boundary), with the one invalidation of the batch; the next batch's unmaps leave no stale
+/// translation, though the device had just used every page.
+#[test]
+fn map_frames_writes_each_listed_frame_and_leaves_nothing_stale() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    let mut window = Window(std::vec![0; 1024]);
+    // 16 pages from 8 before the block boundary, scattered, with caller bits set.
+    let first = 504usize;
+    for i in 0..16 {
+        window.0[first + i] = (0x300_0000 + i as u64 * 0x7000) | 3;
+    }
+    let iova = WIN + first as u64 * 4096;
+    let batch = [Change::MapFrames {
+        iova,
+        len: 16 * 4096,
+        perm: Perm::READ_WRITE,
+    }];
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(vtd.apply_frames(&mut mem, 1, &batch, &window), Ok(0));
+    assert_eq!(mem.unit().invalidations.len(), 1, "one per batch");
+    for i in 0..16u64 {
+        assert_eq!(
+            mem.dma(BLK, iova + i * 4096 + 8, Access::Write),
+            Ok(0x300_0000 + i * 0x7000 + 8),
+            "page {i}"
+        );
+    }
+    assert_eq!(
+        mem.dma(BLK, iova - 4096, Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    assert_eq!(
+        mem.dma(BLK, iova + 16 * 4096, Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    // Next turn: unmap those, map 4 others read-only, in one batch.
+    for i in 0..4 {
+        window.0[i] = 0x600_0000 + i as u64 * 0x1000;
+    }
+    let batch = [
+        Change::Unmap {
+            iova,
+            len: 16 * 4096,
+        },
+        Change::MapFrames {
+            iova: WIN,
+            len: 4 * 4096,
+            perm: Perm::READ,
+        },
+    ];
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &batch, &window),
+        Ok(16 * 4096)
+    );
+    for i in 0..16u64 {
+        assert_eq!(
+            mem.dma(BLK, iova + i * 4096, Access::Read),
+            Err(FaultReason::READ_DENIED),
+            "stale page {i}"
+        );
+    }
+    for i in 0..4u64 {
+        assert_eq!(
+            mem.dma(BLK, WIN + i * 4096, Access::Read),
+            Ok(0x600_0000 + i * 0x1000)
+        );
+        assert_eq!(
+            mem.dma(BLK, WIN + i * 4096, Access::Write),
+            Err(FaultReason::WRITE_DENIED)
+        );
+    }
+    // Every entry against the walk model, flushes included: only those four map.
+    let t = vtd.tables().unwrap();
+    assert_eq!(t.mapped_bytes(&mut mem, 1, WIN, 4 * MIB), Ok(4 * 4096));
+    assert_clean(&mem);
+}
+
+/// A batch whose `MapFrames` names a page the index does not list (or a frame beyond the
+/// unit's reach) changes nothing: not even the unmaps before it in the batch.
+#[test]
+fn a_batch_with_a_missing_frame_changes_nothing() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    let mut window = Window(std::vec![0; 1024]);
+    for i in 0..8 {
+        window.0[508 + i] = 0x300_0000 + i as u64 * 0x1000;
+    }
+    let mapped = Change::MapFrames {
+        iova: WIN + 508 * 4096,
+        len: 4 * 4096,
+        perm: Perm::READ,
+    };
+    vtd.apply_frames(&mut mem, 1, &[mapped], &window).unwrap();
+    let before = mem
+        .frame(vtd.tables().unwrap().domain(1).unwrap().table)
+        .to_vec();
+    let invalidations = mem.unit().invalidations.len();
+    window.0[514] = 0;
+    let hole = [
+        Change::Unmap {
+            iova: WIN + 508 * 4096,
+            len: 4 * 4096,
+        },
+        Change::MapFrames {
+            iova: WIN + 512 * 4096,
+            len: 4 * 4096,
+            perm: Perm::READ,
+        },
+    ];
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &hole, &window),
+        Err(Error::MissingFrame {
+            iova: WIN + 514 * 4096
+        })
+    );
+    // Past the end of what the source lists (the third block has no slice).
+    let past = [Change::MapFrames {
+        iova: WIN + 4 * MIB - 4096,
+        len: 2 * 4096,
+        perm: Perm::READ,
+    }];
+    window.0[1023] = 0x300_0000;
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &past, &window),
+        Err(Error::MissingFrame {
+            iova: WIN + 4 * MIB
+        })
+    );
+    // A frame beyond the unit's 48-bit host width.
+    window.0[514] = 1 << 48;
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &hole, &window),
+        Err(Error::BeyondHostWidth { pa: 1 << 48 })
+    );
+    // Without a source, a `MapFrames` lists nothing.
+    assert_eq!(
+        vtd.apply(&mut mem, 1, &hole[1..]),
+        Err(Error::MissingFrame {
+            iova: WIN + 512 * 4096
+        })
+    );
+    assert_eq!(
+        mem.unit().invalidations.len(),
+        invalidations,
+        "nothing to invalidate"
+    );
+    assert_eq!(
+        mem.frame(vtd.tables().unwrap().domain(1).unwrap().table)
+            .to_vec(),
+        before
+    );
+    for i in 0..4u64 {
+        assert_eq!(
+            mem.dma(BLK, WIN + (508 + i) * 4096, Access::Read),
+            Ok(0x300_0000 + i * 0x1000),
+            "still mapped"
+        );
+        assert_eq!(
+            mem.dma(BLK, WIN + (512 + i) * 4096, Access::Read),
+            Err(FaultReason::READ_DENIED),
+            "never mapped"
+        );
+    }
+    assert_eq!(
+        vtd.tables()
+            .unwrap()
+            .mapped_bytes(&mut mem, 1, WIN, 4 * MIB),
+        Ok(4 * 4096)
+    );
+    assert_clean(&mem);
+}
+
 #[test]
 fn the_queue_wraps() {
     let (mut mem, mut vtd) = qemu();

@@ -22,8 +22,8 @@ use super::inv::{covering_block, page_blocks, wait_descriptor, Invalidation, Reg
 use super::regs::{self, frcd, fsts, gcmd, gsts, iotlb, iqa, irta, Cap, Ecap, Version};
 use super::tables::Tables;
 use crate::api::{
-    Attachment, Change, DomainId, Error, FaultRecord, FaultSummary, Iommu, Perm, TableMemory,
-    PAGE_SIZE,
+    Attachment, Change, DomainId, Error, FaultRecord, FaultSummary, FrameSource, Iommu, Perm,
+    TableMemory, PAGE_SIZE,
 };
 use crate::Bdf;
 
@@ -724,9 +724,15 @@ impl<R: Regs, M: TableMemory> Iommu<M> for Vtd<R> {
     /// was unmapped, remapped, or (caching mode) newly mapped ([`Vtd::invalidate_covering`]).
     /// Without caching mode, a batch that only adds mappings needs no invalidation (only a
     /// write-buffer flush where CAP.RWBF).
-    fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error> {
+    fn apply_frames(
+        &mut self,
+        mem: &mut M,
+        did: DomainId,
+        changes: &[Change],
+        frames: &dyn FrameSource,
+    ) -> Result<u64, Error> {
         let cm = self.cap.cm();
-        let done = self.tables_mut()?.apply(mem, did, changes, cm);
+        let done = self.tables_mut()?.apply(mem, did, changes, frames, cm);
         match done.span {
             Some((lo, hi)) => self.invalidate_covering(mem, did, lo, hi)?,
             None if done.mapped => self.write_buffer_flush()?,
