@@ -57,6 +57,13 @@ pub const SECTOR: u64 = 512;
 /// SEG_MAX: the completion path builds its buffer lists on the stack.
 pub const MAX_SEGS: usize = 64;
 
+/// The queue size the blk driver domain asks for, the most QEMU 7.2's
+/// virtio-blk offers. Descriptors are direct, so this bounds the requests
+/// in the device by their buffers: 85 single-buffer reads, or 14 requests
+/// of 16 pages none of which is contiguous with the next (18 descriptors
+/// each).
+pub const QUEUE_SIZE: usize = 256;
+
 /// The queue index of virtio-blk's one request queue.
 const QUEUE: u16 = 0;
 
