@@ -562,6 +562,15 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
         self.table.in_flight()
     }
 
+    /// Room in the queue now: free descriptors and free slots (a request
+    /// takes its buffers + 2 descriptors and one slot).
+    pub fn room(&self) -> (usize, usize) {
+        (
+            self.queue.available_desc(),
+            self.table.slots.len() - self.table.in_flight(),
+        )
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

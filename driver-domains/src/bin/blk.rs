@@ -1,5 +1,5 @@
 //! The blk driver domain: drives the virtio-blk function the manifest
-//! assigns to it (1af4:1042) with virtio-drivers, in ring 3, its DMA
+//! assigns to it (1af4:1042) with `driver_domains::vblk`, in ring 3, its DMA
 //! confined by the IOMMU. What it does comes from its args
 //! (`driver_domains::blk`): verify a pattern the harness wrote, write a
 //! second one, flush, read it back (`data_check` for each); then the
@@ -12,8 +12,8 @@
 //! any MSI-X entry of the function; the transport sets MSI-X entry 0 as
 //! the queue's and the configuration vector (`pci_transport_msix`;
 //! `driver_domains::device` sets the function up).
-//! Direct mode drives the device with `driver_domains::vblk` (serve mode
-//! still with virtio-drivers' `VirtIOBlk`): requests go in up to `depth`
+//! Both modes drive the device with `driver_domains::vblk`. In direct
+//! mode requests go in up to `depth`
 //! (from the args) at a time, each with its own buffer of up to 64 KiB as
 //! one data descriptor between its header and status descriptors, and the
 //! device hears of each batch with one notification; the domain then
@@ -42,8 +42,6 @@ use driver_domains::serve;
 use driver_domains::vblk::{Op, Status, SubmitError, VirtioBlk, QUEUE_SIZE};
 use libdom::virtio::DomHal;
 use libdom::{event, println, time_ns};
-use virtio_drivers::device::blk::VirtIOBlk;
-use virtio_drivers::transport::Transport;
 
 /// virtio-blk, modern (virtio 1.x) PCI ids; one queue.
 static KIND: device::Kind = device::Kind {
@@ -261,13 +259,8 @@ fn data_check(what: &str, sectors: &Range<u64>, ok: bool) {
     });
 }
 
-/// The driver of direct mode on `transport`, once the device took its
-/// vectors (printed).
-fn make_direct(
-    f: &device::Function,
-    transport: DomTransport,
-    si: &libdom::StartInfo<'_>,
-) -> Option<Blk> {
+/// The driver on `transport`, once the device took its vectors (printed).
+fn make(f: &device::Function, transport: DomTransport, si: &libdom::StartInfo<'_>) -> Option<Blk> {
     let blk = Blk::new(transport)
         .inspect_err(|e| println!("blk: virtio-blk init: {e:?}"))
         .ok()?;
@@ -278,27 +271,6 @@ fn make_direct(
         blk.capacity(),
         if blk.readonly() { " (read-only)" } else { "" },
         blk.max_segs(),
-        f.port,
-        si.dma
-    );
-    Some(blk)
-}
-
-/// The driver on `transport`, once the device took its vectors (printed).
-fn make<T: Transport>(
-    f: &device::Function,
-    transport: T,
-    si: &libdom::StartInfo<'_>,
-) -> Option<VirtIOBlk<DomHal, T>> {
-    let blk = VirtIOBlk::new(transport)
-        .inspect_err(|e| println!("blk: virtio-blk init: {e:?}"))
-        .ok()?;
-    let init_us = f.ready()?;
-    println!(
-        "blk: {} {} sectors{}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}",
-        f.info.bdf,
-        blk.capacity(),
-        if blk.readonly() { " (read-only)" } else { "" },
         f.port,
         si.dma
     );
@@ -323,16 +295,11 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
     };
-    let Some(plan) = plan else {
-        // Serve mode tells the device of a batch of requests at once.
-        let (transport, notify) = device::batched(transport);
-        let Some(blk) = make(&f, transport, si) else {
-            return 1;
-        };
-        return serve::run(si, blk, notify, f.port, f.timer);
-    };
-    let Some(blk) = make_direct(&f, transport, si) else {
+    let Some(blk) = make(&f, transport, si) else {
         return 1;
+    };
+    let Some(plan) = plan else {
+        return serve::run(si, blk, f.port, f.timer);
     };
     if plan.end() > blk.capacity() {
         println!(
