@@ -42,6 +42,7 @@
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 
 use bitflags::bitflags;
@@ -623,16 +624,16 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
             status.write_volatile(S_UNSET);
         }
         let read = op == Op::Read;
-        let mut ins: [&[u8]; MAX_SEGS + 1] = [&[]; MAX_SEGS + 1];
-        let mut outs: [&mut [u8]; MAX_SEGS + 1] = core::array::from_fn(|_| &mut [][..]);
+        let mut chain = Chain::new();
         // SAFETY: the header and status are the slot's, which stays
         // reserved for this request until `pop`; the data buffers are the
         // caller's (this function's contract). The slices live only until
         // `add` returns; the queue keeps the addresses.
-        let (ni, no) = unsafe { slices(&self.mem, slot, bufs, read, &mut ins, &mut outs) };
+        unsafe { chain.fill(&self.mem, slot, bufs, read) };
+        let (ins, outs) = chain.parts();
         // SAFETY: as above: every buffer stays valid and untouched until
         // `pop` takes this chain off the used ring (`pop_used`).
-        let r = unsafe { self.queue.add(&ins[..ni], &mut outs[..no]) };
+        let r = unsafe { self.queue.add(ins, outs) };
         match r {
             Ok(token) => {
                 self.table.start(slot, token, tag, bufs, read, l.writable);
@@ -679,15 +680,15 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
         let Some(f) = self.table.get(slot) else {
             return Err(Broken::Queue);
         };
-        let mut ins: [&[u8]; MAX_SEGS + 1] = [&[]; MAX_SEGS + 1];
-        let mut outs: [&mut [u8]; MAX_SEGS + 1] = core::array::from_fn(|_| &mut [][..]);
+        let mut chain = Chain::new();
         // SAFETY: the very slot and buffers `submit` put in the chain
         // `token` (the table says so), still valid by `submit`'s contract;
         // the slices end with this call.
-        let (ni, no) = unsafe { slices(&self.mem, slot, &f.bufs, f.read, &mut ins, &mut outs) };
+        unsafe { chain.fill(&self.mem, slot, &f.bufs, f.read) };
+        let (ins, outs) = chain.parts();
         // SAFETY: the same buffers, in the same order, as `add` took for
         // `token`, which is the head of a chain in the queue.
-        let r = unsafe { self.queue.pop_used(token, &ins[..ni], &mut outs[..no]) };
+        let r = unsafe { self.queue.pop_used(token, ins, outs) };
         let Ok(used) = r else {
             // The used entry changed between the peek and the pop.
             self.broken = Some(Broken::Queue);
@@ -722,39 +723,71 @@ impl<H: Hal, T: Transport, const SIZE: usize> Drop for VirtioBlk<H, T, SIZE> {
     }
 }
 
-/// Fills `ins` and `outs` with slot `slot`'s header, the data buffers and
-/// its status in chain order: header, data (device-readable for a write),
-/// status; for a read the data is device-writable. Returns how many of each.
-///
-/// # Safety
-///
-/// `bufs` are valid for the slices' use (the caller's promise); the slot's
-/// header and status are not otherwise referenced while the slices live.
-unsafe fn slices<'a, H: Hal>(
-    mem: &SlotPages<H>,
-    slot: usize,
-    bufs: &[Buf],
-    read: bool,
-    ins: &mut [&'a [u8]; MAX_SEGS + 1],
-    outs: &mut [&'a mut [u8]; MAX_SEGS + 1],
-) -> (usize, usize) {
-    // SAFETY: the slot's header and status (inside the slot pages) and the
-    // caller's buffers (its promise); `Layout::new` bounded the count.
-    unsafe {
-        ins[0] = core::slice::from_raw_parts(mem.header(slot), 16);
-        let (mut ni, mut no) = (1, 0);
-        for b in bufs.iter().take(MAX_SEGS) {
-            let p = b.addr as *mut u8;
-            if read {
-                outs[no] = core::slice::from_raw_parts_mut(p, b.len as usize);
-                no += 1;
-            } else {
-                ins[ni] = core::slice::from_raw_parts(p, b.len as usize);
-                ni += 1;
-            }
+/// A request's buffers as the slices `VirtQueue::add` and `pop_used` take,
+/// in chain order: the header; the data (device-readable for a write,
+/// device-writable for a read); the status. On the stack and never
+/// initialised past what [`Chain::fill`] wrote: zeroing two lists of
+/// `MAX_SEGS + 1` slices per request would cost more than the rest of the
+/// request.
+struct Chain<'a> {
+    ins: [MaybeUninit<&'a [u8]>; MAX_SEGS + 1],
+    outs: [MaybeUninit<&'a mut [u8]>; MAX_SEGS + 1],
+    /// `ins[..ni]` and `outs[..no]` are initialised.
+    ni: usize,
+    no: usize,
+}
+
+impl<'a> Chain<'a> {
+    fn new() -> Self {
+        Chain {
+            ins: [const { MaybeUninit::uninit() }; MAX_SEGS + 1],
+            outs: [const { MaybeUninit::uninit() }; MAX_SEGS + 1],
+            ni: 0,
+            no: 0,
         }
-        outs[no] = core::slice::from_raw_parts_mut(mem.status(slot), 1);
-        (ni, no + 1)
+    }
+
+    /// Slot `slot`'s header and status around `bufs` (at most
+    /// [`MAX_SEGS`] are taken).
+    ///
+    /// # Safety
+    ///
+    /// `bufs` are valid for `'a` (the caller's promise, writable if `read`);
+    /// the slot's header and status are not otherwise referenced for `'a`.
+    unsafe fn fill<H: Hal>(&mut self, mem: &SlotPages<H>, slot: usize, bufs: &[Buf], read: bool) {
+        // SAFETY: the slot's header and status (inside the slot pages) and
+        // the caller's buffers (its promise).
+        unsafe {
+            self.ins[0].write(core::slice::from_raw_parts(mem.header(slot), 16));
+            let (mut ni, mut no) = (1, 0);
+            for b in bufs.iter().take(MAX_SEGS) {
+                let p = b.addr as *mut u8;
+                if read {
+                    self.outs[no].write(core::slice::from_raw_parts_mut(p, b.len as usize));
+                    no += 1;
+                } else {
+                    self.ins[ni].write(core::slice::from_raw_parts(p, b.len as usize));
+                    ni += 1;
+                }
+            }
+            self.outs[no].write(core::slice::from_raw_parts_mut(mem.status(slot), 1));
+            (self.ni, self.no) = (ni, no + 1);
+        }
+    }
+
+    /// The initialised lists.
+    fn parts(&mut self) -> (&[&'a [u8]], &mut [&'a mut [u8]]) {
+        let ins = self.ins.as_ptr().cast::<&'a [u8]>();
+        let outs = self.outs.as_mut_ptr().cast::<&'a mut [u8]>();
+        // SAFETY: the first `ni` and `no` entries were written by `fill`
+        // (0 before it), `MaybeUninit<T>` has `T`'s layout, and the two
+        // lists are distinct fields borrowed with `self`.
+        unsafe {
+            (
+                core::slice::from_raw_parts(ins, self.ni),
+                core::slice::from_raw_parts_mut(outs, self.no),
+            )
+        }
     }
 }
 
