@@ -46,18 +46,19 @@ pub const KEYS: &[&str] = &[
 /// Sectors per request unless `batch` says otherwise.
 pub const DEFAULT_BATCH: u64 = 8;
 /// Most sectors per request (64 KiB). A request's data is one descriptor
-/// (virtio-drivers 0.13 hands the device each buffer whole; the heap is
-/// contiguous in I/O addresses in both modes: strict mode maps the buffer's
-/// own pages), so the limit is the bench's, not the queue's.
+/// (`vblk` hands the device each buffer whole; the heap is contiguous in
+/// I/O addresses in both modes: strict mode maps the buffer's own pages),
+/// so the limit is the bench's, not the queue's.
 pub const MAX_BATCH: u64 = 128;
 /// Requests in flight unless `depth` says otherwise.
 pub const DEFAULT_DEPTH: u64 = 4;
-/// Most requests in flight: virtio-drivers 0.13's blk queue has 16
-/// descriptors, and with its `alloc` feature it negotiates indirect
-/// descriptors (QEMU offers them), so a request takes one of them. A device
-/// without them fits 5 (3 descriptors each); the domain then keeps fewer in
-/// flight rather than failing (the queue says it is full).
-pub const MAX_DEPTH: u64 = 16;
+/// Most requests in flight: `vblk`'s queue has [`crate::vblk::QUEUE_SIZE`]
+/// (256) direct descriptors and a request takes three (header, its one
+/// buffer, status), so 85 fit; 64 keeps each slot's buffer (up to 64 KiB)
+/// within a few MiB of the domain's heap. Should the queue be full
+/// anyway, the domain keeps fewer in flight rather than failing.
+pub const MAX_DEPTH: u64 = 64;
+const _: () = assert!(MAX_DEPTH as usize * 3 <= crate::vblk::QUEUE_SIZE);
 /// Bytes per sequential request unless `bs` says otherwise.
 pub const DEFAULT_BS: u64 = 64 * 1024;
 /// The random reads' size (and alignment), in sectors: 4 KiB.
@@ -480,7 +481,7 @@ mod tests {
             e("verify=0..4 pattern=A batch=129"),
             PlanError::BadBatch(129)
         );
-        assert_eq!(e("verify=0..4 pattern=A depth=17"), PlanError::BadDepth(17));
+        assert_eq!(e("verify=0..4 pattern=A depth=65"), PlanError::BadDepth(65));
         assert_eq!(
             e("verify=0..64 pattern=A write=63..65 pattern2=B"),
             PlanError::Overlap

@@ -17,3 +17,4 @@ pub mod nic;
 pub mod serve;
 pub mod stream_pattern;
 pub mod tcp_stream;
+pub mod vblk;

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  frontend A ──ring A──┐                              ┌── Backend A ──┐
-//!  frontend B ──ring B──┼─ wait(ports) ─ poll/complete ┼── Backend B ──┼─ Dispatch ─ VirtIOBlk
-//!  virtio-blk MSI-X ────┘                              └── ...         ┘  (queue, slots)
+//!  frontend B ──ring B──┼─ wait(ports) ─ poll/complete ┼── Backend B ──┼─ Dispatch ─ vblk
+//!  virtio-blk MSI-X ────┘                              └── ...         ┘  (queue)
 //! ```
 //!
 //! One event loop, one thread: `wait` on every vbd's port and the device's
@@ -18,19 +18,15 @@
 //! connection is Closed (or its ring could never be mapped).
 //!
 //! The backends share the disk through [`Dispatch`]: a backend's request
-//! becomes one virtio request per run of buffers that are contiguous in
-//! memory (virtio-drivers' `read_blocks_nb` takes one buffer; the segments
-//! of a blkif request are consecutive on the disk, so each run starts where
-//! the last ended), queued in order and started as the virtqueue has room.
-//! The request completes, towards its backend, when all its runs have; one
-//! failed run fails it. A flush is a barrier: it starts only when the
-//! device holds nothing, and nothing queued after it starts before it ends.
-//! virtio-drivers 0.13's `flush` is blocking (it spins on the used ring for
-//! that one request), which is sound only with nothing else in flight; the
-//! barrier guarantees that. virtio-drivers notifies the device for every
-//! request it adds, and under QEMU every notification traps into the device
-//! model; the loop holds them back while it starts a batch and sends one
-//! ([`crate::device::batched`]).
+//! becomes one virtio request whose data descriptors are its buffers
+//! (those contiguous in memory merged; the segments of a blkif request are
+//! consecutive on the disk), cut into several only when it has more runs
+//! than the device takes in one request; requests are queued in order and
+//! started as the virtqueue has room. A flush is a barrier: it starts only
+//! when the device holds nothing, and nothing queued after it starts
+//! before it ends; it is submitted and completed like a read
+//! ([`crate::vblk`]), so the loop never spins on the device. `kick` adds a
+//! batch of requests and tells the device of them with one notification.
 //!
 //! Data paths (the manifest's `mode` per vbd):
 //!
@@ -327,16 +323,13 @@ impl Window {
     }
 }
 
-/// What one virtio request does.
+/// What one virtio request does (its buffers come with it, [`Queued`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubOp {
-    /// `len` bytes at `addr` (the domain's address, also the I/O address)
-    /// from or to the disk at `sector`.
+    /// The buffers from or to the disk at `sector`, one after another.
     Io {
         sector: u64,
         dir: Direction,
-        addr: u64,
-        len: u32,
     },
     Flush,
 }
@@ -350,33 +343,31 @@ pub struct Done {
     pub ok: bool,
 }
 
+/// The virtio request [`Dispatch::next`] offers: start it with `tag` as
+/// its tag, then call [`Dispatch::started`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queued<'a> {
+    pub tag: u64,
+    pub op: SubOp,
+    /// The data buffers (none for a flush), each a run of the backend's
+    /// buffers that are contiguous in memory.
+    pub bufs: &'a [Buf],
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Parent {
     backend: usize,
     token: u64,
-    /// Runs not yet ended.
+    /// virtio requests not ended yet.
     left: u32,
     ok: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct Sub {
     parent: usize,
     op: SubOp,
-}
-
-/// A run (first sector, address, length) as a queued I/O whose parent is
-/// set once the whole request is queued.
-fn io_sub(dir: Direction, (sector, addr, len): (u64, u64, u32)) -> Sub {
-    Sub {
-        parent: 0,
-        op: SubOp::Io {
-            sector,
-            dir,
-            addr,
-            len,
-        },
-    }
+    bufs: Vec<Buf>,
 }
 
 /// Counters of the device side.
@@ -384,7 +375,8 @@ fn io_sub(dir: Direction, (sector, addr, len): (u64, u64, u32)) -> Sub {
 pub struct DispatchStats {
     /// Backend requests taken (I/O and flushes).
     pub requests: u64,
-    /// virtio requests made of them.
+    /// virtio requests made of them (more than one for a request with more
+    /// runs than the device takes buffers).
     pub subs: u64,
     /// Buffers folded into the one before (contiguous in memory).
     pub merged: u64,
@@ -395,47 +387,53 @@ pub struct DispatchStats {
     pub busy: u64,
 }
 
-/// The backends' requests on their way through the one virtqueue: which
-/// virtio request belongs to which backend's request.
+/// The backends' requests on their way through the one virtqueue.
 ///
-/// Slots are the device's request memory (the glue keeps a `BlkReq` and a
-/// `BlkResp` per slot); a slot in use holds the virtio token it got, and
-/// `by_token` finds it again from that token. After the first requests
-/// nothing here allocates: parents and slots are reused through free
-/// lists, the queue is reserved for `max_queued`, and `by_token` has grown
-/// to the largest token the device uses (its queue size).
+/// A backend's I/O request becomes one virtio request whose data buffers
+/// are its buffers, those contiguous in memory merged into one (blkif
+/// segments are consecutive on the disk, so each buffer starts where the
+/// last ended); only a request with more such runs than the device takes
+/// in one request (`max_segs`) becomes several, of consecutive runs, and
+/// ends, towards its backend, when all of them have (one failed part
+/// fails it). Requests start in order as the device has room. A flush is a
+/// barrier: it starts only when the device holds nothing, and nothing
+/// queued after it starts before it ends.
+///
+/// A virtio request's tag is its backend request's index here ([`Done`]
+/// comes back from it). After the first requests nothing here allocates:
+/// parents are reused through a free list, buffer lists through a spare
+/// list, and the queue is reserved for `max_queued`.
 #[derive(Debug)]
 pub struct Dispatch {
     parents: Vec<Option<Parent>>,
     free_parents: Vec<usize>,
     queue: VecDeque<Sub>,
-    slots: Vec<Option<(u16, Sub)>>,
-    /// Free slots, the next one to use last.
-    free_slots: Vec<usize>,
-    /// `by_token[t]` is 1 + the slot of the request with virtio token `t`
-    /// (0: none).
-    by_token: Vec<u16>,
+    /// Buffer lists of started requests, kept for new ones.
+    spare: Vec<Vec<Buf>>,
+    max_segs: usize,
     max_queued: usize,
+    in_device: usize,
+    /// A flush is in the device (and so nothing else).
+    flushing: bool,
     busy: Vec<usize>,
     stats: DispatchStats,
 }
 
 impl Dispatch {
-    /// `slots` virtio requests in the device at most (1 to 65535); more
-    /// than `max_queued` waiting refuses new requests with `Busy` (a
-    /// request that finds the queue empty is always taken, however long).
-    pub fn new(slots: usize, max_queued: usize) -> Self {
-        let slots = slots.clamp(1, usize::from(u16::MAX));
-        let mut s = Vec::new();
-        s.resize_with(slots, || None);
+    /// Data buffers per virtio request at most `max_segs` (at least 1);
+    /// more than `max_queued` virtio requests waiting refuses new requests
+    /// with `Busy` (a request that finds the queue empty is always taken,
+    /// however many parts it has).
+    pub fn new(max_segs: usize, max_queued: usize) -> Self {
         Dispatch {
             parents: Vec::new(),
             free_parents: Vec::new(),
             queue: VecDeque::with_capacity(max_queued),
-            slots: s,
-            free_slots: (0..slots).rev().collect(),
-            by_token: Vec::new(),
+            spare: Vec::new(),
+            max_segs: max_segs.max(1),
             max_queued,
+            in_device: 0,
+            flushing: false,
             busy: Vec::new(),
             stats: DispatchStats::default(),
         }
@@ -447,7 +445,7 @@ impl Dispatch {
 
     /// virtio requests in the device.
     pub fn in_device(&self) -> usize {
-        self.slots.len() - self.free_slots.len()
+        self.in_device
     }
 
     /// virtio requests waiting for the device.
@@ -457,7 +455,7 @@ impl Dispatch {
 
     /// Nothing queued and nothing in the device.
     pub fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.in_device() == 0
+        self.queue.is_empty() && self.in_device == 0
     }
 
     /// Backend requests not ended yet.
@@ -483,12 +481,8 @@ impl Dispatch {
     }
 
     /// `Busy` if `subs` more would overfill a queue that is not empty.
-    fn refuse_busy(
-        &mut self,
-        backend: usize,
-        queued: usize,
-        subs: usize,
-    ) -> Result<(), DeviceError> {
+    fn refuse_busy(&mut self, backend: usize, subs: usize) -> Result<(), DeviceError> {
+        let queued = self.queue.len();
         if queued > 0 && queued + subs > self.max_queued {
             self.stats.busy += 1;
             if !self.busy.contains(&backend) {
@@ -497,6 +491,32 @@ impl Dispatch {
             return Err(DeviceError::Busy);
         }
         Ok(())
+    }
+
+    /// The runs of `bufs`: how many, and how many buffers merge into the
+    /// one before; `Failed` for an empty list or a buffer that is empty or
+    /// not whole sectors.
+    fn runs(bufs: &[Buf]) -> Result<(usize, u64), DeviceError> {
+        let mut runs = 0;
+        let mut end: Option<(u64, u32)> = None; // the run's end address, length
+        for b in bufs {
+            if b.len == 0 || b.len % blkif::SECTOR_SIZE as u32 != 0 {
+                return Err(DeviceError::Failed);
+            }
+            end = match end {
+                Some((e, len)) if e == b.addr && len.checked_add(b.len).is_some() => {
+                    Some((e + u64::from(b.len), len + b.len))
+                }
+                _ => {
+                    runs += 1;
+                    b.addr.checked_add(u64::from(b.len)).map(|e| (e, b.len))
+                }
+            };
+        }
+        if runs == 0 {
+            return Err(DeviceError::Failed);
+        }
+        Ok((runs, (bufs.len() - runs) as u64))
     }
 
     /// Backend `backend`'s request `token`: `bufs` in order, consecutive
@@ -509,60 +529,64 @@ impl Dispatch {
         dir: Direction,
         bufs: &[Buf],
     ) -> Result<(), DeviceError> {
-        // Each run is built here and goes onto the queue when the next
-        // begins; they come off it again if the request is refused.
-        let before = self.queue.len();
-        let mut run: Option<(u64, u64, u32)> = None; // sector, addr, len
+        let (runs, merged) = Self::runs(bufs)?;
+        let subs = runs.div_ceil(self.max_segs);
+        self.refuse_busy(backend, subs)?;
+        self.stats.merged += merged;
+        self.stats.subs += subs as u64;
+        let parent = self.new_parent(backend, token, subs as u32);
+        // The same runs as `runs` found, cut every `max_segs`.
         let mut at = sector;
-        let mut merged = 0;
+        let mut cur: Option<Sub> = None;
         for b in bufs {
-            if b.len == 0 || b.len % blkif::SECTOR_SIZE as u32 != 0 {
-                self.queue.truncate(before);
-                return Err(DeviceError::Failed);
-            }
-            match &mut run {
-                Some((_, addr, len))
-                    if addr.checked_add(u64::from(*len)) == Some(b.addr)
-                        && len.checked_add(b.len).is_some() =>
+            let c = cur.get_or_insert_with(|| {
+                let mut v = self.spare.pop().unwrap_or_default();
+                v.clear();
+                Sub {
+                    parent,
+                    op: SubOp::Io { sector: at, dir },
+                    bufs: v,
+                }
+            });
+            let full = c.bufs.len() == self.max_segs;
+            match c.bufs.last_mut() {
+                Some(last)
+                    if last.addr.checked_add(u64::from(last.len)) == Some(b.addr)
+                        && last.len.checked_add(b.len).is_some() =>
                 {
-                    *len += b.len;
-                    merged += 1;
+                    last.len += b.len
                 }
-                _ => {
-                    if let Some(r) = run.replace((at, b.addr, b.len)) {
-                        self.queue.push_back(io_sub(dir, r));
-                    }
+                _ if full => {
+                    // A new run, and this request holds all it may: the
+                    // next virtio request begins with it.
+                    let mut v = self.spare.pop().unwrap_or_default();
+                    v.clear();
+                    v.push(*b);
+                    let done = cur.replace(Sub {
+                        parent,
+                        op: SubOp::Io { sector: at, dir },
+                        bufs: v,
+                    });
+                    self.queue.extend(done);
                 }
+                _ => c.bufs.push(*b),
             }
             at += u64::from(b.len) / blkif::SECTOR_SIZE;
         }
-        let Some(last) = run else {
-            return Err(DeviceError::Failed);
-        };
-        self.queue.push_back(io_sub(dir, last));
-        let runs = self.queue.len() - before;
-        if let Err(e) = self.refuse_busy(backend, before, runs) {
-            self.queue.truncate(before);
-            return Err(e);
-        }
-        self.stats.merged += merged;
-        let parent = self.new_parent(backend, token, runs as u32);
-        self.stats.subs += runs as u64;
-        for sub in self.queue.range_mut(before..) {
-            sub.parent = parent;
-        }
+        self.queue.extend(cur);
         Ok(())
     }
 
     /// Backend `backend`'s flush `token`.
     pub fn flush(&mut self, backend: usize, token: u64) -> Result<(), DeviceError> {
-        self.refuse_busy(backend, self.queue.len(), 1)?;
+        self.refuse_busy(backend, 1)?;
         let parent = self.new_parent(backend, token, 1);
         self.stats.subs += 1;
         self.stats.flushes += 1;
         self.queue.push_back(Sub {
             parent,
             op: SubOp::Flush,
+            bufs: Vec::new(),
         });
         Ok(())
     }
@@ -573,85 +597,75 @@ impl Dispatch {
         core::mem::take(&mut self.busy)
     }
 
-    /// The next virtio request to start and the slot for it, if it may
-    /// start now: a slot is free, and it is not a flush with anything in
-    /// the device.
-    pub fn next(&self) -> Option<(usize, SubOp)> {
+    /// The next virtio request to start, if it may start now: not while a
+    /// flush is in the device, and a flush only when nothing is.
+    pub fn next(&self) -> Option<Queued<'_>> {
         let sub = self.queue.front()?;
-        let slot = *self.free_slots.last()?;
-        if sub.op == SubOp::Flush && self.in_device() > 0 {
+        if self.flushing || (sub.op == SubOp::Flush && self.in_device > 0) {
             return None;
         }
-        Some((slot, sub.op))
+        Some(Queued {
+            tag: sub.parent as u64,
+            op: sub.op,
+            bufs: &sub.bufs,
+        })
     }
 
-    /// The virtio requests [`Dispatch::next`] would offer one after another
-    /// if each were started: the I/O requests at the front of the queue up
-    /// to the first flush, each with the slot it would get, as many as
-    /// there are free slots.
-    pub fn upcoming(&self) -> impl Iterator<Item = (usize, SubOp)> + '_ {
+    /// The I/O requests [`Dispatch::next`] would offer one after another
+    /// if each were started: those at the front of the queue up to the
+    /// first flush (none while a flush is in the device).
+    pub fn upcoming(&self) -> impl Iterator<Item = Queued<'_>> + '_ {
         self.queue
             .iter()
-            .map(|sub| sub.op)
-            .take_while(|op| matches!(op, SubOp::Io { .. }))
-            .zip(self.free_slots.iter().rev())
-            .map(|(op, &slot)| (slot, op))
+            .take(if self.flushing { 0 } else { usize::MAX })
+            .take_while(|sub| sub.op != SubOp::Flush)
+            .map(|sub| Queued {
+                tag: sub.parent as u64,
+                op: sub.op,
+                bufs: &sub.bufs,
+            })
     }
 
-    /// The request [`Dispatch::next`] gave is in the device in `slot` with
-    /// virtio token `token`.
-    pub fn started(&mut self, slot: usize, token: u16) {
-        // `next` offers the last free slot, so this finds it at once.
-        let Some(i) = self.free_slots.iter().rposition(|s| *s == slot) else {
-            return;
-        };
+    /// The request [`Dispatch::next`] gave is in the device.
+    pub fn started(&mut self) {
         let Some(sub) = self.queue.pop_front() else {
             return;
         };
-        self.free_slots.swap_remove(i);
-        self.slots[slot] = Some((token, sub));
-        let t = usize::from(token);
-        if t >= self.by_token.len() {
-            self.by_token.resize(t + 1, 0);
+        self.flushing = sub.op == SubOp::Flush;
+        if sub.bufs.capacity() > 0 {
+            self.spare.push(sub.bufs);
         }
-        // no overflow: slots.len() <= u16::MAX (`new`)
-        self.by_token[t] = slot as u16 + 1;
-        let n = self.in_device();
-        self.stats.max_in_device = self.stats.max_in_device.max(n);
+        self.in_device += 1;
+        self.stats.max_in_device = self.stats.max_in_device.max(self.in_device);
     }
 
     /// The request [`Dispatch::next`] gave ended without going into the
-    /// device (a synchronous flush, or the device refused it).
+    /// device (a device without flushes, or the device refused it).
     pub fn ended_now(&mut self, ok: bool) -> Option<Done> {
         let sub = self.queue.pop_front()?;
-        self.end(sub, ok)
-    }
-
-    /// The slot and request of virtio token `token`; `None` if no request
-    /// in the device has it.
-    pub fn lookup(&self, token: u16) -> Option<(usize, SubOp)> {
-        let slot = usize::from(*self.by_token.get(usize::from(token))?).checked_sub(1)?;
-        match self.slots.get(slot)? {
-            Some((t, sub)) if *t == token => Some((slot, sub.op)),
-            _ => None,
+        let parent = sub.parent;
+        if sub.bufs.capacity() > 0 {
+            self.spare.push(sub.bufs);
         }
+        self.end(parent, ok)
     }
 
-    /// The request in `slot` ended (`ok`: without error). `Some` when that
-    /// was the last part of a backend's request.
-    pub fn finish(&mut self, slot: usize, ok: bool) -> Option<Done> {
-        let (token, sub) = self.slots.get_mut(slot)?.take()?;
-        self.free_slots.push(slot);
-        if let Some(b) = self.by_token.get_mut(usize::from(token)) {
-            if usize::from(*b) == slot + 1 {
-                *b = 0;
-            }
+    /// The request started with `tag` ended (`ok`: without error). `Some`
+    /// when that was the last part of a backend's request.
+    pub fn finish(&mut self, tag: u64, ok: bool) -> Option<Done> {
+        let parent = usize::try_from(tag).ok()?;
+        if self.in_device == 0 || self.parents.get(parent)?.is_none() {
+            return None;
         }
-        self.end(sub, ok)
+        self.in_device -= 1;
+        if self.in_device == 0 {
+            self.flushing = false;
+        }
+        self.end(parent, ok)
     }
 
-    fn end(&mut self, sub: Sub, ok: bool) -> Option<Done> {
-        let p = self.parents.get_mut(sub.parent)?.as_mut()?;
+    fn end(&mut self, parent: usize, ok: bool) -> Option<Done> {
+        let p = self.parents.get_mut(parent)?.as_mut()?;
         p.ok &= ok;
         p.left = p.left.saturating_sub(1);
         if p.left > 0 {
@@ -662,8 +676,8 @@ impl Dispatch {
             token: p.token,
             ok: p.ok,
         };
-        self.parents[sub.parent] = None;
-        self.free_parents.push(sub.parent);
+        self.parents[parent] = None;
+        self.free_parents.push(parent);
         Some(done)
     }
 }
@@ -707,11 +721,10 @@ mod domain {
     use libdom::ports::Pending;
     use libdom::ring::SharedPage;
     use libdom::{event, evtchn_send, grant, println, set_timer, time_ns, wait};
-    use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
     use virtio_drivers::transport::Transport;
-    use virtio_drivers::{Error as VirtioError, Hal};
+    use virtio_drivers::Hal;
 
-    use crate::device::{Batched, NotifyBatch};
+    use crate::vblk::{Broken, Op, SubmitError, VirtioBlk, QUEUE_SIZE};
 
     use abi::blkif::{self, RING_SIZE};
 
@@ -838,74 +851,6 @@ mod domain {
         }
     }
 
-    /// A virtio request's own memory, which must not move while it is out.
-    #[derive(Default)]
-    struct IoSlot {
-        req: BlkReq,
-        resp: BlkResp,
-    }
-
-    const SLOTS_PER_PAGE: usize = PAGE_SIZE as usize / core::mem::size_of::<IoSlot>();
-    const _: () = assert!(SLOTS_PER_PAGE > 0);
-
-    /// A page of [`IoSlot`]s and nothing else: page-aligned, and its size
-    /// a page (`size_of` rounds up to the alignment).
-    #[repr(C, align(4096))]
-    struct SlotPage([IoSlot; SLOTS_PER_PAGE]);
-
-    const _: () = assert!(core::mem::size_of::<SlotPage>() == PAGE_SIZE as usize);
-
-    /// The virtio requests' [`IoSlot`]s, on pages of their own. In strict
-    /// DMA mode libdom's Hal maps each buffer's whole pages for the device
-    /// while its request is in flight, the page of a `BlkResp` writably:
-    /// anything else on that page (in a plain heap vector: blkback's slot
-    /// and cache tables, whose entries are addresses later handed to the
-    /// device) would be open to a hostile device. Here those pages hold
-    /// only other slots' headers and statuses, which only the device's own
-    /// requests use. One boxed slice, made once and never grown or
-    /// dropped while the loop runs: a slot never moves.
-    struct IoSlots(alloc::boxed::Box<[SlotPage]>);
-
-    impl IoSlots {
-        fn new(n: usize) -> IoSlots {
-            let pages = n.div_ceil(SLOTS_PER_PAGE).max(1);
-            IoSlots(
-                (0..pages)
-                    .map(|_| SlotPage(core::array::from_fn(|_| IoSlot::default())))
-                    .collect(),
-            )
-        }
-    }
-
-    impl core::ops::Index<usize> for IoSlots {
-        type Output = IoSlot;
-        fn index(&self, i: usize) -> &IoSlot {
-            &self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
-        }
-    }
-
-    impl core::ops::IndexMut<usize> for IoSlots {
-        fn index_mut(&mut self, i: usize) -> &mut IoSlot {
-            &mut self.0[i / SLOTS_PER_PAGE].0[i % SLOTS_PER_PAGE]
-        }
-    }
-
-    #[test]
-    fn io_slots_have_pages_of_their_own() {
-        for n in [1, 16, SLOTS_PER_PAGE, SLOTS_PER_PAGE + 1, 256, 1024] {
-            let s = IoSlots::new(n);
-            let base = s.0.as_ptr() as u64;
-            let len = core::mem::size_of_val(&*s.0) as u64;
-            assert!(base.is_multiple_of(PAGE_SIZE));
-            assert!(len.is_multiple_of(PAGE_SIZE) && len > 0);
-            for i in 0..n {
-                let req = core::ptr::from_ref(&s[i].req) as u64;
-                let resp = core::ptr::from_ref(&s[i].resp) as u64;
-                assert!(req >= base && resp < base + len, "{n} {i}");
-            }
-        }
-    }
-
     #[derive(Default)]
     struct LoopStats {
         waits: u64,
@@ -916,17 +861,13 @@ mod domain {
         late: u64,
         completions: u64,
         failed_subs: u64,
-        flush_ns: u64,
     }
 
     struct Server<'a, H: Hal, T: Transport> {
-        blk: VirtIOBlk<H, Batched<T>>,
-        /// The device hears of the requests `kick` adds once, at its end.
-        notify: NotifyBatch<T>,
+        /// The device; it hears of the requests `kick` adds once, at its
+        /// end. Request headers and statuses live in its slot pages.
+        blk: VirtioBlk<H, T, QUEUE_SIZE>,
         dispatch: Dispatch,
-        /// Made once, never grown: a slot's memory never moves, and shares
-        /// its page with nothing but other slots ([`IoSlots`]).
-        slots: IoSlots,
         grants: DomGrants,
         fronts: Vec<Frontend<'a>>,
         stats: LoopStats,
@@ -934,10 +875,10 @@ mod domain {
         broken: Option<&'static str>,
         /// Ended requests, kept between calls (no allocation per
         /// interrupt once it has held a queue's worth): `reap`'s, and
-        /// those `kick` ended without the device (a flush, a request the
-        /// virtqueue refused). Only `respond` retires them, after the held
-        /// unmaps, so no response goes out while a piece of its request is
-        /// still mapped for the device.
+        /// those `kick` ended without the device (a flush the device does
+        /// not need, a request the virtqueue refused). Only `respond`
+        /// retires them, after the held unmaps, so no response goes out
+        /// while a piece of its request is still mapped for the device.
         reaped: Vec<Done>,
         /// Strict DMA: the unmaps of the reaped requests' pages, held back
         /// from `reap` to `respond` so that `kick`'s call in between takes
@@ -945,34 +886,7 @@ mod domain {
         held: Option<libdom::virtio::UnmapBatch>,
         /// Strict DMA (`claim` does something).
         strict: bool,
-        /// Blocks of the layout of virtio-drivers' indirect descriptor list
-        /// reserved by `kick` (see [`INDIRECT_LIST`]).
-        lists: Vec<*mut u8>,
     }
-
-    /// virtio-drivers 0.13 gives each request (header, data, status) an
-    /// indirect descriptor list of three 16-byte descriptors, allocated on
-    /// the heap inside `add` and shared with the device there. `kick`
-    /// reserves a block of this layout per request it is about to start,
-    /// claims it, and frees it just before the request's `add`: the heap
-    /// is first-fit, so the list lands there and its `share` finds it
-    /// claimed and mapped. A guess: when it misses, that `share` makes its
-    /// own call (correct, one call more).
-    ///
-    /// These blocks stay in the general heap: the list is allocated by
-    /// virtio-drivers through the global allocator, so a block reserved in
-    /// an arena of our own would not be where the list lands. What remains
-    /// exposed in strict DMA mode: while a request is in flight, the page
-    /// (or two) holding its 48-byte list is mapped for the device
-    /// read-only, so a hostile device can read, but not write, whatever
-    /// other heap objects share that page (blkback's tables, segment lists
-    /// copied from frontends, and the like). The data buffers (grant
-    /// mappings, page-aligned bounce pages) and the request headers and
-    /// statuses ([`IoSlots`]) are on pages of their own.
-    const INDIRECT_LIST: Layout = match Layout::from_size_align(48, 16) {
-        Ok(l) => l,
-        Err(_) => panic!("bad layout"),
-    };
 
     /// What a backend call asks of the domain: report, unmap the ring
     /// once Closed, notify the frontend.
@@ -1079,31 +993,32 @@ mod domain {
             }
         }
 
-        /// Strict DMA: claims every buffer of the requests `kick` is about
-        /// to start (header, data, status, and a block where the indirect
-        /// list will be), then maps them all with one `dma_batch`, which
-        /// also carries the unmaps `reap` held back.
+        /// Strict DMA: claims the data buffers of the requests `kick` is
+        /// about to start (as many as the queue has room for), then maps
+        /// them all with one `dma_batch`, which also carries the unmaps
+        /// `reap` held back. Headers and statuses need nothing: the
+        /// driver's slot pages stay shared for its life.
         fn claim_upcoming(&mut self) {
             if !self.strict {
                 return;
             }
+            let (mut descs, mut slots) = self.blk.room();
             let mut any = false;
-            for (slot, op) in self.dispatch.upcoming() {
-                let SubOp::Io { dir, addr, len, .. } = op else {
+            for q in self.dispatch.upcoming() {
+                let need = q.bufs.len() + 2;
+                if slots == 0 || need > descs {
                     break;
-                };
-                let s = &self.slots[slot];
-                let req = core::ptr::from_ref(&s.req) as u64;
-                let resp = core::ptr::from_ref(&s.resp) as u64;
-                libdom::virtio::claim(req, core::mem::size_of::<BlkReq>(), false);
-                libdom::virtio::claim(addr, len as usize, dir == Direction::Read);
-                libdom::virtio::claim(resp, core::mem::size_of::<BlkResp>(), true);
-                // SAFETY: the layout has a non-zero size; the block is freed
-                // in `kick` (before its request's `add`, or at the end).
-                let list = unsafe { alloc::alloc::alloc(INDIRECT_LIST) };
-                if !list.is_null() {
-                    libdom::virtio::claim(list as u64, INDIRECT_LIST.size(), false);
-                    self.lists.push(list);
+                }
+                (descs, slots) = (descs - need, slots - 1);
+                let write = matches!(
+                    q.op,
+                    SubOp::Io {
+                        dir: Direction::Read,
+                        ..
+                    }
+                );
+                for b in q.bufs {
+                    libdom::virtio::claim(b.addr, b.len as usize, write);
                 }
                 any = true;
             }
@@ -1112,103 +1027,57 @@ mod domain {
             }
         }
 
-        /// Frees the reserved list block of the `k`-th request of this kick.
-        fn free_list(&mut self, k: usize) {
-            if let Some(p) = self.lists.get_mut(k) {
-                if !p.is_null() {
-                    // SAFETY: allocated with this layout in `claim_upcoming`
-                    // and not freed yet (set to null once freed).
-                    unsafe { alloc::alloc::dealloc(*p, INDIRECT_LIST) };
-                    *p = core::ptr::null_mut();
-                }
-            }
-        }
-
-        /// Starts queued virtio requests while the queue has room; in strict
-        /// DMA mode their pages are mapped first, by one call.
+        /// Starts queued virtio requests while the queue has room (a flush
+        /// alone, as [`Dispatch`] offers it); in strict DMA mode their pages
+        /// are mapped first, by one call. The device hears of them with one
+        /// notification at the end.
         fn kick(&mut self) {
             self.claim_upcoming();
-            let mut k = 0;
-            self.notify.hold();
-            while let Some((slot, op)) = self.dispatch.next() {
-                match op {
-                    SubOp::Flush => {
-                        // Nothing else is in the device (the barrier), so
-                        // the blocking flush pops its own completion; it
-                        // notifies the device itself.
-                        self.notify.release();
-                        let t0 = time_ns();
-                        let ok = self.blk.flush().is_ok();
-                        self.stats.flush_ns += time_ns() - t0;
-                        self.notify.hold();
-                        // Answered by `respond`, like every ended request.
-                        if let Some(d) = self.dispatch.ended_now(ok) {
+            while let Some(q) = self.dispatch.next() {
+                let (op, sector) = match q.op {
+                    SubOp::Flush => (Op::Flush, 0),
+                    SubOp::Io {
+                        sector,
+                        dir: Direction::Read,
+                    } => (Op::Read, sector),
+                    SubOp::Io {
+                        sector,
+                        dir: Direction::Write,
+                    } => (Op::Write, sector),
+                };
+                if op == Op::Flush && !self.blk.has_flush() {
+                    // The device writes through: nothing to wait for.
+                    // Answered by `respond`, like every ended request.
+                    if let Some(d) = self.dispatch.ended_now(true) {
+                        self.reaped.push(d);
+                    }
+                    continue;
+                }
+                // SAFETY: each buffer is what a backend handed to `submit`:
+                // its grant mapping (writable for a READ) or its bounce
+                // pages, kept until its `retire` of this request, which
+                // comes only after this virtio request's completion has
+                // been popped (`reap`, then `respond`).
+                match unsafe { self.blk.submit(op, sector, q.bufs, q.tag) } {
+                    Ok(()) => self.dispatch.started(),
+                    Err(SubmitError::Full) => break,
+                    Err(SubmitError::Broken) => {
+                        self.broken = Some("the device broke the queue");
+                        break;
+                    }
+                    Err(SubmitError::Invalid) => {
+                        println!("blkback: the virtqueue refused a request ({op:?} at {sector})");
+                        self.stats.failed_subs += 1;
+                        // Not answered here: earlier parts of the same
+                        // request may have been reaped with their unmaps
+                        // held back; `respond` does those unmaps first.
+                        if let Some(d) = self.dispatch.ended_now(false) {
                             self.reaped.push(d);
                         }
                     }
-                    SubOp::Io {
-                        sector,
-                        dir,
-                        addr,
-                        len,
-                    } => {
-                        self.free_list(k);
-                        k += 1;
-                        let s = &mut self.slots[slot];
-                        let r = match dir {
-                            // SAFETY: `addr..addr + len` is what a backend
-                            // handed to `submit`: its grant mapping (writable
-                            // for a READ) or its bounce pages, kept until
-                            // its `complete` for this request, which comes
-                            // after this virtio request's completion below.
-                            // The slot's `req` and `resp` stay put (the
-                            // slots are never reallocated) until then too.
-                            Direction::Read => unsafe {
-                                let buf =
-                                    core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
-                                self.blk.read_blocks_nb(
-                                    sector as usize,
-                                    &mut s.req,
-                                    buf,
-                                    &mut s.resp,
-                                )
-                            },
-                            // SAFETY: as for the read; the device only
-                            // reads this buffer.
-                            Direction::Write => unsafe {
-                                let buf =
-                                    core::slice::from_raw_parts(addr as *const u8, len as usize);
-                                self.blk.write_blocks_nb(
-                                    sector as usize,
-                                    &mut s.req,
-                                    buf,
-                                    &mut s.resp,
-                                )
-                            },
-                        };
-                        match r {
-                            Ok(token) => self.dispatch.started(slot, token),
-                            Err(VirtioError::QueueFull) => break,
-                            Err(e) => {
-                                println!("blkback: the virtqueue refused a request: {e:?}");
-                                self.stats.failed_subs += 1;
-                                // Not answered here: earlier pieces of the
-                                // same request may have been reaped with
-                                // their unmaps held back; `respond` does
-                                // those unmaps first.
-                                if let Some(d) = self.dispatch.ended_now(false) {
-                                    self.reaped.push(d);
-                                }
-                            }
-                        }
-                    }
                 }
             }
-            self.notify.release();
-            for k in 0..self.lists.len() {
-                self.free_list(k);
-            }
-            self.lists.clear();
+            self.blk.notify();
             libdom::virtio::release_claims();
         }
 
@@ -1223,39 +1092,30 @@ mod domain {
             if self.held.is_none() {
                 self.held = Some(libdom::virtio::UnmapBatch::begin());
             }
-            let mut done = core::mem::take(&mut self.reaped);
-            while let Some(token) = self.blk.peek_used() {
-                let Some((slot, SubOp::Io { dir, addr, len, .. })) = self.dispatch.lookup(token)
-                else {
-                    self.broken = Some("the device completed a request we did not make");
-                    break;
-                };
-                let s = &mut self.slots[slot];
-                let r = match dir {
-                    // SAFETY: the very buffers `kick` submitted with this
-                    // token (found by it above), still held by their backend.
-                    Direction::Read => unsafe {
-                        let buf = core::slice::from_raw_parts_mut(addr as *mut u8, len as usize);
-                        self.blk
-                            .complete_read_blocks(token, &s.req, buf, &mut s.resp)
-                    },
-                    // SAFETY: as for the read.
-                    Direction::Write => unsafe {
-                        let buf = core::slice::from_raw_parts(addr as *const u8, len as usize);
-                        self.blk
-                            .complete_write_blocks(token, &s.req, buf, &mut s.resp)
-                    },
-                };
-                if r.is_err() {
-                    self.stats.failed_subs += 1;
-                }
-                n += 1;
-                self.stats.completions += 1;
-                if let Some(d) = self.dispatch.finish(slot, r.is_ok()) {
-                    done.push(d);
+            loop {
+                match self.blk.pop() {
+                    Ok(Some(c)) => {
+                        let ok = c.status.is_ok();
+                        if !ok {
+                            self.stats.failed_subs += 1;
+                        }
+                        n += 1;
+                        self.stats.completions += 1;
+                        if let Some(d) = self.dispatch.finish(c.tag, ok) {
+                            self.reaped.push(d);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(Broken::UnknownToken(_)) => {
+                        self.broken = Some("the device completed a request we did not make");
+                        break;
+                    }
+                    Err(Broken::Queue) => {
+                        self.broken = Some("the used ring changed while it was read");
+                        break;
+                    }
                 }
             }
-            self.reaped = done;
             n
         }
 
@@ -1383,8 +1243,7 @@ mod domain {
     /// reached), 1 on a broken device or bad args.
     pub fn run<H: Hal, T: Transport>(
         si: &libdom::StartInfo<'_>,
-        blk: VirtIOBlk<H, Batched<T>>,
-        notify: NotifyBatch<T>,
+        blk: VirtioBlk<H, T, QUEUE_SIZE>,
         dev_port: u16,
         timer: u16,
     ) -> i64 {
@@ -1456,17 +1315,16 @@ mod domain {
                 polls: 0,
             });
         }
-        let depth = usize::from(blk.virt_queue_size());
+        let max_segs = blk.max_segs();
+        // Room for every frontend's full ring of requests, each cut into
+        // as many virtio requests as it needs (at most 11 counted: past
+        // that the queue just says Busy sooner).
+        let parts = usize::from(blkif::MAX_INDIRECT_SEGMENTS)
+            .div_ceil(max_segs)
+            .min(blkif::MAX_SEGMENTS);
         let mut srv = Server {
             blk,
-            notify,
-            // Room for every frontend's full ring of 11-segment requests
-            // split into one virtio request per segment.
-            dispatch: Dispatch::new(
-                depth,
-                fronts.len() * RING_SIZE as usize * blkif::MAX_SEGMENTS,
-            ),
-            slots: IoSlots::new(depth),
+            dispatch: Dispatch::new(max_segs, fronts.len() * RING_SIZE as usize * parts),
             grants: DomGrants::default(),
             fronts,
             stats: LoopStats::default(),
@@ -1474,10 +1332,9 @@ mod domain {
             reaped: Vec::with_capacity(RING_SIZE as usize),
             held: None,
             strict: libdom::device::dma_mode() == abi::domain::DmaMode::Strict,
-            lists: Vec::with_capacity(depth),
         };
         println!(
-            "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants and {quota} more mappings each; {} by grant copy), indirect up to {} segments (map vbds: {}), {depth} virtio descriptors",
+            "blkback: serving {} vbds ({} by grant map, {persistent} persistent grants and {quota} more mappings each; {} by grant copy), indirect up to {} segments (map vbds: {}), {QUEUE_SIZE} virtio descriptors, {max_segs} buffers per virtio request",
             srv.fronts.len(),
             maps,
             srv.fronts.len() - maps,
@@ -1546,16 +1403,18 @@ mod domain {
         let d = srv.dispatch.stats();
         let l = &srv.stats;
         println!(
-            "blkback: device: {} requests as {} virtio requests ({} completed, {} buffers merged, {} flushes taking {} us), at most {} in the device, {} busy refusals, {} failed; {} waits, {} device wakes ({} with nothing new), {} completions found without an interrupt; {} grant calls ({} copy ops); {} ms",
+            "blkback: device: {} requests as {} virtio requests ({} completed, {} buffers merged, {} flushes), at most {} in the device, {} busy refusals, {} failed, {} notifications, {} queue full, bad from the device {:?}; {} waits, {} device wakes ({} with nothing new), {} completions found without an interrupt; {} grant calls ({} copy ops); {} ms",
             d.requests,
             d.subs,
             l.completions,
             d.merged,
             d.flushes,
-            l.flush_ns / 1000,
             d.max_in_device,
             d.busy,
             l.failed_subs,
+            srv.blk.stats().notifies,
+            srv.blk.stats().full,
+            srv.blk.stats().bad,
             l.waits,
             l.device_wakes,
             l.spurious,
@@ -1580,13 +1439,8 @@ mod tests {
     use abi::domain::VbdInfo;
     use std::vec;
 
-    fn io(sector: u64, dir: Direction, addr: u64, len: u32) -> SubOp {
-        SubOp::Io {
-            sector,
-            dir,
-            addr,
-            len,
-        }
+    fn io(sector: u64, dir: Direction) -> SubOp {
+        SubOp::Io { sector, dir }
     }
 
     fn buf(addr: u64, len: u32) -> Buf {
@@ -1730,11 +1584,22 @@ mod tests {
         assert_eq!(d.alloc(), Some(GRANT_WINDOW));
     }
 
+    /// Starts what `next` offers until it offers nothing; returns them
+    /// (tag, op, buffers).
+    fn start_all(d: &mut Dispatch) -> Vec<(u64, SubOp, Vec<Buf>)> {
+        let mut out = vec![];
+        while let Some(q) = d.next() {
+            out.push((q.tag, q.op, q.bufs.to_vec()));
+            d.started();
+        }
+        out
+    }
+
     #[test]
-    fn runs_merge_and_complete_their_request() {
+    fn one_request_is_one_virtio_request_with_its_runs() {
         let mut d = Dispatch::new(16, 64);
-        // Four segments: two contiguous full pages, then a gap, then a
-        // partial one.
+        // Four segments: two contiguous full pages, then a gap, then two
+        // more that do not follow each other.
         let bufs = [
             buf(0x8000_0000, 4096),
             buf(0x8000_1000, 4096),
@@ -1742,30 +1607,23 @@ mod tests {
             buf(0x8000_3000, 512),
         ];
         d.submit(0, 77, 100, Direction::Read, &bufs).unwrap();
-        assert_eq!(d.queued(), 3);
+        assert_eq!(d.queued(), 1);
         assert_eq!(d.stats().merged, 1);
-        let mut got = vec![];
-        while let Some((slot, op)) = d.next() {
-            got.push(op);
-            d.started(slot, 10 + slot as u16);
-        }
+        let got = start_all(&mut d);
+        assert_eq!(got.len(), 1);
+        let (tag, op, runs) = &got[0];
+        assert_eq!(*op, io(100, Direction::Read));
         assert_eq!(
-            got,
+            *runs,
             [
-                io(100, Direction::Read, 0x8000_0000, 8192),
-                io(116, Direction::Read, 0x8000_5200, 1024),
-                io(118, Direction::Read, 0x8000_3000, 512),
+                buf(0x8000_0000, 8192),
+                buf(0x8000_5200, 1024),
+                buf(0x8000_3000, 512)
             ]
         );
-        assert_eq!(d.in_device(), 3);
-        assert_eq!(d.lookup(11), Some((1, got[1])));
-        assert_eq!(d.lookup(99), None);
-        assert_eq!(d.lookup(9), None);
-        // Completions in any order; the request ends with the last.
-        assert_eq!(d.finish(1, true), None);
-        assert_eq!(d.finish(0, true), None);
+        assert_eq!(d.in_device(), 1);
         assert_eq!(
-            d.finish(2, true),
+            d.finish(*tag, true),
             Some(Done {
                 backend: 0,
                 token: 77,
@@ -1774,35 +1632,54 @@ mod tests {
         );
         assert!(d.is_idle());
         assert_eq!(d.pending(), 0);
-        assert_eq!(d.finish(2, true), None);
-        // An ended request's token finds nothing.
-        assert_eq!(d.lookup(12), None);
+        // An ended request's tag finds nothing.
+        assert_eq!(d.finish(*tag, true), None);
+        assert_eq!(d.finish(999, true), None);
+        assert_eq!(d.stats().subs, 1);
     }
 
     #[test]
-    fn one_failed_run_fails_the_request() {
-        let mut d = Dispatch::new(16, 64);
-        d.submit(
-            2,
-            5,
-            0,
-            Direction::Write,
-            &[buf(0x1000, 512), buf(0x3000, 512)],
-        )
-        .unwrap();
-        let (s0, _) = d.next().unwrap();
-        d.started(s0, 0);
-        let (s1, _) = d.next().unwrap();
-        d.started(s1, 3);
-        assert_eq!(d.finish(s0, false), None);
+    fn more_runs_than_the_device_takes_are_cut_and_end_together() {
+        let mut d = Dispatch::new(2, 64);
+        // Five runs (a gap between each), of 1 sector each, from sector 8.
+        let bufs: Vec<Buf> = (0..5).map(|i| buf(0x10_0000 + i * 0x2000, 512)).collect();
+        d.submit(2, 5, 8, Direction::Write, &bufs).unwrap();
+        assert_eq!(d.queued(), 3);
+        let got = start_all(&mut d);
+        let ops: Vec<_> = got.iter().map(|g| (g.1, g.2.len())).collect();
         assert_eq!(
-            d.finish(s1, true),
+            ops,
+            [
+                (io(8, Direction::Write), 2),
+                (io(10, Direction::Write), 2),
+                (io(12, Direction::Write), 1)
+            ]
+        );
+        assert_eq!(got[1].2[0], bufs[2]);
+        // All three carry the one request's tag; one failed part fails it.
+        assert!(got.iter().all(|g| g.0 == got[0].0));
+        assert_eq!(d.finish(got[0].0, false), None);
+        assert_eq!(d.finish(got[0].0, true), None);
+        assert_eq!(
+            d.finish(got[0].0, true),
             Some(Done {
                 backend: 2,
                 token: 5,
                 ok: false
             })
         );
+        assert!(d.is_idle());
+        // Contiguous buffers still merge across what would be the cut.
+        let mut d = Dispatch::new(1, 64);
+        d.submit(
+            0,
+            1,
+            0,
+            Direction::Read,
+            &[buf(0x1000, 4096), buf(0x2000, 4096)],
+        )
+        .unwrap();
+        assert_eq!(d.queued(), 1);
     }
 
     #[test]
@@ -1812,54 +1689,24 @@ mod tests {
             d.submit(be, tok, tok, Direction::Read, &[buf(tok << 12, 4096)])
                 .unwrap();
         }
-        // The device reuses descriptor indices as tokens; slots are ours.
-        let mut vt = 0;
-        while let Some((slot, _)) = d.next() {
-            d.started(slot, vt);
-            vt += 3;
-        }
+        let got = start_all(&mut d);
         assert_eq!(d.in_device(), 4);
         let mut ended = vec![];
-        for t in [9u16, 0, 6, 3] {
-            let (slot, op) = d.lookup(t).unwrap();
+        for i in [3, 0, 2, 1] {
+            let (tag, op, _) = &got[i];
             let SubOp::Io { sector, .. } = op else {
                 panic!()
             };
-            let done = d.finish(slot, true).unwrap();
-            assert_eq!(done.token, sector);
+            let done = d.finish(*tag, true).unwrap();
+            assert_eq!(done.token, *sector);
             ended.push((done.backend, done.token));
         }
         assert_eq!(ended, [(2, 300), (0, 100), (0, 101), (1, 200)]);
     }
 
     #[test]
-    fn slots_limit_what_starts() {
-        let mut d = Dispatch::new(2, 64);
-        for t in 0..3u64 {
-            d.submit(
-                0,
-                t,
-                t * 8,
-                Direction::Read,
-                &[buf(0x10_0000 + t * 0x2000, 4096)],
-            )
-            .unwrap();
-        }
-        let (a, _) = d.next().unwrap();
-        d.started(a, 0);
-        let (b, _) = d.next().unwrap();
-        d.started(b, 1);
-        assert_eq!(d.next(), None);
-        assert_eq!(d.stats().max_in_device, 2);
-        assert!(d.finish(a, true).is_some());
-        let (c, op) = d.next().unwrap();
-        assert_eq!(c, a);
-        assert_eq!(op, io(16, Direction::Read, 0x10_4000, 4096));
-    }
-
-    #[test]
     fn upcoming_is_what_next_offers_as_requests_start() {
-        let mut d = Dispatch::new(3, 64);
+        let mut d = Dispatch::new(16, 64);
         for t in 0..2u64 {
             d.submit(
                 0,
@@ -1873,35 +1720,14 @@ mod tests {
         d.flush(0, 9).unwrap();
         d.submit(0, 3, 64, Direction::Read, &[buf(0x20_0000, 4096)])
             .unwrap();
-        let (a, _) = d.next().unwrap();
-        d.started(a, 0);
-        // Two I/O requests before the flush, one of them started: the other,
-        // with the slot it gets.
-        let ahead: Vec<_> = d.upcoming().collect();
-        assert_eq!(ahead.len(), 1);
-        assert_eq!(Some(ahead[0]), d.next());
-        let (b, _) = d.next().unwrap();
-        d.started(b, 1);
-        // The flush stops it.
-        assert_eq!(d.upcoming().count(), 0);
-        // Fewer free slots than queued requests: as many as there are slots.
-        let mut d = Dispatch::new(2, 64);
-        for t in 0..4u64 {
-            d.submit(
-                0,
-                t,
-                t * 8,
-                Direction::Read,
-                &[buf(0x10_0000 + t * 0x2000, 4096)],
-            )
-            .unwrap();
-        }
         let ahead: Vec<_> = d.upcoming().collect();
         assert_eq!(ahead.len(), 2);
-        for (i, want) in ahead.into_iter().enumerate() {
-            assert_eq!(d.next(), Some(want));
-            d.started(want.0, i as u16);
-        }
+        assert_eq!(Some(ahead[0]), d.next());
+        d.started();
+        assert_eq!(d.upcoming().next(), d.next());
+        d.started();
+        // The flush stops it.
+        assert_eq!(d.upcoming().count(), 0);
         assert_eq!(d.next(), None);
     }
 
@@ -1913,31 +1739,48 @@ mod tests {
         d.flush(1, 2).unwrap();
         d.submit(0, 3, 8, Direction::Write, &[buf(0x3000, 4096)])
             .unwrap();
-        let (s, _) = d.next().unwrap();
-        d.started(s, 0);
+        let w = d.next().unwrap().tag;
+        d.started();
         // The flush waits for the write before it...
         assert_eq!(d.next(), None);
-        assert!(d.finish(s, true).is_some());
-        // ...then runs alone, and what follows waits for it.
-        let (_, op) = d.next().unwrap();
-        assert_eq!(op, SubOp::Flush);
+        assert!(d.finish(w, true).is_some());
+        // ...then runs alone, and what follows waits for it to end.
+        let f = d.next().unwrap();
+        assert_eq!((f.op, f.bufs.len()), (SubOp::Flush, 0));
+        let f = f.tag;
+        d.started();
+        assert_eq!(d.next(), None);
+        assert_eq!(d.upcoming().count(), 0);
         assert_eq!(
-            d.ended_now(true),
+            d.finish(f, true),
             Some(Done {
                 backend: 1,
                 token: 2,
                 ok: true
             })
         );
-        let (_, op) = d.next().unwrap();
-        assert_eq!(op, io(8, Direction::Write, 0x3000, 4096));
+        let q = d.next().unwrap();
+        assert_eq!(q.op, io(8, Direction::Write));
+        assert_eq!(q.bufs, [buf(0x3000, 4096)]);
         assert_eq!(d.stats().flushes, 1);
+        // A flush the device does not need ends at once.
+        let mut d = Dispatch::new(8, 64);
+        d.flush(4, 6).unwrap();
+        assert_eq!(
+            d.ended_now(true),
+            Some(Done {
+                backend: 4,
+                token: 6,
+                ok: true
+            })
+        );
+        assert!(d.is_idle());
     }
 
     #[test]
     fn a_full_queue_says_busy_and_remembers_who() {
         let mut d = Dispatch::new(1, 2);
-        // An empty queue takes any request, however many runs.
+        // An empty queue takes any request, however many parts.
         let many: Vec<Buf> = (0..4).map(|i| buf(0x1000 + i * 0x2000, 512)).collect();
         d.submit(0, 1, 0, Direction::Read, &many).unwrap();
         assert_eq!(d.queued(), 4);
@@ -1973,12 +1816,17 @@ mod tests {
             e.submit(0, 1, 0, Direction::Read, &[buf(0x1000, 100)]),
             Err(DeviceError::Failed)
         );
+        assert_eq!(
+            e.submit(0, 1, 0, Direction::Read, &[buf(0x1000, 0)]),
+            Err(DeviceError::Failed)
+        );
         assert!(e.is_idle());
+        assert_eq!(e.pending(), 0);
     }
 
     #[test]
     fn requests_refused_by_the_queue_end_at_once() {
-        let mut d = Dispatch::new(4, 64);
+        let mut d = Dispatch::new(1, 64);
         d.submit(
             3,
             9,
@@ -1997,6 +1845,23 @@ mod tests {
             })
         );
         assert_eq!(d.ended_now(true), None);
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn buffer_lists_are_reused() {
+        let mut d = Dispatch::new(16, 64);
+        let bufs: Vec<Buf> = (0..8).map(|i| buf(0x1000 + i * 0x2000, 512)).collect();
+        for t in 0..100u64 {
+            d.submit(0, t, 0, Direction::Read, &bufs).unwrap();
+            let q = d.next().unwrap();
+            assert_eq!(q.bufs, &bufs[..]);
+            let tag = q.tag;
+            d.started();
+            assert!(d.finish(tag, true).is_some());
+        }
+        assert_eq!(d.spare.len(), 1);
+        assert_eq!(d.parents.len(), 1);
     }
 
     /// blkback over the dispatcher, with a fake disk that completes what
@@ -2044,7 +1909,7 @@ mod tests {
         for (i, b) in disk.iter_mut().enumerate() {
             *b = (i / 512) as u8;
         }
-        let mut d = Dispatch::new(3, 64);
+        let mut d = Dispatch::new(64, 64);
         let mut rings: Vec<([u8; 4096], FrontRing, Backend)> = (0..2u16)
             .map(|i| {
                 let mut page = [0u8; 4096];
@@ -2093,29 +1958,24 @@ mod tests {
             };
             b.poll(page, &mut grants, &mut dev);
         }
-        // The "device": start what fits, complete the oldest, repeat.
-        let mut vt = 0u16;
-        let mut out: std::collections::VecDeque<(u16, usize, SubOp)> = Default::default();
+        // The "device": start everything, complete the oldest, repeat.
+        let mut out: std::collections::VecDeque<(u64, SubOp, Vec<Buf>)> = Default::default();
         loop {
-            while let Some((slot, op)) = d.next() {
-                d.started(slot, vt);
-                out.push_back((vt, slot, op));
-                vt = vt.wrapping_add(1);
-            }
-            let Some((t, slot, op)) = out.pop_front() else {
+            out.extend(start_all(&mut d));
+            let Some((tag, op, bufs)) = out.pop_front() else {
                 break;
             };
-            assert_eq!(d.lookup(t).map(|x| x.0), Some(slot));
-            if let SubOp::Io {
-                sector, addr, len, ..
-            } = op
-            {
-                let page = grants.pages.get_mut(&(addr & !0xfff)).unwrap();
-                let o = (addr & 0xfff) as usize;
-                let s = sector as usize * 512;
-                page[o..o + len as usize].copy_from_slice(&disk[s..s + len as usize]);
+            if let SubOp::Io { sector, .. } = op {
+                let mut s = sector as usize * 512;
+                for b in bufs {
+                    let page = grants.pages.get_mut(&(b.addr & !0xfff)).unwrap();
+                    let o = (b.addr & 0xfff) as usize;
+                    let len = b.len as usize;
+                    page[o..o + len].copy_from_slice(&disk[s..s + len]);
+                    s += len;
+                }
             }
-            if let Some(done) = d.finish(slot, true) {
+            if let Some(done) = d.finish(tag, true) {
                 let (page, _, b) = &mut rings[done.backend];
                 let mut dev = Dev {
                     dispatch: &mut d,

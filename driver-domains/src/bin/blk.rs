@@ -1,5 +1,5 @@
 //! The blk driver domain: drives the virtio-blk function the manifest
-//! assigns to it (1af4:1042) with virtio-drivers, in ring 3, its DMA
+//! assigns to it (1af4:1042) with `driver_domains::vblk`, in ring 3, its DMA
 //! confined by the IOMMU. What it does comes from its args
 //! (`driver_domains::blk`): verify a pattern the harness wrote, write a
 //! second one, flush, read it back (`data_check` for each); then the
@@ -12,16 +12,15 @@
 //! any MSI-X entry of the function; the transport sets MSI-X entry 0 as
 //! the queue's and the configuration vector (`pci_transport_msix`;
 //! `driver_domains::device` sets the function up).
-//! Requests go in with virtio-drivers' non-blocking calls, up to `depth`
-//! (from the args) at a time, each with its own buffer of up to 64 KiB
-//! (one descriptor; with indirect descriptors, which virtio-drivers
-//! negotiates, a request takes one of the queue's 16); the domain then
+//! Both modes drive the device with `driver_domains::vblk`. In direct
+//! mode requests go in up to `depth`
+//! (from the args) at a time, each with its own buffer of up to 64 KiB as
+//! one data descriptor between its header and status descriptors, and the
+//! device hears of each batch with one notification; the domain then
 //! blocks in `wait` until the port is pending and takes what the used ring
-//! holds. A timer VIRQ bounds each
-//! wait: an interrupt that never comes is a failure, not a hang.
-//!
-//! The flush is virtio-drivers' blocking `flush` (0.13 has no non-blocking
-//! form): it spins on the used ring for that one request.
+//! holds, every completion checked. A timer VIRQ bounds each wait: an
+//! interrupt that never comes is a failure, not a hang. The flush is a
+//! request like the others, waited for the same way (nothing spins).
 //!
 //! With `serve=1` in its args it serves instead the vbds its start info
 //! lists with role Back, through blkback, until every frontend has closed
@@ -35,14 +34,14 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use abi::ev::{DataCheck, Throughput};
+use blkback::Buf;
 use driver_domains::blk::{chunks, random, sequential, Plan};
 use driver_domains::blk_pattern::{self, SECTOR};
 use driver_domains::device::{self, DomTransport, VECTOR};
 use driver_domains::serve;
+use driver_domains::vblk::{Op, Status, SubmitError, VirtioBlk, QUEUE_SIZE};
 use libdom::virtio::DomHal;
 use libdom::{event, println, time_ns};
-use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
-use virtio_drivers::transport::Transport;
 
 /// virtio-blk, modern (virtio 1.x) PCI ids; one queue.
 static KIND: device::Kind = device::Kind {
@@ -52,7 +51,7 @@ static KIND: device::Kind = device::Kind {
     device: 0x1042,
     queues: 1,
 };
-type Blk = VirtIOBlk<DomHal, DomTransport>;
+type Blk = VirtioBlk<DomHal, DomTransport, QUEUE_SIZE>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -60,15 +59,17 @@ enum Dir {
     Write,
 }
 
-/// One request's memory: the device reads or writes it until completion,
-/// so it lives in a slot that does not move while the request is out.
+/// One request's data buffer: the device reads or writes it until its
+/// completion, so it is neither touched nor moved while the request is out
+/// (the slot vector never grows).
 struct Slot {
-    req: BlkReq,
-    resp: BlkResp,
     buf: Vec<u8>,
-    /// (token, first sector, sectors) while in flight.
-    out: Option<(u16, u64, u64)>,
+    /// (first sector, sectors) while in flight.
+    out: Option<(u64, u64)>,
 }
+
+/// The flush's tag (I/O requests' tags are slot indices).
+const FLUSH_TAG: u64 = u64::MAX;
 
 #[derive(Default)]
 struct Stats {
@@ -96,15 +97,17 @@ impl Disk {
     fn wait_irq(&mut self) -> Result<(), &'static str> {
         device::wait_irq(self.port, self.timer)?;
         self.stats.interrupts += 1;
+        if !self.blk.has_used() {
+            self.stats.spurious += 1;
+        }
         Ok(())
     }
 
     /// Runs the requests `reqs` gives ((first sector, sectors) each), up
-    /// to one per slot in flight; `fill` prepares each write buffer,
-    /// `check` looks at each completed read and returns how many of its
-    /// sectors are wrong. A queue that is full (a device without indirect
-    /// descriptors has room for fewer requests than slots) takes the
-    /// request again once one completes.
+    /// to one per slot in flight, the device told of each batch once;
+    /// `fill` prepares each write buffer, `check` looks at each completed
+    /// read and returns how many of its sectors are wrong. A full queue
+    /// takes the request again once one completes.
     fn transfer(
         &mut self,
         dir: Dir,
@@ -116,6 +119,10 @@ impl Disk {
         let mut todo = reqs.peekable();
         let mut run = Run::default();
         let mut in_flight = 0;
+        let op = match dir {
+            Dir::Read => Op::Read,
+            Dir::Write => Op::Write,
+        };
         loop {
             // Submit into every free slot.
             while let Some(&(first, n)) = todo.peek() {
@@ -124,87 +131,55 @@ impl Disk {
                 };
                 let s = &mut self.slots[i];
                 let len = n as usize * SECTOR;
-                let r = match dir {
-                    // SAFETY: `req`, `resp` and `buf[..len]` belong to slot
-                    // `i`, which is neither touched nor moved (the slot
-                    // vector never grows) until its completion below.
-                    Dir::Read => unsafe {
-                        self.blk.read_blocks_nb(
-                            first as usize,
-                            &mut s.req,
-                            &mut s.buf[..len],
-                            &mut s.resp,
-                        )
-                    },
-                    Dir::Write => {
-                        fill(first, &mut s.buf[..len]);
-                        // SAFETY: as for the read: slot `i` stays put and
-                        // untouched until its completion.
-                        unsafe {
-                            self.blk.write_blocks_nb(
-                                first as usize,
-                                &mut s.req,
-                                &s.buf[..len],
-                                &mut s.resp,
-                            )
-                        }
-                    }
+                if dir == Dir::Write {
+                    fill(first, &mut s.buf[..len]);
+                }
+                let b = Buf {
+                    addr: s.buf.as_mut_ptr() as u64,
+                    len: len as u32,
                 };
-                let token = match r {
-                    Ok(t) => t,
-                    Err(virtio_drivers::Error::QueueFull) if in_flight > 0 => break,
+                // SAFETY: `buf[..len]` belongs to slot `i`, which is
+                // neither touched nor moved (the slot vector never grows,
+                // the buffer is never reallocated) until `pop` returns its
+                // completion below.
+                match unsafe { self.blk.submit(op, first, &[b], i as u64) } {
+                    Ok(()) => {}
+                    Err(SubmitError::Full) if in_flight > 0 => break,
                     Err(_) => return Err("the queue refused a request"),
-                };
+                }
                 todo.next();
-                s.out = Some((token, first, n));
+                s.out = Some((first, n));
                 in_flight += 1;
                 run.most_in_flight = run.most_in_flight.max(in_flight);
             }
+            self.blk.notify();
             if in_flight == 0 {
                 break;
             }
             // Take every completion there is; wait if there is none.
             let mut got = 0;
-            while let Some(token) = self.blk.peek_used() {
-                let i = self
-                    .slots
-                    .iter()
-                    .position(|s| s.out.is_some_and(|(t, _, _)| t == token))
-                    .ok_or("the device completed a request we did not make")?;
-                let s = &mut self.slots[i];
-                let (_, first, n) = s.out.take().unwrap_or_default();
+            while let Some(c) = self.blk.pop().map_err(|_| BROKEN)? {
+                let s = usize::try_from(c.tag)
+                    .ok()
+                    .and_then(|i| self.slots.get_mut(i))
+                    .ok_or("a completion for no request")?;
+                let (first, n) = s.out.take().ok_or("a completion for no request")?;
                 let len = n as usize * SECTOR;
-                let r = match dir {
-                    // SAFETY: slot `i` holds the very buffers submitted
-                    // with `token` (found by it above).
-                    Dir::Read => unsafe {
-                        self.blk
-                            .complete_read_blocks(token, &s.req, &mut s.buf[..len], &mut s.resp)
-                    },
-                    // SAFETY: as for the read.
-                    Dir::Write => unsafe {
-                        self.blk
-                            .complete_write_blocks(token, &s.req, &s.buf[..len], &mut s.resp)
-                    },
-                };
                 in_flight -= 1;
                 got += 1;
                 run.requests += 1;
                 run.sectors += n;
-                match r {
-                    Ok(()) if dir == Dir::Read => run.bad += check(first, &s.buf[..len]),
-                    Ok(()) => {}
-                    Err(e) => {
-                        println!("blk: request at sector {first} ({n} sectors) failed: {e:?}");
+                match c.status {
+                    Status::Ok if dir == Dir::Read => run.bad += check(first, &s.buf[..len]),
+                    Status::Ok => {}
+                    st => {
+                        println!("blk: request at sector {first} ({n} sectors) failed: {st:?}");
                         run.bad += n;
                     }
                 }
             }
             if got == 0 {
                 self.wait_irq()?;
-                if self.blk.peek_used().is_none() {
-                    self.stats.spurious += 1;
-                }
             }
         }
         run.ns = time_ns() - t0;
@@ -214,7 +189,35 @@ impl Disk {
         self.stats.most_in_flight = self.stats.most_in_flight.max(run.most_in_flight);
         Ok(run)
     }
+
+    /// Flushes the device's write cache: a request like the others, waited
+    /// for with the device's interrupt (nothing spins). Only with nothing
+    /// else in flight (after a `transfer`). Without FLUSH the device
+    /// writes through: nothing to do.
+    fn flush(&mut self) -> Result<(), &'static str> {
+        if !self.blk.has_flush() {
+            return Ok(());
+        }
+        // SAFETY: a flush has no buffers.
+        unsafe { self.blk.submit(Op::Flush, 0, &[], FLUSH_TAG) }
+            .map_err(|_| "the queue refused the flush")?;
+        self.blk.notify();
+        loop {
+            match self.blk.pop().map_err(|_| BROKEN)? {
+                Some(c) if c.tag == FLUSH_TAG && c.status.is_ok() => return Ok(()),
+                Some(c) if c.tag == FLUSH_TAG => {
+                    println!("blk: flush failed: {:?}", c.status);
+                    return Err("the flush failed");
+                }
+                Some(_) => return Err("a completion for no request"),
+                None => self.wait_irq()?,
+            }
+        }
+    }
 }
+
+/// What a broken queue is reported as.
+const BROKEN: &str = "the device completed a request we did not make";
 
 /// What one [`Disk::transfer`] did.
 #[derive(Default)]
@@ -257,20 +260,17 @@ fn data_check(what: &str, sectors: &Range<u64>, ok: bool) {
 }
 
 /// The driver on `transport`, once the device took its vectors (printed).
-fn make<T: Transport>(
-    f: &device::Function,
-    transport: T,
-    si: &libdom::StartInfo<'_>,
-) -> Option<VirtIOBlk<DomHal, T>> {
-    let blk = VirtIOBlk::new(transport)
+fn make(f: &device::Function, transport: DomTransport, si: &libdom::StartInfo<'_>) -> Option<Blk> {
+    let blk = Blk::new(transport)
         .inspect_err(|e| println!("blk: virtio-blk init: {e:?}"))
         .ok()?;
     let init_us = f.ready()?;
     println!(
-        "blk: {} {} sectors{}, init {init_us} us, MSI-X vector {VECTOR} -> port {}, DMA {:?}",
+        "blk: {} {} sectors{}, init {init_us} us, {QUEUE_SIZE} descriptors, {} buffers per request, MSI-X vector {VECTOR} -> port {}, DMA {:?}",
         f.info.bdf,
         blk.capacity(),
         if blk.readonly() { " (read-only)" } else { "" },
+        blk.max_segs(),
         f.port,
         si.dma
     );
@@ -295,16 +295,11 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     let Some((f, transport)) = device::open(si, &KIND) else {
         return 1;
     };
-    let Some(plan) = plan else {
-        // Serve mode tells the device of a batch of requests at once.
-        let (transport, notify) = device::batched(transport);
-        let Some(blk) = make(&f, transport, si) else {
-            return 1;
-        };
-        return serve::run(si, blk, notify, f.port, f.timer);
-    };
     let Some(blk) = make(&f, transport, si) else {
         return 1;
+    };
+    let Some(plan) = plan else {
+        return serve::run(si, blk, f.port, f.timer);
     };
     if plan.end() > blk.capacity() {
         println!(
@@ -323,8 +318,6 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     }
     let slots = (0..plan.depth)
         .map(|_| Slot {
-            req: BlkReq::default(),
-            resp: BlkResp::default(),
             buf: vec![0; plan.buf_bytes()],
             out: None,
         })
@@ -369,7 +362,7 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
                 |_, _| 0,
             )
             .map(|r| r.bad);
-        let flushed = disk.blk.flush();
+        let flushed = disk.flush();
         let r = match (wrote, flushed) {
             (Ok(0), Ok(())) => disk
                 .transfer(
@@ -379,8 +372,8 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
                     |first, buf| check_pattern(w.pattern, first, buf, &mut reported),
                 )
                 .map(|r| r.bad),
-            (Ok(0), Err(e)) => {
-                println!("blk: flush failed: {e:?}");
+            (Ok(0), Err(why)) => {
+                println!("blk: flush: {why}");
                 Ok(1)
             }
             (r, _) => r,
@@ -424,7 +417,7 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
     }
     let s = &disk.stats;
     println!(
-        "blk: {} requests, {} sectors in {} us ({} us per request, depth {}, {} sectors each); {} interrupts, {} with nothing new; at most {} in flight",
+        "blk: {} requests, {} sectors in {} us ({} us per request, depth {}, {} sectors each); {} interrupts, {} with nothing new; at most {} in flight; {} notifications, {} full, bad from the device: {:?}",
         s.requests,
         s.sectors,
         s.ns / 1000,
@@ -433,7 +426,10 @@ fn run(si: &libdom::StartInfo<'_>) -> i64 {
         summary_sectors(&plan),
         s.interrupts,
         s.spurious,
-        s.most_in_flight
+        s.most_in_flight,
+        disk.blk.stats().notifies,
+        disk.blk.stats().full,
+        disk.blk.stats().bad
     );
     i64::from(!all_ok)
 }
@@ -474,8 +470,8 @@ fn measured(
     };
     if flush {
         let t0 = time_ns();
-        if let Err(e) = disk.blk.flush() {
-            println!("blk: {what}: flush failed: {e:?}");
+        if let Err(why) = disk.flush() {
+            println!("blk: {what}: flush: {why}");
             return false;
         }
         r.ns += time_ns() - t0;
