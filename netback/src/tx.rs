@@ -38,14 +38,82 @@ pub struct Seg {
     pub len: u16,
 }
 
+impl Seg {
+    const EMPTY: Seg = Seg {
+        gref: 0,
+        offset: 0,
+        len: 0,
+    };
+}
+
+/// A packet's segments, in place: at most [`MAX_SLOTS_PER_PACKET`] (the
+/// parser refuses a longer chain before it would add one more), so taking
+/// a packet off the ring allocates nothing.
+#[derive(Clone, Copy)]
+pub struct Segs {
+    /// `s[..n]` are the segments; the rest is unused.
+    n: u8,
+    s: [Seg; MAX_SLOTS_PER_PACKET],
+}
+
+const _: () = assert!(MAX_SLOTS_PER_PACKET <= u8::MAX as usize);
+
+impl Segs {
+    const fn new() -> Segs {
+        Segs {
+            n: 0,
+            s: [Seg::EMPTY; MAX_SLOTS_PER_PACKET],
+        }
+    }
+
+    /// Adds `s`; false (nothing added) when full.
+    fn push(&mut self, s: Seg) -> bool {
+        let Some(slot) = self.s.get_mut(usize::from(self.n)) else {
+            return false;
+        };
+        *slot = s;
+        self.n += 1;
+        true
+    }
+
+    fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    pub fn as_slice(&self) -> &[Seg] {
+        &self.s[..usize::from(self.n)]
+    }
+}
+
+impl core::ops::Deref for Segs {
+    type Target = [Seg];
+    fn deref(&self) -> &[Seg] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Segs {
+    fn eq(&self, o: &Segs) -> bool {
+        self.as_slice() == o.as_slice()
+    }
+}
+
+impl Eq for Segs {}
+
+impl core::fmt::Debug for Segs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.as_slice().fmt(f)
+    }
+}
+
 /// A validated packet: its segments in order add up to `len`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     /// Sequence number of its first slot (see [`TxParser::resolve`]).
     pub first_seq: u64,
     /// Slots it took on the ring.
     pub slots: u32,
-    pub segs: Vec<Seg>,
+    pub segs: Segs,
     pub len: usize,
 }
 
@@ -67,7 +135,9 @@ struct Cur {
     first: TxRequest,
     /// Sum of the later requests' sizes.
     rest: u32,
-    segs: Vec<Seg>,
+    /// The first request's segment (its length set when the packet is
+    /// complete), then the later requests' (while the packet is good).
+    segs: Segs,
     bad: Option<Reason>,
     /// The next slot is an extra-info slot.
     expect_extra: bool,
@@ -178,7 +248,7 @@ impl TxParser {
             reqs: 0,
             first: r,
             rest: 0,
-            segs: Vec::new(),
+            segs: Segs::new(),
             bad: None,
             expect_extra: false,
             more: false,
@@ -190,6 +260,12 @@ impl TxParser {
             bad = Some(Reason::IdInFlight);
         }
         if c.reqs == 1 {
+            // Its length is known once the chain is complete.
+            c.segs.push(Seg {
+                gref: r.gref,
+                offset: r.offset,
+                len: 0,
+            });
             let size = usize::from(r.size);
             // The first slot's own bytes: all of `size` if it is the only
             // one, else what the later slots leave (checked at the end).
@@ -217,6 +293,8 @@ impl TxParser {
             if c.reqs > MAX_SLOTS_PER_PACKET {
                 bad = bad.or(Some(Reason::TooManySlots));
             }
+            // A good packet has at most MAX_SLOTS_PER_PACKET requests
+            // (checked just above), so this always fits.
             if c.bad.is_none() && bad.is_none() {
                 c.segs.push(Seg {
                     gref: r.gref,
@@ -255,7 +333,7 @@ impl TxParser {
         if c.expect_extra || c.more {
             return None;
         }
-        let c = self.cur.take()?;
+        let mut c = self.cur.take()?;
         if let Some(b) = c.bad {
             return Some(Err(b));
         }
@@ -267,17 +345,12 @@ impl TxParser {
             self.resolve(c.first_seq, c.slots, status::ERROR);
             return Some(Err(Reason::SlotsShortOfSize));
         }
-        let mut segs = Vec::with_capacity(c.segs.len() + 1);
-        segs.push(Seg {
-            gref: c.first.gref,
-            offset: c.first.offset,
-            len: own as u16,
-        });
-        segs.extend_from_slice(&c.segs);
+        // A good packet's list starts with its first request's segment.
+        c.segs.s[0].len = own as u16;
         Some(Ok(Packet {
             first_seq: c.first_seq,
             slots: c.slots,
-            segs,
+            segs: c.segs,
             len: usize::from(c.first.size),
         }))
     }
@@ -355,7 +428,7 @@ mod tests {
         assert_eq!(pkt.len, 60);
         assert_eq!(pkt.slots, 1);
         assert_eq!(
-            pkt.segs,
+            pkt.segs.as_slice(),
             [Seg {
                 gref: 9,
                 offset: 100,
