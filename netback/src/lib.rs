@@ -1230,12 +1230,13 @@ impl Netback {
 
     /// Add a packet's copies (frontend slots to consecutive bytes of
     /// `region`: a lent NIC buffer, or bounce pages, split where a page
-    /// ends) to the batch.
+    /// ends) to the batch. `pkt` is what the vif's parser returned last:
+    /// its segments are the parser's until the next push.
     fn plan_tx(&mut self, id: VifId, pkt: tx::Packet, region: Region, b: &mut TxBatch) {
         let op_start = b.ops.len();
         let frontend = self.vifs[id].frontend;
         let mut pos = 0usize;
-        for s in pkt.segs.iter() {
+        for s in self.vifs[id].parser.segs() {
             let n = usize::from(s.len);
             push_copies(
                 &mut b.ops,
@@ -1302,7 +1303,8 @@ impl Netback {
         let mut f = vec![0u8; pkt.len];
         let mut pos = 0usize;
         let mut ok = true;
-        for s in pkt.segs.iter() {
+        let segs = self.vifs[id].parser.segs().to_vec();
+        for s in &segs {
             let n = usize::from(s.len);
             if n == 0 {
                 continue;
