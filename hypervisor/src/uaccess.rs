@@ -141,14 +141,19 @@ impl UserRegions {
 
     /// The physical page behind virtual page `vpn`, if a region pushed with
     /// [`UserRegions::push_mapped`] holds it and, when `write` is asked, is
-    /// writable: one binary search (the regions are sorted and disjoint,
-    /// so only the first one ending above the address can hold it).
+    /// writable. The regions are sorted and disjoint, so only the first one
+    /// ending above the address can hold it: the last (a domain's heap,
+    /// where its grants and buffers are) is tried first, then a binary
+    /// search of the others.
     pub fn translate(&self, vpn: u64, write: bool) -> Option<u64> {
         let va = vpn.checked_mul(PAGE_SIZE)?;
-        let r = self
-            .regions
-            .get(self.regions.partition_point(|r| r.end <= va))?;
-        if r.start > va || (write && !r.writable) {
+        let r = match self.regions.last() {
+            Some(last) if last.start <= va => last,
+            _ => self
+                .regions
+                .get(self.regions.partition_point(|r| r.end <= va))?,
+        };
+        if r.start > va || r.end <= va || (write && !r.writable) {
             return None;
         }
         Some(r.phys? + (va - r.start))
