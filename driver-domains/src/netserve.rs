@@ -389,22 +389,36 @@ mod domain {
 
         /// Takes what the NIC has: finished transmissions, received frames
         /// (switched to the vifs, which are then polled). Returns the frames.
+        ///
+        /// Frames are taken in rounds of at most netback's per-vif hold
+        /// limit ([`netback::Config::held_per_vif`]), the vifs they went to
+        /// polled after each: a frontend that keeps RX requests posted gets
+        /// every frame copied straight from its NIC buffer, which comes back
+        /// in the same round; only a frontend that falls behind reaches the
+        /// limit and has frames copied into netback's memory first.
         fn nic(&mut self) -> usize {
             self.nic.reap_tx();
-            let nb = &mut self.nb;
-            let mut wake = 0u64;
-            let n = self.nic.recv(|f, at| {
-                let r = nb.nic_input_held(f, at);
-                wake |= r.wake;
-                r.held
-            });
-            while wake != 0 {
-                let i = wake.trailing_zeros() as usize;
-                wake &= !(1 << i);
-                self.serve(i);
+            let round = self.nb.config().held_per_vif().max(1);
+            let mut n = 0;
+            loop {
+                let nb = &mut self.nb;
+                let mut wake = 0u64;
+                let got = self.nic.recv(round, |f, at| {
+                    let r = nb.nic_input_held(f, at);
+                    wake |= r.wake;
+                    r.held
+                });
+                n += got;
+                while wake != 0 {
+                    let i = wake.trailing_zeros() as usize;
+                    wake &= !(1 << i);
+                    self.serve(i);
+                }
+                self.give_back();
+                if got < round {
+                    return n;
+                }
             }
-            self.give_back();
-            n
         }
 
         /// Posts again the receive buffers netback has copied out (or

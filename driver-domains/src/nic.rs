@@ -272,13 +272,17 @@ impl<H: Hal, T: Transport> Nic<H, T> {
         Some((i, frame))
     }
 
-    /// Hands every received frame to `f` with where it lies, reposting each
-    /// buffer unless `f` returns true: then the buffer stays out until
-    /// [`Nic::rx_done`] names it. Returns how many frames.
-    pub fn recv(&mut self, mut f: impl FnMut(&[u8], RxBuf) -> bool) -> usize {
+    /// Hands up to `max` received frames to `f` with where they lie,
+    /// reposting each buffer unless `f` returns true: then the buffer stays
+    /// out until [`Nic::rx_done`] names it. Returns how many frames (fewer
+    /// than `max`: there are no more now).
+    pub fn recv(&mut self, max: usize, mut f: impl FnMut(&[u8], RxBuf) -> bool) -> usize {
         self.repost();
         let mut n = 0;
-        while let Some((i, frame)) = self.take_rx() {
+        while n < max {
+            let Some((i, frame)) = self.take_rx() else {
+                break;
+            };
             let mut kept = false;
             if let Some((hdr, len)) = frame {
                 let at = RxBuf {

@@ -221,7 +221,7 @@ pub fn build(spec: &Spec<'_>) -> Result<Domain, BuildError> {
             .ignore();
         }
         regions
-            .push(va, va + pages * PAGE_SIZE, flags.contains(F::WRITABLE))
+            .push_mapped(va, va + pages * PAGE_SIZE, flags.contains(F::WRITABLE), pa)
             .expect("regions are disjoint");
     };
 
@@ -459,11 +459,9 @@ impl Domain {
     /// memory (not pages mapped from others), if it is mapped, and
     /// writable when `write` is asked.
     pub fn translate(&self, vpn: u64, write: bool) -> Option<u64> {
-        let va = vpn.checked_mul(PAGE_SIZE)?;
-        self.memory_map
-            .iter()
-            .find(|&&(rva, _, len, w)| va >= rva && va < rva + len && (w || !write))
-            .map(|&(rva, rpa, _, _)| rpa + (va - rva))
+        // `regions` holds exactly what `build` mapped, each range with its
+        // physical address (the same list as `memory_map`), sorted.
+        self.regions.translate(vpn, write)
     }
 
     /// Maps `pa` at `va` (in the grant window) for the domain, read-only

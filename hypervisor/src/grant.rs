@@ -701,7 +701,10 @@ impl GrantTables {
                 usize::from(op.len),
             );
         }
-        for h in [src_held, dst_held].into_iter().flatten() {
+        if let Some(h) = src_held {
+            self.release(env, h, true);
+        }
+        if let Some(h) = dst_held {
             self.release(env, h, true);
         }
         Ok(())

@@ -38,6 +38,9 @@ pub struct Region {
     pub end: u64,
     /// Whether the domain may write it (every region is readable).
     pub writable: bool,
+    /// Where `start` is in physical memory, if recorded: the region is
+    /// physically contiguous ([`UserRegions::translate`]).
+    pub phys: Option<u64>,
 }
 
 /// Why a region could not be added: each is a bug in the domain builder.
@@ -89,6 +92,28 @@ impl UserRegions {
     /// Records that `[start, end)` is mapped, writable or read-only; it
     /// may come in any order relative to the others (they are kept sorted).
     pub fn push(&mut self, start: u64, end: u64, writable: bool) -> Result<(), RegionError> {
+        self.insert(start, end, writable, None)
+    }
+
+    /// [`UserRegions::push`] of a range mapped onto physically contiguous
+    /// memory from `phys` on, which [`UserRegions::translate`] then finds.
+    pub fn push_mapped(
+        &mut self,
+        start: u64,
+        end: u64,
+        writable: bool,
+        phys: u64,
+    ) -> Result<(), RegionError> {
+        self.insert(start, end, writable, Some(phys))
+    }
+
+    fn insert(
+        &mut self,
+        start: u64,
+        end: u64,
+        writable: bool,
+        phys: Option<u64>,
+    ) -> Result<(), RegionError> {
         if !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
             return Err(RegionError::Unaligned { start, end });
         }
@@ -108,9 +133,30 @@ impl UserRegions {
                 start,
                 end,
                 writable,
+                phys,
             },
         );
         Ok(())
+    }
+
+    /// The physical page behind virtual page `vpn`, if a region pushed with
+    /// [`UserRegions::push_mapped`] holds it and, when `write` is asked, is
+    /// writable. The regions are sorted and disjoint, so only the first one
+    /// ending above the address can hold it: the last (a domain's heap,
+    /// where its grants and buffers are) is tried first, then a binary
+    /// search of the others.
+    pub fn translate(&self, vpn: u64, write: bool) -> Option<u64> {
+        let va = vpn.checked_mul(PAGE_SIZE)?;
+        let r = match self.regions.last() {
+            Some(last) if last.start <= va => last,
+            _ => self
+                .regions
+                .get(self.regions.partition_point(|r| r.end <= va))?,
+        };
+        if r.start > va || r.end <= va || (write && !r.writable) {
+            return None;
+        }
+        Some(r.phys? + (va - r.start))
     }
 
     /// The regions, lowest first.
@@ -284,6 +330,69 @@ mod tests {
             assert_eq!(u.check(ptr, 0, Write), Ok(()));
         }
         assert_eq!(UserRegions::new().check(HEAP, 1, Read), BAD);
+    }
+
+    #[test]
+    fn translate_finds_the_page_in_its_region() {
+        let mut u = UserRegions::new();
+        let base = 0x20_0000;
+        // Pushed out of order, as the builder may.
+        u.push_mapped(HEAP, HEAP + 16 * PAGE, true, base + 0x40 * PAGE)
+            .unwrap();
+        u.push_mapped(START_INFO_VA, START_INFO_VA + PAGE, false, base)
+            .unwrap();
+        u.push_mapped(IMAGE_BASE, IMAGE_BASE + 4 * PAGE, false, base + 0x10 * PAGE)
+            .unwrap();
+        u.push_mapped(
+            IMAGE_BASE + 4 * PAGE,
+            IMAGE_BASE + 6 * PAGE,
+            true,
+            base + 0x14 * PAGE,
+        )
+        .unwrap();
+        u.push(STACK_TOP - STACK_SIZE, STACK_TOP, true).unwrap();
+        let vpn = |va: u64| va / PAGE;
+        assert_eq!(u.translate(vpn(START_INFO_VA), false), Some(base));
+        assert_eq!(u.translate(vpn(START_INFO_VA), true), None);
+        assert_eq!(
+            u.translate(vpn(IMAGE_BASE + 3 * PAGE), false),
+            Some(base + 0x13 * PAGE)
+        );
+        assert_eq!(u.translate(vpn(IMAGE_BASE + 3 * PAGE), true), None);
+        assert_eq!(
+            u.translate(vpn(IMAGE_BASE + 4 * PAGE), true),
+            Some(base + 0x14 * PAGE)
+        );
+        assert_eq!(u.translate(vpn(HEAP), true), Some(base + 0x40 * PAGE));
+        assert_eq!(
+            u.translate(vpn(HEAP + 15 * PAGE), true),
+            Some(base + 0x4f * PAGE)
+        );
+        // Past the heap, in gaps, below everything, past u64.
+        for va in [
+            HEAP + 16 * PAGE,
+            IMAGE_BASE + 6 * PAGE,
+            0,
+            START_INFO_VA + PAGE,
+            USER_TOP,
+        ] {
+            assert_eq!(u.translate(vpn(va), false), None, "{va:#x}");
+        }
+        assert_eq!(u.translate(u64::MAX, false), None);
+        // A region with no physical address recorded translates nothing.
+        assert_eq!(u.translate(vpn(STACK_TOP - PAGE), false), None);
+        // The same answers as a walk of every region.
+        for v in 0..vpn(HEAP) + 32 {
+            for w in [false, true] {
+                let walk = u.regions().iter().find_map(|r| {
+                    let va = v * PAGE;
+                    (va >= r.start && va < r.end && (r.writable || !w))
+                        .then(|| r.phys.map(|p| p + (va - r.start)))
+                        .flatten()
+                });
+                assert_eq!(u.translate(v, w), walk, "{v:#x} {w}");
+            }
+        }
     }
 
     #[test]

@@ -602,7 +602,10 @@ impl Vif {
 }
 
 /// Packets whose copies (into lent NIC buffers or bounce pages) wait to
-/// run.
+/// run. One lives in [`Netback`] and is reused by every poll (empty
+/// between polls), so its vectors grow to the largest batch once and a
+/// poll allocates nothing.
+#[derive(Debug, Default)]
 struct TxBatch {
     pkts: Vec<tx::Packet>,
     /// Per packet: where it goes and its op range.
@@ -611,13 +614,45 @@ struct TxBatch {
     pages: usize,
 }
 
-/// A frame whose copies into a frontend's pages wait to run.
+impl TxBatch {
+    fn clear(&mut self) {
+        self.pkts.clear();
+        self.spans.clear();
+        self.ops.clear();
+        self.pages = 0;
+    }
+}
+
+/// A frame whose copies into a frontend's pages wait to run: its RX
+/// requests and copy operations are ranges of [`RxBatch::reqs`] and
+/// [`RxBatch::ops`].
+#[derive(Debug)]
 struct RxPlan {
-    reqs: Vec<RxRequest>,
+    reqs: (usize, usize),
     len: usize,
     ops: (usize, usize),
     /// The NIC receive buffer it is copied from, given back afterwards.
     held: Option<u16>,
+}
+
+/// Frames whose copies into a frontend's pages wait to run. Like
+/// [`TxBatch`], one is reused by every poll and empty between polls.
+#[derive(Debug, Default)]
+struct RxBatch {
+    plans: Vec<RxPlan>,
+    reqs: Vec<RxRequest>,
+    ops: Vec<CopyOp>,
+    /// Bounce pages the plans use (from the first on).
+    pages: usize,
+}
+
+impl RxBatch {
+    fn clear(&mut self) {
+        self.plans.clear();
+        self.reqs.clear();
+        self.ops.clear();
+        self.pages = 0;
+    }
 }
 
 /// Adds copy operations moving `len` bytes between the driver domain's
@@ -675,6 +710,9 @@ pub struct Netback {
     nic_done: Vec<u16>,
     /// Receive buffers held now.
     nic_held: usize,
+    /// The batches a poll fills, kept for the next poll.
+    tx_batch: TxBatch,
+    rx_batch: RxBatch,
 }
 
 impl Netback {
@@ -694,6 +732,8 @@ impl Netback {
             nic: NicStats::default(),
             nic_done: Vec::new(),
             nic_held: 0,
+            tx_batch: TxBatch::default(),
+            rx_batch: RxBatch::default(),
         })
     }
 
@@ -1090,13 +1130,31 @@ impl Netback {
         G: Grants,
         N: Nic,
     {
+        let mut batch = core::mem::take(&mut self.tx_batch);
+        self.fill_tx(id, tx, rx, grants, nic, out, &mut batch);
+        batch.clear();
+        self.tx_batch = batch;
+    }
+
+    /// [`Netback::run_tx`] with its batch: takes slots off the TX ring,
+    /// runs each full batch, answers.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_tx<T, R, G, N>(
+        &mut self,
+        id: VifId,
+        tx: &mut T,
+        rx: &mut R,
+        grants: &mut G,
+        nic: &mut N,
+        out: &mut Poll,
+        batch: &mut TxBatch,
+    ) where
+        T: RingPage + ?Sized,
+        R: RingPage + ?Sized,
+        G: Grants,
+        N: Nic,
+    {
         let mut budget = Self::TX_BUDGET;
-        let mut batch = TxBatch {
-            pkts: Vec::new(),
-            spans: Vec::new(),
-            ops: Vec::new(),
-            pages: 0,
-        };
         loop {
             if budget == 0 {
                 out.more = true;
@@ -1118,7 +1176,7 @@ impl Netback {
             if let Some(err) = err {
                 // The batch is never copied or answered: its lent NIC
                 // buffers go back.
-                Self::abandon_tx(&mut batch, nic);
+                Self::abandon_tx(batch, nic);
                 self.hostile(id, Hostile::Tx(err), tx, rx, out);
                 return;
             }
@@ -1135,7 +1193,7 @@ impl Netback {
                         let mut lent = nic.tx_buffer();
                         if lent.is_none() && !batch.pkts.is_empty() {
                             // Sending what we have may free one.
-                            self.flush_tx(id, &mut batch, grants, nic, out);
+                            self.flush_tx(id, batch, grants, nic, out);
                             lent = nic.tx_buffer();
                         }
                         let region = match lent {
@@ -1145,17 +1203,17 @@ impl Netback {
                                     nic.release(b.id);
                                 }
                                 if batch.pages + pages_for(pkt.len) > bounce_pages {
-                                    self.flush_tx(id, &mut batch, grants, nic, out);
+                                    self.flush_tx(id, batch, grants, nic, out);
                                 }
                                 Region::Bounce(batch.pages)
                             }
                         };
-                        self.plan_tx(id, pkt, region, &mut batch);
+                        self.plan_tx(id, pkt, region, batch);
                     }
                 },
             }
         }
-        self.flush_tx(id, &mut batch, grants, nic, out);
+        self.flush_tx(id, batch, grants, nic, out);
         self.respond_tx(id, tx, out);
     }
 
@@ -1167,19 +1225,18 @@ impl Netback {
                 nic.release(buf.id);
             }
         }
-        b.pkts.clear();
-        b.ops.clear();
-        b.pages = 0;
+        b.clear();
     }
 
     /// Add a packet's copies (frontend slots to consecutive bytes of
     /// `region`: a lent NIC buffer, or bounce pages, split where a page
-    /// ends) to the batch.
+    /// ends) to the batch. `pkt` is what the vif's parser returned last:
+    /// its segments are the parser's until the next push.
     fn plan_tx(&mut self, id: VifId, pkt: tx::Packet, region: Region, b: &mut TxBatch) {
         let op_start = b.ops.len();
         let frontend = self.vifs[id].frontend;
         let mut pos = 0usize;
-        for s in &pkt.segs {
+        for s in self.vifs[id].parser.segs() {
             let n = usize::from(s.len);
             push_copies(
                 &mut b.ops,
@@ -1231,9 +1288,7 @@ impl Netback {
             };
             self.vifs[id].parser.resolve(first_seq, slots, st);
         }
-        b.pkts.clear();
-        b.spans.clear();
-        b.ops.clear();
+        b.clear();
     }
 
     /// Map path: map each slot's page read-only, read, unmap; switch.
@@ -1248,7 +1303,8 @@ impl Netback {
         let mut f = vec![0u8; pkt.len];
         let mut pos = 0usize;
         let mut ok = true;
-        for s in &pkt.segs {
+        let segs = self.vifs[id].parser.segs().to_vec();
+        for s in &segs {
             let n = usize::from(s.len);
             if n == 0 {
                 continue;
@@ -1331,10 +1387,28 @@ impl Netback {
             self.hostile(id, Hostile::Rx(err), tx, rx, out);
             return;
         }
+        let mut batch = core::mem::take(&mut self.rx_batch);
+        self.fill_rx(id, tx, rx, grants, out, &mut batch);
+        batch.clear();
+        self.rx_batch = batch;
+    }
+
+    /// [`Netback::run_rx`] with its batch: takes RX requests for the
+    /// queued frames, runs each full batch, answers.
+    fn fill_rx<T, R, G>(
+        &mut self,
+        id: VifId,
+        tx: &mut T,
+        rx: &mut R,
+        grants: &mut G,
+        out: &mut Poll,
+        b: &mut RxBatch,
+    ) where
+        T: RingPage + ?Sized,
+        R: RingPage + ?Sized,
+        G: Grants,
+    {
         let mut budget = Self::RX_BUDGET;
-        let mut plans: Vec<RxPlan> = Vec::new();
-        let mut ops: Vec<CopyOp> = Vec::new();
-        let mut pages = 0usize;
         loop {
             let v = &mut self.vifs[id];
             let Some(len) = v.queue.front().map(Queued::len) else {
@@ -1349,7 +1423,7 @@ impl Netback {
             let avail = match r.unconsumed_requests(rx) {
                 Ok(n) => n as usize,
                 Err(err) => {
-                    self.abandon_rx(id, &mut plans);
+                    self.abandon_rx(id, b);
                     self.hostile(id, Hostile::Rx(err), tx, rx, out);
                     return;
                 }
@@ -1363,7 +1437,7 @@ impl Netback {
                     Ok(n) if n as usize >= need => continue,
                     Ok(_) => break,
                     Err(err) => {
-                        self.abandon_rx(id, &mut plans);
+                        self.abandon_rx(id, b);
                         self.hostile(id, Hostile::Rx(err), tx, rx, out);
                         return;
                     }
@@ -1371,46 +1445,47 @@ impl Netback {
             }
             let owned = matches!(v.queue.front(), Some(Queued::Owned(_)));
             if let (PathState::Copy { bounce }, true) = (&v.path, owned) {
-                if pages + need > bounce.len() {
-                    self.flush_rx(id, rx, grants, &mut plans, &mut ops, out);
-                    pages = 0;
+                if b.pages + need > bounce.len() {
+                    self.flush_rx(id, rx, grants, b, out);
                     continue;
                 }
             }
             let v = &mut self.vifs[id];
             let Some(r) = v.rx_ring.as_mut() else { break };
-            let mut reqs = Vec::with_capacity(need);
+            let r0 = b.reqs.len();
             for _ in 0..need {
                 let mut e = [0u8; RX_ENTRY_SIZE];
                 match r.take_request(rx, &mut e) {
-                    Ok(true) => reqs.push(RxRequest::decode(&e)),
+                    Ok(true) => b.reqs.push(RxRequest::decode(&e)),
                     // cannot happen: `need` were available and only we
                     // consume; answer what was taken as an error
                     Ok(false) | Err(_) => break,
                 }
             }
+            let r1 = b.reqs.len();
             let Some(q) = v.queue.pop_front() else { break };
             if let Queued::Nic { .. } = q {
                 v.held -= 1;
             }
             budget -= 1;
-            v.stats.rx_slots += reqs.len() as u64;
-            if reqs.len() < need {
+            v.stats.rx_slots += (r1 - r0) as u64;
+            if r1 - r0 < need {
                 v.drop(Reason::RxGrant);
                 self.release_queued(q);
-                self.respond_rx_error(id, rx, &reqs);
+                self.respond_rx_error(id, rx, &b.reqs[r0..r1]);
+                b.reqs.truncate(r0);
                 continue;
             }
             let f = match q {
                 Queued::Nic { buf, len } => {
                     // Straight from the NIC's receive buffer into the
                     // posted pages (a held frame's vif copies).
-                    let o0 = ops.len();
+                    let o0 = b.ops.len();
                     let frontend = v.frontend;
-                    for (k, q) in reqs.iter().enumerate() {
+                    for (k, q) in b.reqs[r0..r1].iter().enumerate() {
                         let at = k * PAGE_SIZE;
                         push_copies(
-                            &mut ops,
+                            &mut b.ops,
                             |p| buf.addr + p as u64,
                             at,
                             (frontend, q.gref, 0),
@@ -1418,10 +1493,10 @@ impl Netback {
                             true,
                         );
                     }
-                    plans.push(RxPlan {
-                        reqs,
+                    b.plans.push(RxPlan {
+                        reqs: (r0, r1),
                         len,
-                        ops: (o0, ops.len()),
+                        ops: (o0, b.ops.len()),
                         held: Some(buf.id),
                     });
                     continue;
@@ -1430,13 +1505,16 @@ impl Netback {
             };
             let v = &mut self.vifs[id];
             match &v.path {
-                PathState::Map => self.rx_mapped(id, rx, grants, &f, &reqs),
+                PathState::Map => {
+                    self.rx_mapped(id, rx, grants, &f, &b.reqs[r0..r1]);
+                    b.reqs.truncate(r0);
+                }
                 PathState::Copy { bounce } => {
-                    let o0 = ops.len();
-                    for (k, (chunk, q)) in f.chunks(PAGE_SIZE).zip(&reqs).enumerate() {
-                        let page = bounce[pages + k];
+                    let o0 = b.ops.len();
+                    for (k, (chunk, q)) in f.chunks(PAGE_SIZE).zip(&b.reqs[r0..r1]).enumerate() {
+                        let page = bounce[b.pages + k];
                         grants.write(page, chunk);
-                        ops.push(CopyOp {
+                        b.ops.push(CopyOp {
                             src: CopyPtr {
                                 gref_or_page: page / PAGE_SIZE as u64,
                                 domid: DOMID_SELF,
@@ -1452,17 +1530,17 @@ impl Netback {
                             status: 0,
                         });
                     }
-                    pages += need;
-                    plans.push(RxPlan {
-                        reqs,
+                    b.pages += need;
+                    b.plans.push(RxPlan {
+                        reqs: (r0, r1),
                         len: f.len(),
-                        ops: (o0, ops.len()),
+                        ops: (o0, b.ops.len()),
                         held: None,
                     });
                 }
             }
         }
-        self.flush_rx(id, rx, grants, &mut plans, &mut ops, out);
+        self.flush_rx(id, rx, grants, b, out);
         if let Some(r) = self.vifs[id].rx_ring.as_mut() {
             out.notify |= r.push_responses(rx);
         }
@@ -1471,43 +1549,47 @@ impl Netback {
     /// Drop RX frames taken off the queue but not copied yet (the ring
     /// turned hostile; their requests are never answered): counted as
     /// [`Reason::RxDown`], held NIC buffers given back.
-    fn abandon_rx(&mut self, id: VifId, plans: &mut Vec<RxPlan>) {
-        for p in plans.drain(..) {
+    fn abandon_rx(&mut self, id: VifId, b: &mut RxBatch) {
+        for p in &b.plans {
             self.vifs[id].drop(Reason::RxDown);
-            if let Some(b) = p.held {
-                self.nic_done.push(b);
+            if let Some(h) = p.held {
+                self.nic_done.push(h);
             }
         }
+        b.clear();
     }
 
+    /// Runs the batch's copies, answers each frame's requests (its byte
+    /// counts, or ERROR if a copy failed), gives held NIC buffers back,
+    /// and empties the batch.
     fn flush_rx<R: RingPage + ?Sized, G: Grants>(
         &mut self,
         id: VifId,
         rx: &mut R,
         grants: &mut G,
-        plans: &mut Vec<RxPlan>,
-        ops: &mut Vec<CopyOp>,
+        b: &mut RxBatch,
         out: &mut Poll,
     ) {
-        if plans.is_empty() {
+        if b.plans.is_empty() {
             return;
         }
-        self.run_copies(id, grants, ops);
-        for p in plans.drain(..) {
-            let ok = ops[p.ops.0..p.ops.1]
+        self.run_copies(id, grants, &mut b.ops);
+        for p in &b.plans {
+            let ok = b.ops[p.ops.0..p.ops.1]
                 .iter()
                 .all(|op| op.status == GrantStatus::Okay as i16);
-            if let Some(b) = p.held {
-                self.nic_done.push(b);
+            if let Some(h) = p.held {
+                self.nic_done.push(h);
             }
+            let reqs = &b.reqs[p.reqs.0..p.reqs.1];
             if ok {
-                self.respond_rx_frame(id, rx, &p.reqs, p.len);
+                self.respond_rx_frame(id, rx, reqs, p.len);
             } else {
                 self.vifs[id].drop(Reason::RxGrant);
-                self.respond_rx_error(id, rx, &p.reqs);
+                self.respond_rx_error(id, rx, reqs);
             }
         }
-        ops.clear();
+        b.clear();
         if let Some(r) = self.vifs[id].rx_ring.as_mut() {
             out.notify |= r.push_responses(rx);
         }

@@ -38,14 +38,62 @@ pub struct Seg {
     pub len: u16,
 }
 
-/// A validated packet: its segments in order add up to `len`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Seg {
+    const EMPTY: Seg = Seg {
+        gref: 0,
+        offset: 0,
+        len: 0,
+    };
+}
+
+/// A packet's segments, in place: at most [`MAX_SLOTS_PER_PACKET`] (the
+/// parser refuses a longer chain before it would add one more). The
+/// parser keeps one and reuses it for every packet, so taking a packet off
+/// the ring allocates (and clears) nothing.
+#[derive(Debug)]
+struct Segs {
+    /// `s[..n]` are the segments; the rest is unused.
+    n: u8,
+    s: [Seg; MAX_SLOTS_PER_PACKET],
+}
+
+const _: () = assert!(MAX_SLOTS_PER_PACKET <= u8::MAX as usize);
+
+impl Segs {
+    const fn new() -> Segs {
+        Segs {
+            n: 0,
+            s: [Seg::EMPTY; MAX_SLOTS_PER_PACKET],
+        }
+    }
+
+    /// Adds `s`; false (nothing added) when full.
+    fn push(&mut self, s: Seg) -> bool {
+        let Some(slot) = self.s.get_mut(usize::from(self.n)) else {
+            return false;
+        };
+        *slot = s;
+        self.n += 1;
+        true
+    }
+
+    fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    fn as_slice(&self) -> &[Seg] {
+        &self.s[..usize::from(self.n)]
+    }
+}
+
+/// A validated packet: its segments ([`TxParser::segs`], right after the
+/// push that completed it) in order add up to `len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
     /// Sequence number of its first slot (see [`TxParser::resolve`]).
     pub first_seq: u64,
     /// Slots it took on the ring.
     pub slots: u32,
-    pub segs: Vec<Seg>,
     pub len: usize,
 }
 
@@ -67,7 +115,6 @@ struct Cur {
     first: TxRequest,
     /// Sum of the later requests' sizes.
     rest: u32,
-    segs: Vec<Seg>,
     bad: Option<Reason>,
     /// The next slot is an extra-info slot.
     expect_extra: bool,
@@ -84,6 +131,11 @@ pub struct TxParser {
     next_seq: u64,
     in_flight: Vec<u64>,
     cur: Option<Cur>,
+    /// The segments of the packet being read (while it is good): the first
+    /// request's (its length set when the packet is complete), then the
+    /// later requests'. Once a push returns a packet they are its
+    /// segments, until the next push.
+    segs: Segs,
 }
 
 impl TxParser {
@@ -94,6 +146,7 @@ impl TxParser {
             next_seq: 0,
             in_flight: vec![0u64; 65536 / 64],
             cur: None,
+            segs: Segs::new(),
         }
     }
 
@@ -172,13 +225,12 @@ impl TxParser {
             tracked: !dup,
         });
         let max_frame = self.max_frame;
-        let c = self.cur.get_or_insert_with(|| Cur {
+        let c = self.cur.get_or_insert(Cur {
             first_seq: seq,
             slots: 0,
             reqs: 0,
             first: r,
             rest: 0,
-            segs: Vec::new(),
             bad: None,
             expect_extra: false,
             more: false,
@@ -190,6 +242,13 @@ impl TxParser {
             bad = Some(Reason::IdInFlight);
         }
         if c.reqs == 1 {
+            // Its length is known once the chain is complete.
+            self.segs.clear();
+            self.segs.push(Seg {
+                gref: r.gref,
+                offset: r.offset,
+                len: 0,
+            });
             let size = usize::from(r.size);
             // The first slot's own bytes: all of `size` if it is the only
             // one, else what the later slots leave (checked at the end).
@@ -217,8 +276,10 @@ impl TxParser {
             if c.reqs > MAX_SLOTS_PER_PACKET {
                 bad = bad.or(Some(Reason::TooManySlots));
             }
+            // A good packet has at most MAX_SLOTS_PER_PACKET requests
+            // (checked just above), so this always fits.
             if c.bad.is_none() && bad.is_none() {
-                c.segs.push(Seg {
+                self.segs.push(Seg {
                     gref: r.gref,
                     offset: r.offset,
                     len: r.size,
@@ -245,7 +306,7 @@ impl TxParser {
     fn mark_bad(&mut self, reason: Reason) {
         let Some(c) = self.cur.as_mut() else { return };
         c.bad.get_or_insert(reason);
-        c.segs.clear();
+        self.segs.clear();
         let (s, n) = (c.first_seq, c.slots);
         self.resolve(s, n, status::ERROR);
     }
@@ -267,19 +328,20 @@ impl TxParser {
             self.resolve(c.first_seq, c.slots, status::ERROR);
             return Some(Err(Reason::SlotsShortOfSize));
         }
-        let mut segs = Vec::with_capacity(c.segs.len() + 1);
-        segs.push(Seg {
-            gref: c.first.gref,
-            offset: c.first.offset,
-            len: own as u16,
-        });
-        segs.extend_from_slice(&c.segs);
+        // A good packet's list starts with its first request's segment.
+        self.segs.s[0].len = own as u16;
         Some(Ok(Packet {
             first_seq: c.first_seq,
             slots: c.slots,
-            segs,
             len: usize::from(c.first.size),
         }))
+    }
+
+    /// The segments of the packet the last [`TxParser::push`] returned (in
+    /// order; the first is the first request's). Meaningless after a push
+    /// that returned anything else.
+    pub fn segs(&self) -> &[Seg] {
+        self.segs.as_slice()
     }
 
     /// The connection ends: the packet being read is answered `ERROR`.
@@ -355,7 +417,7 @@ mod tests {
         assert_eq!(pkt.len, 60);
         assert_eq!(pkt.slots, 1);
         assert_eq!(
-            pkt.segs,
+            p.segs(),
             [Seg {
                 gref: 9,
                 offset: 100,
@@ -377,7 +439,7 @@ mod tests {
         assert_eq!(p.partial_slots(), 2);
         let pkt = p.push(&req(3, 10, 0, 3, 404)).unwrap().unwrap();
         assert_eq!(pkt.len, 1000);
-        let lens: Vec<u16> = pkt.segs.iter().map(|s| s.len).collect();
+        let lens: Vec<u16> = p.segs().iter().map(|s| s.len).collect();
         assert_eq!(lens, [96, 500, 404]);
         assert_eq!(pkt.slots, 3);
     }
@@ -466,8 +528,9 @@ mod tests {
             let r = p.push(&req(i as u32, 0, f, i as u16, 100));
             if i + 1 == MAX_SLOTS_PER_PACKET {
                 let pkt = r.unwrap().unwrap();
-                assert_eq!(pkt.segs.len(), MAX_SLOTS_PER_PACKET);
-                assert_eq!(pkt.segs[0].len, 60);
+                assert_eq!(pkt.len, 17 * 100 + 60);
+                assert_eq!(p.segs().len(), MAX_SLOTS_PER_PACKET);
+                assert_eq!(p.segs()[0].len, 60);
             }
         }
     }
