@@ -300,7 +300,11 @@ pub fn run(si: &StartInfo<'_>, cases: &[&str], vif: Option<&str>) -> i64 {
         work: "hostile-netfront",
         units: passed,
     });
-    println!("hostile-netfront: {passed} of {ran} cases passed");
+    let st = nf.stats();
+    println!(
+        "hostile-netfront: {passed} of {ran} cases passed ({} TX responses to raw requests, {} not kept)",
+        st.tx_strays, st.tx_unseen
+    );
     net::close(nf, &mut w, who);
     i64::from(passed != ran)
 }

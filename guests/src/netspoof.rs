@@ -33,7 +33,7 @@
 use alloc::vec::Vec;
 
 use abi::ev::{DataCheck, WorkDone};
-use abi::netif::status;
+use abi::netif::{status, TxResponse};
 use libdom::netfront::{NetError, Netfront};
 use libdom::ring::Waiter;
 use libdom::smoltcp::iface::{Interface, SocketSet};
@@ -83,6 +83,14 @@ pub fn spoofed_frame(kind: usize, me: ([u8; 6], [u8; 4]), victim: ([u8; 6], [u8;
     }
 }
 
+fn count(r: TxResponse, okay: &mut u64, other: &mut u64) {
+    if r.status == status::OKAY {
+        *okay += 1;
+    } else {
+        *other += 1;
+    }
+}
+
 /// Sends `frames` and waits for every TX response; how many were answered
 /// OKAY and how many otherwise. Received frames are passed to `rx`.
 fn send_all(
@@ -105,18 +113,15 @@ fn send_all(
                 Err(e) => return Err(e),
             }
         }
-        nf.take_tx_responses(|r| {
-            if r.status == status::OKAY {
-                okay += 1;
-            } else {
-                other += 1;
-            }
-        })?;
+        nf.take_tx_responses(|r| count(r, &mut okay, &mut other))?;
         while nf.recv_frame(|f| rx(f))?.is_some() {}
         if next < frames.len() || nf.tx_buffers().1 < nf.tx_buffers().0 {
             nf.wait(w, deadline)?;
         }
     }
+    // What `wait` took last (it frees the buffers, ending the loop) is
+    // kept for take_tx_responses.
+    nf.take_tx_responses(|r| count(r, &mut okay, &mut other))?;
     Ok((okay, other))
 }
 

@@ -48,6 +48,7 @@
 //! [`Netfront::put_tx_raw`], [`Netfront::push_tx_then`],
 //! [`Netfront::set_tx_req_prod`], [`Netfront::take_tx_responses`].
 
+use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::alloc::Layout;
@@ -58,7 +59,7 @@ use abi::netif::{
     self, status, RxRequest, RxResponse, TxRequest, TxResponse, MAX_FRAME, RX_ENTRY_SIZE,
     RX_RESPONSE_SIZE, TX_ENTRY_SIZE, TX_RESPONSE_SIZE,
 };
-use abi::ring::{off, RingPage, State};
+use abi::ring::{off, FrontRing, RingPage, State};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 
 use crate::grant::{self, GrantError};
@@ -171,6 +172,10 @@ pub struct Stats {
     pub notifies: u64,
     /// Times [`Netfront::wait`] slept.
     pub waits: u64,
+    /// TX responses taken inside the netfront while a caller watched them
+    /// (see [`Netfront::take_tx_responses`]) that were not kept for it:
+    /// more than [`MAX_KEPT`] were waiting.
+    pub tx_unseen: u64,
 }
 
 /// Copies `out.len()` bytes from `src` with volatile reads, for memory
@@ -319,6 +324,102 @@ impl Pages {
     }
 }
 
+/// TX responses kept for [`Netfront::take_tx_responses`] at most: the
+/// responses to four rings' worth of requests.
+pub const MAX_KEPT: usize = 4 * netif::TX_RING_SIZE as usize;
+
+/// TX responses the netfront took for itself (to free buffers: in
+/// [`Netfront::wait`], [`Netfront::reap_tx`], [`Netfront::send_frame`],
+/// smoltcp's tokens) while a caller of [`Netfront::take_tx_responses`]
+/// watches them: kept until that caller takes them, so it sees every
+/// response exactly once, whoever took it off the ring. Nobody watches
+/// until the first [`Netfront::take_tx_responses`] or
+/// [`Netfront::put_tx_raw`]; then nothing is kept.
+#[derive(Debug, Default)]
+struct Seen {
+    watching: bool,
+    kept: VecDeque<TxResponse>,
+}
+
+impl Seen {
+    /// A response taken off the ring inside the netfront.
+    fn keep(&mut self, r: TxResponse, stats: &mut Stats) {
+        if !self.watching {
+            return;
+        }
+        if self.kept.len() >= MAX_KEPT {
+            self.kept.pop_front();
+            stats.tx_unseen += 1;
+        }
+        self.kept.push_back(r);
+    }
+}
+
+/// Takes every TX response on `ring`: frees the buffers they name (a
+/// response naming none is a stray) and passes each to `f`; how many.
+fn reap_ring<P: RingPage + ?Sized>(
+    ring: &mut FrontRing,
+    page: &P,
+    busy: &mut [bool],
+    free: &mut Vec<u16>,
+    stats: &mut Stats,
+    mut f: impl FnMut(TxResponse, &mut Stats),
+) -> Result<usize, NetError> {
+    let mut n = 0;
+    loop {
+        let mut raw = [0u8; TX_RESPONSE_SIZE];
+        if !ring.take_response(page, &mut raw)? {
+            break;
+        }
+        let rsp = TxResponse::decode(&raw);
+        n += 1;
+        match busy.get_mut(usize::from(rsp.id)) {
+            Some(b) if *b => {
+                *b = false;
+                free.push(rsp.id);
+                if rsp.status != status::OKAY {
+                    stats.tx_errors += 1;
+                }
+            }
+            _ => stats.tx_strays += 1,
+        }
+        f(rsp, stats);
+    }
+    Ok(n)
+}
+
+/// The netfront's own reap ([`Tx::reap`]): every response there is, kept
+/// in `seen` if someone watches.
+fn reap_keep<P: RingPage + ?Sized>(
+    ring: &mut FrontRing,
+    page: &P,
+    busy: &mut [bool],
+    free: &mut Vec<u16>,
+    stats: &mut Stats,
+    seen: &mut Seen,
+) -> Result<usize, NetError> {
+    reap_ring(ring, page, busy, free, stats, |r, st| seen.keep(r, st))
+}
+
+/// [`Netfront::take_tx_responses`]: from now on `seen` watches; the kept
+/// responses, then those on the ring, in ring order, each to `f`; how many.
+fn take_seen<P: RingPage + ?Sized>(
+    ring: &mut FrontRing,
+    page: &P,
+    busy: &mut [bool],
+    free: &mut Vec<u16>,
+    stats: &mut Stats,
+    seen: &mut Seen,
+    mut f: impl FnMut(TxResponse),
+) -> Result<usize, NetError> {
+    seen.watching = true;
+    let kept = seen.kept.len();
+    for r in seen.kept.drain(..) {
+        f(r);
+    }
+    Ok(kept + reap_ring(ring, page, busy, free, stats, |r, _| f(r))?)
+}
+
 /// The transmit side: its ring and its buffers.
 #[derive(Debug)]
 struct Tx {
@@ -327,6 +428,8 @@ struct Tx {
     /// Free buffer ids (a stack).
     free: Vec<u16>,
     busy: Vec<bool>,
+    /// Responses taken here for a caller who watches them.
+    seen: Seen,
 }
 
 impl Tx {
@@ -344,35 +447,18 @@ impl Tx {
         )
     }
 
-    /// Takes every TX response there is: frees the buffers they name and
-    /// passes each to `f`.
-    fn reap(
-        &mut self,
-        stats: &mut Stats,
-        mut f: impl FnMut(TxResponse),
-    ) -> Result<usize, NetError> {
-        let mut n = 0;
-        loop {
-            let mut raw = [0u8; TX_RESPONSE_SIZE];
-            let (ring, page) = self.conn.parts();
-            if !ring.take_response(page, &mut raw)? {
-                break;
-            }
-            let rsp = TxResponse::decode(&raw);
-            n += 1;
-            match self.busy.get_mut(usize::from(rsp.id)) {
-                Some(b) if *b => {
-                    *b = false;
-                    self.free.push(rsp.id);
-                    if rsp.status != status::OKAY {
-                        stats.tx_errors += 1;
-                    }
-                }
-                _ => stats.tx_strays += 1,
-            }
-            f(rsp);
-        }
-        Ok(n)
+    /// Takes every TX response there is, freeing the buffers they name;
+    /// each is kept for [`Netfront::take_tx_responses`] if someone watches.
+    fn reap(&mut self, stats: &mut Stats) -> Result<usize, NetError> {
+        let (ring, page) = self.conn.parts();
+        reap_keep(
+            ring,
+            page,
+            &mut self.busy,
+            &mut self.free,
+            stats,
+            &mut self.seen,
+        )
     }
 
     /// Puts the request for buffer `id` (holding `len` bytes) on the ring,
@@ -552,6 +638,7 @@ impl Netfront {
                 pages: tx_pages,
                 free: (0..ntx as u16).rev().collect(),
                 busy: vec![false; ntx],
+                seen: Seen::default(),
             },
             rx,
             port: vif.port,
@@ -614,8 +701,10 @@ impl Netfront {
     }
 
     /// Takes every TX response there is (freeing their buffers); how many.
+    /// Once someone watches TX responses ([`Netfront::take_tx_responses`])
+    /// they are kept for [`Netfront::take_tx_responses`].
     pub fn reap_tx(&mut self) -> Result<usize, NetError> {
-        self.tx.reap(&mut self.stats, |_| {})
+        self.tx.reap(&mut self.stats)
     }
 
     /// Sends one frame (copied into a free TX buffer); `Err(Busy)` if every
@@ -700,8 +789,11 @@ impl Netfront {
 
     /// Puts `req` on the TX ring as it is (not published): its id is not
     /// tracked, so its response reaches [`Netfront::take_tx_responses`]
-    /// as a stray. The ring index it went to.
+    /// as a stray (from now on TX responses are watched: one taken inside
+    /// the netfront, e.g. by [`Netfront::wait`], is kept for it). The ring
+    /// index it went to.
     pub fn put_tx_raw(&mut self, req: &TxRequest) -> Result<u32, NetError> {
+        self.tx.seen.watching = true;
         let (ring, page) = self.tx.conn.parts();
         let idx = ring.req_prod_pvt();
         ring.put_request(page, &req.encode())?;
@@ -738,9 +830,23 @@ impl Netfront {
     }
 
     /// Takes every TX response there is, passing each to `f` (tracked ones
-    /// free their buffers as usual); how many.
+    /// free their buffers as usual); how many. Every response is passed
+    /// once, in ring order: from the first call (or [`Netfront::put_tx_raw`])
+    /// on, the responses the netfront takes for itself in between (in
+    /// [`Netfront::wait`], [`Netfront::reap_tx`], [`Netfront::send_frame`],
+    /// smoltcp's tokens) are kept for the next call.
     pub fn take_tx_responses(&mut self, f: impl FnMut(TxResponse)) -> Result<usize, NetError> {
-        self.tx.reap(&mut self.stats, f)
+        let tx = &mut self.tx;
+        let (ring, page) = tx.conn.parts();
+        take_seen(
+            ring,
+            page,
+            &mut tx.busy,
+            &mut tx.free,
+            &mut self.stats,
+            &mut tx.seen,
+            f,
+        )
     }
 
     /// Closes both rings (see [`FrontConn::close`]: Closing, wait for the
@@ -941,6 +1047,134 @@ mod tests {
                     .all(|&b| b == 0xee));
             }
         }
+    }
+
+    /// The hostile-netfront scenario's `collect`, one step at a time: it
+    /// takes the responses there are (none yet), the backend answers, and
+    /// then `wait` reaps before sleeping. The response must still reach
+    /// the next `take_tx_responses` (it was thrown away: `bad-gref` saw no
+    /// response in 5 s).
+    #[test]
+    fn a_response_reaped_by_wait_reaches_take_tx_responses() {
+        use abi::ring::{BackRing, PAGE_SIZE};
+        let mut page = [0u8; PAGE_SIZE];
+        let mut front = FrontRing::init(&mut page, TX_ENTRY_SIZE);
+        let mut back = BackRing::attach(&page, TX_ENTRY_SIZE);
+        let (mut busy, mut free) = (vec![false; 4], vec![3u16, 2, 1, 0]);
+        let mut stats = Stats::default();
+        let mut seen = Seen::default();
+        let raw = |id| TxRequest {
+            gref: 4095,
+            offset: 0,
+            flags: 0,
+            id,
+            size: 60,
+        };
+        let mut answer = |page: &mut [u8; PAGE_SIZE], st: i16| {
+            let mut e = [0u8; TX_ENTRY_SIZE];
+            assert!(back.take_request(page, &mut e).unwrap());
+            let q = TxRequest::decode(&e);
+            let rsp = TxResponse {
+                id: q.id,
+                status: st,
+            };
+            back.put_response(page, &rsp.encode()).unwrap();
+            back.push_responses(page);
+        };
+        // put_tx_raw (watching from here on), push
+        seen.watching = true;
+        front.put_request(&mut page, &raw(0x8002).encode()).unwrap();
+        front.push_requests(&mut page);
+        let mut got = Vec::new();
+        let n = take_seen(
+            &mut front,
+            &page,
+            &mut busy,
+            &mut free,
+            &mut stats,
+            &mut seen,
+            |r| got.push(r),
+        )
+        .unwrap();
+        assert_eq!(n, 0);
+        answer(&mut page, status::ERROR);
+        // wait: reap before sleeping
+        let reaped = reap_keep(
+            &mut front, &page, &mut busy, &mut free, &mut stats, &mut seen,
+        )
+        .unwrap();
+        assert_eq!(reaped, 1);
+        let n = take_seen(
+            &mut front,
+            &page,
+            &mut busy,
+            &mut free,
+            &mut stats,
+            &mut seen,
+            |r| got.push(r),
+        )
+        .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(
+            got,
+            [TxResponse {
+                id: 0x8002,
+                status: status::ERROR
+            }]
+        );
+        // taken once: not again
+        let n = take_seen(
+            &mut front,
+            &page,
+            &mut busy,
+            &mut free,
+            &mut stats,
+            &mut seen,
+            |r| got.push(r),
+        )
+        .unwrap();
+        assert_eq!((n, got.len()), (0, 1));
+        // kept and fresh responses come in ring order
+        for id in [0x8004, 0x8005] {
+            front.put_request(&mut page, &raw(id).encode()).unwrap();
+        }
+        front.push_requests(&mut page);
+        answer(&mut page, status::ERROR);
+        reap_keep(
+            &mut front, &page, &mut busy, &mut free, &mut stats, &mut seen,
+        )
+        .unwrap();
+        answer(&mut page, status::ERROR);
+        got.clear();
+        take_seen(
+            &mut front,
+            &page,
+            &mut busy,
+            &mut free,
+            &mut stats,
+            &mut seen,
+            |r| got.push(r),
+        )
+        .unwrap();
+        let ids: Vec<u16> = got.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [0x8004, 0x8005]);
+        assert_eq!(stats.tx_unseen, 0);
+    }
+
+    /// A netfront nobody watches keeps nothing, and one that is watched
+    /// keeps at most MAX_KEPT.
+    #[test]
+    fn kept_responses_are_bounded() {
+        let mut stats = Stats::default();
+        let mut seen = Seen::default();
+        let r = TxResponse { id: 1, status: 0 };
+        seen.keep(r, &mut stats);
+        assert!(seen.kept.is_empty());
+        seen.watching = true;
+        for _ in 0..MAX_KEPT + 3 {
+            seen.keep(r, &mut stats);
+        }
+        assert_eq!((seen.kept.len(), stats.tx_unseen), (MAX_KEPT, 3));
     }
 
     #[test]
