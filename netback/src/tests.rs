@@ -1922,3 +1922,64 @@ fn hostile_mid_rx_batch_gives_held_buffers_back() {
     assert_eq!(page.load_u32(off::RSP_PROD), 0);
     h.assert_clean();
 }
+
+/// The hostile-netfront flake, replayed on netback's side: two vifs move
+/// frames both ways (lent NIC buffers, batches kept across polls) and
+/// close; then the third sends a good frame, one slot naming a ref it
+/// never granted, and a good frame again, each published alone and polled
+/// once. Every slot is answered in the poll that took it, published
+/// (rsp_prod), and the frontend, which asked for the next response, is
+/// notified. (The scenario's failure was its netfront discarding the
+/// response; this shows netback answered.)
+#[test]
+fn a_never_granted_ref_after_other_vifs_close_is_answered_at_once() {
+    let cfg = Config {
+        rx_queue: 128,
+        ..Config::default()
+    };
+    let mut h = H::with(3, true, cfg, 0);
+    h.post(0, 100);
+    h.post(1, 100);
+    for round in 0..4u8 {
+        let a: Vec<Vec<u8>> = (0..40)
+            .map(|k| udp(0, 1, &pattern(1400, k ^ round)))
+            .collect();
+        let b: Vec<Vec<u8>> = (0..10).map(|k| udp(1, 0, &pattern(60, k))).collect();
+        let ra: Vec<TxRequest> = a.iter().map(|f| h.frame_req(0, f, 0)).collect();
+        let rb: Vec<TxRequest> = b.iter().map(|f| h.frame_req(1, f, 0)).collect();
+        h.put(0, &ra);
+        h.put(1, &rb);
+        h.settle();
+        h.post(0, 10);
+        h.post(1, 40);
+    }
+    for i in 0..2 {
+        let fr = &mut h.f[i];
+        fr.txr.set_state(&mut *fr.tx, State::Closing);
+        assert!(h.poll(i).closed);
+    }
+    let never = 4095;
+    let good = arp(BROADCAST, mac(2), 1, mac(2), ip(2), [10, 0, 0, 253]);
+    for (k, bad) in [false, true, false].into_iter().enumerate() {
+        let mut r = h.frame_req(2, &good, 0);
+        if bad {
+            r.gref = never;
+        }
+        h.put(2, &[r]);
+        let fr = &mut h.f[2];
+        // what the frontend does before it sleeps: ask for the next response
+        assert!(!fr.txr.final_check_for_responses(&mut *fr.tx).unwrap());
+        let p = h.poll(2);
+        assert!(p.notify, "case {k}: answered without an event");
+        let fr = &mut h.f[2];
+        assert_eq!(fr.txr.unconsumed_responses(&*fr.tx), Ok(1), "case {k}");
+        h.collect(2);
+        let rsp = h.f[2].tx_rsp.pop().expect("no response");
+        assert_eq!(rsp.id, r.id);
+        let want = if bad { status::ERROR } else { status::OKAY };
+        assert_eq!(rsp.status, want, "case {k}");
+        assert_eq!(h.nb.vif(2).unwrap().tx_unanswered(), 0);
+    }
+    assert_eq!(h.nb.vif(2).unwrap().stats().drops(Reason::Grant), 1);
+    h.assert_clean();
+}
