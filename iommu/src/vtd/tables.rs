@@ -142,9 +142,9 @@ impl Applied {
     }
 }
 
-/// Most runs of level-1 entries [`Found`] notes (a `dma_batch` has at most 64 operations,
-/// each usually one run); past that the unmaps walk again.
-const FOUND_RUNS: usize = 64;
+/// Most runs of level-1 entries [`Found`] notes (a strict driver's batch carries a few
+/// requests' unmaps, each usually one run); past that the unmaps walk again.
+const FOUND_RUNS: usize = 32;
 
 /// What the checks of a batch's [`Change::UnmapMapped`] changes found: the runs of level-1
 /// entries to clear (table, first entry, entries), the bytes they map, the range they span.
@@ -799,7 +799,11 @@ impl Tables {
         last: &mut Option<(u64, u64)>,
         found: &mut Found,
     ) -> Result<(), Error> {
-        self.check_range(domain, iova, len)?;
+        // Beyond the domain's width nothing is mapped.
+        self.check_range(domain, iova, len).map_err(|e| match e {
+            Error::BeyondWidth { .. } => Error::NotMapped { iova },
+            e => e,
+        })?;
         let end = iova + len;
         if domain.large {
             // Large pages may be on the way: the general walk, and the general unmap after it.
