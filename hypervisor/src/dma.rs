@@ -15,7 +15,9 @@
 //! [`plan`] checks the operations against a [`DmaSpace`] (the kernel's view
 //! of the caller: its memory, its grant mappings, its IOMMU domain) in the
 //! order `abi::hypercall` documents and returns the changes for
-//! `iommu::Iommu::apply_frames`: one `Unmap` per unmap operation, one `Map`
+//! `iommu::Iommu::apply_frames`: one `UnmapMapped` per unmap operation (the
+//! IOMMU checks that every page of it is mapped, for the whole batch before
+//! it changes anything, in the walk that finds the entries it clears), one `Map`
 //! per run of own pages whose physical pages are contiguous (an own-memory
 //! range is usually one), and one `MapFrames` per grant operation, whatever
 //! its length: its pages' frames are not copied out but read in place from
@@ -46,7 +48,9 @@ pub trait DmaSpace {
     /// (`GrantTables::device_frames`). Empty where the block holds none.
     fn device_frames(&self, va: u64) -> &[u64];
     /// How many bytes of `va..va + len` its IOMMU domain maps now (`None`:
-    /// the range cuts a large page, which strict mode never makes).
+    /// the range cuts a large page, which strict mode never makes). Asked
+    /// only when a map is refused, so that a batch refused for an unmap too
+    /// gets the unmap's refusal.
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64>;
 }
 
@@ -101,44 +105,72 @@ fn range(op: &DmaOp) -> Result<Range, Error> {
 /// Checks `ops` (already copied in; the caller checked their count) and
 /// puts the IOMMU changes that carry them out in `out` (cleared first).
 /// Every unmap comes before every map (they never overlap, so that is the
-/// order `Iommu::apply` uses anyway). On an error `out` means nothing.
+/// order `Iommu::apply` uses anyway). On an error `out` means nothing. The
+/// unmaps' own check (every page mapped) is the IOMMU's, when it applies
+/// the changes: the caller turns its `iommu::Error::NotMapped` into
+/// `Error::Invalid`.
 pub fn plan(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Result<(), Error> {
     out.clear();
-    // Each operation's own checks, in order, before any look at the others;
-    // the ranges are kept (a batch is at most DMA_BATCH_MAX operations).
+    // Each operation's own checks, in order, before any look at the others
+    // (a batch is at most DMA_BATCH_MAX operations).
     const MAX: usize = abi::hypercall::DMA_BATCH_MAX as usize;
     if ops.len() > MAX {
         return Err(Error::BadLength);
     }
-    let mut ranges = [Range { start: 0, end: 0 }; MAX];
-    for (r, op) in ranges.iter_mut().zip(ops) {
-        *r = range(op)?;
+    for op in ops {
+        range(op)?;
     }
-    let ranges = &ranges[..ops.len()];
     // Overlaps: sorted by start (an insertion sort: linear for the ascending
     // batches callers make), each range must end before the next starts.
     let mut order = [0u8; MAX];
-    for i in 0..ops.len() {
+    for (i, op) in ops.iter().enumerate() {
         let mut j = i;
-        while j > 0 && ranges[usize::from(order[j - 1])].start > ranges[i].start {
+        while j > 0 && ops[usize::from(order[j - 1])].addr > op.addr {
             order[j] = order[j - 1];
             j -= 1;
         }
         order[j] = i as u8;
     }
     for w in order[..ops.len()].windows(2) {
-        if ranges[usize::from(w[0])].end > ranges[usize::from(w[1])].start {
+        if checked(&ops[usize::from(w[0])]).end > ops[usize::from(w[1])].addr {
             return Err(Error::Invalid);
         }
     }
-    for (_, r) in ops.iter().zip(ranges).filter(|(op, _)| !op.is_map()) {
-        let len = r.end - r.start;
-        if space.mapped_bytes(r.start, len) != Some(len) {
-            return Err(Error::Invalid);
-        }
-        out.push(Change::Unmap { iova: r.start, len });
+    // Unmaps: every page must be mapped, which the IOMMU checks for the whole batch before
+    // it changes anything (`Change::UnmapMapped`, refused as `Error::Invalid`), walking its
+    // tables once for the check and the unmap.
+    for op in ops.iter().filter(|op| !op.is_map()) {
+        let r = checked(op);
+        out.push(Change::UnmapMapped {
+            iova: r.start,
+            len: r.end - r.start,
+        });
     }
-    for (op, r) in ops.iter().zip(ranges).filter(|(op, _)| op.is_map()) {
+    if let Err(e) = maps(space, ops, out) {
+        // The unmaps' check comes before the maps': a batch refused for both is refused
+        // for the unmap (the refusal's path only).
+        let unmapped = ops.iter().filter(|op| !op.is_map()).any(|op| {
+            let r = checked(op);
+            space.mapped_bytes(r.start, r.end - r.start) != Some(r.end - r.start)
+        });
+        return Err(if unmapped { Error::Invalid } else { e });
+    }
+    Ok(())
+}
+
+/// The range of an operation that passed [`range`] (so nothing overflows).
+#[inline]
+fn checked(op: &DmaOp) -> Range {
+    Range {
+        start: op.addr,
+        end: op.addr + u64::from(op.pages) * PAGE_SIZE,
+    }
+}
+
+/// The maps of a batch whose operations passed their own checks.
+fn maps(space: &impl DmaSpace, ops: &[DmaOp], out: &mut Vec<Change>) -> Result<(), Error> {
+    for op in ops.iter().filter(|op| op.is_map()) {
+        let r = checked(op);
         let write = op.is_write();
         let perm = if write { Perm::READ_WRITE } else { Perm::READ };
         if space.own_region(r.start).is_some() {
@@ -259,7 +291,7 @@ mod tests {
         assert_eq!(
             changes,
             [
-                Change::Unmap {
+                Change::UnmapMapped {
                     iova: 0x40_0000,
                     len: 0x2000
                 },
@@ -384,9 +416,18 @@ mod tests {
         assert_eq!(refused(&[op(0x8000_3000, 1, MAP)]), Error::BadAddress);
         assert_eq!(refused(&[op(0x40_5000, 2, MAP_W)]), Error::BadAddress);
         assert_eq!(refused(&[op(0x8000_1000, 2, MAP_W)]), Error::BadAddress);
-        // An unmap of a page that is not mapped.
-        assert_eq!(refused(&[op(0x40_0000, 2, 0)]), Error::Invalid);
-        assert_eq!(refused(&[op(0x8000_0000, 1, 0)]), Error::Invalid);
+        // An unmap of a page that is not mapped: the IOMMU refuses it
+        // (`Change::UnmapMapped`), but before a map's refusal.
+        for unmap in [op(0x40_0000, 2, 0), op(0x8000_0000, 1, 0)] {
+            assert!(plan(&s, &[unmap], &mut Vec::new()).is_ok());
+            assert_eq!(refused(&[unmap, op(0x30_0000, 1, MAP)]), Error::Invalid);
+            assert_eq!(refused(&[op(0x30_0000, 1, MAP), unmap]), Error::Invalid);
+        }
+        assert_eq!(
+            refused(&[op(0x40_0000, 1, 0), op(0x30_0000, 1, MAP)]),
+            Error::BadAddress,
+            "a mapped page's unmap, an own page that is not"
+        );
         // A read-only page may be mapped for reading, and a page mapped already may be
         // mapped again (its permission changes).
         assert!(plan(

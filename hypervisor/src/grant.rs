@@ -244,6 +244,28 @@ struct DeviceBlock {
     live: u16,
 }
 
+/// One domain's device-frame index ([`GrantTables::device_index`]).
+#[derive(Clone, Copy)]
+pub struct DeviceIndex<'a>(&'a [Option<Box<DeviceBlock>>]);
+
+impl<'a> DeviceIndex<'a> {
+    /// [`GrantTables::device_frames`]: the entries from grant-window page
+    /// `host_addr` to the end of its 2 MiB block.
+    pub fn frames(self, host_addr: u64) -> &'a [u64] {
+        if !host_addr.is_multiple_of(PAGE_SIZE) {
+            return &[];
+        }
+        let Some((b, i)) = block_of(host_addr) else {
+            return &[];
+        };
+        self.0
+            .get(b)
+            .and_then(|slot| slot.as_deref())
+            .and_then(|block| block.entries.get(i..))
+            .unwrap_or(&[])
+    }
+}
+
 /// A grant-window page's block and its index there.
 fn block_of(host_addr: u64) -> Option<(usize, usize)> {
     if !in_window(host_addr) {
@@ -451,18 +473,14 @@ impl GrantTables {
     /// `dma_batch` checks and has the IOMMU write from. Empty outside the
     /// window, for an unaligned address, or where the block holds none.
     pub fn device_frames(&self, mapper: DomId, host_addr: u64) -> &[u64] {
-        if !host_addr.is_multiple_of(PAGE_SIZE) {
-            return &[];
-        }
-        let Some((b, i)) = block_of(host_addr) else {
-            return &[];
-        };
-        self.doms
-            .get(&mapper)
-            .and_then(|s| s.device.get(b))
-            .and_then(|slot| slot.as_deref())
-            .and_then(|block| block.entries.get(i..))
-            .unwrap_or(&[])
+        self.device_index(mapper).frames(host_addr)
+    }
+
+    /// `mapper`'s device-frame index, looked up once: what
+    /// [`GrantTables::device_frames`] reads, for the many reads of one
+    /// `dma_batch`.
+    pub fn device_index(&self, mapper: DomId) -> DeviceIndex<'_> {
+        DeviceIndex(self.doms.get(&mapper).map_or(&[], |s| &s.device[..]))
     }
 
     /// How many mappings `mapper` holds.

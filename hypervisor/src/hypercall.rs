@@ -251,15 +251,22 @@ fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Er
     if d.dma == abi::domain::DmaMode::Static || d.devices.is_empty() {
         return Err(Error::Invalid);
     }
-    if len == 0
-        || !len.is_multiple_of(PAGE)
-        || !iova.is_multiple_of(PAGE)
-        || crate::iommu_hw::mapped_bytes(d.domid, iova, len) != Some(len)
-    {
+    if len == 0 || !len.is_multiple_of(PAGE) || !iova.is_multiple_of(PAGE) {
         return Err(Error::Invalid);
     }
-    crate::iommu_hw::apply(d.domid, &[iommu::Change::Unmap { iova, len }])
-        .map_err(|_| Error::NoSpace)
+    // Every page must be mapped: the unit checks before it changes anything.
+    crate::iommu_hw::apply(d.domid, &[iommu::Change::UnmapMapped { iova, len }])
+        .map_err(batch_error)
+}
+
+/// A refused or failed IOMMU batch as `dma_unmap` and `dma_batch` report
+/// it: an unmap of a page that is not mapped is `Invalid` (nothing changed);
+/// anything else (the unit ran out of table frames, or is missing) `NoSpace`.
+fn batch_error(e: iommu::Error) -> Error {
+    match e {
+        iommu::Error::NotMapped { .. } => Error::Invalid,
+        _ => Error::NoSpace,
+    }
 }
 
 /// Whether `va` lies in the grant window (where a domain's own memory never is).
@@ -282,14 +289,11 @@ struct Space<'a> {
 /// (`GrantTables::device_frames`): what `plan` checks and the IOMMU writes
 /// `MapFrames` changes from.
 #[derive(Clone, Copy)]
-struct GrantFrames<'a> {
-    grants: &'a hypervisor::grant::GrantTables,
-    domid: u16,
-}
+struct GrantFrames<'a>(hypervisor::grant::DeviceIndex<'a>);
 
 impl iommu::FrameSource for GrantFrames<'_> {
     fn frames(&self, iova: u64) -> &[u64] {
-        self.grants.device_frames(self.domid, iova)
+        self.0.frames(iova)
     }
 }
 
@@ -306,7 +310,7 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
     }
 
     fn device_frames(&self, va: u64) -> &[u64] {
-        self.frames.grants.device_frames(self.frames.domid, va)
+        self.frames.0.frames(va)
     }
 
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
@@ -357,10 +361,7 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     let mut changes = core::mem::take(&mut sys.dma_changes);
     let mut unit = crate::iommu_hw::batch(d.domid).ok_or(Error::NoSpace)?;
     // The IOMMU writes each `MapFrames` from the index `plan` checked.
-    let frames = GrantFrames {
-        grants: &sys.grants,
-        domid: d.domid,
-    };
+    let frames = GrantFrames(sys.grants.device_index(d.domid));
     let space = Space {
         sys,
         idx,
@@ -368,7 +369,7 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
         unit: &unit,
     };
     let planned = hypervisor::dma::plan(&space, ops, &mut changes);
-    let applied = planned.and_then(|()| unit.apply(&changes, &frames).map_err(|_| Error::NoSpace));
+    let applied = planned.and_then(|()| unit.apply(&changes, &frames).map_err(batch_error));
     drop(unit);
     sys.dma_changes = changes;
     applied.map(|()| count)

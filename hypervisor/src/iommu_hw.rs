@@ -234,16 +234,17 @@ pub fn map(did: u16, iova: u64, pa: u64, len: u64, writable: bool) -> Result<(),
 /// Carries out `changes` in IOMMU domain `did` as one batch (unmaps, then
 /// maps, then one IOTLB invalidation: `Iommu::apply`); the invalidation has
 /// completed when this returns, also when it fails part-way (then every
-/// unmap is done, some maps may be).
-pub fn apply(did: u16, changes: &[Change]) -> Result<(), &'static str> {
+/// unmap is done, some maps may be). A `Change::UnmapMapped` of a page not
+/// mapped is refused (`iommu::Error::NotMapped`) before anything changes.
+pub fn apply(did: u16, changes: &[Change]) -> Result<(), iommu::Error> {
     batch(did)
-        .ok_or("no DMA remapping unit")?
+        .ok_or(iommu::Error::NotEnabled)?
         .apply(changes, &NoFrames)
 }
 
 /// IOMMU domain `did` held for one `dma_batch`: the unit locked once for
-/// the checks ([`Batch::mapped_bytes`]) and the changes ([`Batch::apply`]),
-/// so nothing else changes the tables between them.
+/// the checks and the changes ([`Batch::apply`]; [`Batch::mapped_bytes`]
+/// on a refusal's path), so nothing else changes the tables between them.
 pub struct Batch {
     unit: Guard<'static, Option<Hw>>,
     did: u16,
@@ -268,26 +269,27 @@ impl Batch {
     /// `Iommu::apply_frames`: `changes` as one batch, the pages of each
     /// `MapFrames` from `frames`, with one IOTLB invalidation that has
     /// completed when this returns (also on an error: then every unmap is
-    /// done, some maps may be). Counted for `domain_stats`.
+    /// done, some maps may be; but a refused `UnmapMapped` or `MapFrames`
+    /// check changes nothing). Counted for `domain_stats`.
     pub fn apply(
         &mut self,
         changes: &[Change],
         frames: &dyn FrameSource,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), iommu::Error> {
         let did = self.did;
-        let h = self.unit.as_mut().ok_or("no DMA remapping unit")?;
+        let h = self.unit.as_mut().ok_or(iommu::Error::NotEnabled)?;
         let before = h.vtd.invalidation_counts().iotlb();
         let r = h.vtd.apply_frames(&mut h.mem, did, changes, frames);
         let after = h.vtd.invalidation_counts().iotlb();
         let maps = changes
             .iter()
-            .filter(|c| !matches!(c, Change::Unmap { .. }))
+            .filter(|c| matches!(c, Change::Map { .. } | Change::MapFrames { .. }))
             .count() as u64;
         let e = h.per_domain.entry(did).or_default();
         e.0 += maps;
         e.1 += changes.len() as u64 - maps;
         e.2 += after - before;
-        r.map(drop).map_err(|_| "IOMMU batch failed")
+        r.map(drop)
     }
 }
 

@@ -115,6 +115,11 @@ pub enum Change {
     },
     /// Unmap `iova..iova + len` (what of it is mapped).
     Unmap { iova: u64, len: u64 },
+    /// Unmap `iova..iova + len`, every page of which must be mapped now (a large page only
+    /// whole): checked for the whole batch before anything changes, so a batch with a page
+    /// not mapped changes nothing ([`Error::NotMapped`]). The check walks the tables once and
+    /// the unmap clears the level-1 entries it found.
+    UnmapMapped { iova: u64, len: u64 },
     /// Map each 4 KiB page of `iova..iova + len` to the frame the batch's [`FrameSource`]
     /// lists for it, with `perm` (replacing what is there): a run of scattered frames (a
     /// grant window's pages) as one change, its entries written straight from the caller's
@@ -216,6 +221,10 @@ pub enum Error {
     MissingFrame {
         iova: u64,
     },
+    /// A [`Change::UnmapMapped`] page that is not mapped (or a large page it cuts).
+    NotMapped {
+        iova: u64,
+    },
     /// The unit does not support page tables of this depth.
     LevelsUnsupported(u8),
     /// The function is attached to another domain: detach it first.
@@ -271,6 +280,7 @@ impl fmt::Display for Error {
             Error::NotAttached(bdf) => write!(f, "{bdf} is not attached"),
             Error::SplitsLargePage { iova } => write!(f, "change at {iova:#x} splits a large page"),
             Error::MissingFrame { iova } => write!(f, "no frame listed for I/O page {iova:#x}"),
+            Error::NotMapped { iova } => write!(f, "I/O page {iova:#x} is not mapped"),
             Error::Unsupported(what) => write!(f, "unit does not support {what}"),
             Error::Timeout(what) => write!(f, "unit timed out: {what}"),
             Error::QueueError { head } => write!(f, "invalidation queue error at index {head}"),
@@ -323,8 +333,10 @@ pub trait Iommu<M: TableMemory> {
     /// Carries out `changes` in domain `did` as one batch: every unmap first, then every map
     /// (the caller gives ranges that do not overlap, so the order does not change the result),
     /// then one IOTLB invalidation covering everything that needs one, before it returns.
-    /// Returns the bytes the unmaps removed. On an error the unmaps that were done are
-    /// invalidated before it returns; some maps may be in place (unmap them).
+    /// Returns the bytes the unmaps removed. Every [`Change::UnmapMapped`] and then every
+    /// [`Change::MapFrames`] is checked before anything changes (a refusal there changes
+    /// nothing). On a later error the unmaps that were done are invalidated before it returns;
+    /// some maps may be in place (unmap them).
     fn apply(&mut self, mem: &mut M, did: DomainId, changes: &[Change]) -> Result<u64, Error> {
         self.apply_frames(mem, did, changes, &NoFrames)
     }

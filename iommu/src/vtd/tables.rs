@@ -142,6 +142,65 @@ impl Applied {
     }
 }
 
+/// Most runs of level-1 entries [`Found`] notes (a strict driver's batch carries a few
+/// requests' unmaps, each usually one run); past that the unmaps walk again.
+const FOUND_RUNS: usize = 32;
+
+/// What the checks of a batch's [`Change::UnmapMapped`] changes found: the runs of level-1
+/// entries to clear (table, first entry, entries), the bytes they map, the range they span.
+#[derive(Clone, Copy, Debug)]
+struct Found {
+    runs: [(u64, u16, u16); FOUND_RUNS],
+    len: usize,
+    /// Some run was not noted (no room, or found by the general walk).
+    overflow: bool,
+    bytes: u64,
+    span: Option<(u64, u64)>,
+}
+
+impl Default for Found {
+    fn default() -> Self {
+        Found {
+            runs: [(0, 0, 0); FOUND_RUNS],
+            len: 0,
+            overflow: false,
+            bytes: 0,
+            span: None,
+        }
+    }
+}
+
+impl Found {
+    /// Notes entries `first..first + n` of level-1 table `table` (joined to the last run
+    /// where they continue it).
+    fn push(&mut self, table: u64, first: usize, n: usize) {
+        if let Some(last) = self.len.checked_sub(1).and_then(|i| self.runs.get_mut(i)) {
+            if last.0 == table && usize::from(last.1) + usize::from(last.2) == first {
+                last.2 += n as u16;
+                return;
+            }
+        }
+        match self.runs.get_mut(self.len) {
+            Some(slot) => {
+                *slot = (table, first as u16, n as u16);
+                self.len += 1;
+            }
+            None => self.overflow = true,
+        }
+    }
+
+    /// Counts a whole checked range.
+    fn note(&mut self, lo: u64, hi: u64) {
+        self.bytes += hi - lo;
+        self.span = Some(self.span.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+    }
+
+    /// Whether every run is noted.
+    fn complete(&self) -> bool {
+        !self.overflow
+    }
+}
+
 /// A [`Tables::map`] that stopped part-way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapFailed {
@@ -609,10 +668,13 @@ impl Tables {
 
     /// Carries out `changes` in domain `did`: every unmap, then every map (the caller's
     /// ranges do not overlap), the domain looked up once and runs of 4 KiB entries written
-    /// without walking from the top for each change. Stops at the first error, keeping what
-    /// was done, except that every [`Change::MapFrames`] is checked ([`FrameSource`]) before
-    /// anything changes. `all_maps`: every range mapped needs invalidating (caching mode), not only
-    /// those that replaced a present entry. The invalidations are the caller's.
+    /// without walking from the top for each change. Every [`Change::UnmapMapped`] (each page
+    /// mapped) and every [`Change::MapFrames`] ([`FrameSource`]) is checked before anything
+    /// changes; after that it stops at the first error, keeping what was done. The checks of
+    /// the `UnmapMapped` changes note the level-1 entries they found, and the unmap clears
+    /// those without walking again. `all_maps`: every range mapped needs invalidating
+    /// (caching mode), not only those that replaced a present entry. The invalidations are
+    /// the caller's.
     pub fn apply<M: TableMemory>(
         &mut self,
         mem: &mut M,
@@ -626,14 +688,44 @@ impl Tables {
             out.error = Some(Error::NoDomain(did));
             return out;
         };
-        // Every listed frame first: a batch with a `MapFrames` that cannot be made changes
-        // nothing.
+        // The checks, before anything changes: the pages every `UnmapMapped` clears, then
+        // every listed frame.
+        let mut found = Found::default();
+        let mut last = None;
+        for change in changes {
+            if let Change::UnmapMapped { iova, len } = *change {
+                if let Err(e) = self.check_mapped(mem, &domain, iova, len, &mut last, &mut found) {
+                    out.error = Some(e);
+                    return out;
+                }
+            }
+        }
         for change in changes {
             if let Change::MapFrames { iova, len, .. } = *change {
                 if let Err(e) = self.check_frames(&domain, frames, iova, len) {
                     out.error = Some(e);
                     return out;
                 }
+            }
+        }
+        // The checked unmaps: the level-1 entries found, each table's flushed once.
+        if found.bytes != 0 {
+            if found.complete() {
+                self.clear_found(mem, &found);
+            } else {
+                for change in changes {
+                    if let Change::UnmapMapped { iova, len } = *change {
+                        // Checked: this cannot refuse, and clears what the check saw.
+                        if let Err(e) = self.unmap_in(mem, &domain, iova, len) {
+                            out.error = Some(e);
+                            return out;
+                        }
+                    }
+                }
+            }
+            out.unmapped += found.bytes;
+            if let Some((lo, hi)) = found.span {
+                out.widen(lo, hi - lo);
             }
         }
         for change in changes {
@@ -652,10 +744,15 @@ impl Tables {
                 }
             }
         }
-        let mut run = LeafRun::default();
+        // The maps start from the last level-1 table the checks found (often the one they
+        // write next).
+        let mut run = LeafRun {
+            table: last,
+            dirty: None,
+        };
         for change in changes {
             let (iova, mapped) = match *change {
-                Change::Unmap { .. } => continue,
+                Change::Unmap { .. } | Change::UnmapMapped { .. } => continue,
                 Change::Map {
                     iova,
                     pa,
@@ -687,6 +784,98 @@ impl Tables {
         }
         self.end_run(mem, &mut run);
         out
+    }
+
+    /// Checks a [`Change::UnmapMapped`]: the range, and every page of it mapped. Notes in
+    /// `found` the level-1 entries that map them (while it has room), and in `last` the
+    /// level-1 table last found (its 2 MiB region, its address), which the next check reuses
+    /// while it stays in that region. Changes nothing.
+    fn check_mapped<M: TableMemory>(
+        &self,
+        mem: &mut M,
+        domain: &Domain,
+        iova: u64,
+        len: u64,
+        last: &mut Option<(u64, u64)>,
+        found: &mut Found,
+    ) -> Result<(), Error> {
+        // Beyond the domain's width nothing is mapped.
+        self.check_range(domain, iova, len).map_err(|e| match e {
+            Error::BeyondWidth { .. } => Error::NotMapped { iova },
+            e => e,
+        })?;
+        let end = iova + len;
+        if domain.large {
+            // Large pages may be on the way: the general walk, and the general unmap after it.
+            found.overflow = true;
+            let mapped = self
+                .unmap_pass(mem, domain, iova, len, false)
+                .map_err(|_| Error::NotMapped { iova })?;
+            if mapped != len {
+                return Err(Error::NotMapped { iova });
+            }
+            found.note(iova, end);
+            return Ok(());
+        }
+        let mut va = iova;
+        while va < end {
+            let region = va & !(LARGE_2M - 1);
+            let table = match *last {
+                Some((r, t)) if r == region => t,
+                _ => {
+                    let t = self
+                        .table_at(mem, domain, va, 1, false)
+                        .ok()
+                        .flatten()
+                        .ok_or(Error::NotMapped { iova: va })?;
+                    *last = Some((region, t));
+                    t
+                }
+            };
+            let first = pte::index(va, 1);
+            let n = (512 - first).min(((end - va) / PAGE_SIZE) as usize);
+            let entries = mem.frame(table).get(first..first + n).unwrap_or(&[]);
+            // One test per page; the page that failed is looked for on the refusal's path only.
+            let missing = entries
+                .iter()
+                .fold(entries.len() != n, |m, &e| m | (e & (pte::R | pte::W) == 0));
+            if missing {
+                let at = entries
+                    .iter()
+                    .position(|&e| e & (pte::R | pte::W) == 0)
+                    .unwrap_or(0);
+                return Err(Error::NotMapped {
+                    iova: va + at as u64 * PAGE_SIZE,
+                });
+            }
+            found.push(table, first, n);
+            va += n as u64 * PAGE_SIZE;
+        }
+        found.note(iova, end);
+        Ok(())
+    }
+
+    /// Clears the level-1 entries `found` lists, flushing each table's share once.
+    fn clear_found<M: TableMemory>(&self, mem: &mut M, found: &Found) {
+        let mut dirty: Option<(u64, usize, usize)> = None;
+        for &(table, first, n) in found.runs.get(..found.len).unwrap_or(&[]) {
+            let (first, n) = (usize::from(first), usize::from(n));
+            if let Some(slots) = mem.frame(table).get_mut(first..first + n) {
+                slots.fill(0);
+            }
+            dirty = match dirty {
+                Some((t, lo, hi)) if t == table => Some((t, lo.min(first), hi.max(first + n))),
+                other => {
+                    if let Some((t, lo, hi)) = other {
+                        self.sync(mem, t + lo as u64 * 8, (hi - lo) * 8);
+                    }
+                    Some((table, first, first + n))
+                }
+            };
+        }
+        if let Some((t, lo, hi)) = dirty {
+            self.sync(mem, t + lo as u64 * 8, (hi - lo) * 8);
+        }
     }
 
     /// The level-`level` table that holds `va`'s entry, walking down from the top and, with

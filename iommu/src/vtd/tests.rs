@@ -1146,6 +1146,175 @@ fn a_batch_with_a_missing_frame_changes_nothing() {
     assert_clean(&mem);
 }
 
+/// `UnmapMapped`: every page of every such change is checked (one walk per level-1 table)
+/// before the batch changes anything; the unmaps then clear the entries the checks found,
+/// across a level-1 table boundary, with the batch's one invalidation and nothing stale.
+#[test]
+fn unmap_mapped_checks_every_page_before_anything_changes() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    let levels = Iommu::<FakePlatform>::levels_for(&vtd, 32).unwrap();
+    vtd.add_domain(&mut mem, 1, levels).unwrap();
+    vtd.attach(&mut mem, BLK, 1).unwrap();
+    let mut window = Window(std::vec![0; 1024]);
+    let frame = |i: usize| 0x300_0000 + i as u64 * 0x2000;
+    for i in (500..530).chain(600..610) {
+        window.0[i] = frame(i) | 1;
+    }
+    let page = |i: usize| WIN + i as u64 * 4096;
+    let pages = |n: u64| n * 4096;
+    let map = |from: usize, n: u64| Change::MapFrames {
+        iova: page(from),
+        len: pages(n),
+        perm: Perm::READ_WRITE,
+    };
+    let unmap = |from: usize, n: u64| Change::UnmapMapped {
+        iova: page(from),
+        len: pages(n),
+    };
+    vtd.apply_frames(&mut mem, 1, &[map(500, 30), map(600, 10)], &window)
+        .unwrap();
+    assert!(!vtd.tables().unwrap().domain(1).unwrap().large);
+    let mapped = |mem: &mut FakePlatform, vtd: &Vtd<FakeRegs>| {
+        vtd.tables()
+            .unwrap()
+            .mapped_bytes(mem, 1, WIN, 4 * MIB)
+            .unwrap()
+    };
+    assert_eq!(mapped(&mut mem, &vtd), pages(40));
+    for i in 700..704 {
+        window.0[i] = frame(i);
+    }
+    // Refused: a page not mapped (530) in the second unmap, or a level-1 table that is not
+    // there at all; the first unmap and the map are not done either, nothing is invalidated.
+    let invalidations = mem.unit().invalidations.len();
+    for (bad, at) in [(unmap(526, 8), 530), (unmap(1020, 2), 1020)] {
+        let batch = [unmap(500, 8), bad, map(700, 4)];
+        assert_eq!(
+            vtd.apply_frames(&mut mem, 1, &batch, &window),
+            Err(Error::NotMapped { iova: page(at) })
+        );
+    }
+    assert_eq!(mem.unit().invalidations.len(), invalidations);
+    assert_eq!(mapped(&mut mem, &vtd), pages(40));
+    for i in (500..530).chain(600..610) {
+        assert_eq!(mem.dma(BLK, page(i), Access::Write), Ok(frame(i)), "{i}");
+    }
+    assert_eq!(
+        mem.dma(BLK, page(700), Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    // Done: across the table boundary at 512, a run that continues the first, another
+    // table's run, and a map, with one invalidation.
+    let batch = [unmap(504, 16), unmap(600, 8), unmap(520, 2), map(700, 4)];
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &batch, &window),
+        Ok(pages(26))
+    );
+    assert_eq!(mem.unit().invalidations.len(), 1, "one per batch");
+    for i in (504..522).chain(600..608) {
+        assert_eq!(
+            mem.dma(BLK, page(i), Access::Read),
+            Err(FaultReason::READ_DENIED),
+            "stale page {i}"
+        );
+    }
+    for i in (500..504).chain(522..530).chain(608..610).chain(700..704) {
+        assert_eq!(mem.dma(BLK, page(i), Access::Write), Ok(frame(i)), "{i}");
+    }
+    assert_eq!(mapped(&mut mem, &vtd), pages(18));
+    // An unmap of a page unmapped already is refused.
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &[unmap(503, 2)], &window),
+        Err(Error::NotMapped { iova: page(504) })
+    );
+    assert_clean(&mem);
+}
+
+/// More runs than the checks note (every other page, 70 changes), and a domain with large
+/// pages: the unmaps walk again after the checks, with the same result.
+#[test]
+fn unmap_mapped_without_room_or_with_large_pages() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    let levels = Iommu::<FakePlatform>::levels_for(&vtd, 32).unwrap();
+    vtd.add_domain(&mut mem, 1, levels).unwrap();
+    vtd.attach(&mut mem, BLK, 1).unwrap();
+    let mut window = Window(std::vec![0; 1024]);
+    for (i, e) in window.0.iter_mut().enumerate().take(140) {
+        *e = 0x300_0000 + i as u64 * 0x1000;
+    }
+    let map = [Change::MapFrames {
+        iova: WIN,
+        len: 140 * 4096,
+        perm: Perm::READ,
+    }];
+    vtd.apply_frames(&mut mem, 1, &map, &window).unwrap();
+    let every_other: Vec<Change> = (0..70u64)
+        .map(|i| Change::UnmapMapped {
+            iova: WIN + 2 * i * 4096,
+            len: 4096,
+        })
+        .collect();
+    mem.unit_mut().invalidations.clear();
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &every_other, &window),
+        Ok(70 * 4096)
+    );
+    assert_eq!(mem.unit().invalidations.len(), 1);
+    for i in 0..140u64 {
+        let expect = if i % 2 == 0 {
+            Err(FaultReason::READ_DENIED)
+        } else {
+            Ok(0x300_0000 + i * 0x1000)
+        };
+        assert_eq!(mem.dma(BLK, WIN + i * 4096, Access::Read), expect, "{i}");
+    }
+    // Large pages (give_device maps 4 MiB at 0x40_0000 in 2 MiB pages).
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    vtd.map(&mut mem, 1, 0x90_0000, 0x200_0000, 4096, Perm::READ_WRITE)
+        .unwrap();
+    let invalidations = mem.unit().invalidations.len();
+    let cuts = [
+        Change::UnmapMapped {
+            iova: 0x90_0000,
+            len: 4096,
+        },
+        Change::UnmapMapped {
+            iova: 0x60_0000,
+            len: 4096,
+        },
+    ];
+    assert_eq!(
+        vtd.apply(&mut mem, 1, &cuts),
+        Err(Error::NotMapped { iova: 0x60_0000 })
+    );
+    assert_eq!(mem.unit().invalidations.len(), invalidations);
+    assert_eq!(mem.dma(BLK, 0x90_0000, Access::Write), Ok(0x200_0000));
+    let whole = [
+        Change::UnmapMapped {
+            iova: 0x90_0000,
+            len: 4096,
+        },
+        Change::UnmapMapped {
+            iova: 0x60_0000,
+            len: 2 * MIB,
+        },
+    ];
+    assert_eq!(vtd.apply(&mut mem, 1, &whole), Ok(2 * MIB + 4096));
+    assert_eq!(mem.unit().invalidations.len(), invalidations + 1);
+    for iova in [0x90_0000, 0x60_0000, 0x7f_f000] {
+        assert_eq!(
+            mem.dma(BLK, iova, Access::Read),
+            Err(FaultReason::READ_DENIED)
+        );
+    }
+    assert_eq!(mem.dma(BLK, 0x40_0000, Access::Read), Ok(0x100_0000));
+    assert_clean(&mem);
+}
+
 #[test]
 fn the_queue_wraps() {
     let (mut mem, mut vtd) = qemu();
