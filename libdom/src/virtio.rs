@@ -174,10 +174,6 @@ pub struct SharedPages {
     next_claim: usize,
     /// The operations of the next `dma_batch` (kept to reuse its memory).
     ops: Vec<DmaOp>,
-    /// Where the last `share` or `unshare` stopped: a guess (checked
-    /// before use) at where the next one starts, since a request's
-    /// buffers are shared and unshared in address order.
-    hint: usize,
 }
 
 impl SharedPages {
@@ -190,7 +186,6 @@ impl SharedPages {
             claims: Vec::new(),
             next_claim: 0,
             ops: Vec::new(),
-            hint: 0,
         }
     }
 
@@ -236,13 +231,7 @@ impl SharedPages {
     /// extent only (a buffer above every other one, or the newest one).
     fn seek(&mut self, first: u64) -> usize {
         let n = self.extents.len();
-        let h = self.hint.min(n);
-        // `h` is the answer if the extent before it ends by `first` and
-        // it (if any) ends after `first`.
-        let at_hint = (h == 0 || self.extents[h - 1].end <= first)
-            && self.extents.get(h).is_none_or(|e| e.end > first);
         let i = match self.extents.last() {
-            _ if at_hint => h,
             None => 0,
             Some(e) if e.end <= first => n,
             Some(e) if e.start <= first => n - 1,
@@ -307,7 +296,6 @@ impl SharedPages {
             }
             i += 1;
         }
-        self.hint = i;
         self.unsent
     }
 
@@ -338,7 +326,6 @@ impl SharedPages {
             }
             i += 1;
         }
-        self.hint = i;
     }
 
     /// Appends the operations that bring the IOMMU in line, one pass over
