@@ -1037,9 +1037,7 @@ impl Backend {
                     return Err(Reject::ReadOnly);
                 }
                 let mut total = 0;
-                for seg in list {
-                    push_segment(segs, *seg, &mut total)?;
-                }
+                push_segments(segs, list.iter().copied(), &mut total)?;
                 (kind, r.sector, total)
             }
             op::FLUSH_DISKCACHE => {
@@ -1135,15 +1133,12 @@ impl Backend {
             // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
             let bytes = &mut self.list[..count * SEGMENT_SIZE];
             grants.read(addr, bytes);
-            let mut checked = Ok(());
-            for b in bytes.chunks_exact(SEGMENT_SIZE) {
-                let mut e = [0u8; SEGMENT_SIZE];
-                e.copy_from_slice(b);
-                checked = push_segment(segs, Segment::decode(&e), &mut total);
-                if checked.is_err() {
-                    break;
-                }
-            }
+            let list = bytes.chunks_exact(SEGMENT_SIZE).map(|b| Segment {
+                gref: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                first_sect: b[4],
+                last_sect: b[5],
+            });
+            let checked = push_segments(segs, list, &mut total);
             if let Some(m) = temporary {
                 unmap(grants, &mut self.stats, m);
             }
@@ -1165,6 +1160,27 @@ impl Backend {
         match &mut self.path {
             PathState::Map(cache) => {
                 let writable = slot.kind == Kind::Read;
+                // Persistent grants first: in the common case every
+                // segment is one, and nothing is mapped or bounded.
+                let mut misses = 0usize;
+                for io in slot.segs.iter_mut() {
+                    match cache.get(io.seg.gref) {
+                        Some(p) if p.writable || !writable => {
+                            io.page = p.addr;
+                            io.backing = Backing::Persistent;
+                        }
+                        _ => {
+                            io.backing = Backing::None;
+                            misses += 1;
+                        }
+                    }
+                }
+                let first_hits = (slot.segs.len() - misses) as u64;
+                if misses == 0 {
+                    stats.persistent_hits += first_hits;
+                    slot.acquired = true;
+                    return Ok(true);
+                }
                 // Within the quota, or alone if the request needs more
                 // than all of it (then it waits for the others to end).
                 let bound = cache.per_request_bound(&slot.segs, writable);
@@ -1176,9 +1192,12 @@ impl Backend {
                     return Ok(false);
                 }
                 let mut made = 0;
-                let mut hits = 0;
+                let mut hits = first_hits;
                 let mut result = Ok(());
                 for io in slot.segs.iter_mut() {
+                    if io.backing == Backing::Persistent {
+                        continue;
+                    }
                     let gref = io.seg.gref;
                     if let Some(p) = cache.get(gref) {
                         if p.writable || !writable {
@@ -1341,20 +1360,24 @@ impl Backend {
                 // One buffer per run of segments that follow each other in
                 // memory (no overflow: at most 256 pages).
                 self.bufs.clear();
-                let mut run: Option<Buf> = None;
-                for io in &slot.segs {
-                    let addr = io.page + io.seg.offset() as u64;
-                    let len = io.seg.bytes() as u32;
-                    match &mut run {
-                        Some(b) if b.addr + u64::from(b.len) == addr => b.len += len,
-                        _ => {
-                            if let Some(b) = run.replace(Buf { addr, len }) {
-                                self.bufs.push(b);
-                            }
+                let buf = |io: &SegIo| Buf {
+                    addr: io.page + io.seg.offset() as u64,
+                    len: io.seg.bytes() as u32,
+                };
+                let mut segs = slot.segs.iter();
+                if let Some(first) = segs.next() {
+                    let mut run = buf(first);
+                    for io in segs {
+                        let b = buf(io);
+                        if run.addr + u64::from(run.len) == b.addr {
+                            run.len += b.len;
+                        } else {
+                            self.bufs.push(run);
+                            run = b;
                         }
                     }
+                    self.bufs.push(run);
                 }
-                self.bufs.extend(run);
                 let dir = if slot.kind == Kind::Read {
                     Direction::Read
                 } else {
@@ -1490,17 +1513,30 @@ impl Backend {
     }
 }
 
-/// Append a segment that passed the checks, adding its sectors to
-/// `total`; [`Reject::Segment`] if `first_sect > last_sect` or
-/// `last_sect > 7`. `segs` has room for the most segments a request may
-/// have, and no caller pushes more.
+/// Append the segments `list` yields, adding their sectors to `total`;
+/// [`Reject::Segment`] if any has `first_sect > last_sect` or
+/// `last_sect > 7` (then `segs` holds them all, checked or not: the
+/// request is refused and its slot's list is cleared by the next parse).
+/// One pass without a branch per segment: the checks are folded and
+/// looked at once. `segs` has room for the most segments a request may
+/// have, and no caller passes more.
 #[inline]
-fn push_segment(segs: &mut Vec<SegIo>, seg: Segment, total: &mut u64) -> Result<(), Reject> {
-    if !seg.is_valid() {
+fn push_segments(
+    segs: &mut Vec<SegIo>,
+    list: impl Iterator<Item = Segment>,
+    total: &mut u64,
+) -> Result<(), Reject> {
+    let mut bad = false;
+    let mut sectors = 0u64;
+    segs.extend(list.map(|seg| {
+        bad |= !seg.is_valid();
+        sectors += seg.sectors();
+        SegIo::new(seg)
+    }));
+    if bad {
         return Err(Reject::Segment);
     }
-    *total += seg.sectors();
-    segs.push(SegIo::new(seg));
+    *total += sectors;
     Ok(())
 }
 

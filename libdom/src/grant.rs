@@ -24,6 +24,7 @@
 //! [`unmap`] and [`copy`] carry arrays of `abi::grant` operations to the
 //! hypervisor and bring each operation's status back.
 
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use abi::domain::RESERVED_GREFS;
@@ -353,17 +354,22 @@ fn batch<T: Copy, const N: usize>(
 ) -> Result<usize, Error> {
     let mut done = 0;
     for chunk in ops.chunks_mut(MAX_BATCH as usize) {
-        let mut buf = [0u8; COPY_OP_SIZE * MAX_BATCH as usize];
-        for (i, op) in chunk.iter().enumerate() {
-            buf[i * N..(i + 1) * N].copy_from_slice(&enc(op));
+        // Not zeroed: only the first `chunk.len()` ops are written, handed
+        // over and read back (zeroing the whole buffer cost more than
+        // encoding a small batch).
+        let mut buf = [const { MaybeUninit::<[u8; N]>::uninit() }; MAX_BATCH as usize];
+        for (slot, op) in buf.iter_mut().zip(chunk.iter()) {
+            slot.write(enc(op));
         }
-        // SAFETY: `buf` is ours, writable, and holds `chunk.len()` ops of
-        // N bytes (N <= COPY_OP_SIZE), which is what the hypervisor reads
-        // and writes back (each op's status).
+        let used = &mut buf[..chunk.len()];
+        // SAFETY: `used` is ours, writable, and holds `chunk.len()` ops of
+        // N bytes, each written above, laid out back to back
+        // (`MaybeUninit<[u8; N]>` is `[u8; N]`: size N, alignment 1), which
+        // is what the hypervisor reads and writes back (each op's status).
         let n = decode(unsafe {
             raw_hypercall(
                 call as u64,
-                buf.as_mut_ptr() as u64,
+                used.as_mut_ptr() as u64,
                 chunk.len() as u64,
                 0,
                 0,
@@ -371,10 +377,10 @@ fn batch<T: Copy, const N: usize>(
                 0,
             )
         })? as usize;
-        for (i, op) in chunk.iter_mut().enumerate().take(n) {
-            let mut raw = [0u8; N];
-            raw.copy_from_slice(&buf[i * N..(i + 1) * N]);
-            *op = dec(&raw);
+        for (op, raw) in chunk.iter_mut().zip(used.iter()).take(n) {
+            // SAFETY: written before the call (and only rewritten by the
+            // hypervisor since, with bytes).
+            *op = dec(unsafe { raw.assume_init_ref() });
         }
         done += n.min(chunk.len());
         if n < chunk.len() {
