@@ -266,6 +266,25 @@ impl<'a> DeviceIndex<'a> {
     }
 }
 
+/// What the IOMMU writes a `Change::MapFrames` from, and checks first: a
+/// page is listed for a read-only mapping when its entry is `PRESENT`, for
+/// a writable one when it is `WRITABLE` too (the grant mapping is), so the
+/// unit's check of the frames is `dma_batch`'s check of the grants.
+impl iommu::FrameSource for DeviceIndex<'_> {
+    fn frames(&self, iova: u64) -> &[u64] {
+        DeviceIndex::frames(*self, iova)
+    }
+
+    fn required(&self, perm: iommu::Perm) -> u64 {
+        device_frame::PRESENT
+            | if perm.write {
+                device_frame::WRITABLE
+            } else {
+                0
+            }
+    }
+}
+
 /// A grant-window page's block and its index there.
 fn block_of(host_addr: u64) -> Option<(usize, usize)> {
     if !in_window(host_addr) {
@@ -1794,6 +1813,15 @@ mod tests {
         let ro = DEV | map_flags::READONLY;
         let (h3, _) = map(&mut f, &mut gt, &mut p, M, mop(far, ro, 2, G)).unwrap();
         assert_eq!(gt.device_frames(M, far)[0], phys | device_frame::PRESENT);
+        // The IOMMU reads the same index, and maps a page writable only when its entry
+        // says WRITABLE.
+        {
+            use iommu::{FrameSource, Perm};
+            let index = gt.device_index(M);
+            assert_eq!(FrameSource::frames(&index, far), gt.device_frames(M, far));
+            assert_eq!(index.required(Perm::READ), device_frame::PRESENT);
+            assert_eq!(index.required(Perm::READ_WRITE), rw);
+        }
         gt.unmap_one(&mut f, M, &uop(far, h3)).unwrap();
         assert_eq!(gt.device_frames(M, far), [], "an empty block is freed");
         // dma_batch mapped it; unmapping the grant takes it out of the IOMMU too, before

@@ -256,17 +256,7 @@ fn dma_unmap(sys: &mut System, idx: usize, iova: u64, len: u64) -> Result<(), Er
     }
     // Every page must be mapped: the unit checks before it changes anything.
     crate::iommu_hw::apply(d.domid, &[iommu::Change::UnmapMapped { iova, len }])
-        .map_err(batch_error)
-}
-
-/// A refused or failed IOMMU batch as `dma_unmap` and `dma_batch` report
-/// it: an unmap of a page that is not mapped is `Invalid` (nothing changed);
-/// anything else (the unit ran out of table frames, or is missing) `NoSpace`.
-fn batch_error(e: iommu::Error) -> Error {
-    match e {
-        iommu::Error::NotMapped { .. } => Error::Invalid,
-        _ => Error::NoSpace,
-    }
+        .map_err(hypervisor::dma::refusal)
 }
 
 /// Whether `va` lies in the grant window (where a domain's own memory never is).
@@ -276,29 +266,16 @@ fn in_grant_window(va: u64) -> bool {
 }
 
 /// The caller of a `dma_batch`, as `hypervisor::dma::plan` checks it: its
-/// memory, its grant mappings' device-frame index, its IOMMU domain (held
-/// locked for the whole call).
+/// memory and its IOMMU domain (held locked for the whole call).
 struct Space<'a> {
     sys: &'a System,
     idx: usize,
-    frames: GrantFrames<'a>,
     unit: &'a crate::iommu_hw::Batch,
-}
-
-/// A domain's grant mappings made for its devices, by grant-window page
-/// (`GrantTables::device_frames`): what `plan` checks and the IOMMU writes
-/// `MapFrames` changes from.
-#[derive(Clone, Copy)]
-struct GrantFrames<'a>(hypervisor::grant::DeviceIndex<'a>);
-
-impl iommu::FrameSource for GrantFrames<'_> {
-    fn frames(&self, iova: u64) -> &[u64] {
-        self.0.frames(iova)
-    }
 }
 
 impl hypervisor::dma::DmaSpace for Space<'_> {
     fn own_region(&self, va: u64) -> Option<(u64, u64, u64, bool)> {
+        // Never in the grant window (`plan` maps grants there).
         if in_grant_window(va) {
             return None;
         }
@@ -309,35 +286,35 @@ impl hypervisor::dma::DmaSpace for Space<'_> {
             .copied()
     }
 
-    fn device_frames(&self, va: u64) -> &[u64] {
-        self.frames.0.frames(va)
-    }
-
     fn mapped_bytes(&self, va: u64, len: u64) -> Option<u64> {
         self.unit.mapped_bytes(va, len)
     }
 }
 
 /// `dma_batch`: `count` operations at `ptr`, checked whole
-/// (`hypervisor::dma::plan`), then one IOMMU batch with one invalidation.
+/// (`hypervisor::dma::plan`, then the IOMMU's checks of the unmaps and the
+/// grant pages), then one IOMMU batch with one invalidation.
 fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, Error> {
-    use abi::hypercall::{DmaOp, DMA_BATCH_MAX, DMA_OP_SIZE};
-    /// Batches up to this many operations are decoded on the stack (a blk
+    use abi::hypercall::{DmaOp, DMA_BATCH_MAX};
+    use core::mem::MaybeUninit;
+    /// Batches up to this many operations are copied to the stack (a blk
     /// serve loop's turn carries a few requests' maps and unmaps).
     const SMALL: usize = 16;
     if count == 0 || count > DMA_BATCH_MAX {
         return Err(Error::BadLength);
     }
     let n = count as usize;
-    let mut small = [0u8; SMALL * DMA_OP_SIZE];
+    // Copied straight into their decoded form (`DmaOp` is the wire format),
+    // nothing zeroed first.
+    let mut small = [MaybeUninit::<DmaOp>::uninit(); SMALL];
     let mut large = alloc::vec::Vec::new();
-    let bytes = if n <= SMALL {
-        &mut small[..n * DMA_OP_SIZE]
+    let buf = if n <= SMALL {
+        &mut small[..n]
     } else {
-        large.resize(n * DMA_OP_SIZE, 0);
-        &mut large[..]
+        large.reserve_exact(n);
+        &mut large.spare_capacity_mut()[..n]
     };
-    copy_in(sys, idx, ptr, bytes)?;
+    let ops = copy_ops_in(sys, idx, ptr, buf)?;
     let d = &sys.domains[idx];
     if d.devices.is_empty() {
         return Err(Error::BadDevice);
@@ -345,34 +322,53 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     if d.dma == abi::domain::DmaMode::Static {
         return Err(Error::Invalid);
     }
-    let mut small_ops = [DmaOp::default(); SMALL];
-    let mut large_ops = alloc::vec::Vec::new();
-    let ops = if n <= SMALL {
-        &mut small_ops[..n]
-    } else {
-        large_ops.resize(n, DmaOp::default());
-        &mut large_ops[..]
-    };
-    for (op, raw) in ops.iter_mut().zip(bytes.chunks_exact(DMA_OP_SIZE)) {
-        *op = DmaOp::decode(raw.try_into().map_err(|_| Error::Invalid)?);
-    }
     // The change list's memory is kept from call to call. The unit stays
     // locked from the checks to the invalidation.
     let mut changes = core::mem::take(&mut sys.dma_changes);
     let mut unit = crate::iommu_hw::batch(d.domid).ok_or(Error::NoSpace)?;
-    // The IOMMU writes each `MapFrames` from the index `plan` checked.
-    let frames = GrantFrames(sys.grants.device_index(d.domid));
+    // The IOMMU checks each `MapFrames` against the grants' device-frame
+    // index and writes it from there.
+    let frames = sys.grants.device_index(d.domid);
     let space = Space {
         sys,
         idx,
-        frames,
         unit: &unit,
     };
     let planned = hypervisor::dma::plan(&space, ops, &mut changes);
-    let applied = planned.and_then(|()| unit.apply(&changes, &frames).map_err(batch_error));
+    let applied = planned.and_then(|()| {
+        unit.apply(&changes, &frames)
+            .map_err(hypervisor::dma::refusal)
+    });
     drop(unit);
     sys.dma_changes = changes;
     applied.map(|()| count)
+}
+
+/// `dma_batch`'s operations from the current domain's `ptr` (checked
+/// against its mappings first), copied once into `buf`.
+fn copy_ops_in<'b>(
+    sys: &System,
+    idx: usize,
+    ptr: u64,
+    buf: &'b mut [core::mem::MaybeUninit<abi::hypercall::DmaOp>],
+) -> Result<&'b [abi::hypercall::DmaOp], Error> {
+    use abi::hypercall::{DmaOp, DMA_OP_SIZE};
+    // An array of `DmaOp`s is the wire format: `repr(C)`, no padding, and
+    // little-endian like the ABI.
+    const _: () = assert!(core::mem::size_of::<DmaOp>() == DMA_OP_SIZE);
+    const _: () = assert!(cfg!(target_endian = "little"));
+    let len = buf.len() * DMA_OP_SIZE;
+    sys.domains[idx]
+        .regions
+        .check(ptr, len as u64, Access::Read)?;
+    // SAFETY: the range lies wholly in pages this domain has mapped
+    // readable in the address space that is current now; it is copied once,
+    // so the domain cannot change what ring 0 later looks at. `buf` holds
+    // `len` bytes.
+    unsafe { core::ptr::copy_nonoverlapping(ptr as *const u8, buf.as_mut_ptr().cast::<u8>(), len) };
+    // SAFETY: every byte of `buf` was written just now, and any bytes are a
+    // `DmaOp` (three integers, no padding).
+    Ok(unsafe { &*(buf as *const [core::mem::MaybeUninit<DmaOp>] as *const [DmaOp]) })
 }
 
 /// A domain id argument: it must fit a `u16` (larger ones name no domain).

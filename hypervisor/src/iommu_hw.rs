@@ -72,15 +72,20 @@ impl TableMemory for Frames {
         let start = (phys + DIRECT_MAP) & !63;
         let end = phys + DIRECT_MAP + len as u64;
         let mut line = start;
+        // The instructions themselves (`asm!`): the `core::arch` wrappers need
+        // SSE2 enabled, which the kernel's target is not, so each would be a
+        // call.
         while line < end {
             // SAFETY: CLFLUSH of direct-mapped table memory only writes the
             // line back; it changes no data.
-            unsafe { core::arch::x86_64::_mm_clflush(line as *const u8) };
+            unsafe {
+                core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
+            };
             line += 64;
         }
         // SAFETY: MFENCE orders the flushes before the register write that
         // tells the unit to look.
-        unsafe { core::arch::x86_64::_mm_mfence() };
+        unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
     }
 
     fn free_frame(&mut self, phys: u64) {

@@ -140,9 +140,19 @@ pub trait FrameSource {
     /// [`FRAME_BLOCK`]-aligned block: entry `i` is for `iova + i * 4096`. An entry's bits
     /// 11:0 belong to the caller and are ignored; the rest is the page's physical address
     /// (page-aligned, below the unit's host address width, else [`Error::BeyondHostWidth`]).
-    /// An entry that is 0 once those bits are masked, or missing (a short slice), lists no
-    /// frame ([`Error::MissingFrame`]).
+    /// An entry that is 0 once those bits are masked, or missing (a short slice), or without
+    /// every bit [`FrameSource::required`] names for the change's permission, lists no frame
+    /// ([`Error::MissingFrame`]).
     fn frames(&self, iova: u64) -> &[u64];
+
+    /// The caller's bits (within 11:0) an entry must carry for its page to be mapped with
+    /// `perm` (say, "the caller may let its devices write this page"): the unit's check of a
+    /// [`Change::MapFrames`] tests them in the same pass as the frames, so the caller need not
+    /// read its index first. Asked once per change. None by default.
+    fn required(&self, perm: Perm) -> u64 {
+        let _ = perm;
+        0
+    }
 }
 
 /// A [`FrameSource`] that lists nothing: for batches without [`Change::MapFrames`].

@@ -547,19 +547,22 @@ impl Tables {
         Ok(done)
     }
 
-    /// Checks a [`Change::MapFrames`] whole: the range, and every frame listed and
-    /// addressable.
+    /// Checks a [`Change::MapFrames`] whole: the range, and every frame listed (with the
+    /// bits [`FrameSource::required`] names for `perm`) and addressable.
     fn check_frames(
         &self,
         domain: &Domain,
         frames: &dyn FrameSource,
         iova: u64,
         len: u64,
+        perm: Perm,
     ) -> Result<(), Error> {
         self.check_range(domain, iova, len)?;
+        let need = frames.required(perm) & (PAGE_SIZE - 1);
+        let end = iova + len;
         let mut va = iova;
-        while va < iova + len {
-            let n = self.frame_run(frames, va, iova + len)?;
+        while va < end {
+            let n = self.frame_run(frames, va, end, need)?;
             va += n as u64 * PAGE_SIZE;
         }
         Ok(())
@@ -624,35 +627,45 @@ impl Tables {
     }
 
     /// Checks the frames `frames` lists from `va` to the end of its block or `end`, whichever
-    /// comes first: each listed (non-zero) and below the host address width. Returns how
-    /// many pages that was.
-    fn frame_run(&self, frames: &dyn FrameSource, va: u64, end: u64) -> Result<usize, Error> {
+    /// comes first: each listed (non-zero, with every bit of `need`) and below the host
+    /// address width. Returns how many pages that was.
+    fn frame_run(
+        &self,
+        frames: &dyn FrameSource,
+        va: u64,
+        end: u64,
+        need: u64,
+    ) -> Result<usize, Error> {
         let block_end = (va | (FRAME_BLOCK - 1)) + 1;
         let n = ((block_end.min(end) - va) / PAGE_SIZE) as usize;
         let listed = frames.frames(va);
         let limit = 1u64 << self.mgaw_bits;
-        // One test per page: a page address of 0 wraps to the top, so it fails the limit too.
+        // Bits gathered over the run, no test per page: an address at or beyond the limit
+        // has a bit at or above it, and so has one less than a page address of 0 (it wraps
+        // to the top); a bit of `need` that some entry lacks shows in the entries' `!f`.
         let bad = listed.get(..n).is_none_or(|run| {
-            run.iter().fold(false, |bad, &f| {
-                bad | ((f & !(PAGE_SIZE - 1)).wrapping_sub(1) >= limit - 1)
-            })
+            let (high, lacking) = run.iter().fold((0, 0), |(high, lacking), &f| {
+                (
+                    high | f | (f & !(PAGE_SIZE - 1)).wrapping_sub(1),
+                    lacking | !f,
+                )
+            });
+            high & !(limit - 1) != 0 || lacking & need != 0
         });
         if bad {
             // Find which page, for the error (the refusal's path only).
+            let unlisted = |f: u64| f & !(PAGE_SIZE - 1) == 0 || !f & need != 0;
             let at = listed
                 .iter()
                 .take(n)
-                .position(|&f| {
-                    let pa = f & !(PAGE_SIZE - 1);
-                    pa == 0 || pa >= limit
-                })
+                .position(|&f| unlisted(f) || f & !(PAGE_SIZE - 1) >= limit)
                 .unwrap_or(listed.len().min(n));
             let page = va + at as u64 * PAGE_SIZE;
-            let pa = listed.get(at).map_or(0, |&f| f & !(PAGE_SIZE - 1));
-            return Err(if pa == 0 {
-                Error::MissingFrame { iova: page }
-            } else {
-                Error::BeyondHostWidth { pa }
+            return Err(match listed.get(at) {
+                Some(&f) if !unlisted(f) => Error::BeyondHostWidth {
+                    pa: f & !(PAGE_SIZE - 1),
+                },
+                _ => Error::MissingFrame { iova: page },
             });
         }
         Ok(n)
@@ -690,23 +703,31 @@ impl Tables {
         };
         // The checks, before anything changes: the pages every `UnmapMapped` clears, then
         // every listed frame.
+        // One pass: an `UnmapMapped` refused is the answer at once; the first `MapFrames`
+        // refused is the answer unless an `UnmapMapped` after it is refused too.
         let mut found = Found::default();
         let mut last = None;
+        let mut refused = None;
+        let mut plain_unmaps = false;
         for change in changes {
-            if let Change::UnmapMapped { iova, len } = *change {
-                if let Err(e) = self.check_mapped(mem, &domain, iova, len, &mut last, &mut found) {
-                    out.error = Some(e);
-                    return out;
+            match *change {
+                Change::UnmapMapped { iova, len } => {
+                    let checked = self.check_mapped(mem, &domain, iova, len, &mut last, &mut found);
+                    if let Err(e) = checked {
+                        out.error = Some(e);
+                        return out;
+                    }
                 }
+                Change::MapFrames { iova, len, perm } if refused.is_none() => {
+                    refused = self.check_frames(&domain, frames, iova, len, perm).err();
+                }
+                Change::Unmap { .. } => plain_unmaps = true,
+                _ => {}
             }
         }
-        for change in changes {
-            if let Change::MapFrames { iova, len, .. } = *change {
-                if let Err(e) = self.check_frames(&domain, frames, iova, len) {
-                    out.error = Some(e);
-                    return out;
-                }
-            }
+        if refused.is_some() {
+            out.error = refused;
+            return out;
         }
         // The checked unmaps: the level-1 entries found, each table's flushed once.
         if found.bytes != 0 {
@@ -728,7 +749,9 @@ impl Tables {
                 out.widen(lo, hi - lo);
             }
         }
-        for change in changes {
+        // Plain unmaps (what of each range is mapped), if the batch has any.
+        let plain = if plain_unmaps { changes } else { &[] };
+        for change in plain {
             let Change::Unmap { iova, len } = *change else {
                 continue;
             };

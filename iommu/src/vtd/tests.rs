@@ -1146,6 +1146,101 @@ fn a_batch_with_a_missing_frame_changes_nothing() {
     assert_clean(&mem);
 }
 
+/// A source that tags its entries (bit 0 listed, bit 1 writable) and requires the tags for
+/// the permission asked: a page without them is missing, checked in the pass over the
+/// frames, before anything changes; an `UnmapMapped` refused later in the batch still wins.
+struct Tagged(Window);
+
+impl crate::api::FrameSource for Tagged {
+    fn frames(&self, iova: u64) -> &[u64] {
+        self.0.frames(iova)
+    }
+    fn required(&self, perm: Perm) -> u64 {
+        1 | if perm.write { 2 } else { 0 }
+    }
+}
+
+#[test]
+fn map_frames_needs_the_bits_the_source_requires() {
+    use crate::api::Change;
+    let (mut mem, mut vtd) = qemu();
+    give_device(&mut vtd, &mut mem, BLK, 1, 0x100_0000);
+    let mut window = Window(std::vec![0; 1024]);
+    for i in 0..4 {
+        window.0[i] = (0x300_0000 + i as u64 * 0x1000) | 3;
+    }
+    window.0[2] &= !2;
+    let tagged = Tagged(window);
+    let frames = |iova: u64, pages: u64, perm| Change::MapFrames {
+        iova: WIN + iova * 4096,
+        len: pages * 4096,
+        perm,
+    };
+    let invalidations = mem.unit().invalidations.len();
+    // Read-only pages are mapped for reading; not for writing.
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &[frames(0, 4, Perm::READ_WRITE)], &tagged),
+        Err(Error::MissingFrame {
+            iova: WIN + 2 * 4096
+        })
+    );
+    assert_eq!(
+        mem.unit().invalidations.len(),
+        invalidations,
+        "nothing changed"
+    );
+    assert_eq!(
+        mem.dma(BLK, WIN, Access::Read),
+        Err(FaultReason::READ_DENIED)
+    );
+    // The first map refused is the answer, but an `UnmapMapped` refused after it wins.
+    let batch = [
+        frames(1, 3, Perm::READ_WRITE),
+        frames(8, 1, Perm::READ),
+        Change::UnmapMapped {
+            iova: WIN + 16 * 4096,
+            len: 4096,
+        },
+    ];
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &batch[..2], &tagged),
+        Err(Error::MissingFrame {
+            iova: WIN + 2 * 4096
+        })
+    );
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &batch, &tagged),
+        Err(Error::NotMapped {
+            iova: WIN + 16 * 4096
+        })
+    );
+    // Without the listed bit, a frame is not listed even for reading.
+    let mut untagged = Tagged(Window(tagged.0 .0.clone()));
+    untagged.0 .0[3] &= !3;
+    assert_eq!(
+        vtd.apply_frames(&mut mem, 1, &[frames(0, 4, Perm::READ)], &untagged),
+        Err(Error::MissingFrame {
+            iova: WIN + 3 * 4096
+        })
+    );
+    assert_eq!(
+        mem.unit().invalidations.len(),
+        invalidations,
+        "nothing changed"
+    );
+    vtd.apply_frames(&mut mem, 1, &[frames(0, 4, Perm::READ)], &tagged)
+        .unwrap();
+    assert_eq!(
+        mem.dma(BLK, WIN + 2 * 4096 + 8, Access::Read),
+        Ok(0x300_2008)
+    );
+    assert_eq!(
+        mem.dma(BLK, WIN + 2 * 4096, Access::Write),
+        Err(FaultReason::WRITE_DENIED)
+    );
+    assert_clean(&mem);
+}
+
 /// `UnmapMapped`: every page of every such change is checked (one walk per level-1 table)
 /// before the batch changes anything; the unmaps then clear the entries the checks found,
 /// across a level-1 table boundary, with the batch's one invalidation and nothing stale.
