@@ -109,11 +109,213 @@ fn take_buffer(iova: u64) -> Option<DmaBuf> {
     })
 }
 
+/// No run.
+const NONE: u32 = u32::MAX;
+
+/// Pages one [`Leaf`] of the [`RunIndex`] covers (2 MiB). No run crosses
+/// from one leaf into another: a buffer that does is counted as one run
+/// per leaf it touches.
+const LEAF_PAGES: u64 = 512;
+
+/// Leaves for keys below this (a domain's whole address space) are found
+/// through [`RunIndex::top`], others by a search.
+const TOP_KEYS: u64 = USER_LIMIT.div_ceil(LEAF_PAGES * PAGE as u64);
+
+/// The first page of the leaf after the one `page` is in.
+fn leaf_end(page: u64) -> u64 {
+    (page / LEAF_PAGES + 1) * LEAF_PAGES
+}
+
+/// 2 MiB of the [`RunIndex`]: where runs start, and which.
+#[derive(Debug)]
+struct Leaf {
+    /// Page number / [`LEAF_PAGES`].
+    key: u64,
+    /// Runs that start here.
+    used: u32,
+    /// A bit per page: a run starts there.
+    starts: [u64; LEAF_PAGES as usize / 64],
+    /// The number of the run that starts at each page whose bit is set.
+    runs: [u32; LEAF_PAGES as usize],
+}
+
+/// Where the runs start, by page: a bit per page and the run's number,
+/// in 2 MiB leaves made when first needed and found by their key in a
+/// table. A page's run is the last one that starts at or before it in its
+/// leaf (a search of the leaf's bits, backwards from the page, usually in
+/// one word), if it reaches the page. Making or dropping a run costs one
+/// bit, whatever its length. A leaf that empties is kept, and reused for
+/// the next 2 MiB that needs one (so the leaves are as many as the most
+/// 2 MiB pieces shared buffers have touched at once).
+#[derive(Debug, Default)]
+struct RunIndex {
+    leaves: Vec<Leaf>,
+    /// By key below [`TOP_KEYS`]: 1 + the index of its leaf, 0 for none
+    /// (made with the first leaf).
+    top: Vec<u16>,
+}
+
+impl RunIndex {
+    const fn new() -> Self {
+        RunIndex {
+            leaves: Vec::new(),
+            top: Vec::new(),
+        }
+    }
+
+    /// The leaf of page `page`, if there is one.
+    #[inline]
+    fn leaf(&self, page: u64) -> Option<&Leaf> {
+        let key = page / LEAF_PAGES;
+        if key < TOP_KEYS {
+            match self.top.get(key as usize) {
+                Some(&i) if i != 0 => self.leaves.get(usize::from(i) - 1),
+                _ => None,
+            }
+        } else {
+            self.leaves.iter().find(|l| l.key == key)
+        }
+    }
+
+    /// The leaf of page `page`, made (or an empty one reused) if need be.
+    #[inline]
+    fn leaf_mut(&mut self, page: u64) -> &mut Leaf {
+        let key = page / LEAF_PAGES;
+        let found = if key < TOP_KEYS {
+            match self.top.get(key as usize) {
+                Some(&i) if i != 0 => Some(usize::from(i) - 1),
+                _ => None,
+            }
+        } else {
+            self.leaves.iter().position(|l| l.key == key)
+        };
+        let i = match found {
+            Some(i) => i,
+            None => self.make(key),
+        };
+        &mut self.leaves[i]
+    }
+
+    /// A leaf for `key`, which has none.
+    #[cold]
+    #[inline(never)]
+    fn make(&mut self, key: u64) -> usize {
+        let i = match self.leaves.iter().position(|l| l.used == 0) {
+            Some(i) => {
+                let old = self.leaves[i].key;
+                if old < TOP_KEYS {
+                    self.top[old as usize] = 0;
+                }
+                self.leaves[i].key = key;
+                i
+            }
+            None => {
+                self.leaves.push(Leaf {
+                    key,
+                    used: 0,
+                    starts: [0; LEAF_PAGES as usize / 64],
+                    runs: [NONE; LEAF_PAGES as usize],
+                });
+                self.leaves.len() - 1
+            }
+        };
+        if key < TOP_KEYS {
+            if self.top.is_empty() {
+                self.top.resize(TOP_KEYS as usize, 0);
+            }
+            self.top[key as usize] = u16::try_from(i + 1).unwrap_or_else(|_| panic!("{i} leaves"));
+        }
+        i
+    }
+
+    /// The run that starts at `page`, or [`NONE`].
+    #[inline]
+    fn starting(&self, page: u64) -> u32 {
+        match self.leaf(page) {
+            Some(leaf) => {
+                let off = (page % LEAF_PAGES) as usize;
+                if leaf.starts[off / 64] >> (off % 64) & 1 != 0 {
+                    leaf.runs[off]
+                } else {
+                    NONE
+                }
+            }
+            None => NONE,
+        }
+    }
+
+    /// The last run that starts at or before `page` in its leaf: its first
+    /// page and number.
+    #[inline]
+    fn before(&self, page: u64) -> Option<(u64, u32)> {
+        let leaf = self.leaf(page)?;
+        let off = (page % LEAF_PAGES) as usize;
+        let mut w = off / 64;
+        let mut bits = leaf.starts[w] & (u64::MAX >> (63 - off % 64));
+        loop {
+            if bits != 0 {
+                let b = w * 64 + 63 - bits.leading_zeros() as usize;
+                return Some((page - (off - b) as u64, leaf.runs[b]));
+            }
+            if w == 0 {
+                return None;
+            }
+            w -= 1;
+            bits = leaf.starts[w];
+        }
+    }
+
+    /// The first page in `[page, end)` where a run starts (`end` at most
+    /// the end of `page`'s leaf).
+    fn next_start(&self, page: u64, end: u64) -> Option<u64> {
+        let leaf = self.leaf(page)?;
+        let off = (page % LEAF_PAGES) as usize;
+        let base = page - off as u64;
+        let stop = (end - base) as usize;
+        let mut w = off / 64;
+        let mut bits = leaf.starts[w] & (u64::MAX << (off % 64));
+        loop {
+            if bits != 0 {
+                let b = w * 64 + bits.trailing_zeros() as usize;
+                return (b < stop).then_some(base + b as u64);
+            }
+            w += 1;
+            if w * 64 >= stop {
+                return None;
+            }
+            bits = leaf.starts[w];
+        }
+    }
+
+    /// Run `run` starts at `page` (where none does).
+    #[inline]
+    fn insert(&mut self, page: u64, run: u32) {
+        let leaf = self.leaf_mut(page);
+        let off = (page % LEAF_PAGES) as usize;
+        debug_assert!(leaf.starts[off / 64] & (1 << (off % 64)) == 0);
+        leaf.starts[off / 64] |= 1 << (off % 64);
+        leaf.runs[off] = run;
+        leaf.used += 1;
+    }
+
+    /// No run starts at `page` any more (one did).
+    #[inline]
+    fn remove(&mut self, page: u64) {
+        let leaf = self.leaf_mut(page);
+        let off = (page % LEAF_PAGES) as usize;
+        debug_assert!(leaf.starts[off / 64] & (1 << (off % 64)) != 0);
+        leaf.starts[off / 64] &= !(1 << (off % 64));
+        leaf.runs[off] = NONE;
+        leaf.used -= 1;
+    }
+}
+
 /// A run of pages shared buffers touch (strict mode), all used by the
-/// same buffers.
+/// same buffers: the unit the counts, the maps and the unmaps are kept in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Extent {
-    /// First page number (= I/O page number) and the one after the last.
+struct Run {
+    /// First page number (= I/O page number) and the one after the last;
+    /// equal for a free number.
     start: u64,
     end: u64,
     /// Buffers on these pages now; 0: idle (mapped or not, waiting to go).
@@ -124,10 +326,21 @@ struct Extent {
     /// What the IOMMU holds for them: `None` not mapped, `Some(w)` mapped,
     /// writable if `w`.
     sent: Option<bool>,
+    /// In [`SharedPages::pending`].
+    queued: bool,
 }
 
-impl Extent {
-    /// Whether the IOMMU lacks what the extent's users need.
+impl Run {
+    const FREE: Run = Run {
+        start: 0,
+        end: 0,
+        users: 0,
+        write: false,
+        sent: None,
+        queued: false,
+    };
+
+    /// Whether the IOMMU lacks what the run's users need.
     fn behind(&self) -> bool {
         self.users > 0 && self.sent != Some(self.write)
     }
@@ -142,27 +355,46 @@ struct Claim {
     write: bool,
 }
 
+/// The bit of [`SharedPages::claimed`] for a claim at `va`.
+fn claim_bit(va: u64) -> (usize, u64) {
+    let h = va.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
+    ((h / 64) as usize, 1 << (h % 64))
+}
+
 /// The pages `share` has mapped in strict mode, with how many shared
 /// buffers use each: a page is mapped from the first buffer's `share` until
 /// the last one's `unshare` (and, inside an [`UnmapBatch`], until it ends
 /// or the next call takes its unmap along). Pure bookkeeping: it says which
-/// `dma_batch` operations to make ([`SharedPages::take_ops`]). Kept as runs
-/// of pages ([`Extent`]s), so a buffer of many pages that shares none of
-/// them costs one entry, split only where buffers overlap (a request
-/// header and its status byte on one page).
+/// `dma_batch` operations to make ([`SharedPages::take_ops`]).
+///
+/// Kept as runs of pages ([`Run`]s), so a buffer of many pages that shares
+/// none of them is one run, split only where buffers overlap (a request
+/// header and its status byte on one page). A [`RunIndex`] says where
+/// each run starts, so the common cases cost no search of the runs and
+/// nothing per page: a buffer on pages no run touches becomes a new run;
+/// a buffer that covers exactly one run (a data buffer's `unshare`, a
+/// header on a slot page of its own run) only counts. Runs that may need an
+/// operation (behind, or idle) are listed in `pending`, so a call's
+/// operations come from them alone, not from a walk of every run.
 ///
 /// Invariant (what makes the mode strict): whenever the `Hal` hands an
-/// address to virtio-drivers, every extent with users is `sent` with its
-/// permission (`share` makes the call before it returns); an extent's
-/// unmap is in the first call after its last user left, and
-/// [`UnmapBatch`] bounds when that call is made.
+/// address to virtio-drivers, every run with users is `sent` with its
+/// permission (`share` makes the call before it returns); a run's unmap
+/// is in the first call after its last user left, and [`UnmapBatch`]
+/// bounds when that call is made. Every run that is behind or idle is in
+/// `pending`.
 #[derive(Debug, Default)]
 pub struct SharedPages {
-    /// Sorted, disjoint.
-    extents: Vec<Extent>,
-    /// Extents with no users.
+    /// By number; a free number's run is [`Run::FREE`], its number in
+    /// `free`.
+    runs: Vec<Run>,
+    free: Vec<u32>,
+    index: RunIndex,
+    /// Runs that may be behind or idle, each once ([`Run::queued`]).
+    pending: Vec<u32>,
+    /// Runs with no users.
     idle: usize,
-    /// Some extent may be [`Extent::behind`].
+    /// Some run may be [`Run::behind`].
     unsent: bool,
     /// Open [`UnmapBatch`]es.
     holding: u32,
@@ -172,6 +404,9 @@ pub struct SharedPages {
     /// Claims before this index are all taken over (the `share`s come in
     /// the order of the claims, so the next one is usually here).
     next_claim: usize,
+    /// A bit per claim's address ([`claim_bit`]): a `share` whose bit is
+    /// clear has no claim, without a search (headers and statuses).
+    claimed: [u64; 4],
     /// The operations of the next `dma_batch` (kept to reuse its memory).
     ops: Vec<DmaOp>,
 }
@@ -179,18 +414,22 @@ pub struct SharedPages {
 impl SharedPages {
     pub const fn new() -> Self {
         SharedPages {
-            extents: Vec::new(),
+            runs: Vec::new(),
+            free: Vec::new(),
+            index: RunIndex::new(),
+            pending: Vec::new(),
             idle: 0,
             unsent: false,
             holding: 0,
             claims: Vec::new(),
             next_claim: 0,
+            claimed: [0; 4],
             ops: Vec::new(),
         }
     }
 
     /// Brings the IOMMU in line with one `dma_batch`: the maps the users
-    /// need and, with `unmaps`, the unmaps of every idle extent. No call
+    /// need and, with `unmaps`, the unmaps of every idle run. No call
     /// when there is nothing to do.
     fn send(&mut self, unmaps: bool) {
         let mut ops = core::mem::take(&mut self.ops);
@@ -212,145 +451,239 @@ impl SharedPages {
         (first, last - first + 1)
     }
 
-    /// Splits extent `i` at `page` (inside it): `i` ends there, a copy
-    /// from `page` on follows it.
-    fn split(&mut self, i: usize, page: u64) {
-        if let Some(e) = self.extents.get_mut(i) {
-            let mut tail = *e;
-            e.end = page;
-            tail.start = page;
-            if tail.users == 0 {
-                self.idle += 1;
+    /// A new run (over pages of no other run, inside one leaf); returns
+    /// its number.
+    fn new_run(&mut self, run: Run) -> u32 {
+        let n = match self.free.pop() {
+            Some(n) => {
+                self.runs[n as usize] = run;
+                n
             }
-            self.extents.insert(i + 1, tail);
+            None => {
+                self.runs.push(run);
+                (self.runs.len() - 1) as u32
+            }
+        };
+        self.index.insert(run.start, n);
+        n
+    }
+
+    /// Lists run `n` in `pending` (once).
+    #[inline]
+    fn queue(&mut self, n: u32) {
+        let r = &mut self.runs[n as usize];
+        if !r.queued {
+            r.queued = true;
+            self.pending.push(n);
         }
     }
 
-    /// The index of the first extent that ends after `first`, split so that
-    /// it does not start before `first`. The common cases look at the last
-    /// extent only (a buffer above every other one, or the newest one).
-    fn seek(&mut self, first: u64) -> usize {
-        let n = self.extents.len();
-        let i = match self.extents.last() {
-            None => 0,
-            Some(e) if e.end <= first => n,
-            Some(e) if e.start <= first => n - 1,
-            _ => self.extents.partition_point(|e| e.end <= first),
-        };
-        match self.extents.get(i) {
-            Some(e) if e.start < first => {
-                self.split(i, first);
-                i + 1
-            }
-            _ => i,
+    /// Splits run `n` at `page` (inside it): `n` ends there, a new run
+    /// with the same state takes the rest; returns the new one.
+    fn split(&mut self, n: u32, page: u64) -> u32 {
+        let old = self.runs[n as usize];
+        self.runs[n as usize].end = page;
+        let tail = self.new_run(Run {
+            start: page,
+            queued: false,
+            ..old
+        });
+        if old.users == 0 {
+            self.idle += 1;
         }
+        if old.queued {
+            self.queue(tail);
+        }
+        tail
+    }
+
+    /// One more buffer on run `n`.
+    #[inline]
+    fn add_user(&mut self, n: u32, write: bool) {
+        let r = &mut self.runs[n as usize];
+        if r.users == 0 {
+            self.idle -= 1;
+        }
+        r.users += 1;
+        r.write |= write;
+        if r.behind() {
+            self.unsent = true;
+            self.queue(n);
+        }
+    }
+
+    /// One buffer fewer on run `n`.
+    #[inline]
+    fn remove_user(&mut self, n: u32) {
+        let r = &mut self.runs[n as usize];
+        if r.users > 0 {
+            r.users -= 1;
+            if r.users == 0 {
+                self.idle += 1;
+                self.queue(n);
+            }
+        }
+    }
+
+    /// A new run with one user over the free pages `[start, end)` (inside
+    /// one leaf).
+    fn add_run(&mut self, start: u64, end: u64, write: bool) {
+        let n = self.new_run(Run {
+            start,
+            end,
+            users: 1,
+            write,
+            sent: None,
+            queued: false,
+        });
+        self.queue(n);
+        self.unsent = true;
     }
 
     /// A buffer at `va` of `len` bytes goes to the device (`write`: the
     /// device writes it): its pages are counted, and those the IOMMU does
     /// not hold as needed are marked for the next [`Self::take_ops`].
     /// Returns whether a call is needed before the device may see it.
+    #[inline]
     pub fn share(&mut self, va: u64, len: usize, write: bool) -> bool {
         let (first, n) = Self::span(va, len);
         if n == 0 {
             return self.unsent;
         }
         let last = first + n;
-        let mut i = self.seek(first);
+        // The common case: exactly one run (a header on its slot page).
+        let at = self.index.starting(first);
+        if at != NONE && self.runs[at as usize].end == last {
+            self.add_user(at, write);
+            return self.unsent;
+        }
+        self.share_other(first, last, write);
+        self.unsent
+    }
+
+    /// [`Self::share`] of pages `[first, last)` that are not exactly one
+    /// run.
+    #[inline(never)]
+    fn share_other(&mut self, first: u64, last: u64, write: bool) {
+        // The common case: pages no run touches, in one leaf (a data
+        // buffer's claim).
+        if last <= leaf_end(first)
+            && self.run_at(first) == NONE
+            && self.index.next_start(first + 1, last).is_none()
+        {
+            self.add_run(first, last, write);
+            return;
+        }
         let mut at = first;
         while at < last {
-            match self.extents.get(i).copied() {
-                // Known already (in use, or idle).
-                Some(e) if e.start == at => {
-                    if e.end > last {
-                        self.split(i, last);
-                    }
-                    let idle = &mut self.idle;
-                    let Some(e) = self.extents.get_mut(i) else {
-                        break;
-                    };
-                    if e.users == 0 {
-                        *idle -= 1;
-                    }
-                    e.users += 1;
-                    e.write |= write;
-                    self.unsent |= e.behind();
-                    at = e.end;
-                }
-                // A gap up to the next extent or the end: new.
-                next => {
-                    let end = next.map_or(last, |e| e.start.min(last));
-                    self.extents.insert(
-                        i,
-                        Extent {
-                            start: at,
-                            end,
-                            users: 1,
-                            write,
-                            sent: None,
-                        },
-                    );
-                    self.unsent = true;
-                    at = end;
-                }
+            let mut n = self.run_at(at);
+            if n == NONE {
+                // A gap up to the next run, the leaf's end or the end: new.
+                let lend = leaf_end(at).min(last);
+                let end = self.index.next_start(at, lend).unwrap_or(lend);
+                self.add_run(at, end, write);
+                at = end;
+                continue;
             }
-            i += 1;
+            if self.runs[n as usize].start < at {
+                n = self.split(n, at);
+            }
+            if self.runs[n as usize].end > last {
+                self.split(n, last);
+            }
+            self.add_user(n, write);
+            at = self.runs[n as usize].end;
         }
-        self.unsent
     }
 
     /// The buffer at `va` of `len` bytes came back from the device. Its
     /// pages that no other buffer uses become idle, for the unmaps of
     /// [`Self::take_ops`].
+    #[inline]
     pub fn unshare(&mut self, va: u64, len: usize) {
         let (first, n) = Self::span(va, len);
         if n == 0 {
             return;
         }
         let last = first + n;
-        let mut i = self.seek(first);
-        while let Some(e) = self.extents.get(i).copied() {
-            if e.start >= last {
-                break;
+        let at = self.index.starting(first);
+        if at != NONE && self.runs[at as usize].end == last {
+            self.remove_user(at);
+            return;
+        }
+        self.unshare_other(first, last);
+    }
+
+    /// [`Self::unshare`] of pages `[first, last)` that are not exactly one
+    /// run.
+    #[inline(never)]
+    fn unshare_other(&mut self, first: u64, last: u64) {
+        let mut at = first;
+        while at < last {
+            let mut n = self.run_at(at);
+            if n == NONE {
+                let lend = leaf_end(at).min(last);
+                at = self.index.next_start(at, lend).unwrap_or(lend);
+                continue;
             }
-            if e.end > last {
-                self.split(i, last);
+            if self.runs[n as usize].start < at {
+                n = self.split(n, at);
             }
-            if let Some(e) = self.extents.get_mut(i) {
-                if e.users > 0 {
-                    e.users -= 1;
-                    if e.users == 0 {
-                        self.idle += 1;
-                    }
-                }
+            if self.runs[n as usize].end > last {
+                self.split(n, last);
             }
-            i += 1;
+            self.remove_user(n);
+            at = self.runs[n as usize].end;
         }
     }
 
-    /// Appends the operations that bring the IOMMU in line, one pass over
-    /// the extents (runs of adjacent pages with the same flags are one
-    /// operation; no two overlap): a map for every extent behind, and with
-    /// `unmaps` an unmap for every idle extent that is mapped, which is
-    /// then forgotten (an idle extent never mapped is forgotten then too).
+    /// The run page `page` is in, or [`NONE`].
+    fn run_at(&self, page: u64) -> u32 {
+        match self.index.before(page) {
+            Some((_, n)) if self.runs[n as usize].end > page => n,
+            _ => NONE,
+        }
+    }
+
+    /// Appends the operations that bring the IOMMU in line, from the
+    /// runs in `pending`, in the order they were listed (two runs next
+    /// to each other there and in memory, with the same flags, are one
+    /// operation; no two overlap): a map for every run behind,
+    /// and with `unmaps` an unmap for every idle run that is mapped, which
+    /// is then forgotten (an idle run never mapped is forgotten then too).
     pub fn take_ops(&mut self, ops: &mut Vec<DmaOp>, unmaps: bool) {
         let unmaps = unmaps && self.idle > 0;
         if !self.unsent && !unmaps {
             return;
         }
-        for e in self.extents.iter_mut() {
-            if e.users > 0 {
-                if e.behind() {
-                    let flags = if e.write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
-                    push_run(ops, e.start, e.end - e.start, flags);
-                    e.sent = Some(e.write);
+        let mut pending = core::mem::take(&mut self.pending);
+        let mut kept = 0;
+        for i in 0..pending.len() {
+            let n = pending[i];
+            let r = &mut self.runs[n as usize];
+            if r.users > 0 {
+                if r.behind() {
+                    let flags = if r.write { dma_flags::WRITE } else { 0 } | dma_flags::MAP;
+                    push_run(ops, r.start, r.end - r.start, flags);
+                    r.sent = Some(r.write);
                 }
-            } else if unmaps && e.sent.is_some() {
-                push_run(ops, e.start, e.end - e.start, 0);
+                r.queued = false;
+            } else if unmaps {
+                if r.sent.is_some() {
+                    push_run(ops, r.start, r.end - r.start, 0);
+                }
+                let start = r.start;
+                *r = Run::FREE;
+                self.index.remove(start);
+                self.free.push(n);
+            } else {
+                pending[kept] = n;
+                kept += 1;
             }
         }
+        pending.truncate(kept);
+        self.pending = pending;
         if unmaps {
-            self.extents.retain(|e| e.users != 0);
             self.idle = 0;
         }
         self.unsent = false;
@@ -362,19 +695,30 @@ impl SharedPages {
     fn claim(&mut self, va: u64, len: usize, write: bool) {
         self.share(va, len, write);
         self.claims.push(Some(Claim { va, len, write }));
+        let (w, bit) = claim_bit(va);
+        self.claimed[w] |= bit;
     }
 
     /// Takes over a claim for this buffer (same address and length, and
     /// claimed writable if it needs to be), if there is one.
     fn take_claim(&mut self, va: u64, len: usize, write: bool) -> bool {
-        let start = self.next_claim.min(self.claims.len());
-        let Some(i) = self.claims[start..]
-            .iter()
-            .position(|c| c.is_some_and(|c| c.va == va && c.len == len && (c.write || !write)))
-        else {
-            return false;
+        let fits = |c: &Option<Claim>| {
+            c.is_some_and(|c| c.va == va && c.len == len && (c.write || !write))
         };
-        self.claims[start + i] = None;
+        let i = if self.claims.get(self.next_claim).is_some_and(fits) {
+            self.next_claim
+        } else {
+            let (w, bit) = claim_bit(va);
+            if self.claimed[w] & bit == 0 {
+                return false;
+            }
+            let start = self.next_claim.min(self.claims.len());
+            match self.claims[start..].iter().position(fits) {
+                Some(i) => start + i,
+                None => return false,
+            }
+        };
+        self.claims[i] = None;
         while self
             .claims
             .get(self.next_claim)
@@ -393,6 +737,7 @@ impl SharedPages {
         }
         self.claims = claims;
         self.next_claim = 0;
+        self.claimed = [0; 4];
     }
 
     /// Whether unmaps are being held back.
@@ -402,24 +747,32 @@ impl SharedPages {
 
     /// How many pages the IOMMU holds now.
     pub fn mapped(&self) -> usize {
-        self.extents
+        self.runs
             .iter()
-            .filter(|e| e.sent.is_some())
-            .map(|e| (e.end - e.start) as usize)
+            .filter(|r| r.sent.is_some())
+            .map(|r| (r.end - r.start) as usize)
             .sum()
     }
 }
 
 /// Adds `pages` pages from page `page` to `ops` with `flags`: onto the last
-/// operation when it ends just before them with the same flags, else as a
-/// new one.
+/// operation when they meet it (just after or just before) with the same
+/// flags, else as a new one.
 fn push_run(ops: &mut Vec<DmaOp>, page: u64, pages: u64, flags: u32) {
     let addr = page * PAGE as u64;
+    let bytes = pages * PAGE as u64;
     let pages = pages as u32;
     if let Some(last) = ops.last_mut() {
-        if last.flags == flags && last.addr + u64::from(last.pages) * PAGE as u64 == addr {
-            last.pages += pages;
-            return;
+        if last.flags == flags {
+            if last.addr + u64::from(last.pages) * PAGE as u64 == addr {
+                last.pages += pages;
+                return;
+            }
+            if addr + bytes == last.addr {
+                last.addr = addr;
+                last.pages += pages;
+                return;
+            }
         }
     }
     ops.push(DmaOp { addr, pages, flags });
@@ -1028,18 +1381,21 @@ mod tests {
     const MAP_W: u32 = dma_flags::MAP | dma_flags::WRITE;
 
     /// Shares a buffer as the `Hal` does: counted, then the operations a
-    /// call would carry if one is needed.
+    /// call would carry if one is needed (by address: their order in a
+    /// call does not matter).
     fn share(s: &mut SharedPages, va: u64, len: usize, write: bool) -> Vec<DmaOp> {
         let mut ops = Vec::new();
         if s.share(va, len, write) {
             s.take_ops(&mut ops, true);
         }
+        ops.sort_by_key(|o| o.addr);
         ops
     }
 
     fn take(s: &mut SharedPages) -> Vec<DmaOp> {
         let mut ops = Vec::new();
         s.take_ops(&mut ops, true);
+        ops.sort_by_key(|o| o.addr);
         ops
     }
 
@@ -1165,17 +1521,90 @@ mod tests {
         assert_eq!(s.mapped(), 0);
     }
 
-    /// Many buffers over a few hundred pages, claimed or shared and
-    /// unshared in a scrambled order, against a plain count per page: after
-    /// every call the operations keep exactly the pages with users mapped,
-    /// each with the permission it needs, no batch has overlapping
-    /// operations, and the table survives growth and deletions.
+    /// The table's own consistency: every run lies in one leaf, starts
+    /// where the index says it does and is found from each of its pages,
+    /// no other run starts in the index, the leaves count their runs and
+    /// the table finds them, `idle` counts the idle runs, and every run
+    /// idle or behind is in `pending` (once).
+    fn check_table(s: &SharedPages, step: usize) {
+        let mut live = 0usize;
+        let mut idle = 0;
+        for (n, r) in s.runs.iter().enumerate() {
+            if r.start == r.end {
+                assert_eq!(*r, Run::FREE, "step {step}: free run {n}");
+                assert!(s.free.contains(&(n as u32)), "step {step}: run {n} lost");
+                continue;
+            }
+            live += 1;
+            assert!(
+                r.end <= leaf_end(r.start),
+                "step {step}: {r:?} crosses a leaf"
+            );
+            assert_eq!(s.index.before(r.start), Some((r.start, n as u32)));
+            for p in r.start..r.end {
+                let got = s.run_at(p);
+                assert_eq!(got, n as u32, "step {step}: page {p:#x} of run {n}");
+            }
+            idle += usize::from(r.users == 0);
+            if r.users == 0 || r.behind() {
+                assert!(r.queued, "step {step}: run {n} {r:?} not pending");
+            }
+            assert_eq!(
+                r.queued,
+                s.pending.contains(&(n as u32)),
+                "step {step}: run {n}"
+            );
+        }
+        let mut indexed = 0usize;
+        for (i, l) in s.index.leaves.iter().enumerate() {
+            if l.key < TOP_KEYS {
+                assert_eq!(usize::from(s.index.top[l.key as usize]), i + 1);
+            }
+            let mut used = 0;
+            for (b, &n) in l.runs.iter().enumerate() {
+                let bit = l.starts[b / 64] & (1 << (b % 64)) != 0;
+                assert_eq!(bit, n != NONE, "step {step}: leaf {:#x} page {b}", l.key);
+                if bit {
+                    used += 1;
+                    let start = s.runs[n as usize].start;
+                    assert_eq!(start, l.key * LEAF_PAGES + b as u64, "step {step}");
+                }
+            }
+            assert_eq!(l.used, used, "step {step}: leaf {:#x}", l.key);
+            indexed += used as usize;
+        }
+        assert_eq!(indexed, live, "step {step}: runs indexed");
+        for (key, &i) in s.index.top.iter().enumerate() {
+            if i != 0 {
+                assert_eq!(s.index.leaves[usize::from(i) - 1].key, key as u64);
+            }
+        }
+        assert_eq!(s.idle, idle, "step {step}: idle count");
+        let mut p = s.pending.clone();
+        p.sort_unstable();
+        p.dedup();
+        assert_eq!(p.len(), s.pending.len(), "step {step}: pending twice");
+    }
+
+    /// Many buffers, claimed or shared and unshared in a scrambled order,
+    /// against a plain count per page. The buffers: any size at any
+    /// alignment over a few hundred pages, across a 2 MiB leaf boundary,
+    /// page-aligned 64 KiB runs in other 2 MiB pieces (leaves emptied and
+    /// reused), some above a domain's address space (leaves found by a
+    /// search), and buffers shared again exactly (a run with several
+    /// users). After every step each page's run has as many users as
+    /// buffers touch the page; after every call the pages with users are
+    /// mapped, writable where a buffer needs it; after a call that takes
+    /// the unmaps exactly the pages with users are mapped; no batch has
+    /// overlapping operations, an unmap finds its page mapped, and the
+    /// table is consistent ([`check_table`]).
     #[test]
     fn the_table_agrees_with_a_model() {
-        use std::collections::BTreeMap;
+        use std::collections::{BTreeMap, BTreeSet};
+        type Live = Vec<(u64, usize, bool)>;
         let mut s = SharedPages::new();
         let mut mapped: BTreeMap<u64, bool> = BTreeMap::new();
-        let mut live: Vec<(u64, usize, bool)> = Vec::new();
+        let mut live: Live = Vec::new();
         let mut x = 12345u64;
         let mut rand = move |n: u64| {
             x ^= x << 13;
@@ -1183,8 +1612,33 @@ mod tests {
             x ^= x << 17;
             x % n
         };
+        let buffer = |rand: &mut dyn FnMut(u64) -> u64, live: &Live, max_pages: u64| {
+            let write = rand(2) == 0;
+            match rand(8) {
+                0 | 1 if !live.is_empty() => {
+                    let (va, len, _) = live[rand(live.len() as u64) as usize];
+                    (va, len, write)
+                }
+                2 => {
+                    let va = 0x5f_8000 + rand(64) * 512;
+                    (va, 1 + rand(max_pages * 4096) as usize, write)
+                }
+                3 => {
+                    let va = 0xb000_0000 + rand(4) * 0x20_0000 + rand(8) * 0x1_0000;
+                    (va, 0x1_0000, write)
+                }
+                4 => {
+                    let va = 0x1_0000_0000 + rand(3) * 0x20_0000 + rand(40) * 0x1_0000;
+                    (va, 1 + rand(0x3_0000) as usize, write)
+                }
+                _ => {
+                    let va = 0x40_0000 + rand(600) * 1024;
+                    (va, 1 + rand(max_pages * 4096) as usize, write)
+                }
+            }
+        };
         let apply = |ops: &[DmaOp], mapped: &mut BTreeMap<u64, bool>| {
-            let mut seen = std::collections::BTreeSet::new();
+            let mut seen = BTreeSet::new();
             for o in ops {
                 for p in 0..u64::from(o.pages) {
                     let page = o.addr / 4096 + p;
@@ -1197,38 +1651,38 @@ mod tests {
                 }
             }
         };
-        let check = |live: &[(u64, usize, bool)], mapped: &BTreeMap<u64, bool>, step| {
+        // Users per page, and whether one of them writes.
+        let users = |live: &Live| {
+            let mut u: BTreeMap<u64, (u32, bool)> = BTreeMap::new();
             for &(va, len, write) in live {
                 let (first, n) = SharedPages::span(va, len);
                 for page in first..first + n {
-                    let w = mapped.get(&page).copied();
-                    assert!(w.is_some(), "step {step}: {page:#x} not mapped");
-                    assert!(
-                        !write || w == Some(true),
-                        "step {step}: {page:#x} read-only"
-                    );
+                    let e = u.entry(page).or_default();
+                    e.0 += 1;
+                    e.1 |= write;
                 }
             }
+            u
         };
-        for step in 0..6000 {
+        for step in 0..10000 {
             let mut ops = Vec::new();
+            // Whether the last thing done was a call that took the unmaps.
+            let mut unmapped = false;
             let r = rand(10);
             if live.len() < 40 && r < 4 {
-                let va = 0x40_0000 + rand(600) * 1024;
-                let len = 1 + rand(5 * 4096) as usize;
-                let write = rand(2) == 0;
+                let (va, len, write) = buffer(&mut rand, &live, 5);
                 if s.share(va, len, write) {
                     s.take_ops(&mut ops, !s.holding());
+                    unmapped = !s.holding();
                 }
                 live.push((va, len, write));
             } else if live.len() < 40 && r < 6 {
-                // A few claims, one call, then shares take most of them.
+                // A few claims, one call, then shares take most of them;
+                // the rest are released.
                 let k = 1 + rand(4);
                 let mut claimed = Vec::new();
                 for _ in 0..k {
-                    let va = 0x40_0000 + rand(600) * 1024;
-                    let len = 1 + rand(3 * 4096) as usize;
-                    let write = rand(2) == 0;
+                    let (va, len, write) = buffer(&mut rand, &live, 3);
                     s.claim(va, len, write);
                     claimed.push((va, len, write));
                 }
@@ -1239,19 +1693,52 @@ mod tests {
                         live.push((va, len, write));
                     }
                 }
+                apply(&ops, &mut mapped);
+                ops.clear();
                 s.release_claims();
+                if !s.holding() {
+                    s.take_ops(&mut ops, true);
+                    unmapped = true;
+                }
             } else if r == 6 {
                 s.holding ^= 1;
+                if !s.holding() {
+                    s.take_ops(&mut ops, true);
+                    unmapped = true;
+                }
             } else if !live.is_empty() {
                 let (va, len, _) = live.swap_remove(rand(live.len() as u64) as usize);
                 s.unshare(va, len);
                 if !s.holding() {
                     s.take_ops(&mut ops, true);
+                    unmapped = true;
                 }
             }
             apply(&ops, &mut mapped);
-            if !ops.is_empty() || !s.unsent {
-                check(&live, &mapped, step);
+            check_table(&s, step);
+            let want = users(&live);
+            for (&page, &(n, _)) in &want {
+                let run = s.run_at(page);
+                assert_ne!(run, NONE, "step {step}: {page:#x} in no run");
+                assert_eq!(s.runs[run as usize].users, n, "step {step}: {page:#x}");
+            }
+            for r in s.runs.iter().filter(|r| r.users > 0) {
+                assert!(want.contains_key(&r.start), "step {step}: {r:?}");
+            }
+            if !s.unsent {
+                for (&page, &(_, write)) in &want {
+                    let w = mapped.get(&page).copied();
+                    assert!(w.is_some(), "step {step}: {page:#x} not mapped");
+                    assert!(
+                        !write || w == Some(true),
+                        "step {step}: {page:#x} read-only"
+                    );
+                }
+            }
+            if unmapped {
+                let m: BTreeSet<u64> = mapped.keys().copied().collect();
+                let w: BTreeSet<u64> = want.keys().copied().collect();
+                assert_eq!(m, w, "step {step}: mapped without users");
             }
         }
         let mut ops = Vec::new();
@@ -1262,6 +1749,14 @@ mod tests {
         apply(&ops, &mut mapped);
         assert!(mapped.is_empty(), "left mapped: {mapped:?}");
         assert_eq!(s.mapped(), 0);
+        check_table(&s, usize::MAX);
+        assert!(s.pending.is_empty());
+        assert!(s.index.leaves.iter().all(|l| l.used == 0));
+        assert!(
+            s.index.leaves.len() <= 12,
+            "{} leaves",
+            s.index.leaves.len()
+        );
     }
 
     fn config(bars: [Option<ShadowBar>; 6], high_of: [Option<usize>; 6]) -> DomainConfig {
