@@ -1222,18 +1222,21 @@ impl Backend {
                 let writable = slot.kind == Kind::Read;
                 // Persistent grants first: in the common case every
                 // segment is one, and nothing is mapped or bounded.
+                // Without a branch per segment: a miss's `page` is
+                // meaningless (its backing says so) and set again below.
+                let need = Cache::PRESENT | if writable { Cache::WRITABLE } else { 0 };
                 let mut misses = 0usize;
+                let index = cache.index.as_slice();
                 for io in slot.segs.as_mut_slice().iter_mut() {
-                    match cache.get(io.seg.gref) {
-                        Some(p) if p.writable || !writable => {
-                            io.page = p.addr;
-                            io.backing = Backing::Persistent;
-                        }
-                        _ => {
-                            io.backing = Backing::None;
-                            misses += 1;
-                        }
-                    }
+                    let e = index.get(io.seg.gref as usize).copied().unwrap_or(0);
+                    let hit = e & need == need;
+                    io.page = e & !(PAGE_SIZE - 1);
+                    io.backing = if hit {
+                        Backing::Persistent
+                    } else {
+                        Backing::None
+                    };
+                    misses += usize::from(!hit);
                 }
                 let first_hits = (slot.segs.len - misses) as u64;
                 if misses == 0 {
