@@ -344,6 +344,7 @@ impl Table {
     }
 
     /// Marks `slot` busy as chain `token`; its buffer list, to set.
+    #[inline]
     fn begin(
         &mut self,
         slot: usize,
@@ -666,6 +667,7 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
     /// # Safety
     ///
     /// As for [`VirtioBlk::submit`].
+    #[inline(always)]
     unsafe fn add(
         &mut self,
         op: Op,
