@@ -417,9 +417,68 @@ struct Slot {
     /// Some segment is [`Backing::Mapped`] or [`Backing::Bounce`]: `release`
     /// has something to give back (with only persistent grants it has not).
     holds: bool,
-    /// The request's segments. Reserved in [`Backend::new`] for the most
-    /// segments a request may have, so it never grows.
-    segs: Vec<SegIo>,
+    /// The request's segments.
+    segs: SegList,
+}
+
+/// A request's segments in storage made in [`Backend::new`] for the most
+/// segments a request may have: filled in place, never grown.
+#[derive(Debug, Default)]
+struct SegList {
+    store: alloc::boxed::Box<[SegIo]>,
+    /// `store[..len]` are the request's.
+    len: usize,
+}
+
+impl SegList {
+    fn new(most: usize) -> SegList {
+        SegList {
+            store: alloc::vec![SegIo::new(Segment::default()); most].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    fn as_slice(&self) -> &[SegIo] {
+        &self.store[..self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [SegIo] {
+        &mut self.store[..self.len]
+    }
+
+    /// Append the segments `list` yields, adding their sectors to `total`;
+    /// [`Reject::Segment`] if any has `first_sect > last_sect` or
+    /// `last_sect > 7` (then the list holds them all, checked or not: the
+    /// request is refused and its slot's list is cleared by the next
+    /// parse), [`Reject::SegmentCount`] (nothing appended) if they do not
+    /// fit. One pass without a branch per segment: the checks are folded
+    /// and looked at once, and the segments are written in place.
+    #[inline]
+    fn push(
+        &mut self,
+        list: impl ExactSizeIterator<Item = Segment>,
+        total: &mut u64,
+    ) -> Result<(), Reject> {
+        let n = list.len();
+        let end = self.len.checked_add(n).ok_or(Reject::SegmentCount)?;
+        let dst = self
+            .store
+            .get_mut(self.len..end)
+            .ok_or(Reject::SegmentCount)?;
+        let mut bad = false;
+        let mut sectors = 0u64;
+        for (d, seg) in dst.iter_mut().zip(list) {
+            bad |= !seg.is_valid();
+            sectors += seg.sectors();
+            *d = SegIo::new(seg);
+        }
+        self.len = end;
+        if bad {
+            return Err(Reject::Segment);
+        }
+        *total += sectors;
+        Ok(())
+    }
 }
 
 /// Where a persistent grant is mapped, and whether writably.
@@ -689,8 +748,9 @@ pub struct Backend {
     /// The slot whose request waits for bounce pages or the device; it is
     /// started before any new request is taken.
     stalled: Option<usize>,
-    /// Scratch: the buffer list of the request being submitted.
-    bufs: Vec<Buf>,
+    /// Scratch: the buffer list of the request being submitted, as long
+    /// as the most segments a request may have (one buffer each at most).
+    bufs: alloc::boxed::Box<[Buf]>,
     /// Scratch: one batch of grant copies.
     ops: Vec<CopyOp>,
     /// Scratch: one indirect page's segment list, as read.
@@ -742,7 +802,7 @@ impl Backend {
                 bytes: 0,
                 acquired: false,
                 holds: false,
-                segs: Vec::with_capacity(most_segments),
+                segs: SegList::new(most_segments),
             })
             .collect();
         Ok(Backend {
@@ -762,7 +822,7 @@ impl Backend {
             request_maps: 0,
             gen: 0,
             stalled: None,
-            bufs: Vec::with_capacity(most_segments),
+            bufs: alloc::vec![Buf { addr: 0, len: 0 }; most_segments].into_boxed_slice(),
             ops: Vec::with_capacity(MAX_BATCH as usize),
             list: alloc::vec![0; SEGMENTS_PER_INDIRECT_PAGE * SEGMENT_SIZE],
             dirty: false,
@@ -999,7 +1059,7 @@ impl Backend {
         // Out of the slot while it is filled (moving a Vec moves no
         // segments), back in whatever happens.
         let mut segs = core::mem::take(&mut self.slots[s].segs);
-        segs.clear();
+        segs.len = 0;
         let r = self.parse_into(e, &mut segs, grants);
         let slot = &mut self.slots[s];
         slot.segs = segs;
@@ -1018,7 +1078,7 @@ impl Backend {
     fn parse_into<G: Grants>(
         &mut self,
         e: &[u8; ENTRY_SIZE],
-        segs: &mut Vec<SegIo>,
+        segs: &mut SegList,
         grants: &mut G,
     ) -> Result<(Kind, u64, u64), Reject> {
         let (kind, sector, total) = match e[0] {
@@ -1037,7 +1097,7 @@ impl Backend {
                     return Err(Reject::ReadOnly);
                 }
                 let mut total = 0;
-                push_segments(segs, list.iter().copied(), &mut total)?;
+                segs.push(list.iter().copied(), &mut total)?;
                 (kind, r.sector, total)
             }
             op::FLUSH_DISKCACHE => {
@@ -1087,7 +1147,7 @@ impl Backend {
     fn read_indirect<G: Grants>(
         &mut self,
         r: &IndirectRequest,
-        segs: &mut Vec<SegIo>,
+        segs: &mut SegList,
         grants: &mut G,
     ) -> Result<u64, Reject> {
         let n = usize::from(r.nr_segments);
@@ -1133,12 +1193,12 @@ impl Backend {
             // count <= SEGMENTS_PER_INDIRECT_PAGE: within `list`
             let bytes = &mut self.list[..count * SEGMENT_SIZE];
             grants.read(addr, bytes);
-            let list = bytes.chunks_exact(SEGMENT_SIZE).map(|b| Segment {
+            let list = bytes.as_chunks::<SEGMENT_SIZE>().0.iter().map(|b| Segment {
                 gref: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                 first_sect: b[4],
                 last_sect: b[5],
             });
-            let checked = push_segments(segs, list, &mut total);
+            let checked = segs.push(list, &mut total);
             if let Some(m) = temporary {
                 unmap(grants, &mut self.stats, m);
             }
@@ -1162,20 +1222,23 @@ impl Backend {
                 let writable = slot.kind == Kind::Read;
                 // Persistent grants first: in the common case every
                 // segment is one, and nothing is mapped or bounded.
+                // Without a branch per segment: a miss's `page` is
+                // meaningless (its backing says so) and set again below.
+                let need = Cache::PRESENT | if writable { Cache::WRITABLE } else { 0 };
                 let mut misses = 0usize;
-                for io in slot.segs.iter_mut() {
-                    match cache.get(io.seg.gref) {
-                        Some(p) if p.writable || !writable => {
-                            io.page = p.addr;
-                            io.backing = Backing::Persistent;
-                        }
-                        _ => {
-                            io.backing = Backing::None;
-                            misses += 1;
-                        }
-                    }
+                let index = cache.index.as_slice();
+                for io in slot.segs.as_mut_slice().iter_mut() {
+                    let e = index.get(io.seg.gref as usize).copied().unwrap_or(0);
+                    let hit = e & need == need;
+                    io.page = e & !(PAGE_SIZE - 1);
+                    io.backing = if hit {
+                        Backing::Persistent
+                    } else {
+                        Backing::None
+                    };
+                    misses += usize::from(!hit);
                 }
-                let first_hits = (slot.segs.len() - misses) as u64;
+                let first_hits = (slot.segs.len - misses) as u64;
                 if misses == 0 {
                     stats.persistent_hits += first_hits;
                     slot.acquired = true;
@@ -1183,7 +1246,7 @@ impl Backend {
                 }
                 // Within the quota, or alone if the request needs more
                 // than all of it (then it waits for the others to end).
-                let bound = cache.per_request_bound(&slot.segs, writable);
+                let bound = cache.per_request_bound(slot.segs.as_slice(), writable);
                 if bound > 0
                     && *request_maps > 0
                     && request_maps.saturating_add(bound) > self.map_quota
@@ -1194,7 +1257,7 @@ impl Backend {
                 let mut made = 0;
                 let mut hits = first_hits;
                 let mut result = Ok(());
-                for io in slot.segs.iter_mut() {
+                for io in slot.segs.as_mut_slice().iter_mut() {
                     if io.backing == Backing::Persistent {
                         continue;
                     }
@@ -1234,7 +1297,7 @@ impl Backend {
                 result?;
             }
             PathState::Copy { free, .. } => {
-                let mut segs = slot.segs.iter_mut();
+                let mut segs = slot.segs.as_mut_slice().iter_mut();
                 let taken = free.take(segs.len(), |page, i| {
                     if let Some(io) = segs.next() {
                         io.page = page;
@@ -1248,7 +1311,7 @@ impl Backend {
                 }
                 slot.holds = true;
                 if slot.kind == Kind::Write {
-                    let list = slot.segs.iter().map(|io| CopyOp {
+                    let list = slot.segs.as_slice().iter().map(|io| CopyOp {
                         src: CopyPtr {
                             gref_or_page: u64::from(io.seg.gref),
                             domid: frontend,
@@ -1275,7 +1338,7 @@ impl Backend {
     /// pages.
     fn copy_out<G: Grants>(&mut self, s: usize, grants: &mut G) -> Result<(), Reject> {
         let frontend = self.frontend;
-        let list = self.slots[s].segs.iter().map(|io| CopyOp {
+        let list = self.slots[s].segs.as_slice().iter().map(|io| CopyOp {
             src: CopyPtr {
                 gref_or_page: io.page / PAGE_SIZE,
                 domid: DOMID_SELF,
@@ -1301,7 +1364,7 @@ impl Backend {
         if !core::mem::take(&mut slot.holds) {
             return;
         }
-        for io in slot.segs.iter_mut() {
+        for io in slot.segs.as_mut_slice().iter_mut() {
             match core::mem::replace(&mut io.backing, Backing::None) {
                 Backing::None | Backing::Persistent => {}
                 Backing::Mapped(handle) => {
@@ -1358,32 +1421,34 @@ impl Backend {
             Kind::Flush => dev.flush(token),
             Kind::Read | Kind::Write => {
                 // One buffer per run of segments that follow each other in
-                // memory (no overflow: at most 256 pages).
-                self.bufs.clear();
+                // memory (no overflow: at most 256 pages), written in
+                // place: `bufs` has room for one per segment.
                 let buf = |io: &SegIo| Buf {
                     addr: io.page + io.seg.offset() as u64,
                     len: io.seg.bytes() as u32,
                 };
-                let mut segs = slot.segs.iter();
-                if let Some(first) = segs.next() {
+                let mut n = 0;
+                if let Some((first, rest)) = slot.segs.as_slice().split_first() {
                     let mut run = buf(first);
-                    for io in segs {
+                    for io in rest {
                         let b = buf(io);
                         if run.addr + u64::from(run.len) == b.addr {
                             run.len += b.len;
                         } else {
-                            self.bufs.push(run);
+                            self.bufs[n] = run;
+                            n += 1;
                             run = b;
                         }
                     }
-                    self.bufs.push(run);
+                    self.bufs[n] = run;
+                    n += 1;
                 }
                 let dir = if slot.kind == Kind::Read {
                     Direction::Read
                 } else {
                     Direction::Write
                 };
-                dev.submit(token, slot.sector, dir, &self.bufs)
+                dev.submit(token, slot.sector, dir, &self.bufs[..n])
             }
         };
         match res {
@@ -1511,33 +1576,6 @@ impl Backend {
         self.conn = Conn::Closed;
         out.closed = true;
     }
-}
-
-/// Append the segments `list` yields, adding their sectors to `total`;
-/// [`Reject::Segment`] if any has `first_sect > last_sect` or
-/// `last_sect > 7` (then `segs` holds them all, checked or not: the
-/// request is refused and its slot's list is cleared by the next parse).
-/// One pass without a branch per segment: the checks are folded and
-/// looked at once. `segs` has room for the most segments a request may
-/// have, and no caller passes more.
-#[inline]
-fn push_segments(
-    segs: &mut Vec<SegIo>,
-    list: impl Iterator<Item = Segment>,
-    total: &mut u64,
-) -> Result<(), Reject> {
-    let mut bad = false;
-    let mut sectors = 0u64;
-    segs.extend(list.map(|seg| {
-        bad |= !seg.is_valid();
-        sectors += seg.sectors();
-        SegIo::new(seg)
-    }));
-    if bad {
-        return Err(Reject::Segment);
-    }
-    *total += sectors;
-    Ok(())
 }
 
 fn unmap<G: Grants>(grants: &mut G, stats: &mut Stats, m: Mapping) {

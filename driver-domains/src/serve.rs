@@ -660,6 +660,14 @@ impl Dispatch {
         })
     }
 
+    /// The buffer list of the request [`Dispatch::next`] offers, to hand
+    /// over to the device (an empty one, or one the device gave back, may
+    /// be left in its place: [`Dispatch::started`] keeps it for later
+    /// requests).
+    pub fn next_bufs(&mut self) -> Option<&mut Vec<Buf>> {
+        self.queue.front_mut().map(|sub| &mut sub.bufs)
+    }
+
     /// The I/O requests [`Dispatch::next`] would offer one after another
     /// if each were started: those at the front of the queue up to the
     /// first flush (none while a flush is in the device).
@@ -1102,12 +1110,18 @@ mod domain {
                     }
                     continue;
                 }
+                let tag = q.tag;
+                let Some(bufs) = self.dispatch.next_bufs() else {
+                    break;
+                };
+                // The virtio request takes over the list (and gives back
+                // one of an earlier request, which `started` keeps).
                 // SAFETY: each buffer is what a backend handed to `submit`:
                 // its grant mapping (writable for a READ) or its bounce
                 // pages, kept until its `retire` of this request, which
                 // comes only after this virtio request's completion has
                 // been popped (`reap`, then `respond`).
-                match unsafe { self.blk.submit(op, sector, q.bufs, q.tag) } {
+                match unsafe { self.blk.submit_owned(op, sector, bufs, tag) } {
                     Ok(()) => self.dispatch.started(),
                     Err(SubmitError::Full) => break,
                     Err(SubmitError::Broken) => {
@@ -1642,6 +1656,25 @@ mod tests {
             d.started();
         }
         out
+    }
+
+    #[test]
+    fn the_device_may_take_over_buffer_lists() {
+        let mut d = Dispatch::new(16, 64);
+        let bufs = [buf(0x1000, 4096), buf(0x2000, 4096), buf(0x8000, 512)];
+        d.submit(0, 5, 0, Direction::Read, &bufs).unwrap();
+        d.submit(0, 6, 9, Direction::Read, &bufs[2..]).unwrap();
+        // The device takes the first list and leaves an empty one of its
+        // own in its place, which `started` keeps for later requests.
+        let taken = core::mem::replace(d.next_bufs().unwrap(), Vec::with_capacity(8));
+        assert_eq!(taken, [buf(0x1000, 8192), buf(0x8000, 512)]);
+        d.started();
+        assert_eq!(d.next().unwrap().bufs, [buf(0x8000, 512)]);
+        d.started();
+        assert!(d.next_bufs().is_none());
+        d.submit(0, 7, 10, Direction::Read, &bufs[..1]).unwrap();
+        assert_eq!(d.next().unwrap().bufs, [buf(0x1000, 4096)]);
+        assert_eq!(d.finish(0, true).map(|x| x.token), Some(5));
     }
 
     #[test]

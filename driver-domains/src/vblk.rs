@@ -308,7 +308,7 @@ impl Table {
         }
     }
 
-    /// `slot` went into the device as chain `token`.
+    /// `slot` went into the device as chain `token`, over `bufs` (copied).
     pub fn start(
         &mut self,
         slot: usize,
@@ -318,21 +318,55 @@ impl Table {
         read: bool,
         writable: u64,
     ) {
+        if let Some(list) = self.begin(slot, token, tag, read, writable) {
+            list.clear();
+            list.extend_from_slice(bufs);
+        }
+    }
+
+    /// As [`Table::start`], but the slot takes over `bufs` itself; `bufs`
+    /// is then the list the slot held before, emptied (its capacity kept,
+    /// for the caller's next request). Unchanged if `slot` or `token` is
+    /// out of range.
+    pub fn start_owned(
+        &mut self,
+        slot: usize,
+        token: u16,
+        tag: u64,
+        bufs: &mut Vec<Buf>,
+        read: bool,
+        writable: u64,
+    ) {
+        if let Some(list) = self.begin(slot, token, tag, read, writable) {
+            core::mem::swap(list, bufs);
+            bufs.clear();
+        }
+    }
+
+    /// Marks `slot` busy as chain `token`; its buffer list, to set.
+    #[inline]
+    fn begin(
+        &mut self,
+        slot: usize,
+        token: u16,
+        tag: u64,
+        read: bool,
+        writable: u64,
+    ) -> Option<&mut Vec<Buf>> {
         let (Some(s), Some(t)) = (
             self.slots.get_mut(slot),
             self.by_token.get_mut(usize::from(token)),
         ) else {
-            return;
+            return None;
         };
         s.token = token;
         s.tag = tag;
-        s.bufs.clear();
-        s.bufs.extend_from_slice(bufs);
         s.read = read;
         s.writable = writable;
         s.busy = true;
         // no overflow: slots <= u16::MAX (`new`)
         *t = slot as u16 + 1;
+        Some(&mut s.bufs)
     }
 
     /// The slot of the request in the device whose chain starts at `token`
@@ -597,6 +631,49 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
         bufs: &[Buf],
         tag: u64,
     ) -> Result<(), SubmitError> {
+        // SAFETY: this function's contract.
+        let (slot, token, read, writable) = unsafe { self.add(op, sector, bufs)? };
+        self.table.start(slot, token, tag, bufs, read, writable);
+        Ok(())
+    }
+
+    /// As [`VirtioBlk::submit`], but the request keeps `bufs` itself
+    /// instead of a copy: when it is taken, `bufs` is swapped for an empty
+    /// list (with the capacity of one an earlier request kept), for the
+    /// caller to reuse; when it is not, `bufs` is untouched.
+    ///
+    /// # Safety
+    ///
+    /// As for [`VirtioBlk::submit`].
+    pub unsafe fn submit_owned(
+        &mut self,
+        op: Op,
+        sector: u64,
+        bufs: &mut Vec<Buf>,
+        tag: u64,
+    ) -> Result<(), SubmitError> {
+        // SAFETY: this function's contract.
+        let (slot, token, read, writable) = unsafe { self.add(op, sector, bufs)? };
+        self.table
+            .start_owned(slot, token, tag, bufs, read, writable);
+        Ok(())
+    }
+
+    /// [`VirtioBlk::submit`]'s work but the table's record of the buffers:
+    /// the request is in the queue (counted, to be notified); its slot,
+    /// token, direction and writable bytes, for [`Table::start`], which
+    /// the caller makes at once.
+    ///
+    /// # Safety
+    ///
+    /// As for [`VirtioBlk::submit`].
+    #[inline(always)]
+    unsafe fn add(
+        &mut self,
+        op: Op,
+        sector: u64,
+        bufs: &[Buf],
+    ) -> Result<(usize, u16, bool, u64), SubmitError> {
         if self.broken.is_some() {
             return Err(SubmitError::Broken);
         }
@@ -636,10 +713,9 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
         let r = unsafe { self.queue.add(ins, outs) };
         match r {
             Ok(token) => {
-                self.table.start(slot, token, tag, bufs, read, l.writable);
                 self.unnotified = true;
                 self.stats.submitted += 1;
-                Ok(())
+                Ok((slot, token, read, l.writable))
             }
             Err(virtio_drivers::Error::QueueFull) => {
                 self.table.cancel(slot);
@@ -900,6 +976,33 @@ mod tests {
         let d = t.alloc().unwrap();
         t.start(d, 9, 1, &[], false, 1);
         assert_eq!(t.lookup(9), None);
+    }
+
+    #[test]
+    fn table_takes_over_buffer_lists() {
+        let mut t = Table::new(1, 8);
+        let a = t.alloc().unwrap();
+        let mut mine = std::vec![buf(0x1000, 512), buf(0x3000, 1024)];
+        let held = mine.as_ptr();
+        t.start_owned(a, 3, 40, &mut mine, true, 1537);
+        // The slot holds the very list; the caller got the slot's old one.
+        let f = t.get(a).unwrap();
+        assert_eq!(f.bufs, [buf(0x1000, 512), buf(0x3000, 1024)]);
+        assert_eq!(f.bufs.as_ptr(), held);
+        assert!(mine.is_empty());
+        assert_eq!(t.finish(a), Some((40, 1537)));
+        // Next time round the caller gets that list back, emptied.
+        let a = t.alloc().unwrap();
+        let mut next = std::vec![buf(0x5000, 512)];
+        t.start_owned(a, 4, 41, &mut next, false, 1);
+        assert!(next.is_empty() && next.capacity() >= 2);
+        assert_eq!(next.as_ptr(), held);
+        assert_eq!(t.get(a).unwrap().bufs, [buf(0x5000, 512)]);
+        // Out of range: the list stays the caller's.
+        let mut kept = std::vec![buf(0x7000, 512)];
+        t.start_owned(9, 0, 1, &mut kept, false, 1);
+        t.start_owned(a, 8, 1, &mut kept, false, 1);
+        assert_eq!(kept, [buf(0x7000, 512)]);
     }
 
     mod fake {
@@ -1180,6 +1283,39 @@ mod tests {
             let nine: std::vec::Vec<Buf> = (0..9).map(|i| buf(c + 512 * i, 512)).collect();
             assert_eq!(blk.submit(Op::Read, 0, &nine, 0), Err(SubmitError::Invalid));
         }
+    }
+
+    #[test]
+    fn submit_owned_hands_the_list_to_the_request() {
+        let (mut blk, st) = device();
+        let mut pages: std::vec::Vec<Page> = (0..2).map(|_| Page([0; 4096])).collect();
+        let a = pages[0].0.as_mut_ptr() as u64;
+        let b = pages[1].0.as_mut_ptr() as u64;
+        // Refused: the list stays the caller's, as it was.
+        let mut bad = std::vec![buf(a, 1024)];
+        // SAFETY: refused requests never reach the device.
+        unsafe {
+            assert_eq!(
+                blk.submit_owned(Op::Read, 63, &mut bad, 1),
+                Err(SubmitError::Invalid)
+            );
+        }
+        assert_eq!(bad, [buf(a, 1024)]);
+        let mut bufs = std::vec![buf(a, 1024), buf(b, 512)];
+        // SAFETY: the pages outlive the request (popped below).
+        unsafe { blk.submit_owned(Op::Read, 4, &mut bufs, 11).unwrap() };
+        assert!(bufs.is_empty());
+        blk.notify();
+        // The device sees the buffers, and the completion hands the same
+        // ones back to the queue.
+        st.borrow_mut().run();
+        let c = blk.pop().unwrap().unwrap();
+        assert_eq!((c.tag, c.status), (11, Status::Ok));
+        assert_eq!(pages[0].0[0], 4);
+        assert_eq!(pages[0].0[1023], 5);
+        assert_eq!(pages[1].0[0], 6);
+        assert_eq!(pages[1].0[512], 0);
+        assert_eq!(blk.in_flight(), 0);
     }
 
     fn fake_status(addr: u64, v: u8) {

@@ -250,20 +250,21 @@ impl Pages {
         assert!(i < self.grefs.len() && pages.len() <= blkif::SEGMENTS_PER_INDIRECT_PAGE);
         let p = self.page(i) as *mut u64;
         let per_page = u32::from(SECTORS_PER_PAGE);
+        let grefs = pool.pages.grefs.as_slice();
         let put = |k: usize, page: u16, n: u32| {
             // SAFETY: 8-aligned and inside page `i` (`k` is below
             // `pages.len()`: at most 512 segments of 8 bytes).
             unsafe {
                 p.add(k)
-                    .write_volatile(segment_word(pool.gref(page), n).to_le())
+                    .write_volatile(segment_word(grefs[usize::from(page)], n).to_le())
             };
         };
-        // Every page whole, then the last one again as it is.
-        for (k, &page) in pages.iter().enumerate() {
-            put(k, page, per_page);
-        }
-        if let Some((&page, whole)) = pages.split_last() {
-            put(whole.len(), page, sectors - whole.len() as u32 * per_page);
+        // Every page whole but the last, then the last as it is.
+        if let Some((&last, whole)) = pages.split_last() {
+            for (k, &page) in whole.iter().enumerate() {
+                put(k, page, per_page);
+            }
+            put(whole.len(), last, sectors - whole.len() as u32 * per_page);
         }
     }
 
