@@ -510,22 +510,7 @@ impl Tables {
                 }
             }
             // 4 KiB pages: every entry of this level-1 table the range covers.
-            let region = va & !(LARGE_2M - 1);
-            let table = match run.table {
-                Some((r, t)) if r == region => t,
-                _ => {
-                    self.end_run(mem, run);
-                    let t = self
-                        .table_at(mem, domain, va, 1, true)
-                        .map_err(|error| MapFailed { error, done })?
-                        .ok_or(MapFailed {
-                            error: Error::OutOfFrames,
-                            done,
-                        })?;
-                    run.table = Some((region, t));
-                    t
-                }
-            };
+            let table = self.leaf_table(mem, domain, va, run, done)?;
             let first = pte::index(va, 1);
             let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
             let mut present = 0;
@@ -545,6 +530,35 @@ impl Tables {
             done.bytes += n as u64 * PAGE_SIZE;
         }
         Ok(done)
+    }
+
+    /// The level-1 table that maps `va` (made if missing): `run`'s, when it
+    /// covers the same 2 MiB, else found (and `run` ended and moved to it).
+    /// `done` is what the failing map had done, for its error.
+    fn leaf_table<M: TableMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &Domain,
+        va: u64,
+        run: &mut LeafRun,
+        done: Mapped,
+    ) -> Result<u64, MapFailed> {
+        let region = va & !(LARGE_2M - 1);
+        if let Some((r, t)) = run.table {
+            if r == region {
+                return Ok(t);
+            }
+        }
+        self.end_run(mem, run);
+        let t = self
+            .table_at(mem, domain, va, 1, true)
+            .map_err(|error| MapFailed { error, done })?
+            .ok_or(MapFailed {
+                error: Error::OutOfFrames,
+                done,
+            })?;
+        run.table = Some((region, t));
+        Ok(t)
     }
 
     /// Checks a [`Change::MapFrames`] whole: the range, and every frame listed (with the
@@ -586,22 +600,7 @@ impl Tables {
         let mut done = Mapped::default();
         while done.bytes < len {
             let va = iova + done.bytes;
-            let region = va & !(FRAME_BLOCK - 1);
-            let table = match run.table {
-                Some((r, t)) if r == region => t,
-                _ => {
-                    self.end_run(mem, run);
-                    let t = self
-                        .table_at(mem, domain, va, 1, true)
-                        .map_err(|error| MapFailed { error, done })?
-                        .ok_or(MapFailed {
-                            error: Error::OutOfFrames,
-                            done,
-                        })?;
-                    run.table = Some((region, t));
-                    t
-                }
-            };
+            let table = self.leaf_table(mem, domain, va, run, done)?;
             let first = pte::index(va, 1);
             let n = (512 - first).min(((len - done.bytes) / PAGE_SIZE) as usize);
             let (Some(listed), Some(slots)) = (
