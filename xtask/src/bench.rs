@@ -20,7 +20,11 @@
 //!   idle CPU jumps virtual time to the next timer, so every 5 s request
 //!   timeout fires before the host's disk thread answers.)
 //! - `--repeats` times (default 3, quick 1) without icount, for wall-clock
-//!   throughput: median and spread, marked noisy.
+//!   throughput: median and spread, marked noisy. These runs go in rounds
+//!   over the whole matrix (after every configuration's icount runs), so a
+//!   configuration's repeats, and the two sides of a ratio, are spread over
+//!   the bench's whole time rather than taken back to back while the host's
+//!   load happens to be high or low.
 //!
 //! Figures, schema, thresholds: `bench/README.md`; options: `cargo xtask
 //! help`. Results accumulate in
@@ -362,6 +366,15 @@ fn boot(
 }
 
 /// Runs the matrix, writes the report and table; returns them.
+/// One configuration's runs so far.
+struct Runs {
+    /// Its index in the matrix.
+    system: usize,
+    bundle: PathBuf,
+    ic: Vec<Sample>,
+    wall: Vec<Sample>,
+}
+
 pub fn run_matrix(p: &Paths, a: &BenchArgs, dir: &Path) -> Result<(Report, PathBuf), String> {
     let files = matrix(p, a.quick, &a.only)?;
     if files.is_empty() {
@@ -383,61 +396,87 @@ pub fn run_matrix(p: &Paths, a: &BenchArgs, dir: &Path) -> Result<(Report, PathB
     let t0 = Instant::now();
     let mut configs = Vec::new();
     let mut failed: Vec<String> = Vec::new();
-    for (f, system) in files.iter().zip(&systems) {
+    // One line rewritten in place on a terminal, a line each in a log.
+    let progress = |done: usize, name: &str, label: &str| {
+        let line = format!(
+            "bench: [{done}/{total}] {name} {label} ({:.0} s so far)",
+            t0.elapsed().as_secs_f64()
+        );
+        if std::io::stderr().is_terminal() {
+            eprint!("{line}\r");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    // The icount runs of each configuration, then the wall-clock runs in
+    // rounds over all of them, so that each configuration's repeats (and
+    // the two sides of each ratio) sample the host's load across the whole
+    // bench rather than one stretch of it.
+    let mut runs: Vec<Runs> = Vec::new();
+    for (i, system) in systems.iter().enumerate() {
         let bundle = p
             .airlock
             .join("bench/bundles")
             .join(format!("{}.bundle", system.name));
         crate::pack(system, None, &image_dir, &bundle)?;
         crate::create_disks(system, p)?;
+        let mut r = Runs {
+            system: i,
+            bundle,
+            ic: Vec::new(),
+            wall: Vec::new(),
+        };
+        for k in 0..2 {
+            done += 1;
+            progress(done, &system.name, &format!("icount {}/2", k + 1));
+            let name = format!("{}-icount", system.name);
+            match boot(p, &qemu_bin, &kernel, &r.bundle, system, true, &name) {
+                Ok(s) => r.ic.push(s),
+                Err(e) => {
+                    eprintln!("bench: {} FAILED: {e}", system.name);
+                    failed.push(system.name.clone());
+                    done += 1 - k + repeats as usize;
+                    break;
+                }
+            }
+        }
+        if r.ic.len() == 2 {
+            runs.push(r);
+        }
+    }
+    for round in 0..repeats as usize {
+        for r in &mut runs {
+            let system = &systems[r.system];
+            if r.wall.len() < round {
+                continue; // an earlier round failed
+            }
+            done += 1;
+            progress(done, &system.name, &format!("wall {}/{repeats}", round + 1));
+            let name = format!("{}-wall", system.name);
+            match boot(p, &qemu_bin, &kernel, &r.bundle, system, false, &name) {
+                Ok(s) => r.wall.push(s),
+                Err(e) => {
+                    eprintln!("bench: {} FAILED: {e}", system.name);
+                    failed.push(system.name.clone());
+                    done += repeats as usize - round - 1;
+                }
+            }
+        }
+    }
+    for r in &runs {
+        let (f, system) = (&files[r.system], &systems[r.system]);
+        let (ic, wall) = (&r.ic, &r.wall);
+        if wall.len() < repeats as usize {
+            continue;
+        }
         let drivers: Vec<String> = system
             .domains
             .iter()
             .filter(|d| !d.devices.is_empty())
             .map(|d| d.name.clone())
             .collect();
-        let mut ic = Vec::new();
-        let mut wall = Vec::new();
-        for k in 0..2 + repeats as usize {
-            let icount = k < 2;
-            done += 1;
-            let label = if icount {
-                format!("icount {}/2", k + 1)
-            } else {
-                format!("wall {}/{repeats}", k - 1)
-            };
-            let line = format!(
-                "bench: [{done}/{total}] {} {label} ({:.0} s so far)",
-                system.name,
-                t0.elapsed().as_secs_f64()
-            );
-            // One line rewritten in place on a terminal, a line each in a log.
-            if std::io::stderr().is_terminal() {
-                eprint!("{line}\r");
-            } else {
-                eprintln!("{line}");
-            }
-            let name = format!("{}-{}", system.name, if icount { "icount" } else { "wall" });
-            let s = match boot(p, &qemu_bin, &kernel, &bundle, system, icount, &name) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("bench: {} FAILED: {e}", system.name);
-                    failed.push(system.name.clone());
-                    done += 1 + repeats as usize - k;
-                    break;
-                }
-            };
-            if icount {
-                ic.push(s);
-            } else {
-                wall.push(s);
-            }
-        }
-        if ic.len() < 2 || wall.len() < repeats as usize {
-            continue;
-        }
         let mut figures = report::cost_figures(&ic[0], &drivers);
-        figures.extend(report::wall_figures(&wall));
+        figures.extend(report::wall_figures(wall));
         let c = ConfigResult {
             name: system.name.clone(),
             manifest: p.show(f),
