@@ -830,6 +830,13 @@ mod domain {
             self.map_at(dom, gref, readonly, true)
         }
 
+        /// Strict DMA relies on the loop's order here: a grant is unmapped
+        /// only once no buffer on its page is shared with the device any
+        /// more (requests are retired after `held.end()`, a connection
+        /// finishes with nothing in the device, and `acquire`'s failure
+        /// paths unmap only what was never shared). Unmapping a grant
+        /// whose page the Hal still has mapped would turn the Hal's later
+        /// unmap into a refusal, which stops the domain.
         fn unmap(&mut self, m: Mapping) -> Result<(), GrantStatus> {
             self.calls += 1;
             self.window.unmap_grant(m.handle, m.addr)

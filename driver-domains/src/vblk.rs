@@ -794,7 +794,11 @@ impl<H: Hal, T: Transport, const SIZE: usize> VirtioBlk<H, T, SIZE> {
 
 impl<H: Hal, T: Transport, const SIZE: usize> Drop for VirtioBlk<H, T, SIZE> {
     fn drop(&mut self) {
-        // The device must stop using the queue before its memory goes.
+        // The device must stop using the queue before its memory goes: a
+        // reset (status 0) is the one thing virtio obliges it to obey, even
+        // with requests still in it (a broken queue); then the queue goes.
+        self.transport
+            .set_status(virtio_drivers::transport::DeviceStatus::empty());
         self.transport.queue_unset(QUEUE);
     }
 }

@@ -324,8 +324,8 @@ fn dma_batch(sys: &mut System, idx: usize, ptr: u64, count: u64) -> Result<u64, 
     }
     // The change list's memory is kept from call to call. The unit stays
     // locked from the checks to the invalidation.
-    let mut changes = core::mem::take(&mut sys.dma_changes);
     let mut unit = crate::iommu_hw::batch(d.domid).ok_or(Error::NoSpace)?;
+    let mut changes = core::mem::take(&mut sys.dma_changes);
     // The IOMMU checks each `MapFrames` against the grants' device-frame
     // index and writes it from there.
     let frames = sys.grants.device_index(d.domid);
